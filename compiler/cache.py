@@ -1,0 +1,101 @@
+"""The on-disk cache of compiled modules, so a second process does not compile again.
+
+Key: sha256 over the imported IR (graph, shapes and dtypes are all in it; weights are function
+arguments, not constants), the target with its flags, the pipeline, and the versions of
+flashmlir (including a fingerprint of its source, so an edited pass never reuses a stale
+module), iree-base-compiler and torch. Writes go to a temporary file renamed into place, so a
+crash or a concurrent writer never leaves a half-written module under a valid key.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.metadata
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from flashmlir import config
+from flashmlir.log import logger
+
+_SOURCE_ROOTS = ("passes", "compiler", "frontend", "runtime")
+
+
+@functools.cache
+def source_fingerprint() -> str:
+    """sha256 of flashmlir's compiler-side Python sources (passes, compiler, frontend, runtime)."""
+    import flashmlir
+
+    digest = hashlib.sha256()
+    roots = [Path(flashmlir.__file__).parent]
+    for name in _SOURCE_ROOTS:
+        module = __import__(f"flashmlir.{name}", fromlist=["__file__"])
+        roots.append(Path(module.__file__).parent)
+    for root in roots:
+        for path in sorted(root.glob("*.py")):
+            digest.update(path.name.encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+@functools.cache
+def tool_versions() -> dict[str, str]:
+    import flashmlir
+
+    versions = {"flashmlir": f"{flashmlir.__version__}+{source_fingerprint()}"}
+    for dist in ("iree-base-compiler", "torch"):
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            versions[dist] = "unknown"
+    return versions
+
+
+def cache_key(ir_text: str, target: str, flags: tuple[str, ...], pipeline: tuple[str, ...]) -> str:
+    payload = json.dumps(
+        {"target": target, "flags": list(flags), "pipeline": list(pipeline), "versions": tool_versions()},
+        sort_keys=True,
+    )
+    digest = hashlib.sha256(payload.encode())
+    digest.update(ir_text.encode())
+    return digest.hexdigest()
+
+
+class ModuleCache:
+    """A directory of `<key>.vmfb` files."""
+
+    def __init__(self, directory: Path | None = None):
+        self.directory = directory or config.cache_dir()
+        self.enabled = config.cache_enabled()
+
+    def path(self, key: str) -> Path:
+        return self.directory / f"{key}.vmfb"
+
+    def load(self, key: str) -> bytes | None:
+        if not self.enabled:
+            return None
+        try:
+            return self.path(key).read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            logger.warning("module cache unreadable (%s); compiling instead", e)
+            return None
+
+    def store(self, key: str, data: bytes) -> None:
+        if not self.enabled:
+            return
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".incoming-", suffix=".vmfb")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, self.path(key))
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        except OSError as e:
+            logger.warning("could not write the module cache in %s: %s", self.directory, e)

@@ -1,0 +1,186 @@
+"""The compile pipeline: a flat list of named stages from imported IR to a .vmfb.
+
+    00-input             the imported (or parsed) module; `flashmlir.target` attribute set
+    01-match-attention   flashmlir-match-attention
+    02-lower-attention   flashmlir-lower-attention
+    03-tile-attention    flashmlir-tile-attention{target=…}, canonicalize, cse
+    iree-*               IREE: torch input conversion, dispatch formation, codegen, VM
+
+`print_stages()` lists them; `--dump-ir DIR` / FLASHMLIR_SAVE_TEMPS write the IR after each.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from iree.compiler import ir
+from iree.compiler.api import Session
+
+from flashmlir import config
+from flashmlir.compiler import iree_driver
+from flashmlir.compiler.cache import ModuleCache, cache_key
+from flashmlir.compiler.targets import Target
+from flashmlir.errors import CompileError
+from flashmlir.log import logger
+from flashmlir.passes.framework import PassResult
+from flashmlir.passes.pass_manager import build_pass_manager, parse_pipeline
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    pipeline: str  # textual pass pipeline (our passes and MLIR/IREE ones)
+
+
+def flashmlir_stages(target: Target) -> tuple[Stage, ...]:
+    return (
+        Stage("match-attention", "flashmlir-match-attention"),
+        Stage("lower-attention", "flashmlir-lower-attention"),
+        Stage("tile-attention", f"flashmlir-tile-attention{{target={target.name}}},canonicalize,cse"),
+    )
+
+
+def print_stages(target: Target) -> str:
+    lines = ["00-input"]
+    lines += [f"{i:02d}-{s.name:<18} {s.pipeline}" for i, s in enumerate(flashmlir_stages(target), 1)]
+    lines += [f"iree-{p:<20} IREE --compile-to={p}" for p in iree_driver.IREE_DUMP_PHASES]
+    lines.append("iree-vm               IREE to the VM module (.vmfb)")
+    return "\n".join(lines)
+
+
+@dataclass
+class CompileReport:
+    target: str
+    cache_hit: bool = False
+    seconds: dict[str, float] = field(default_factory=dict)
+    pass_results: list[PassResult] = field(default_factory=list)
+    dump_dir: Path | None = None
+
+    def rewrites(self, pass_name: str) -> int:
+        return sum(r.rewritten for r in self.pass_results if r.pass_name == pass_name)
+
+    def declines(self) -> list[str]:
+        return [f"[{r.pass_name}] {d}" for r in self.pass_results for d in r.declined]
+
+
+class _Dumper:
+    """Writes NN-stage.mlir files into a directory (or nowhere)."""
+
+    def __init__(self, directory: Path | None):
+        self.directory = directory
+        self.count = 0
+        if directory is not None:
+            directory.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, stage: str, text: str) -> None:
+        if self.directory is None:
+            return
+        (self.directory / f"{self.count:02d}-{stage}.mlir").write_text(text)
+        self.count += 1
+
+
+def _reproducer_dir() -> Path:
+    base = config.save_temps_dir()
+    if base is not None:
+        base.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix="repro-", dir=base))
+    return Path(tempfile.mkdtemp(prefix="flashmlir-repro-"))
+
+
+def _save_reproducer(stage: str, text: str) -> Path:
+    path = _reproducer_dir() / f"{stage}.mlir"
+    path.write_text(text)
+    return path
+
+
+def _run_stage(module: ir.Module, stage: Stage, report: CompileReport) -> None:
+    text_before = str(module)
+    results: list[PassResult] = []
+    pm = build_pass_manager(parse_pipeline(stage.pipeline), results)
+    messages: list[str] = []
+
+    def on_diagnostic(d: ir.Diagnostic) -> bool:
+        messages.append(f"{d.location}: {d.message}")
+        return True
+
+    handle = module.context.attach_diagnostic_handler(on_diagnostic)
+    try:
+        pm.run(module.operation)
+    except Exception as e:
+        repro = _save_reproducer(stage.name, text_before)
+        command = f"flashmlir-opt --pass-pipeline='builtin.module({stage.pipeline})' {repro}"
+        raise CompileError(stage.name, messages or [f"{type(e).__name__}: {e}"], command) from e
+    finally:
+        handle.detach()
+    report.pass_results += results
+
+
+def compile_module(
+    session: Session,
+    module: ir.Module,
+    target: Target,
+    *,
+    dump_dir: Path | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[bytes, CompileReport]:
+    """Run every stage on `module` (created in `session.context`); return the .vmfb and a report."""
+    report = CompileReport(target.name, dump_dir=dump_dir)
+    dump = _Dumper(dump_dir)
+    with module.context, ir.Location.unknown():
+        module.operation.attributes["flashmlir.target"] = ir.StringAttr.get(target.name)
+        dump("input", str(module))
+        for stage in flashmlir_stages(target):
+            if progress:
+                progress(stage.name)
+            start = time.perf_counter()
+            _run_stage(module, stage, report)
+            report.seconds[stage.name] = time.perf_counter() - start
+            dump(stage.name, str(module))
+    if progress:
+        progress("iree")
+    start = time.perf_counter()
+    vmfb = iree_driver.compile_to_vmfb(
+        session, module, target.iree_flags,
+        dump=dump if dump_dir is not None else None, save_reproducer=_save_reproducer,
+    )
+    report.seconds["iree"] = time.perf_counter() - start
+    return vmfb, report
+
+
+def compile_cached(
+    session: Session,
+    module: ir.Module,
+    target: Target,
+    *,
+    what: str = "module",
+    dump_dir: Path | None = None,
+    cache: ModuleCache | None = None,
+) -> tuple[bytes, CompileReport]:
+    """`compile_module` behind the on-disk cache. Logs each compile (FLASHMLIR_LOG=info)."""
+    cache = cache or ModuleCache()
+    pipeline = tuple(s.pipeline for s in flashmlir_stages(target))
+    key = cache_key(str(module), target.name, target.iree_flags, pipeline)
+    if dump_dir is None and config.save_temps_dir() is not None:
+        dump_dir = config.save_temps_dir() / key[:16]
+    if dump_dir is None:
+        cached = cache.load(key)
+        if cached is not None:
+            logger.info("%s: cache hit %s", what, key[:16])
+            return cached, CompileReport(target.name, cache_hit=True)
+    logger.info("%s: compiling for %s (key %s) ...", what, target.name, key[:16])
+    start = time.perf_counter()
+    vmfb, report = compile_module(
+        session, module, target, dump_dir=dump_dir,
+        progress=(lambda s: logger.debug("%s: stage %s", what, s)) if logger.isEnabledFor(logging.DEBUG) else None,
+    )
+    logger.info("%s: compiled in %.2f s (%d attention sites tiled)", what, time.perf_counter() - start,
+                report.rewrites("flashmlir-tile-attention"))
+    for line in report.declines():
+        logger.info("%s: %s", what, line)
+    cache.store(key, vmfb)
+    return vmfb, report

@@ -1,0 +1,265 @@
+"""flashmlir-match-attention: raise attention written in torch-dialect IR to our attention op.
+
+For IR that did not come through the FX matcher (an .mlir file, a torch.export program): the same
+semantic walk as the FX matcher, on torch ops. Two rewrites:
+
+    torch.aten.scaled_dot_product_attention(q, k, v, M, 0.0, causal, s, gqa)
+        ⇒ torch.operator "torch.flashmlir.attention"(q, k, v, M, 0.0, causal, s)
+
+    matmul(softmax(matmul(Q, transpose(K, -2, -1)) · s [+ M | masked_fill(C, -inf)], -1), V)
+        ⇒ torch.operator "torch.flashmlir.attention"(Q, K, V, M | not(C), 0.0, false, s)
+
+Ops between the two matmuls may be scalar multiplies/divides (folded into s), one added mask or
+one masked_fill(-inf), and dtype casts. Anything else, a softmax over another axis, or an
+intermediate with a second user (the weights escape) is declined with the reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from iree.compiler import ir
+
+from flashmlir.passes.framework import PassResult, PassSpec
+from flashmlir.passes.ir_utils import (
+    TorchTensorType,
+    defining_op,
+    torch_constant,
+    torch_tensor_type,
+    walk_ops,
+)
+
+ATTENTION_OPERATOR = "torch.flashmlir.attention"
+SOFTMAX_OPS = ("torch.aten.softmax.int", "torch.aten._softmax", "torch.aten._safe_softmax")
+MATMUL_OPS = ("torch.aten.matmul", "torch.aten.bmm")
+CAST_OPS = ("torch.aten.to.dtype", "torch.prims.convert_element_type", "torch.aten._to_copy")
+SUPPORTED_DTYPES = ("f32", "f16", "bf16")
+_MASKED_FILL_MAX = -1e4
+
+
+@dataclass(frozen=True)
+class Options:
+    pass
+
+
+class _Decline(Exception):
+    pass
+
+
+@dataclass
+class _Match:
+    q: ir.Value
+    k: ir.Value
+    v: ir.Value
+    mask: ir.Value | None
+    mask_is_fill_condition: bool
+    is_causal: bool
+    scale: float | None
+    output: ir.Operation
+    dead: list[ir.Operation]  # ops the rewrite makes dead, users before producers
+
+
+def _type(value: ir.Value) -> TorchTensorType:
+    t = torch_tensor_type(value.type)
+    if t is None or not t.is_static:
+        raise _Decline(f"needs static tensor shapes, got {value.type}")
+    return t
+
+
+def _const(value: ir.Value, what: str) -> int | float | bool | None:
+    c = torch_constant(value)
+    if c is None:
+        raise _Decline(f"{what} is not a constant")
+    return c.value
+
+
+def _single_user(value: ir.Value, what: str) -> ir.Operation:
+    users = [u.owner for u in value.uses]
+    if len(users) != 1:
+        raise _Decline(f"{what} has {len(users)} users, expected 1 (are the weights returned?)")
+    return users[0]
+
+
+def _check_qkv(q: ir.Value, k: ir.Value, v: ir.Value) -> None:
+    qt, kt, vt = _type(q), _type(k), _type(v)
+    if len({qt.dtype, kt.dtype, vt.dtype}) != 1:
+        raise _Decline(f"q, k, v dtypes differ ({qt.dtype}, {kt.dtype}, {vt.dtype})")
+    if qt.dtype not in SUPPORTED_DTYPES:
+        raise _Decline(f"dtype {qt.dtype} is not supported ({', '.join(SUPPORTED_DTYPES)})")
+    if qt.rank < 3 or kt.rank != qt.rank or vt.rank != qt.rank:
+        raise _Decline(f"q, k, v must have the same rank >= 3, got {qt.shape}, {kt.shape}, {vt.shape}")
+    if qt.shape[:-3] != kt.shape[:-3] or kt.shape[:-1] != vt.shape[:-1] or qt.shape[-1] != kt.shape[-1]:
+        raise _Decline(f"q {qt.shape}, k {kt.shape}, v {vt.shape} do not line up as [.., H, S, D]")
+    if qt.shape[-3] % kt.shape[-3]:
+        raise _Decline(f"{qt.shape[-3]} query heads is not a multiple of {kt.shape[-3]} kv heads")
+
+
+def _match_sdpa(op: ir.Operation) -> _Match:
+    q, k, v, mask, dropout, causal, scale = list(op.operands)[:7]
+    if _const(dropout, "dropout_p") != 0.0:
+        raise _Decline("dropout_p is not 0 (dropout is not supported yet)")
+    is_causal = bool(_const(causal, "is_causal"))
+    scale_value = _const(scale, "scale")
+    mask_value = None if torch_constant(mask) is not None else mask
+    _check_qkv(q, k, v)
+    return _Match(q, k, v, mask_value, False, is_causal, scale_value, op, [op])
+
+
+def _last_two_transposed(value: ir.Value, rank: int) -> ir.Value | None:
+    """If `value` is its input with the last two dims swapped, return that input."""
+    op = defining_op(value)
+    if op is None:
+        return None
+    if op.name == "torch.aten.transpose.int":
+        dims = {_const(op.operands[1], "dim") % rank, _const(op.operands[2], "dim") % rank}
+        return op.operands[0] if dims == {rank - 2, rank - 1} else None
+    if op.name == "torch.aten.permute":
+        perm_op = defining_op(op.operands[1])
+        if perm_op is None or perm_op.name != "torch.prim.ListConstruct":
+            return None
+        perm = [_const(x, "permutation") % rank for x in perm_op.operands]
+        return op.operands[0] if perm == [*range(rank - 2), rank - 1, rank - 2] else None
+    return None
+
+
+def _match_softmax(softmax: ir.Operation) -> _Match:
+    x = softmax.operands[0]
+    rank = _type(x).rank
+    dim = _const(softmax.operands[1], "softmax dim") % rank
+    if dim != rank - 1:
+        raise _Decline(f"softmax on dim {dim}, expected the last (key) axis {rank - 1}")
+    dead: list[ir.Operation] = []
+
+    # Down: softmax → (casts) → P·V matmul.
+    value = softmax.results[0]
+    while True:
+        user = _single_user(value, "the softmax output" if not dead else "a probability cast")
+        if user.name in MATMUL_OPS:
+            if user.operands[0] != value:
+                raise _Decline("the probabilities are the right operand of the matmul")
+            pv = user
+            break
+        if user.name not in CAST_OPS:
+            raise _Decline(f"softmax output feeds {user.name}, not a P·V matmul")
+        dead.append(user)
+        value = user.results[0]
+    dead = [pv, *reversed(dead), softmax]
+
+    # Up: softmax input → scale / mask / casts → Q·Kᵀ matmul.
+    scale, mask, fill = 1.0, None, False
+    value = x
+    while True:
+        op = defining_op(value)
+        if op is None:
+            raise _Decline("the scores are a function argument, not a Q·Kᵀ matmul")
+        if op.name in MATMUL_OPS:
+            qk = op
+            break
+        _single_user(value, f"score op {op.name}")
+        dead.append(op)
+        if op.name in ("torch.aten.mul.Scalar", "torch.aten.div.Scalar"):
+            factor = float(_const(op.operands[1], "the score scale"))
+            scale = scale * factor if op.name.endswith("mul.Scalar") else scale / factor
+            value = op.operands[0]
+        elif op.name == "torch.aten.add.Tensor":
+            if mask is not None:
+                raise _Decline("more than one mask/bias is added to the scores")
+            if _const(op.operands[2], "alpha") != 1:
+                raise _Decline("the mask is added with alpha != 1")
+            a, b = op.operands[0], op.operands[1]
+            value, mask = (a, b) if _reaches_matmul(a) else (b, a)
+        elif op.name == "torch.aten.masked_fill.Scalar":
+            fill_value = _const(op.operands[2], "the masked_fill value")
+            if mask is not None or fill_value is None or fill_value > _MASKED_FILL_MAX:
+                raise _Decline(f"masked_fill with {fill_value}, expected -inf or a very negative value")
+            value, mask, fill = op.operands[0], op.operands[1], True
+        elif op.name in CAST_OPS:
+            value = op.operands[0]
+        else:
+            raise _Decline(f"{op.name} between Q·Kᵀ and softmax is not understood")
+
+    q, kt = qk.operands[0], qk.operands[1]
+    k = _last_two_transposed(kt, rank)
+    if k is None:
+        raise _Decline("the right operand of Q·Kᵀ is not K with its last two dims swapped")
+    dead.append(qk)
+    kt_op = defining_op(kt)
+    if kt_op is not None and len(list(kt.uses)) == 1:
+        dead.append(kt_op)
+    v = pv.operands[1]
+    _check_qkv(q, k, v)
+    if _type(q).shape[-3] != _type(k).shape[-3]:
+        raise _Decline("q and k head counts differ without repeat_kv")
+    if _type(pv.results[0]).dtype != _type(q).dtype:
+        raise _Decline("the output dtype differs from q's")
+    return _Match(q, k, v, mask, fill, False, scale, pv, dead)
+
+
+def _reaches_matmul(value: ir.Value) -> bool:
+    """Whether walking up first operands from `value` reaches a matmul within a few ops."""
+    for _ in range(16):
+        op = defining_op(value)
+        if op is None or not op.operands:
+            return False
+        if op.name in MATMUL_OPS:
+            return True
+        value = op.operands[0]
+    return False
+
+
+def _constant(name: str, type_text: str, value: ir.Attribute | None = None) -> ir.Value:
+    attrs = {"value": value} if value is not None else {}
+    return ir.Operation.create(name, results=[ir.Type.parse(type_text)], attributes=attrs).result
+
+
+def _rewrite(match: _Match) -> None:
+    out = match.output
+    with ir.InsertionPoint(out), out.location:
+        mask = match.mask
+        if mask is None:
+            mask = _constant("torch.constant.none", "!torch.none")
+        elif match.mask_is_fill_condition:
+            mask = ir.Operation.create(
+                "torch.aten.logical_not", results=[mask.type], operands=[mask]
+            ).result
+        f64 = ir.F64Type.get()
+        dropout = _constant("torch.constant.float", "!torch.float", ir.FloatAttr.get(f64, 0.0))
+        causal = _constant("torch.constant.bool", "!torch.bool", ir.BoolAttr.get(match.is_causal))
+        if match.scale is None:
+            scale = _constant("torch.constant.none", "!torch.none")
+        else:
+            scale = _constant("torch.constant.float", "!torch.float", ir.FloatAttr.get(f64, match.scale))
+        attention = ir.Operation.create(
+            "torch.operator",
+            results=[out.results[0].type],
+            operands=[match.q, match.k, match.v, mask, dropout, causal, scale],
+            attributes={"name": ir.StringAttr.get(ATTENTION_OPERATOR)},
+        )
+    out.results[0].replace_all_uses_with(attention.result)
+    for op in match.dead:
+        if all(not list(r.uses) for r in op.results):
+            op.erase()
+
+
+def run(module: ir.Operation, options: Options) -> PassResult:
+    result = PassResult(PASS.name)
+    candidates = walk_ops(module, "torch.aten.scaled_dot_product_attention")
+    for name in SOFTMAX_OPS:
+        candidates += walk_ops(module, name)
+    for op in candidates:
+        try:
+            match = _match_sdpa(op) if op.name.endswith("scaled_dot_product_attention") else _match_softmax(op)
+        except _Decline as why:
+            result.decline(op, str(why))
+            continue
+        _rewrite(match)
+        result.rewritten += 1
+    return result
+
+
+PASS = PassSpec(
+    name="flashmlir-match-attention",
+    summary="Raise SDPA and softmax(Q·Kᵀ·s + M)·V in torch IR to torch.flashmlir.attention",
+    options_type=Options,
+    run=run,
+)

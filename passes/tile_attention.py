@@ -1,0 +1,589 @@
+"""flashmlir-tile-attention: iree_linalg_ext.attention ⇒ flash-attention form in one dispatch.
+
+    O = attention(Q, K, V, s, M)
+      ⇒ flow.dispatch.workgroups[Sq/Bq, batch](Q, K, V, s, M') {     // Q-block parallel
+           q = Q[b, q0:q0+Bq]; acc, mx, sum = 0, lowest, 0
+           for kb in [0, causal ? ⌈(q0+Bq)/Bk⌉ : Sk/Bk):              // KV loop, causal skips
+             acc, mx, sum = online_attention(q, K[b, kb], V[b, kb], s, mask_tile(kb))
+                                         // running max, rescale of acc and sum, exp
+           O[b, q0:q0+Bq] = acc / sum
+        }
+
+IREE's own lowering materializes a causal mask as an S×S tensor and tiles attention with a fixed
+strategy; here the loop nest is ours: the KV loop bound skips blocks above the diagonal, masks are
+computed per tile from indices (causal, ragged tail) or loaded per tile (the explicit mask, never
+broadcast in memory), and GQA reads K/V through the group dim without copies. Each
+`online_attention` tile carries the target's vector tile sizes; IREE vectorizes it.
+
+The input must be in the canonical layout flashmlir-lower-attention produces (maps
+(batch…, m, k1), (kbatch…, k2, k1), (kbatch…, k2, n) with kbatch ⊆ batch, output (batch…, m, n));
+other layouts are declined and left to IREE's stock lowering.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from iree.compiler import ir
+
+from flashmlir.compiler.targets import AttentionTiles, get_target
+from flashmlir.passes.framework import PassResult, PassSpec
+from flashmlir.passes.ir_utils import defining_op, splice_function, walk_ops
+
+SUPPORTED_ELEMENT_TYPES = ("f32", "f16", "bf16")
+_LOWEST_F32 = "-3.40282347E+38"  # running-max start: finite, so exp(-inf - lowest) = 0, never NaN
+_NEG_INF = {"f32": "0xFF800000", "f16": "0xFC00", "bf16": "0xFF80"}
+
+
+@dataclass(frozen=True)
+class Options:
+    target: str = ""  # empty: the module's `flashmlir.target` attribute, else "cpu"
+    q_block: int = 0  # 0: from the target's capability table
+    kv_block: int = 0
+
+
+class _Decline(Exception):
+    pass
+
+
+@dataclass
+class _Operand:
+    value: ir.Value
+    shape: list[int]
+    elem: str
+    roles: list[str]  # per tensor dim: "b<i>", "m", "n", "k1", "k2"
+
+    def type(self) -> str:
+        return _tensor(self.shape, self.elem)
+
+
+@dataclass
+class _Attention:
+    """An attention op understood: its operands by role, sizes, causality and explicit mask."""
+
+    op: ir.Operation
+    num_dims: int
+    pos: dict[str, int]  # role → iteration dim position
+    batch_sizes: list[int]
+    q: _Operand
+    k: _Operand
+    v: _Operand
+    scale: ir.Value
+    mask: _Operand | None  # explicit mask, loaded per tile
+    causal: bool
+    out: _Operand
+    dead_mask_producer: ir.Operation | None
+
+    @property
+    def sq(self) -> int:
+        return self.q.shape[self.q.roles.index("m")]
+
+    @property
+    def sk(self) -> int:
+        return self.k.shape[self.k.roles.index("k2")]
+
+    @property
+    def dv(self) -> int:
+        return self.v.shape[self.v.roles.index("n")]
+
+
+def _parallel(n: int) -> str:
+    """The iterator_types list of an n-d all-parallel linalg.generic."""
+    return "[" + ", ".join(['"parallel"'] * n) + "]"
+
+
+def _tensor(shape: list[int], elem: str) -> str:
+    return f"tensor<{'x'.join(map(str, shape))}x{elem}>" if shape else f"tensor<{elem}>"
+
+
+def _elem(t: ir.Type) -> str:
+    return str(ir.RankedTensorType(t).element_type)
+
+
+def _shape(t: ir.Type) -> list[int]:
+    rt = ir.RankedTensorType(t)
+    if not rt.has_static_shape:
+        raise _Decline(f"dynamic shape {t} is not supported yet")
+    return list(rt.shape)
+
+
+def _map_dims(attr: ir.Attribute) -> list[int]:
+    amap = ir.AffineMapAttr(attr).value
+    dims = []
+    for expr in amap.results:
+        if not isinstance(expr, ir.AffineDimExpr):
+            raise _Decline(f"indexing map {amap} is not a projected permutation")
+        dims.append(expr.position)
+    return dims
+
+
+def _analyze(op: ir.Operation) -> _Attention:
+    maps = list(ir.ArrayAttr(op.attributes["indexing_maps"]))
+    operands = list(op.operands)
+    num_ins = len(maps) - 1
+    if num_ins not in (4, 5):
+        raise _Decline(f"unexpected operand count {len(operands)}")
+    q, k, v, scale = operands[:4]
+    mask = operands[4] if num_ins == 5 else None
+    out = operands[num_ins]
+    qd, kd, vd, sd = (_map_dims(m) for m in maps[:4])
+    md = _map_dims(maps[4]) if mask is not None else None
+    od = _map_dims(maps[-1])
+    num_dims = ir.AffineMapAttr(maps[0]).value.n_dims
+    if sd:
+        raise _Decline("the scale must be a scalar")
+
+    # Canonical layout: Q (batch…, m, k1), K (kbatch…, k2, k1), V (kbatch…, k2, n), O (batch…, m, n).
+    if len(qd) < 2 or len(kd) < 2 or len(vd) < 2:
+        raise _Decline("operands of rank < 2")
+    pos = {"m": qd[-2], "k1": qd[-1], "k2": kd[-2], "n": vd[-1]}
+    batch = qd[:-2]
+    kbatch = [d for d in kd if d in batch]
+    if (len(set(pos.values())) != 4 or batch != sorted(batch)
+            or set(batch) | set(pos.values()) != set(range(num_dims))
+            or kd != [*kbatch, pos["k2"], pos["k1"]] or vd != [*kbatch, pos["k2"], pos["n"]]
+            or od != [*batch, pos["m"], pos["n"]]):
+        raise _Decline("operand layout is not canonical (transposed operands); left to IREE")
+    for i, d in enumerate(batch):
+        pos[f"b{i}"] = d
+    role_of = {d: r for r, d in pos.items()}
+
+    block = op.regions[0].blocks[0]
+    body = list(block.operations)
+    if len(body) != 1 or list(body[0].operands) != [block.arguments[0]]:
+        raise _Decline("the score modifier region is not the identity")
+
+    def operand(value: ir.Value, dims: list[int]) -> _Operand:
+        return _Operand(value, _shape(value.type), _elem(value.type), [role_of[d] for d in dims])
+
+    qo, ko, vo, oo = operand(q, qd), operand(k, kd), operand(v, vd), operand(out, od)
+    for x in (qo, ko, vo):
+        if x.elem not in SUPPORTED_ELEMENT_TYPES:
+            raise _Decline(f"element type {x.elem} is not supported ({', '.join(SUPPORTED_ELEMENT_TYPES)})")
+    if str(scale.type) != "f32":
+        raise _Decline(f"scale of type {scale.type}, expected f32")
+
+    causal, explicit, producer = False, None, None
+    if mask is not None:
+        explicit = operand(mask, md)
+        recognized = _recognize_causal(mask, md, pos)
+        if recognized is not None:
+            causal = True
+            producer, explicit = recognized
+            if explicit is not None:
+                explicit = operand(*explicit)
+        if explicit is not None and any(r not in ("m", "k2") and not r.startswith("b") for r in explicit.roles):
+            raise _Decline("the mask is indexed by a head-dim loop")
+    batch_sizes = [qo.shape[i] for i in range(len(batch))]
+    return _Attention(op, num_dims, pos, batch_sizes, qo, ko, vo, scale, explicit, causal, oo, producer)
+
+
+def _recognize_causal(mask: ir.Value, mask_dims: list[int], pos: dict[str, int]):
+    """If `mask` is computed as select(k2 <= m, X or 0, -inf), return (producer, (X, X's dims) | None).
+
+    That is the producer flashmlir-lower-attention emits for a causal mask (and the shape of the
+    one torch-mlir emits for SDPA's is_causal). Anything else: None (the mask is loaded as is).
+    """
+    producer = defining_op(mask)
+    if producer is None or producer.name != "linalg.generic" or len(producer.results) != 1:
+        return None
+    maps = list(ir.ArrayAttr(producer.attributes["indexing_maps"]))
+    num_inputs = len(maps) - 1
+    if num_inputs > 1 or _map_dims(maps[-1]) != list(range(len(mask_dims))):
+        return None
+    block = producer.regions[0].blocks[0]
+    ops = list(block.operations)
+    names = [o.name for o in ops]
+    expected = ["arith.constant", "arith.constant", "linalg.index", "linalg.index", "arith.cmpi",
+                "arith.select", "linalg.yield"]
+    if sorted(names) != sorted(expected):
+        return None
+    index = {o.results[0]: ir.IntegerAttr(o.attributes["dim"]).value for o in ops if o.name == "linalg.index"}
+    cmp = next(o for o in ops if o.name == "arith.cmpi")
+    select = next(o for o in ops if o.name == "arith.select")
+    # arith.cmpi predicate 7 = ule, 3 = sle: attend iff lhs <= rhs.
+    if ir.IntegerAttr(cmp.attributes["predicate"]).value not in (3, 7):
+        return None
+    lhs, rhs = cmp.operands[0], cmp.operands[1]
+    if lhs not in index or rhs not in index:
+        return None
+    j_dim, i_dim = mask_dims[index[lhs]], mask_dims[index[rhs]]
+    if (i_dim, j_dim) != (pos["m"], pos["k2"]) or select.operands[0] != cmp.results[0]:
+        return None
+    if _float_constant(select.operands[2]) != float("-inf"):
+        return None
+    kept = select.operands[1]
+    if num_inputs == 0:
+        return (producer, None) if _float_constant(kept) == 0.0 else None
+    if kept != block.arguments[0]:
+        return None
+    in_dims = [mask_dims[d] for d in _map_dims(maps[0])]
+    return producer, (producer.operands[0], in_dims)
+
+
+def _float_constant(value: ir.Value) -> float | None:
+    op = defining_op(value)
+    if op is None or op.name != "arith.constant" or not isinstance(op.attributes["value"], ir.FloatAttr):
+        return None
+    return op.attributes["value"].value
+
+
+def _choose_tiles(attn: _Attention, tiles: AttentionTiles, options: Options) -> tuple[int, int]:
+    """Block sizes: the target's, shrunk (to a vector multiple) for short sequences."""
+    bq = options.q_block or tiles.q_block
+    bk = options.kv_block or tiles.kv_block
+    bq = min(bq, _round_up(attn.sq, tiles.vector_q))
+    bk = min(bk, _round_up(attn.sk, tiles.vector_kv))
+    return bq, bk
+
+
+def _round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
+def _function(attn: _Attention, tiles: AttentionTiles, bq: int, bk: int) -> str:
+    """The MLIR function replacing the attention op (see the module docstring for its shape)."""
+    nqb, nkb = -(-attn.sq // bq), -(-attn.sk // bk)
+    sq_p, sk_p = nqb * bq, nkb * bk
+    lines: list[str] = []
+    args = [f"%q: {attn.q.type()}", f"%k: {attn.k.type()}", f"%v: {attn.v.type()}", "%scale: f32"]
+    if attn.mask is not None:
+        args.append(f"%mask: {attn.mask.type()}")
+
+    def padded(name: str, x: _Operand) -> tuple[str, list[int]]:
+        new = [sq_p if r == "m" else sk_p if r == "k2" else s for s, r in zip(x.shape, x.roles, strict=True)]
+        if new == x.shape:
+            return f"%{name}", new
+        high = [n - s for n, s in zip(new, x.shape, strict=True)]
+        idx = ", ".join(f"%i{i}: index" for i in range(len(new)))
+        lines.extend([
+            f"%{name}_p = tensor.pad %{name} low[{', '.join('0' * len(new))}] high[{', '.join(map(str, high))}] {{",
+            f"^bb0({idx}):",
+            f"  %{name}_zero = arith.constant 0.0 : {x.elem}",
+            f"  tensor.yield %{name}_zero : {x.elem}",
+            f"}} : {x.type()} to {_tensor(new, x.elem)}",
+        ])
+        return f"%{name}_p", new
+
+    ops = [padded("q", attn.q), padded("k", attn.k), padded("v", attn.v)]
+    types = [_tensor(s, x.elem) for (_, s), x in zip(ops, (attn.q, attn.k, attn.v), strict=True)]
+    if attn.mask is not None:
+        mv, ms = padded("mask", attn.mask)
+    out_p = [sq_p if r == "m" else s for s, r in zip(attn.out.shape, attn.out.roles, strict=True)]
+    out_p_type = _tensor(out_p, attn.out.elem)
+
+    operands = [v for v, _ in ops] + ["%scale"]
+    operand_types = types + ["f32"]
+    region_args = [
+        f"%{n}: !iree_tensor_ext.dispatch.tensor<readonly:{t}>"
+        for n, t in zip(("qbind", "kbind", "vbind"), types, strict=True)
+    ]
+    region_args.append("%sc: f32")
+    if attn.mask is not None:
+        mask_type = _tensor(ms, attn.mask.elem)
+        operands.append(mv)
+        operand_types.append(mask_type)
+        region_args.append(f"%mbind: !iree_tensor_ext.dispatch.tensor<readonly:{mask_type}>")
+    region_args.append(f"%obind: !iree_tensor_ext.dispatch.tensor<writeonly:{out_p_type}>")
+    batch_total = 1
+    for s in attn.batch_sizes:
+        batch_total *= s
+    lines += [
+        f"%nqb = arith.constant {nqb} : index",
+        f"%nbatch = arith.constant {batch_total} : index",
+        f"%r = flow.dispatch.workgroups[%nqb, %nbatch]({', '.join(operands)}) : "
+        f"({', '.join(operand_types)}) -> {out_p_type} =",
+        f"    ({', '.join(region_args)}) {{",
+    ]
+    lines += ["  " + ln for ln in _dispatch_body(attn, tiles, bq, bk, nkb, types,
+                                                    mask_type if attn.mask is not None else None, out_p_type)]
+    lines += [
+        "} count(%x: index, %y: index) -> (index, index, index) {",
+        "  %one = arith.constant 1 : index",
+        "  flow.return %x, %y, %one : index, index, index",
+        "}",
+    ]
+    result = "%r"
+    if out_p != attn.out.shape:
+        offsets = ", ".join("0" * len(out_p))
+        sizes = ", ".join(map(str, attn.out.shape))
+        strides = ", ".join("1" * len(out_p))
+        lines.append(f"%o = tensor.extract_slice %r[{offsets}] [{sizes}] [{strides}] : {out_p_type} to {attn.out.type()}")
+        result = "%o"
+    lines.append(f"return {result} : {attn.out.type()}")
+    body = "\n  ".join(lines)
+    return f"func.func @tiled({', '.join(args)}) -> {attn.out.type()} {{\n  {body}\n}}"
+
+
+def _dims_text(n: int) -> str:
+    return ", ".join(f"d{i}" for i in range(n))
+
+
+def _amap(n: int, dims: list[int]) -> str:
+    return f"affine_map<({_dims_text(n)}) -> ({', '.join(f'd{d}' for d in dims)})>"
+
+
+def _dispatch_body(attn, tiles, bq, bk, nkb, types, mask_type, out_type) -> list[str]:
+    nb = len(attn.batch_sizes)
+    elem, out_elem = attn.q.elem, attn.out.elem
+    pos, n = attn.pos, attn.num_dims
+    dv = attn.dv
+    ones = [1] * nb
+    b = [f"%b{i}" for i in range(nb)]
+    lines = [
+        "%c0 = arith.constant 0 : index",
+        "%c1 = arith.constant 1 : index",
+        f"%cbq = arith.constant {bq} : index",
+        f"%cbk = arith.constant {bk} : index",
+        f"%cnkb = arith.constant {nkb} : index",
+        f"%csk = arith.constant {attn.sk} : index",
+        "%fzero = arith.constant 0.0 : f32",
+        f"%lowest = arith.constant {_LOWEST_F32} : f32",
+        f"%mzero = arith.constant 0.0 : {elem}",
+        f"%ninf = arith.constant {_NEG_INF[elem]} : {elem}",
+        "%wx = flow.dispatch.workgroup.id[0] : index",
+        "%wy = flow.dispatch.workgroup.id[1] : index",
+        "%q0 = arith.muli %wx, %cbq : index",
+    ]
+    # Delinearize the flat batch index %wy into one index per batch dim (last dim fastest).
+    rest = "%wy"
+    for i in reversed(range(nb)):
+        size = attn.batch_sizes[i]
+        if i == 0:
+            lines.append(f"%b0 = arith.addi {rest}, %c0 : index")
+            continue
+        lines += [
+            f"%bs{i} = arith.constant {size} : index",
+            f"%b{i} = arith.remui {rest}, %bs{i} : index",
+            f"%rest{i} = arith.divui {rest}, %bs{i} : index",
+        ]
+        rest = f"%rest{i}"
+
+    def tile(x: _Operand, full_shape: list[int], k0: str | None) -> tuple[list[str], list[str], list[int]]:
+        offsets, sizes = [], []
+        for r, size in zip(x.roles, full_shape, strict=True):
+            if r.startswith("b"):
+                offsets.append(b[int(r[1:])])
+                sizes.append(1)
+            elif r == "m":
+                offsets.append("%q0")
+                sizes.append(bq)
+            elif r == "k2":
+                offsets.append(k0)
+                sizes.append(bk)
+            else:
+                offsets.append("0")
+                sizes.append(size)
+        return offsets, ["1"] * len(sizes), sizes
+
+    def load(name: str, src: str, x: _Operand, full_type: str, k0: str | None = None) -> tuple[str, str]:
+        offsets, strides, sizes = tile(x, _parse_shape(full_type), k0)
+        t = _tensor(sizes, x.elem)
+        lines.append(
+            f"%{name} = iree_tensor_ext.dispatch.tensor.load {src}, offsets = [{', '.join(offsets)}], "
+            f"sizes = [{', '.join(map(str, sizes))}], strides = [{', '.join(strides)}] : "
+            f"!iree_tensor_ext.dispatch.tensor<readonly:{full_type}> -> {t}"
+        )
+        return f"%{name}", t
+
+    qt, qt_type = load("qt", "%qbind", attn.q, types[0])
+    acc_type = _tensor([*ones, bq, dv], "f32")
+    row_type = _tensor([*ones, bq], "f32")
+    lines += [
+        f"%eacc = tensor.empty() : {acc_type}",
+        f"%erow = tensor.empty() : {row_type}",
+        f"%acc0 = linalg.fill ins(%fzero : f32) outs(%eacc : {acc_type}) -> {acc_type}",
+        f"%max0 = linalg.fill ins(%lowest : f32) outs(%erow : {row_type}) -> {row_type}",
+        f"%sum0 = linalg.fill ins(%fzero : f32) outs(%erow : {row_type}) -> {row_type}",
+    ]
+    if attn.causal:
+        # Query rows q0..q0+Bq-1 attend keys up to q0+Bq-1: blocks past that are skipped.
+        lines += [
+            "%qlast = arith.addi %q0, %cbq : index",
+            "%qlastm1 = arith.subi %qlast, %c1 : index",
+            "%kblast = arith.divui %qlastm1, %cbk : index",
+            "%kbend = arith.addi %kblast, %c1 : index",
+            "%nend = arith.minui %kbend, %cnkb : index",
+        ]
+        bound = "%nend"
+    else:
+        bound = "%cnkb"
+    state_types = f"{acc_type}, {row_type}, {row_type}"
+    lines.append(
+        f"%res:3 = scf.for %kb = %c0 to {bound} step %c1 iter_args(%acc = %acc0, %mx = %max0, %sm = %sum0) "
+        f"-> ({state_types}) {{"
+    )
+    inner_start = len(lines)
+    lines.append("%k0 = arith.muli %kb, %cbk : index")
+    kt, kt_type = load("kt", "%kbind", attn.k, types[1], "%k0")
+    vt, vt_type = load("vt", "%vbind", attn.v, types[2], "%k0")
+
+    batch_dims = [pos[f"b{i}"] for i in range(nb)]
+    maps = [
+        _amap(n, [pos[r] for r in attn.q.roles]),
+        _amap(n, [pos[r] for r in attn.k.roles]),
+        _amap(n, [pos[r] for r in attn.v.roles]),
+        _amap(n, []),
+    ]
+    ins = [(qt, qt_type), (kt, kt_type), (vt, vt_type), ("%sc", "f32")]
+    need_index_mask = attn.causal or attn.sk % bk != 0
+    if attn.mask is not None or need_index_mask:
+        mask_tile_type = _tensor([*ones, bq, bk], elem)
+        mask_dims = [*batch_dims, pos["m"], pos["k2"]]
+        gdims = [f"g{i}" for i in range(nb + 2)]
+        ident = f"affine_map<({', '.join(gdims)}) -> ({', '.join(gdims)})>"
+        generic_maps = [ident]
+        generic_ins = ""
+        block_args = [f"%o: {elem}"]
+        keep = "%mzero"
+        if attn.mask is not None:
+            mt, mt_type = load("mt", "%mbind", attn.mask, mask_type, "%k0")
+            # The explicit tile is indexed by a subset of (batch…, m, k2): map tile dims to them.
+            role_to_g = {f"b{i}": gdims[i] for i in range(nb)} | {"m": gdims[nb], "k2": gdims[nb + 1]}
+            in_map = f"affine_map<({', '.join(gdims)}) -> ({', '.join(role_to_g[r] for r in attn.mask.roles)})>"
+            generic_maps.insert(0, in_map)
+            generic_ins = f"ins({mt} : {mt_type}) "
+            block_args.insert(0, f"%in: {elem}")
+            keep = "%in"
+        body = []
+        if need_index_mask:
+            body += [
+                f"  %ii = linalg.index {nb} : index",
+                f"  %jj = linalg.index {nb + 1} : index",
+                "  %i = arith.addi %q0, %ii : index",
+                "  %j = arith.addi %k0, %jj : index",
+            ]
+            conds = []
+            if attn.sk % bk:
+                body.append("  %inb = arith.cmpi ult, %j, %csk : index")
+                conds.append("%inb")
+            if attn.causal:
+                body.append("  %below = arith.cmpi ule, %j, %i : index")
+                conds.append("%below")
+            if len(conds) == 2:
+                body.append("  %attend = arith.andi %inb, %below : i1")
+                cond = "%attend"
+            else:
+                cond = conds[0]
+            body.append(f"  %val = arith.select {cond}, {keep}, %ninf : {elem}")
+            result = "%val"
+        else:
+            result = keep
+        lines += [
+            f"%emt = tensor.empty() : {mask_tile_type}",
+            f"%mtile = linalg.generic {{indexing_maps = [{', '.join(generic_maps)}], iterator_types = "
+            f"{_parallel((nb + 2))}}} {generic_ins}outs(%emt : {mask_tile_type}) {{",
+            f"^bb0({', '.join(block_args)}):",
+            *body,
+            f"  linalg.yield {result} : {elem}",
+            f"}} -> {mask_tile_type}",
+        ]
+        maps.append(_amap(n, mask_dims))
+        ins.append(("%mtile", mask_tile_type))
+    maps += [_amap(n, [*batch_dims, pos["m"], pos["n"]]), _amap(n, [*batch_dims, pos["m"]]),
+             _amap(n, [*batch_dims, pos["m"]])]
+    lines += [
+        f"%o:3 = iree_linalg_ext.online_attention <indexing_maps = [{', '.join(maps)}]> "
+        f"{{compilation_info = {_compilation_info(attn, tiles)}}} "
+        f"ins({', '.join(v for v, _ in ins)} : {', '.join(t for _, t in ins)}) "
+        f"outs(%acc, %mx, %sm : {state_types}) {{",
+        "^bb0(%s: f32):",
+        "  iree_linalg_ext.yield %s : f32",
+        f"}} -> {state_types}",
+        f"scf.yield %o#0, %o#1, %o#2 : {state_types}",
+    ]
+    lines[inner_start:] = ["  " + ln for ln in lines[inner_start:]]
+    lines.append("}")
+    # Normalize: O = acc / sum, in the output's element type.
+    out_tile = _tensor([*ones, bq, dv], out_elem)
+    ids = [f"e{i}" for i in range(nb + 2)]
+    full = f"affine_map<({', '.join(ids)}) -> ({', '.join(ids)})>"
+    rows = f"affine_map<({', '.join(ids)}) -> ({', '.join(ids[:-1])})>"
+    convert = [] if out_elem == "f32" else [f"  %cv = arith.truncf %dv : f32 to {out_elem}"]
+    lines += [
+        f"%eout = tensor.empty() : {out_tile}",
+        f"%norm = linalg.generic {{indexing_maps = [{full}, {rows}, {full}], iterator_types = "
+        f"{_parallel((nb + 2))}}} ins(%res#0, %res#2 : {acc_type}, {row_type}) "
+        f"outs(%eout : {out_tile}) {{",
+        f"^bb0(%a: f32, %l: f32, %unused: {out_elem}):",
+        "  %dv = arith.divf %a, %l : f32",
+        *convert,
+        f"  linalg.yield {'%cv' if convert else '%dv'} : {out_elem}",
+        f"}} -> {out_tile}",
+    ]
+    out_offsets = [b[int(r[1:])] if r.startswith("b") else "%q0" if r == "m" else "0" for r in attn.out.roles]
+    out_sizes = [1 if r.startswith("b") else bq if r == "m" else dv for r in attn.out.roles]
+    lines += [
+        f"iree_tensor_ext.dispatch.tensor.store %norm, %obind, offsets = [{', '.join(out_offsets)}], "
+        f"sizes = [{', '.join(map(str, out_sizes))}], strides = [{', '.join('1' * len(out_sizes))}] : "
+        f"{out_tile} -> !iree_tensor_ext.dispatch.tensor<writeonly:{out_type}>",
+        "flow.return",
+    ]
+    return lines
+
+
+def _parse_shape(tensor_type: str) -> list[int]:
+    inner = tensor_type[len("tensor<"):-1]
+    return [int(x) for x in inner.split("x")[:-1]]
+
+
+def _compilation_info(attn: _Attention, tiles: AttentionTiles) -> str:
+    """Vector tile sizes for IREE's CPU attention vectorization; no further distribution."""
+    n = attn.num_dims
+    parallel, reduction = [0] * n, [0] * n
+    for i in range(len(attn.batch_sizes)):
+        parallel[attn.pos[f"b{i}"]] = 1
+    parallel[attn.pos["m"]] = tiles.vector_q
+    parallel[attn.pos["n"]] = attn.dv
+    reduction[attn.pos["k2"]] = tiles.vector_kv
+    return (
+        "#iree_codegen.compilation_info<lowering_config = #iree_cpu.lowering_config<"
+        f"distribution = {[0] * n}, vector_common_parallel = {parallel}, vector_reduction = {reduction}>, "
+        "translation_info = #iree_codegen.translation_info<pipeline = #iree_cpu.pipeline<LinalgExtTileAndVectorize>>>"
+    )
+
+
+def _target_name(module: ir.Operation, options: Options) -> str:
+    if options.target:
+        return options.target
+    if "flashmlir.target" in module.attributes:
+        return ir.StringAttr(module.attributes["flashmlir.target"]).value
+    return "cpu"
+
+
+def run(module: ir.Operation, options: Options) -> PassResult:
+    result = PassResult(PASS.name)
+    target = get_target(_target_name(module, options))
+    candidates = walk_ops(module, "iree_linalg_ext.attention")
+    if target.attention_tiles is None:
+        for op in candidates:
+            result.decline(op, f"target {target.name} has no attention tiling in this pass")
+        return result
+    for op in candidates:
+        try:
+            attn = _analyze(op)
+            bq, bk = _choose_tiles(attn, target.attention_tiles, options)
+            text = _function(attn, target.attention_tiles, bq, bk)
+        except _Decline as why:
+            result.decline(op, str(why))
+            continue
+        operands = [attn.q.value, attn.k.value, attn.v.value, attn.scale]
+        if attn.mask is not None:
+            operands.append(attn.mask.value)
+        splice_function(op, text, operands)
+        producer = attn.dead_mask_producer
+        if producer is not None and not list(producer.results[0].uses):
+            init = defining_op(producer.operands[-1])
+            producer.erase()
+            if init is not None and init.name == "tensor.empty" and not list(init.results[0].uses):
+                init.erase()
+        result.rewritten += 1
+    return result
+
+
+PASS = PassSpec(
+    name="flashmlir-tile-attention",
+    summary="Tile iree_linalg_ext.attention into a Q-block-parallel dispatch with an online-softmax KV loop",
+    options_type=Options,
+    run=run,
+)

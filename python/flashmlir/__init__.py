@@ -1,0 +1,32 @@
+"""flashmlir: exact flash attention for PyTorch models, compiled through MLIR and IREE.
+
+Use it through `torch.compile(model, backend="flashmlir")` (registered by entry point, no import
+needed) or inspect what it would do with `flashmlir.explain(model, *inputs)`.
+
+The package is split along the pipeline (docs/ARCHITECTURE.md):
+`frontend` (FX matching, custom op, import) → `passes` (our MLIR passes) → `compiler` (targets,
+pipeline, IREE, cache) → `runtime` (loading and running modules on torch tensors).
+Importing `flashmlir` stays cheap: torch and IREE are imported by the submodules that need them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from flashmlir.explain import ExplainReport
+
+
+def explain(fn_or_module: Any, *example_inputs: Any, compile: bool = True) -> ExplainReport:
+    """Run `fn_or_module(*example_inputs)` under torch.compile and report every attention site.
+
+    See `flashmlir.explain.explain` for what the report holds.
+    """
+    from flashmlir.explain import explain as _explain
+
+    return _explain(fn_or_module, *example_inputs, compile=compile)
+
+
+__all__ = ["__version__", "explain"]

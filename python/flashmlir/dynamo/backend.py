@@ -1,0 +1,173 @@
+"""`torch.compile(model, backend="flashmlir")`: the backend dynamo calls for each graph it captures.
+
+    dynamo graph ─ re-trace ─▶ pre-dispatch ATen ─ matcher ─▶ flashmlir::attention nodes
+        ─ aot_autograd ─▶ forward / backward / inference graphs ─ compile_fx_graph ─▶ IREE modules
+
+Whatever cannot be compiled runs in eager PyTorch instead, with the reason logged once per process
+(FLASHMLIR_STRICT=1 raises instead). Attention sites the matcher replaced still run as our op's
+reference implementation in that case, so a fallback is slower, never wrong.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import itertools
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.fx as fx
+
+from flashmlir import config
+from flashmlir.compiler.targets import Target, get_target, target_for_device
+from flashmlir.errors import FlashmlirError, UnsupportedError
+from flashmlir.frontend.matcher import AttentionSite, MatchResult, NearMiss
+from flashmlir.log import logger, warn_once
+
+
+class Recorder(Protocol):
+    """What `flashmlir.explain` collects from the backend."""
+
+    def graph_compiled(self, graph: str, sites: int) -> None: ...
+    def graph_rejected(self, graph: str, reason: str) -> None: ...
+    def graph_ran(self, graph: str, sites: list[AttentionSite], near_misses: list[NearMiss]) -> None: ...
+
+
+_RECORDER: contextvars.ContextVar[Recorder | None] = contextvars.ContextVar("flashmlir_recorder", default=None)
+_GRAPH_IDS = itertools.count()
+
+
+@contextlib.contextmanager
+def recording(recorder: Recorder) -> Iterator[None]:
+    token = _RECORDER.set(recorder)
+    try:
+        yield
+    finally:
+        _RECORDER.reset(token)
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """`torch.compile(..., options={...})` keys the backend understands."""
+
+    target: str = "auto"  # "auto" (from the tensors' device) or a name from the target table
+    compile: bool = True  # False: match and rewrite only, run the rewritten graph eagerly
+
+    @classmethod
+    def from_mapping(cls, options: dict[str, Any] | None) -> BackendOptions:
+        options = dict(options or {})
+        unknown = set(options) - {"target", "compile"}
+        if unknown:
+            raise FlashmlirError(f"unknown flashmlir backend options {sorted(unknown)} (known: target, compile)")
+        return cls(**options)
+
+
+def _target_for(options: BackendOptions, example_inputs: Sequence[Any]) -> Target:
+    if options.target != "auto":
+        return get_target(options.target)
+    devices = {x.device for x in example_inputs if isinstance(x, torch.Tensor)}
+    if len(devices) > 1:
+        raise UnsupportedError(f"graph inputs live on several devices {sorted(map(str, devices))}")
+    device = next(iter(devices), torch.device("cpu"))
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    return target_for_device(device.type, capability)
+
+
+def _aot_decompositions() -> dict:
+    """Core ATen for IREE's torch frontend; our attention op has no decomposition and stays whole."""
+    from torch._decomp import core_aten_decompositions
+
+    return core_aten_decompositions()
+
+
+class GraphCompiler:
+    """Compiles one dynamo graph; a new instance per graph keeps its name and sites together."""
+
+    def __init__(self, options: BackendOptions):
+        self.options = options
+        self.name = f"graph {next(_GRAPH_IDS)}"
+        self.recorder = _RECORDER.get()
+        self.match = MatchResult()
+
+    def _fallback(self, reason: str, eager: Callable) -> Callable:
+        message = f"{self.name}: running in eager PyTorch: {reason}"
+        if config.strict():
+            raise FlashmlirError(f"{message} (FLASHMLIR_STRICT=1)")
+        warn_once(f"falling back to eager PyTorch: {reason}")
+        logger.info(message)
+        if self.recorder is not None:
+            self.recorder.graph_rejected(self.name, reason)
+        return eager
+
+    def _count_runs(self, fn: Callable) -> Callable:
+        """Record this graph's sites each time it runs (explain counts per computation)."""
+        recorder, sites, misses, name = self.recorder, self.match.sites, self.match.near_misses, self.name
+        if recorder is None:
+            return fn
+
+        def run(*args):
+            recorder.graph_ran(name, sites, misses)
+            return fn(*args)
+
+        return run
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        from flashmlir.frontend.capture import trace_pre_dispatch
+        from flashmlir.frontend.matcher import find_attention, replace_attention
+
+        try:
+            aten = trace_pre_dispatch(gm, example_inputs)
+            self.match = find_attention(aten)
+            replace_attention(aten, self.match.sites)
+        except Exception as e:  # noqa: BLE001 - any failure here means: not ours to compile
+            return self._count_runs(self._fallback(f"could not trace the graph: {type(e).__name__}: {e}",
+                                                   gm.forward))
+        for miss in self.match.near_misses:
+            logger.info("%s: not attention we compile at %s: %s", self.name, miss.location, miss.reason)
+        if not self.options.compile:
+            return self._count_runs(aten.forward)
+        try:
+            target = _target_for(self.options, example_inputs)
+        except FlashmlirError as e:
+            return self._count_runs(self._fallback(str(e), aten.forward))
+        return self._count_runs(self._aot(aten, example_inputs, target))
+
+    def _aot(self, aten: fx.GraphModule, example_inputs: Sequence[Any], target: Target) -> Callable:
+        from functorch.compile import make_boxed_func
+        from torch._dynamo.backends.common import aot_autograd
+
+        from flashmlir.compiler.fx_compile import compile_fx_graph
+
+        def compiler(kind: str):
+            def compile_graph(graph: fx.GraphModule, inputs: Sequence[Any]):
+                try:
+                    compiled = compile_fx_graph(graph, inputs, target, what=f"{self.name} ({kind})")
+                except Exception as e:  # noqa: BLE001 - fall back on anything, say why
+                    return make_boxed_func(self._fallback(_reason(e), graph.forward))
+                if self.recorder is not None:
+                    self.recorder.graph_compiled(f"{self.name} ({kind})", len(self.match.sites))
+                return make_boxed_func(compiled)
+
+            return compile_graph
+
+        backend = aot_autograd(
+            fw_compiler=compiler("forward"),
+            bw_compiler=compiler("backward"),
+            inference_compiler=compiler("inference"),
+            decompositions=_aot_decompositions(),
+        )
+        return backend(aten, example_inputs)
+
+
+def _reason(error: Exception) -> str:
+    if isinstance(error, FlashmlirError):
+        return str(error)
+    return f"internal error {type(error).__name__}: {error}"
+
+
+def flashmlir_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Callable:
+    """The `torch_dynamo_backends` entry point. `options=` from torch.compile is read here."""
+    options = BackendOptions.from_mapping(kwargs.get("options"))
+    return GraphCompiler(options)(gm, example_inputs)

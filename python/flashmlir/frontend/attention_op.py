@@ -1,0 +1,197 @@
+"""The `flashmlir::attention` operator: what the frontend leaves in the graph for each attention site.
+
+    attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None)
+        = softmax(q·kᵀ·scale + mask) · v        (per head; k, v shared by groups of q heads)
+
+Shapes: q [*, Hq, Sq, D], k [*, Hkv, Sk, D], v [*, Hkv, Sk, Dv] with the same leading dims `*`
+(rank ≥ 3) and Hq a multiple of Hkv: q head h reads k/v head h // (Hq // Hkv), which is what
+`repeat_kv` / `repeat_interleave` compute, so GQA needs no copies. `attn_mask` broadcasts to
+[*, Hq, Sq, Sk]: bool (True = attend) or additive float. `is_causal` is top-left aligned (query i
+attends keys j ≤ i), as in `F.scaled_dot_product_attention`, and may be combined with a mask.
+`scale` defaults to 1/sqrt(D).
+
+Why a custom op rather than SDPA: it stays opaque through aot_autograd (SDPA is rewritten into
+device-specific variants or decomposed into math), and it says at once what SDPA cannot (causal
+together with a mask, GQA without `enable_gqa` bookkeeping). Its eager implementation is the
+reference used when a graph falls back; its backward recomputes the probabilities from the inputs
+with the textbook formulas (exact, but O(S²) memory) until the flash backward kernels exist.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+OP_NAME = "flashmlir::attention"
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)
+
+
+def _expand_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    return x if groups == 1 else x.repeat_interleave(groups, dim=-3)
+
+
+def _combined_bias(
+    q: torch.Tensor, sk: int, attn_mask: torch.Tensor | None, is_causal: bool, dtype: torch.dtype
+) -> torch.Tensor | None:
+    """The additive bias (0 or -inf, plus a float mask) that the scores get, or None."""
+    sq = q.shape[-2]
+    bias = None
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            bias = torch.zeros(attn_mask.shape, dtype=dtype, device=q.device).masked_fill(
+                ~attn_mask, float("-inf")
+            )
+        else:
+            bias = attn_mask.to(dtype)
+    if is_causal:
+        keep = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril()
+        causal = torch.zeros(sq, sk, dtype=dtype, device=q.device).masked_fill(~keep, float("-inf"))
+        bias = causal if bias is None else bias + causal
+    return bias
+
+
+def attention_probabilities(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float | None,
+) -> torch.Tensor:
+    """softmax(q·kᵀ·scale + bias) in float32 (or float64 for float64 inputs), k already expanded."""
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    s = default_scale(q.shape[-1]) if scale is None else scale
+    scores = torch.matmul(q.to(compute), k.to(compute).transpose(-2, -1)) * s
+    bias = _combined_bias(q, k.shape[-2], attn_mask, is_causal, compute)
+    if bias is not None:
+        scores = scores + bias
+    return torch.softmax(scores, dim=-1)
+
+
+def reference_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """The operator's meaning, written plainly; also its eager implementation."""
+    groups = q.shape[-3] // k.shape[-3]
+    k, v = _expand_kv(k, groups), _expand_kv(v, groups)
+    p = attention_probabilities(q, k, attn_mask, is_causal, scale)
+    if dropout_p > 0.0:
+        p = torch.nn.functional.dropout(p, dropout_p, training=True)
+    return torch.matmul(p, v.to(p.dtype)).to(q.dtype)
+
+
+def check_arguments(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None
+) -> None:
+    """Raise a ValueError naming the offending shape if the operands do not fit together."""
+    if q.dim() < 3 or k.dim() != q.dim() or v.dim() != q.dim():
+        raise ValueError(
+            f"flashmlir::attention expects q, k, v of the same rank >= 3, got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if q.shape[:-3] != k.shape[:-3] or k.shape[:-1] != v.shape[:-1]:
+        raise ValueError(
+            f"flashmlir::attention: leading dims and key sequence must agree, got q {tuple(q.shape)}, "
+            f"k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if q.shape[-1] != k.shape[-1] or q.shape[-3] % k.shape[-3] != 0:
+        raise ValueError(
+            f"flashmlir::attention: head dims must agree and q heads must be a multiple of kv heads, "
+            f"got q {tuple(q.shape)}, k {tuple(k.shape)}"
+        )
+    if attn_mask is not None:
+        scores = (*q.shape[:-1], k.shape[-2])
+        try:
+            torch.broadcast_shapes(tuple(attn_mask.shape), scores)
+        except RuntimeError as e:
+            raise ValueError(
+                f"flashmlir::attention: mask {tuple(attn_mask.shape)} does not broadcast to the "
+                f"scores {scores}"
+            ) from e
+
+
+@torch.library.custom_op(OP_NAME, mutates_args=())
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+) -> torch.Tensor:
+    check_arguments(q, k, v, attn_mask)
+    return reference_attention(q, k, v, attn_mask, dropout_p, is_causal, scale)
+
+
+@attention.register_fake
+def _attention_fake(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+def _sum_to_shape(x: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Reduce a broadcast result back to `shape` (the gradient of a broadcast)."""
+    lead = x.dim() - len(shape)
+    if lead:
+        x = x.sum(dim=tuple(range(lead)))
+    dims = tuple(i for i, n in enumerate(shape) if n == 1 and x.shape[i] != 1)
+    return x.sum(dim=dims, keepdim=True) if dims else x
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, attn_mask, dropout_p, is_causal, scale = inputs
+    if dropout_p > 0.0:
+        # The recomputing backward cannot replay the forward's dropout mask.
+        ctx.dropout_p = dropout_p
+    ctx.save_for_backward(q, k, v, attn_mask)
+    ctx.is_causal, ctx.scale = is_causal, scale
+    ctx.mask_needs_grad = attn_mask is not None and attn_mask.requires_grad
+
+
+def _backward(ctx, grad_out):
+    """dQ, dK, dV (and dMask) by recomputing P = softmax(S) from the saved inputs.
+
+    With dP = dO·Vᵀ and dS = P ⊙ (dP − rowsum(dO ⊙ O)):  dV = Pᵀ·dO, dQ = s·dS·K, dK = s·dSᵀ·Q.
+    GQA: the gradients of a shared k/v head are summed over its group of q heads.
+    """
+    if getattr(ctx, "dropout_p", 0.0) > 0.0:
+        raise NotImplementedError(
+            "flashmlir::attention backward with dropout_p > 0 is not supported yet"
+        )
+    q, k, v, attn_mask = ctx.saved_tensors
+    groups = q.shape[-3] // k.shape[-3]
+    ke, ve = _expand_kv(k, groups), _expand_kv(v, groups)
+    p = attention_probabilities(q, ke, attn_mask, ctx.is_causal, ctx.scale)
+    s = default_scale(q.shape[-1]) if ctx.scale is None else ctx.scale
+    do = grad_out.to(p.dtype)
+    vf = ve.to(p.dtype)
+    out = torch.matmul(p, vf)
+    dv = torch.matmul(p.transpose(-2, -1), do)
+    dp = torch.matmul(do, vf.transpose(-2, -1))
+    ds = p * (dp - (do * out).sum(dim=-1, keepdim=True))
+    dq = torch.matmul(ds, ke.to(p.dtype)) * s
+    dk = torch.matmul(ds.transpose(-2, -1), q.to(p.dtype)) * s
+    if groups > 1:
+        dk = dk.unflatten(-3, (k.shape[-3], groups)).sum(dim=-3)
+        dv = dv.unflatten(-3, (v.shape[-3], groups)).sum(dim=-3)
+    dmask = None
+    if ctx.mask_needs_grad:
+        dmask = _sum_to_shape(ds, attn_mask.shape).to(attn_mask.dtype)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dmask, None, None, None
+
+
+attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def attention_overload():
+    """The OpOverload that graphs hold (`torch.ops.flashmlir.attention.default`)."""
+    return torch.ops.flashmlir.attention.default

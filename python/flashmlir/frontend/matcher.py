@@ -1,0 +1,377 @@
+"""Find attention in a pre-dispatch ATen FX graph and replace it with `flashmlir::attention`.
+
+The matcher is semantic, not a library of templates: it anchors on each softmax, walks up the
+single-use "score expression" to the Q·Kᵀ matmul, classifying every op on the way (scale, mask,
+cast), and walks down the "probability expression" to the P·V matmul. SDPA calls are matched
+directly. Every site becomes an `AttentionSite` (what `flashmlir.explain` lists); every softmax
+that is not attention we can compile becomes a `NearMiss` with the reason, never a silent skip.
+
+Families (docs/MATCHER.md has examples and the tests that cover them):
+  sdpa                  F.scaled_dot_product_attention(q, k, v, attn_mask=?, is_causal=?, scale=?)
+  matmul-softmax-matmul softmax(q @ k.transpose(-2, -1) {* s | / s} [+ mask | masked_fill]) @ v
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from flashmlir.frontend.attention_op import attention_overload, default_scale
+
+aten = torch.ops.aten
+
+SOFTMAX_OPS = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
+MATMUL_OPS = {aten.matmul.default, aten.bmm.default}
+SDPA_OPS = {aten.scaled_dot_product_attention.default}
+# Ops on the score/probability path that change nothing but precision or aliasing.
+PASSTHROUGH_OPS = {
+    aten.to.dtype, aten._to_copy.default, aten.clone.default, aten.alias.default,
+    aten.contiguous.default,
+}
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# A fill value this low is "never attend" (HF uses finfo(dtype).min, nanoGPT -inf).
+_MASKED_FILL_MAX = -1e4
+
+
+@dataclass
+class AttentionSite:
+    """One attention computation found in a graph: what explain() shows, and what to rewrite."""
+
+    family: str
+    q_shape: tuple[int, ...]
+    k_shape: tuple[int, ...]
+    v_shape: tuple[int, ...]
+    dtype: str
+    is_causal: bool
+    mask_kind: str  # "none" | "additive" | "boolean"
+    mask_shape: tuple[int, ...] | None
+    scale: float
+    gqa_groups: int
+    dropout_p: float
+    location: str
+    # How to rewrite the graph (not part of the report).
+    q: fx.Node = field(repr=False, compare=False, default=None)
+    k: fx.Node = field(repr=False, compare=False, default=None)
+    v: fx.Node = field(repr=False, compare=False, default=None)
+    mask: fx.Node | None = field(repr=False, compare=False, default=None)
+    mask_is_fill_condition: bool = field(repr=False, compare=False, default=False)
+    output: fx.Node = field(repr=False, compare=False, default=None)
+
+
+@dataclass
+class NearMiss:
+    """A softmax or SDPA call that looked like attention but is not compiled, and why."""
+
+    family: str
+    location: str
+    reason: str
+
+
+@dataclass
+class MatchResult:
+    sites: list[AttentionSite] = field(default_factory=list)
+    near_misses: list[NearMiss] = field(default_factory=list)
+
+
+class _Decline(Exception):
+    """Raised inside a match to stop it with a reason (becomes a NearMiss)."""
+
+
+def _val(node: Any) -> torch.Tensor | None:
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def _shape(node: fx.Node) -> tuple[int, ...]:
+    val = _val(node)
+    if not isinstance(val, torch.Tensor):
+        raise _Decline(f"no tensor metadata on {node.name}")
+    try:
+        return tuple(int(d) for d in val.shape)
+    except (TypeError, ValueError) as e:
+        raise _Decline(f"dynamic shape {tuple(val.shape)} on {node.name}") from e
+
+
+def location_of(node: fx.Node) -> str:
+    """'file.py:LINE in fn (node NAME)' from the node's stack trace, or just the node name."""
+    trace = node.meta.get("stack_trace") or ""
+    lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip().startswith("File ")]
+    if lines:
+        # 'File "/path/model.py", line 12, in forward'
+        parts = lines[-1].split(",")
+        path = parts[0].split('"')[1] if '"' in parts[0] else parts[0]
+        where = f"{path.rsplit('/', 1)[-1]}:{parts[1].strip().removeprefix('line ')}"
+        fn = parts[2].strip().removeprefix("in ") if len(parts) > 2 else ""
+        return f"{where} in {fn} ({node.name})" if fn else f"{where} ({node.name})"
+    return node.name
+
+
+def _arg(node: fx.Node, index: int, name: str, default: Any) -> Any:
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _normalize_dim(dim: int, rank: int) -> int:
+    return dim + rank if dim < 0 else dim
+
+
+def _is_last_two_transpose(node: Any, rank: int) -> fx.Node | None:
+    """If `node` swaps the last two dims of its input, return that input."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return None
+    if node.target == aten.transpose.int:
+        dims = {_normalize_dim(node.args[1], rank), _normalize_dim(node.args[2], rank)}
+        return node.args[0] if dims == {rank - 2, rank - 1} else None
+    if node.target == aten.permute.default:
+        perm = [_normalize_dim(d, rank) for d in node.args[1]]
+        swapped = list(range(rank - 2)) + [rank - 1, rank - 2]
+        return node.args[0] if perm == swapped else None
+    return None
+
+
+def _check_dtypes(*nodes: fx.Node) -> str:
+    dtypes = {_val(n).dtype for n in nodes}
+    if len(dtypes) != 1:
+        raise _Decline(f"q, k, v have different dtypes {sorted(str(d) for d in dtypes)}")
+    (dtype,) = dtypes
+    if dtype not in SUPPORTED_DTYPES:
+        raise _Decline(f"dtype {dtype} is not supported (float32, float16, bfloat16)")
+    return str(dtype).removeprefix("torch.")
+
+
+def _check_mask(mask: fx.Node | None, scores: tuple[int, ...]) -> tuple[str, tuple[int, ...] | None]:
+    if mask is None:
+        return "none", None
+    shape = _shape(mask)
+    try:
+        if torch.broadcast_shapes(shape, scores) != torch.Size(scores):
+            raise RuntimeError
+    except RuntimeError as e:
+        raise _Decline(f"mask {shape} does not broadcast to the scores {scores}") from e
+    return ("boolean" if _val(mask).dtype == torch.bool else "additive"), shape
+
+
+def _check_qkv(q: fx.Node, k: fx.Node, v: fx.Node) -> int:
+    """Check the shapes fit flashmlir::attention; return the GQA group size."""
+    qs, ks, vs = _shape(q), _shape(k), _shape(v)
+    if len(qs) < 3 or len(ks) != len(qs) or len(vs) != len(qs):
+        raise _Decline(f"q, k, v must have the same rank >= 3, got {qs}, {ks}, {vs}")
+    if qs[:-3] != ks[:-3] or ks[:-1] != vs[:-1] or qs[-1] != ks[-1]:
+        raise _Decline(f"q {qs}, k {ks}, v {vs} do not line up as [.., H, S, D]")
+    if qs[-3] % ks[-3] != 0:
+        raise _Decline(f"{qs[-3]} query heads is not a multiple of {ks[-3]} key/value heads")
+    return qs[-3] // ks[-3]
+
+
+def _match_sdpa(node: fx.Node) -> AttentionSite:
+    q, k, v = node.args[:3]
+    mask = _arg(node, 3, "attn_mask", None)
+    dropout_p = float(_arg(node, 4, "dropout_p", 0.0))
+    is_causal = bool(_arg(node, 5, "is_causal", False))
+    scale = node.kwargs.get("scale")
+    if dropout_p != 0.0:
+        raise _Decline(f"dropout_p={dropout_p} is not supported yet (only 0)")
+    if scale is not None and not _is_number(scale):
+        raise _Decline("scale is not a constant number")
+    if is_causal and mask is not None:
+        raise _Decline("is_causal together with attn_mask is rejected by SDPA itself")
+    dtype = _check_dtypes(q, k, v)
+    groups = _check_qkv(q, k, v)
+    qs, ks, vs = _shape(q), _shape(k), _shape(v)
+    mask_kind, mask_shape = _check_mask(mask, (*qs[:-1], ks[-2]))
+    return AttentionSite(
+        family="sdpa", q_shape=qs, k_shape=ks, v_shape=vs, dtype=dtype, is_causal=is_causal,
+        mask_kind=mask_kind, mask_shape=mask_shape,
+        scale=default_scale(qs[-1]) if scale is None else float(scale),
+        gqa_groups=groups, dropout_p=dropout_p, location=location_of(node),
+        q=q, k=k, v=v, mask=mask, output=node,
+    )
+
+
+def _single_user(node: fx.Node, what: str) -> fx.Node:
+    users = list(node.users)
+    if len(users) != 1:
+        names = ", ".join(u.name for u in users)
+        raise _Decline(f"{what} ({node.name}) has {len(users)} users ({names}), expected 1")
+    return users[0]
+
+
+def _walk_scores(softmax_in: fx.Node) -> tuple[fx.Node, float, fx.Node | None, bool]:
+    """Walk from the softmax input up to the Q·Kᵀ matmul.
+
+    Returns (matmul, scale, mask, mask_is_fill_condition): the scale is the product of every
+    constant multiplier on the way; the mask is an added tensor, or the condition of a
+    masked_fill(-inf) whose positions must not be attended.
+    """
+    scale = 1.0
+    mask: fx.Node | None = None
+    fill_condition = False
+    node = softmax_in
+    while True:
+        if not isinstance(node, fx.Node) or node.op != "call_function":
+            raise _Decline(f"scores come from {node}, not from a Q·Kᵀ matmul")
+        if node.target in MATMUL_OPS:
+            return node, scale, mask, fill_condition
+        _single_user(node, "a score op")
+        target, args = node.target, node.args
+        if target in (aten.mul.Tensor, aten.mul.Scalar) and any(_is_number(a) for a in args):
+            factor = next(a for a in args if _is_number(a))
+            scale *= float(factor)
+            node = next(a for a in args if isinstance(a, fx.Node))
+        elif target in (aten.div.Tensor, aten.div.Scalar) and _is_number(args[1]):
+            scale /= float(args[1])
+            node = args[0]
+        elif target in (aten.mul.Tensor, aten.div.Tensor):
+            raise _Decline("the scores are scaled by a tensor, not a constant")
+        elif target == aten.add.Tensor and node.kwargs.get("alpha", 1) == 1:
+            if mask is not None:
+                raise _Decline("more than one mask/bias is added to the scores")
+            a, b = args
+            chain, other = (a, b) if _leads_to_matmul(a) else (b, a)
+            if not isinstance(other, fx.Node):
+                raise _Decline("a constant is added to the scores")
+            mask, node = other, chain
+        elif target in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
+            value = args[2]
+            if not (_is_number(value) and value <= _MASKED_FILL_MAX):
+                raise _Decline(f"masked_fill with {value!r}, expected -inf or a very negative value")
+            if mask is not None:
+                raise _Decline("more than one mask/bias is added to the scores")
+            mask, fill_condition, node = args[1], True, args[0]
+        elif target in PASSTHROUGH_OPS:
+            node = args[0]
+        else:
+            raise _Decline(f"{_op_name(node)} between Q·Kᵀ and softmax is not understood")
+
+
+def _leads_to_matmul(node: Any) -> bool:
+    """Whether a single-use chain of score ops above `node` reaches a matmul (the QKᵀ side)."""
+    steps = 0
+    while isinstance(node, fx.Node) and node.op == "call_function" and steps < 16:
+        if node.target in MATMUL_OPS:
+            return True
+        tensor_args = [a for a in node.args if isinstance(a, fx.Node)]
+        if not tensor_args:
+            return False
+        node, steps = tensor_args[0], steps + 1
+    return False
+
+
+def _walk_probabilities(softmax: fx.Node) -> fx.Node:
+    """Walk from softmax down to the P·V matmul through casts and inactive dropout."""
+    node = softmax
+    while True:
+        user = _single_user(node, "the softmax output" if node is softmax else "a probability op")
+        if user.target in MATMUL_OPS:
+            if user.args[0] is not node:
+                raise _Decline("the probabilities are the right operand of the matmul (P·V expected)")
+            return user
+        if user.target == aten.dropout.default:
+            p, train = float(user.args[1]), bool(user.args[2])
+            if train and p > 0.0:
+                raise _Decline(f"dropout p={p} on the probabilities is not supported yet")
+        elif user.target == aten.native_dropout.default:
+            raise _Decline("native_dropout on the probabilities is not supported yet")
+        elif user.target not in PASSTHROUGH_OPS:
+            raise _Decline(f"softmax output feeds {_op_name(user)}, not a P·V matmul")
+        node = user
+
+
+def _op_name(node: fx.Node) -> str:
+    target = node.target
+    return getattr(target, "__name__", None) or str(target)
+
+
+def _match_softmax(softmax: fx.Node) -> AttentionSite:
+    x = softmax.args[0]
+    rank = len(_shape(x))
+    dim = _normalize_dim(int(softmax.args[1]), rank)
+    if dim != rank - 1:
+        raise _Decline(f"softmax on dim {dim}, expected the last (key) axis {rank - 1}")
+    qk, scale, mask, fill_condition = _walk_scores(x)
+    pv = _walk_probabilities(softmax)
+    q, kt = qk.args
+    k = _is_last_two_transpose(kt, rank)
+    if k is None:
+        raise _Decline("the right operand of Q·Kᵀ is not K with its last two dims swapped")
+    v = pv.args[1]
+    dtype = _check_dtypes(q, k, v)
+    groups = _check_qkv(q, k, v)
+    if groups != 1:
+        raise _Decline("q and k have different head counts without repeat_kv")
+    qs, ks, vs = _shape(q), _shape(k), _shape(v)
+    if _val(pv).dtype != _val(q).dtype:
+        raise _Decline(f"output dtype {_val(pv).dtype} differs from q's {_val(q).dtype}")
+    scores = (*qs[:-1], ks[-2])
+    mask_kind, mask_shape = _check_mask(mask, scores)
+    if fill_condition:
+        if _val(mask).dtype != torch.bool:
+            raise _Decline("masked_fill condition is not boolean")
+        mask_kind = "boolean"
+    return AttentionSite(
+        family="matmul-softmax-matmul", q_shape=qs, k_shape=ks, v_shape=vs, dtype=dtype,
+        is_causal=False, mask_kind=mask_kind, mask_shape=mask_shape, scale=scale,
+        gqa_groups=groups, dropout_p=0.0, location=location_of(softmax),
+        q=q, k=k, v=v, mask=mask, mask_is_fill_condition=fill_condition, output=pv,
+    )
+
+
+_MATCHERS: list[tuple[set, str, Callable[[fx.Node], AttentionSite]]] = [
+    (SDPA_OPS, "sdpa", _match_sdpa),
+    (SOFTMAX_OPS, "matmul-softmax-matmul", _match_softmax),
+]
+
+
+def find_attention(gm: fx.GraphModule) -> MatchResult:
+    """Every attention site and near miss in `gm`, in graph order. Does not change the graph."""
+    result = MatchResult()
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        for targets, family, match in _MATCHERS:
+            if node.target in targets:
+                try:
+                    result.sites.append(match(node))
+                except _Decline as why:
+                    result.near_misses.append(NearMiss(family, location_of(node), str(why)))
+    return result
+
+
+def replace_attention(gm: fx.GraphModule, sites: list[AttentionSite]) -> None:
+    """Put one `flashmlir::attention` call in place of each site's output; drop what is dead."""
+    graph = gm.graph
+    op = attention_overload()
+    for site in sites:
+        with graph.inserting_before(site.output):
+            mask = site.mask
+            if mask is not None and site.mask_is_fill_condition:
+                mask = graph.call_function(aten.logical_not.default, (mask,))
+            node = graph.call_function(
+                op, (site.q, site.k, site.v, mask, site.dropout_p, site.is_causal, site.scale)
+            )
+        node.meta.update({k: site.output.meta[k] for k in ("val", "stack_trace") if k in site.output.meta})
+        site.output.replace_all_uses_with(node)
+    graph.eliminate_dead_code()
+    graph.lint()
+    gm.recompile()
+
+
+def count_by_family(sites: list[AttentionSite]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for s in sites:
+        counts[s.family] = counts.get(s.family, 0) + 1
+    return counts
+
+
+__all__ = [
+    "AttentionSite", "MatchResult", "NearMiss", "count_by_family", "find_attention",
+    "location_of", "replace_attention",
+]

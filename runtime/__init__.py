@@ -1,0 +1,1 @@
+"""Running compiled modules on torch tensors (IREE runtime, DLPack hand-off)."""
