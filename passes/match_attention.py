@@ -236,9 +236,38 @@ def _rewrite(match: _Match) -> None:
             attributes={"name": ir.StringAttr.get(ATTENTION_OPERATOR)},
         )
     out.results[0].replace_all_uses_with(attention.result)
+    constants: list[ir.Operation] = []
     for op in match.dead:
         if all(not list(r.uses) for r in op.results):
+            _add_unique(constants, [p for p in map(defining_op, op.operands) if p is not None and _is_constant(p)])
             op.erase()
+    _erase_unused_constants(constants)
+
+
+def _is_constant(op: ir.Operation) -> bool:
+    return op.name.startswith("torch.constant.") or op.name == "torch.prim.ListConstruct"
+
+
+def _add_unique(ops: list[ir.Operation], new: list[ir.Operation]) -> None:
+    for op in new:
+        if not any(op == seen for seen in ops):
+            ops.append(op)
+
+
+def _erase_unused_constants(candidates: list[ir.Operation]) -> None:
+    """Erase the constants among `candidates` (and the constants they use) that are now unused."""
+    pending = list(candidates)
+    changed = True
+    while changed:
+        changed = False
+        for op in list(pending):
+            if any(list(r.uses) for r in op.results):
+                continue
+            pending.remove(op)
+            inner = [p for p in map(defining_op, op.operands) if p is not None and _is_constant(p)]
+            op.erase()
+            _add_unique(pending, inner)
+            changed = True
 
 
 def run(module: ir.Operation, options: Options) -> PassResult:

@@ -543,6 +543,11 @@ def _compilation_info(attn: _Attention, tiles: AttentionTiles) -> str:
     )
 
 
+def _erase_dead_empty(op: ir.Operation | None) -> None:
+    if op is not None and op.name == "tensor.empty" and not list(op.results[0].uses):
+        op.erase()
+
+
 def _target_name(module: ir.Operation, options: Options) -> str:
     if options.target:
         return options.target
@@ -570,13 +575,15 @@ def run(module: ir.Operation, options: Options) -> PassResult:
         operands = [attn.q.value, attn.k.value, attn.v.value, attn.scale]
         if attn.mask is not None:
             operands.append(attn.mask.value)
+        out_init = defining_op(attn.out.value)
         splice_function(op, text, operands)
+        # The causal mask producer and the inits of the replaced ops are dead now.
         producer = attn.dead_mask_producer
         if producer is not None and not list(producer.results[0].uses):
-            init = defining_op(producer.operands[-1])
+            mask_init = defining_op(producer.operands[-1])
             producer.erase()
-            if init is not None and init.name == "tensor.empty" and not list(init.results[0].uses):
-                init.erase()
+            _erase_dead_empty(mask_init)
+        _erase_dead_empty(out_init)
         result.rewritten += 1
     return result
 

@@ -25,7 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="flashmlir-opt",
         description="Run flashmlir passes on MLIR and print the result.",
-        epilog="flashmlir passes:\n" + "\n".join(f"  --{s.name:<28} {s.summary}" for s in REGISTRY.values()),
+        epilog="flashmlir passes (as flags, with options as --name='key=value ...'):\n"
+        + "\n".join(f"  --{s.name:<28} {s.summary}" for s in REGISTRY.values()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("input", help="an .mlir file, or - for stdin")
@@ -33,23 +34,26 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--split-input-file", action="store_true", help="process each '// -----' chunk separately")
     p.add_argument("-o", "--output", default="-", help="output file (default: stdout)")
     p.add_argument("--debug", action="store_true", help="print each decline of our passes to stderr")
-    for spec in REGISTRY.values():
-        p.add_argument(f"--{spec.name}", nargs="?", const="", default=None, metavar="OPTIONS",
-                       help=spec.summary)
     return p
 
 
-def _pipeline_from(args: argparse.Namespace, argv: list[str]) -> str:
-    """The pipeline: --pass-pipeline, or the pass flags in the order they were given."""
-    flags = []
+def _split_pass_flags(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Take `--<our pass>[=OPTIONS]` flags out of argv (in order) as pipeline elements."""
+    elements, rest = [], []
     for token in argv:
-        name = token.lstrip("-").split("=", 1)[0]
-        if name in REGISTRY:
-            options = getattr(args, name.replace("-", "_"))
-            flags.append(f"{name}{{{options}}}" if options else name)
-    if args.pass_pipeline and flags:
+        name, sep, options = token.removeprefix("--").partition("=")
+        if token.startswith("--") and name in REGISTRY:
+            elements.append(f"{name}{{{options}}}" if sep and options else name)
+        else:
+            rest.append(token)
+    return elements, rest
+
+
+def _pipeline_from(args: argparse.Namespace, pass_flags: list[str]) -> str:
+    """The pipeline: --pass-pipeline, or the pass flags in the order they were given."""
+    if args.pass_pipeline and pass_flags:
         raise InputError("give either --pass-pipeline or individual pass flags, not both")
-    return args.pass_pipeline or ",".join(flags)
+    return args.pass_pipeline or ",".join(pass_flags)
 
 
 def _process(chunk: str, source: str, pipeline: str, debug: bool) -> str:
@@ -81,10 +85,10 @@ def _process(chunk: str, source: str, pipeline: str, debug: bool) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    pass_flags, argv = _split_pass_flags(list(sys.argv[1:] if argv is None else argv))
     args = _parser().parse_args(argv)
     try:
-        pipeline = _pipeline_from(args, argv)
+        pipeline = _pipeline_from(args, pass_flags)
         parse_pipeline(pipeline)  # report a bad pipeline once, before any chunk
         text = sys.stdin.read() if args.input == "-" else read_text(args.input)
         chunks = text.split(SPLIT_MARKER) if args.split_input_file else [text]

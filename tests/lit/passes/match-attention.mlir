@@ -1,0 +1,157 @@
+// RUN: flashmlir-opt --split-input-file --flashmlir-match-attention %s | filecheck %s
+// RUN: flashmlir-opt --split-input-file --flashmlir-match-attention --debug %s 2>&1 >/dev/null | filecheck %s --check-prefix=WHY
+
+// softmax(Q·Kᵀ · 0.25) · V with the scale as a multiply.
+// CHECK-LABEL: func.func @manual_mul_scale
+// CHECK-SAME:    (%[[Q:.+]]: !torch.vtensor<[2,4,32,16],f32>, %[[K:.+]]: !torch.vtensor<[2,4,32,16],f32>, %[[V:.+]]: !torch.vtensor<[2,4,32,16],f32>)
+// CHECK-DAG:     %[[NONE:.+]] = torch.constant.none
+// CHECK-DAG:     %[[P:.+]] = torch.constant.float 0.000000e+00
+// CHECK-DAG:     %[[FALSE:.+]] = torch.constant.bool false
+// CHECK-DAG:     %[[SCALE:.+]] = torch.constant.float 2.500000e-01
+// CHECK:         %[[O:.+]] = torch.operator "torch.flashmlir.attention"(%[[Q]], %[[K]], %[[V]], %[[NONE]], %[[P]], %[[FALSE]], %[[SCALE]])
+// CHECK-NOT:     torch.aten.softmax
+// CHECK-NOT:     torch.aten.matmul
+// CHECK:         return %[[O]]
+func.func @manual_mul_scale(%q: !torch.vtensor<[2,4,32,16],f32>, %k: !torch.vtensor<[2,4,32,16],f32>, %v: !torch.vtensor<[2,4,32,16],f32>) -> !torch.vtensor<[2,4,32,16],f32> {
+  %int-2 = torch.constant.int -2
+  %int-1 = torch.constant.int -1
+  %float = torch.constant.float 2.500000e-01
+  %none = torch.constant.none
+  %kt = torch.aten.transpose.int %k, %int-2, %int-1 : !torch.vtensor<[2,4,32,16],f32>, !torch.int, !torch.int -> !torch.vtensor<[2,4,16,32],f32>
+  %s = torch.aten.matmul %q, %kt : !torch.vtensor<[2,4,32,16],f32>, !torch.vtensor<[2,4,16,32],f32> -> !torch.vtensor<[2,4,32,32],f32>
+  %ss = torch.aten.mul.Scalar %s, %float : !torch.vtensor<[2,4,32,32],f32>, !torch.float -> !torch.vtensor<[2,4,32,32],f32>
+  %p = torch.aten.softmax.int %ss, %int-1, %none : !torch.vtensor<[2,4,32,32],f32>, !torch.int, !torch.none -> !torch.vtensor<[2,4,32,32],f32>
+  %o = torch.aten.matmul %p, %v : !torch.vtensor<[2,4,32,32],f32>, !torch.vtensor<[2,4,32,16],f32> -> !torch.vtensor<[2,4,32,16],f32>
+  return %o : !torch.vtensor<[2,4,32,16],f32>
+}
+
+// -----
+
+// Division by sqrt(d), an additive mask, and a 3-D bmm layout ([B*H, S, D], permute for Kᵀ).
+// CHECK-LABEL: func.func @manual_div_mask_bmm
+// CHECK-SAME:    (%[[Q:.+]]: !torch.vtensor<[8,32,16],f32>, %[[K:.+]]: !torch.vtensor<[8,32,16],f32>, %[[V:.+]]: !torch.vtensor<[8,32,16],f32>, %[[M:.+]]: !torch.vtensor<[8,32,32],f32>)
+// CHECK:         %[[SCALE:.+]] = torch.constant.float 2.500000e-01
+// CHECK:         torch.operator "torch.flashmlir.attention"(%[[Q]], %[[K]], %[[V]], %[[M]], %{{.+}}, %{{.+}}, %[[SCALE]])
+// CHECK-NOT:     torch.aten.bmm
+func.func @manual_div_mask_bmm(%q: !torch.vtensor<[8,32,16],f32>, %k: !torch.vtensor<[8,32,16],f32>, %v: !torch.vtensor<[8,32,16],f32>, %m: !torch.vtensor<[8,32,32],f32>) -> !torch.vtensor<[8,32,16],f32> {
+  %int0 = torch.constant.int 0
+  %int1 = torch.constant.int 1
+  %int2 = torch.constant.int 2
+  %int-1 = torch.constant.int -1
+  %int1a = torch.constant.int 1
+  %float4 = torch.constant.float 4.000000e+00
+  %false = torch.constant.bool false
+  %perm = torch.prim.ListConstruct %int0, %int2, %int1 : (!torch.int, !torch.int, !torch.int) -> !torch.list<int>
+  %kt = torch.aten.permute %k, %perm : !torch.vtensor<[8,32,16],f32>, !torch.list<int> -> !torch.vtensor<[8,16,32],f32>
+  %s = torch.aten.bmm %q, %kt : !torch.vtensor<[8,32,16],f32>, !torch.vtensor<[8,16,32],f32> -> !torch.vtensor<[8,32,32],f32>
+  %sd = torch.aten.div.Scalar %s, %float4 : !torch.vtensor<[8,32,32],f32>, !torch.float -> !torch.vtensor<[8,32,32],f32>
+  %sm = torch.aten.add.Tensor %sd, %m, %int1a : !torch.vtensor<[8,32,32],f32>, !torch.vtensor<[8,32,32],f32>, !torch.int -> !torch.vtensor<[8,32,32],f32>
+  %p = torch.aten._softmax %sm, %int-1, %false : !torch.vtensor<[8,32,32],f32>, !torch.int, !torch.bool -> !torch.vtensor<[8,32,32],f32>
+  %o = torch.aten.bmm %p, %v : !torch.vtensor<[8,32,32],f32>, !torch.vtensor<[8,32,16],f32> -> !torch.vtensor<[8,32,16],f32>
+  return %o : !torch.vtensor<[8,32,16],f32>
+}
+
+// -----
+
+// masked_fill(C, -inf) means "do not attend where C": our op gets the mask not(C).
+// CHECK-LABEL: func.func @masked_fill
+// CHECK-SAME:    %[[C:[^:]+]]: !torch.vtensor<[1,1,32,32],i1>
+// CHECK:         %[[KEEP:.+]] = torch.aten.logical_not %[[C]]
+// CHECK:         torch.operator "torch.flashmlir.attention"(%{{.+}}, %{{.+}}, %{{.+}}, %[[KEEP]],
+func.func @masked_fill(%q: !torch.vtensor<[2,4,32,16],f32>, %k: !torch.vtensor<[2,4,32,16],f32>, %v: !torch.vtensor<[2,4,32,16],f32>, %c: !torch.vtensor<[1,1,32,32],i1>) -> !torch.vtensor<[2,4,32,16],f32> {
+  %int-2 = torch.constant.int -2
+  %int-1 = torch.constant.int -1
+  %ninf = torch.constant.float 0xFFF0000000000000
+  %none = torch.constant.none
+  %kt = torch.aten.transpose.int %k, %int-2, %int-1 : !torch.vtensor<[2,4,32,16],f32>, !torch.int, !torch.int -> !torch.vtensor<[2,4,16,32],f32>
+  %s = torch.aten.matmul %q, %kt : !torch.vtensor<[2,4,32,16],f32>, !torch.vtensor<[2,4,16,32],f32> -> !torch.vtensor<[2,4,32,32],f32>
+  %f = torch.aten.masked_fill.Scalar %s, %c, %ninf : !torch.vtensor<[2,4,32,32],f32>, !torch.vtensor<[1,1,32,32],i1>, !torch.float -> !torch.vtensor<[2,4,32,32],f32>
+  %p = torch.aten.softmax.int %f, %int-1, %none : !torch.vtensor<[2,4,32,32],f32>, !torch.int, !torch.none -> !torch.vtensor<[2,4,32,32],f32>
+  %o = torch.aten.matmul %p, %v : !torch.vtensor<[2,4,32,32],f32>, !torch.vtensor<[2,4,32,16],f32> -> !torch.vtensor<[2,4,32,16],f32>
+  return %o : !torch.vtensor<[2,4,32,16],f32>
+}
+
+// -----
+
+// SDPA with is_causal and GQA (4 query heads, 2 kv heads): kept as GQA, no scale given.
+// CHECK-LABEL: func.func @sdpa_causal_gqa
+// CHECK-DAG:     %[[MASK:.+]] = torch.constant.none
+// CHECK-DAG:     %[[TRUE:.+]] = torch.constant.bool true
+// CHECK-DAG:     %[[SCALE:.+]] = torch.constant.none
+// CHECK:         torch.operator "torch.flashmlir.attention"(%{{.+}}, %{{.+}}, %{{.+}}, %[[MASK]], %{{.+}}, %[[TRUE]], %[[SCALE]]) : (!torch.vtensor<[2,4,16,8],f32>, !torch.vtensor<[2,2,16,8],f32>, !torch.vtensor<[2,2,16,8],f32>
+// CHECK-NOT:     torch.aten.scaled_dot_product_attention
+func.func @sdpa_causal_gqa(%q: !torch.vtensor<[2,4,16,8],f32>, %k: !torch.vtensor<[2,2,16,8],f32>, %v: !torch.vtensor<[2,2,16,8],f32>) -> !torch.vtensor<[2,4,16,8],f32> {
+  %none = torch.constant.none
+  %float0 = torch.constant.float 0.000000e+00
+  %true = torch.constant.bool true
+  %0 = torch.aten.scaled_dot_product_attention %q, %k, %v, %none, %float0, %true, %none, %true : !torch.vtensor<[2,4,16,8],f32>, !torch.vtensor<[2,2,16,8],f32>, !torch.vtensor<[2,2,16,8],f32>, !torch.none, !torch.float, !torch.bool, !torch.none, !torch.bool -> !torch.vtensor<[2,4,16,8],f32>
+  return %0 : !torch.vtensor<[2,4,16,8],f32>
+}
+
+// -----
+
+// Negative: softmax over the query axis is not attention.
+// CHECK-LABEL: func.func @softmax_wrong_dim
+// CHECK-NOT:     torch.operator
+// CHECK:         torch.aten.softmax.int
+// WHY:         declined torch.aten.softmax.int {{.*}}softmax on dim 2, expected the last (key) axis 3
+func.func @softmax_wrong_dim(%q: !torch.vtensor<[2,4,32,16],f32>, %k: !torch.vtensor<[2,4,32,16],f32>, %v: !torch.vtensor<[2,4,32,16],f32>) -> !torch.vtensor<[2,4,32,16],f32> {
+  %int-2 = torch.constant.int -2
+  %int-1 = torch.constant.int -1
+  %none = torch.constant.none
+  %kt = torch.aten.transpose.int %k, %int-2, %int-1 : !torch.vtensor<[2,4,32,16],f32>, !torch.int, !torch.int -> !torch.vtensor<[2,4,16,32],f32>
+  %s = torch.aten.matmul %q, %kt : !torch.vtensor<[2,4,32,16],f32>, !torch.vtensor<[2,4,16,32],f32> -> !torch.vtensor<[2,4,32,32],f32>
+  %p = torch.aten.softmax.int %s, %int-2, %none : !torch.vtensor<[2,4,32,32],f32>, !torch.int, !torch.none -> !torch.vtensor<[2,4,32,32],f32>
+  %o = torch.aten.matmul %p, %v : !torch.vtensor<[2,4,32,32],f32>, !torch.vtensor<[2,4,32,16],f32> -> !torch.vtensor<[2,4,32,16],f32>
+  return %o : !torch.vtensor<[2,4,32,16],f32>
+}
+
+// -----
+
+// Negative: the probabilities are also returned (attention weights escape).
+// CHECK-LABEL: func.func @weights_returned
+// CHECK-NOT:     torch.operator
+// CHECK:         return %{{.+}}, %{{.+}} : !torch.vtensor<[2,4,32,16],f32>, !torch.vtensor<[2,4,32,32],f32>
+// WHY:         declined torch.aten.softmax.int {{.*}}the softmax output has 2 users, expected 1
+func.func @weights_returned(%q: !torch.vtensor<[2,4,32,16],f32>, %k: !torch.vtensor<[2,4,32,16],f32>, %v: !torch.vtensor<[2,4,32,16],f32>) -> (!torch.vtensor<[2,4,32,16],f32>, !torch.vtensor<[2,4,32,32],f32>) {
+  %int-2 = torch.constant.int -2
+  %int-1 = torch.constant.int -1
+  %none = torch.constant.none
+  %kt = torch.aten.transpose.int %k, %int-2, %int-1 : !torch.vtensor<[2,4,32,16],f32>, !torch.int, !torch.int -> !torch.vtensor<[2,4,16,32],f32>
+  %s = torch.aten.matmul %q, %kt : !torch.vtensor<[2,4,32,16],f32>, !torch.vtensor<[2,4,16,32],f32> -> !torch.vtensor<[2,4,32,32],f32>
+  %p = torch.aten.softmax.int %s, %int-1, %none : !torch.vtensor<[2,4,32,32],f32>, !torch.int, !torch.none -> !torch.vtensor<[2,4,32,32],f32>
+  %o = torch.aten.matmul %p, %v : !torch.vtensor<[2,4,32,32],f32>, !torch.vtensor<[2,4,32,16],f32> -> !torch.vtensor<[2,4,32,16],f32>
+  return %o, %p : !torch.vtensor<[2,4,32,16],f32>, !torch.vtensor<[2,4,32,32],f32>
+}
+
+// -----
+
+// Negative: K is transposed over dims (1, 3), so the matmul does not contract the head dim.
+// CHECK-LABEL: func.func @transpose_wrong_dims
+// CHECK-NOT:     torch.operator
+// WHY:         declined torch.aten.softmax.int {{.*}}not K with its last two dims swapped
+func.func @transpose_wrong_dims(%q: !torch.vtensor<[2,32,4,32],f32>, %k: !torch.vtensor<[2,32,4,32],f32>, %v: !torch.vtensor<[2,32,32,32],f32>) -> !torch.vtensor<[2,32,4,32],f32> {
+  %int1 = torch.constant.int 1
+  %int3 = torch.constant.int 3
+  %int-1 = torch.constant.int -1
+  %none = torch.constant.none
+  %kt = torch.aten.transpose.int %k, %int1, %int3 : !torch.vtensor<[2,32,4,32],f32>, !torch.int, !torch.int -> !torch.vtensor<[2,32,4,32],f32>
+  %s = torch.aten.matmul %q, %kt : !torch.vtensor<[2,32,4,32],f32>, !torch.vtensor<[2,32,4,32],f32> -> !torch.vtensor<[2,32,4,32],f32>
+  %p = torch.aten.softmax.int %s, %int-1, %none : !torch.vtensor<[2,32,4,32],f32>, !torch.int, !torch.none -> !torch.vtensor<[2,32,4,32],f32>
+  %o = torch.aten.matmul %p, %v : !torch.vtensor<[2,32,4,32],f32>, !torch.vtensor<[2,32,32,32],f32> -> !torch.vtensor<[2,32,4,32],f32>
+  return %o : !torch.vtensor<[2,32,4,32],f32>
+}
+
+// -----
+
+// Negative: dropout on SDPA is not supported yet; the op is left for IREE.
+// CHECK-LABEL: func.func @sdpa_dropout
+// CHECK:         torch.aten.scaled_dot_product_attention
+// WHY:         declined torch.aten.scaled_dot_product_attention {{.*}}dropout_p is not 0
+func.func @sdpa_dropout(%q: !torch.vtensor<[2,4,16,8],f32>, %k: !torch.vtensor<[2,4,16,8],f32>, %v: !torch.vtensor<[2,4,16,8],f32>) -> !torch.vtensor<[2,4,16,8],f32> {
+  %none = torch.constant.none
+  %p = torch.constant.float 1.000000e-01
+  %false = torch.constant.bool false
+  %0 = torch.aten.scaled_dot_product_attention %q, %k, %v, %none, %p, %false, %none, %false : !torch.vtensor<[2,4,16,8],f32>, !torch.vtensor<[2,4,16,8],f32>, !torch.vtensor<[2,4,16,8],f32>, !torch.none, !torch.float, !torch.bool, !torch.none, !torch.bool -> !torch.vtensor<[2,4,16,8],f32>
+  return %0 : !torch.vtensor<[2,4,16,8],f32>
+}
