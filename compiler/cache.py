@@ -64,7 +64,7 @@ def cache_key(ir_text: str, target: str, flags: tuple[str, ...], pipeline: tuple
 
 
 class ModuleCache:
-    """A directory of `<key>.vmfb` files."""
+    """A directory of `<key>.vmfb` files, each with a `<key>.json` summary of its compile."""
 
     def __init__(self, directory: Path | None = None):
         self.directory = directory or config.cache_dir()
@@ -73,29 +73,36 @@ class ModuleCache:
     def path(self, key: str) -> Path:
         return self.directory / f"{key}.vmfb"
 
-    def load(self, key: str) -> bytes | None:
+    def load(self, key: str) -> tuple[bytes, dict] | None:
+        """The module and its summary, or None if absent (or the cache is off)."""
         if not self.enabled:
             return None
         try:
-            return self.path(key).read_bytes()
+            summary = json.loads(self.path(key).with_suffix(".json").read_text())
+            return self.path(key).read_bytes(), summary
         except FileNotFoundError:
             return None
-        except OSError as e:
-            logger.warning("module cache unreadable (%s); compiling instead", e)
+        except (OSError, ValueError) as e:
+            logger.warning("module cache entry %s unreadable (%s); compiling instead", key[:16], e)
             return None
 
-    def store(self, key: str, data: bytes) -> None:
+    def store(self, key: str, data: bytes, summary: dict) -> None:
+        """Write the module, then its summary; a reader needs both, so it never sees half."""
         if not self.enabled:
             return
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".incoming-", suffix=".vmfb")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                os.replace(tmp, self.path(key))
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            self._write(self.path(key), data)
+            self._write(self.path(key).with_suffix(".json"), json.dumps(summary).encode())
         except OSError as e:
             logger.warning("could not write the module cache in %s: %s", self.directory, e)
+
+    def _write(self, path: Path, data: bytes) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".incoming-", suffix=path.suffix)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise

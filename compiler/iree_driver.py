@@ -42,25 +42,30 @@ def _set_phases(invocation: Invocation, from_phase: str | None, to_phase: str | 
         _dylib.ireeCompilerInvocationSetCompileToPhase(invocation._inv_p, to_phase.encode())
 
 
-class _Diagnostics:
-    """Collects the diagnostics the context emits while active."""
+_SEVERITY = {0: "note", 1: "warning", 2: "error", 3: "remark"}
+_DIAGNOSTIC_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+_dylib.ireeCompilerInvocationEnableCallbackDiagnostics.argtypes = [
+    ctypes.c_void_p, ctypes.c_int, _DIAGNOSTIC_CALLBACK, ctypes.c_void_p]
 
-    def __init__(self, context: ir.Context):
-        self.context = context
+
+class _Diagnostics:
+    """Collects an invocation's diagnostics through IREE's callback API.
+
+    `Invocation.execute()` runs with the GIL released, so a Python handler attached to the MLIR
+    context would be called without it and abort the process on the first error. A ctypes
+    callback takes the GIL itself.
+    """
+
+    def __init__(self, invocation: Invocation):
         self.messages: list[str] = []
 
-    def __enter__(self) -> _Diagnostics:
-        def handler(d: ir.Diagnostic) -> bool:
-            text = f"{d.location}: {d.message}"
-            notes = [str(n.message) for n in d.notes][:3]
-            self.messages.append(text + "".join(f" [note: {n}]" for n in notes))
-            return True
+        def collect(severity: int, message: int, size: int, _user: int) -> None:
+            text = ctypes.string_at(message, size).decode(errors="replace")
+            if severity in (1, 2):
+                self.messages.append(f"{_SEVERITY[severity]}: {text}")
 
-        self._handle = self.context.attach_diagnostic_handler(handler)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._handle.detach()
+        self._callback = _DIAGNOSTIC_CALLBACK(collect)  # kept alive as long as the invocation
+        _dylib.ireeCompilerInvocationEnableCallbackDiagnostics(invocation._inv_p, 0, self._callback, None)
 
 
 def reproducer_command(flags: tuple[str, ...], repro: Path) -> str:
@@ -87,10 +92,10 @@ def compile_to_vmfb(
     for phase in [*phases, None]:
         text_before = str(current) if save_reproducer is not None else ""
         invocation = session.invocation()
-        with _Diagnostics(session.context) as diags:
-            invocation.import_module(current.operation)
-            _set_phases(invocation, previous, phase)
-            ok = invocation.execute()
+        diags = _Diagnostics(invocation)
+        invocation.import_module(current.operation)
+        _set_phases(invocation, previous, phase)
+        ok = invocation.execute()
         stage = f"iree-{phase or 'vm'}"
         if not ok:
             repro = save_reproducer(stage, text_before) if save_reproducer else None

@@ -27,7 +27,7 @@ from flashmlir.compiler.cache import ModuleCache, cache_key
 from flashmlir.compiler.targets import Target
 from flashmlir.errors import CompileError
 from flashmlir.log import logger
-from flashmlir.passes.framework import PassResult
+from flashmlir.passes.framework import Decline, PassResult
 from flashmlir.passes.pass_manager import build_pass_manager, parse_pipeline
 
 
@@ -66,6 +66,25 @@ class CompileReport:
 
     def declines(self) -> list[str]:
         return [f"[{r.pass_name}] {d}" for r in self.pass_results for d in r.declined]
+
+    @property
+    def attention_tiled(self) -> int:
+        """Attention ops our tile pass turned into flash loops (the rest went to IREE as is)."""
+        return self.rewrites("flashmlir-tile-attention")
+
+    def summary(self) -> dict:
+        return {"target": self.target, "seconds": self.seconds,
+                "passes": [{"name": r.pass_name, "rewritten": r.rewritten,
+                            "declined": [[d.op, d.reason] for d in r.declined]} for r in self.pass_results]}
+
+    @classmethod
+    def from_summary(cls, summary: dict) -> CompileReport:
+        report = cls(summary["target"], cache_hit=True, seconds=summary.get("seconds", {}))
+        for p in summary.get("passes", []):
+            result = PassResult(p["name"], p["rewritten"])
+            result.declined = [Decline(op, reason) for op, reason in p["declined"]]
+            report.pass_results.append(result)
+        return report
 
 
 class _Dumper:
@@ -152,6 +171,11 @@ def compile_module(
     return vmfb, report
 
 
+# Compiles that failed in this process, by cache key: the same graph is not compiled again, and
+# re-raising the same error keeps its fallback warning from being logged twice.
+_FAILED: dict[str, CompileError] = {}
+
+
 def compile_cached(
     session: Session,
     module: ir.Module,
@@ -171,16 +195,23 @@ def compile_cached(
         cached = cache.load(key)
         if cached is not None:
             logger.info("%s: cache hit %s", what, key[:16])
-            return cached, CompileReport(target.name, cache_hit=True)
+            vmfb, summary = cached
+            return vmfb, CompileReport.from_summary(summary)
+    if key in _FAILED:
+        raise _FAILED[key]
     logger.info("%s: compiling for %s (key %s) ...", what, target.name, key[:16])
     start = time.perf_counter()
-    vmfb, report = compile_module(
-        session, module, target, dump_dir=dump_dir,
-        progress=(lambda s: logger.debug("%s: stage %s", what, s)) if logger.isEnabledFor(logging.DEBUG) else None,
-    )
+    try:
+        vmfb, report = compile_module(
+            session, module, target, dump_dir=dump_dir,
+            progress=(lambda s: logger.debug("%s: stage %s", what, s)) if logger.isEnabledFor(logging.DEBUG) else None,
+        )
+    except CompileError as e:
+        _FAILED[key] = e
+        raise
     logger.info("%s: compiled in %.2f s (%d attention sites tiled)", what, time.perf_counter() - start,
-                report.rewrites("flashmlir-tile-attention"))
+                report.attention_tiled)
     for line in report.declines():
         logger.info("%s: %s", what, line)
-    cache.store(key, vmfb)
+    cache.store(key, vmfb, report.summary())
     return vmfb, report

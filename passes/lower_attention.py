@@ -116,7 +116,7 @@ def _function(plan: _Plan) -> str:
     elem = plan.q.builtin().rsplit("x", 1)[1].rstrip(">")
     lead, g = plan.lead, plan.groups
     hkv, sq, d = plan.k.shape[-3], plan.q.shape[-2], plan.q.shape[-1]
-    sk, dv = plan.k.shape[-2], plan.v.shape[-1]
+    dv = plan.v.shape[-1]
 
     batch = [f"b{i}" for i in range(len(lead))] + ["h"] + (["g"] if g > 1 else [])
     kv_batch = batch[: len(lead) + 1]

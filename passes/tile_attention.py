@@ -472,7 +472,7 @@ def _dispatch_body(attn, tiles, bq, bk, nkb, types, mask_type, out_type) -> list
         lines += [
             f"%emt = tensor.empty() : {mask_tile_type}",
             f"%mtile = linalg.generic {{indexing_maps = [{', '.join(generic_maps)}], iterator_types = "
-            f"{_parallel((nb + 2))}}} {generic_ins}outs(%emt : {mask_tile_type}) {{",
+            f"{_parallel(nb + 2)}}} {generic_ins}outs(%emt : {mask_tile_type}) {{",
             f"^bb0({', '.join(block_args)}):",
             *body,
             f"  linalg.yield {result} : {elem}",
@@ -503,7 +503,7 @@ def _dispatch_body(attn, tiles, bq, bk, nkb, types, mask_type, out_type) -> list
     lines += [
         f"%eout = tensor.empty() : {out_tile}",
         f"%norm = linalg.generic {{indexing_maps = [{full}, {rows}, {full}], iterator_types = "
-        f"{_parallel((nb + 2))}}} ins(%res#0, %res#2 : {acc_type}, {row_type}) "
+        f"{_parallel(nb + 2)}}} ins(%res#0, %res#2 : {acc_type}, {row_type}) "
         f"outs(%eout : {out_tile}) {{",
         f"^bb0(%a: f32, %l: f32, %unused: {out_elem}):",
         "  %dv = arith.divf %a, %l : f32",

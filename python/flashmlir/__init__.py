@@ -16,17 +16,17 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from flashmlir.explain import ExplainReport
+    from flashmlir.report import ExplainReport
 
 
 def explain(fn_or_module: Any, *example_inputs: Any, compile: bool = True) -> ExplainReport:
     """Run `fn_or_module(*example_inputs)` under torch.compile and report every attention site.
 
-    See `flashmlir.explain.explain` for what the report holds.
+    See `flashmlir.report` for what the report holds.
     """
-    from flashmlir.explain import explain as _explain
+    from flashmlir.report import explain_run
 
-    return _explain(fn_or_module, *example_inputs, compile=compile)
+    return explain_run(fn_or_module, *example_inputs, compile=compile)
 
 
 __all__ = ["__version__", "explain"]

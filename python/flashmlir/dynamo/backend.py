@@ -30,7 +30,7 @@ from flashmlir.log import logger, warn_once
 class Recorder(Protocol):
     """What `flashmlir.explain` collects from the backend."""
 
-    def graph_compiled(self, graph: str, sites: int) -> None: ...
+    def graph_compiled(self, graph: str, tiled: int, declines: list[str]) -> None: ...
     def graph_rejected(self, graph: str, reason: str) -> None: ...
     def graph_ran(self, graph: str, sites: list[AttentionSite], near_misses: list[NearMiss]) -> None: ...
 
@@ -147,7 +147,8 @@ class GraphCompiler:
                 except Exception as e:  # noqa: BLE001 - fall back on anything, say why
                     return make_boxed_func(self._fallback(_reason(e), graph.forward))
                 if self.recorder is not None:
-                    self.recorder.graph_compiled(f"{self.name} ({kind})", len(self.match.sites))
+                    report = compiled.report
+                    self.recorder.graph_compiled(f"{self.name} ({kind})", report.attention_tiled, report.declines())
                 return make_boxed_func(compiled)
 
             return compile_graph

@@ -42,16 +42,29 @@ def _load(path: Path, session):
     if path.suffix == ".mlir":
         return parse_module(read_text(path), session.context, str(path))
     if path.suffix == ".pt2":
-        if not path.is_file():
-            raise InputError(f"no such file: '{path}'")
-        import torch
-
-        try:
-            program = torch.export.load(str(path))
-        except Exception as e:  # noqa: BLE001 - any load failure is a bad input file
-            raise InputError(f"'{path}' is not a torch.export program: {type(e).__name__}: {e}") from None
-        return import_exported_program(program, session.context)
+        return import_exported_program(_load_exported_program(path), session.context)
     raise InputError(f"'{path}': expected an .mlir file or a torch.export program (.pt2)")
+
+
+def _load_exported_program(path: Path):
+    import logging
+    import zipfile
+
+    import torch
+
+    if not path.is_file():
+        raise InputError(f"no such file: '{path}'")
+    if not zipfile.is_zipfile(path):
+        raise InputError(f"'{path}' is not a torch.export program (not a .pt2 archive)")
+    export_log = logging.getLogger("torch.export")
+    level = export_log.level
+    export_log.setLevel(logging.ERROR)  # torch logs its own account of a failed load; ours suffices
+    try:
+        return torch.export.load(str(path))
+    except Exception as e:  # noqa: BLE001 - any load failure is a bad input file
+        raise InputError(f"'{path}' is not a torch.export program: {type(e).__name__}: {e}") from None
+    finally:
+        export_log.setLevel(level)
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

@@ -1,4 +1,4 @@
-"""`flashmlir.explain(model, *inputs)`: what the backend finds and compiles, as data and as a table.
+"""The report behind `flashmlir.explain(model, *inputs)`: what the backend finds and compiles.
 
 It runs `model(*inputs)` once under `torch.compile(backend="flashmlir")` and records:
 - `.sites`: one entry per attention computation executed (a 2-layer model has 2, whether dynamo
@@ -20,7 +20,7 @@ from flashmlir.frontend.matcher import AttentionSite, NearMiss
 
 @dataclass(frozen=True)
 class Rejection:
-    kind: str  # "near-miss" | "graph"
+    kind: str  # "near-miss" | "graph" | "pass"
     where: str
     reason: str
 
@@ -30,6 +30,7 @@ class GraphOutcome:
     name: str
     compiled: list[str] = field(default_factory=list)  # "graph 3 (inference)", ...
     rejected: list[str] = field(default_factory=list)
+    tiled: int = 0  # attention ops our tile pass lowered, over this graph's compiled parts
 
 
 @dataclass
@@ -39,9 +40,12 @@ class ExplainReport:
     graphs: dict[str, GraphOutcome] = field(default_factory=dict)
 
     # Recorder protocol (flashmlir.dynamo.backend) -------------------------------------------
-    def graph_compiled(self, graph: str, sites: int) -> None:
+    def graph_compiled(self, graph: str, tiled: int, declines: list[str]) -> None:
         base = graph.split(" (")[0]
-        self.graphs.setdefault(base, GraphOutcome(base)).compiled.append(graph)
+        outcome = self.graphs.setdefault(base, GraphOutcome(base))
+        outcome.compiled.append(graph)
+        outcome.tiled += tiled
+        self.rejected.extend(Rejection("pass", graph, d) for d in declines)
 
     def graph_rejected(self, graph: str, reason: str) -> None:
         self.graphs.setdefault(graph, GraphOutcome(graph)).rejected.append(reason)
@@ -58,6 +62,11 @@ class ExplainReport:
     def compiled(self) -> bool:
         """True if every graph was compiled (none fell back to eager)."""
         return all(g.compiled and not g.rejected for g in self.graphs.values())
+
+    @property
+    def tiled(self) -> int:
+        """Attention ops lowered by our tile pass, summed over the compiled graphs."""
+        return sum(g.tiled for g in self.graphs.values())
 
     def __str__(self) -> str:
         lines = [f"flashmlir: {len(self.sites)} attention site(s), {len(self.rejected)} rejected, "
@@ -76,8 +85,13 @@ class ExplainReport:
             lines.append("rejected:")
             lines += [f"  {r.kind}: {r.where}: {r.reason}" for r in self.rejected]
         for g in self.graphs.values():
-            state = "eager (fallback)" if g.rejected else ("compiled: " + ", ".join(g.compiled) if g.compiled
-                                                          else "not compiled (compile=False)")
+            if g.rejected:
+                state = "eager (fallback)"
+            elif g.compiled:
+                state = f"compiled ({', '.join(c.split(' (')[1].rstrip(')') for c in g.compiled)}), " \
+                        f"{g.tiled} attention op(s) tiled by flashmlir"
+            else:
+                state = "not compiled (compile=False)"
             lines.append(f"{g.name}: {state}")
         return "\n".join(lines)
 
@@ -92,7 +106,7 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
     return [fmt.format(*header), fmt.format(*("-" * w for w in widths)), *(fmt.format(*r) for r in rows)]
 
 
-def explain(fn_or_module: Any, *example_inputs: Any, compile: bool = True) -> ExplainReport:
+def explain_run(fn_or_module: Any, *example_inputs: Any, compile: bool = True) -> ExplainReport:
     """Run `fn_or_module(*example_inputs)` under the flashmlir backend and report what it did.
 
     compile=False only matches and rewrites (no IREE compile): fast, and what `.sites` lists is
