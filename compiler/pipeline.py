@@ -188,7 +188,7 @@ def compile_cached(
     """`compile_module` behind the on-disk cache. Logs each compile (FLASHMLIR_LOG=info)."""
     cache = cache or ModuleCache()
     pipeline = tuple(s.pipeline for s in flashmlir_stages(target))
-    key = cache_key(str(module), target.name, target.iree_flags, pipeline)
+    key = cache_key(str(module), f"{target.name} {target.fingerprint}", target.iree_flags, pipeline)
     if dump_dir is None and config.save_temps_dir() is not None:
         dump_dir = config.save_temps_dir() / key[:16]
     if dump_dir is None:

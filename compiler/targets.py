@@ -26,6 +26,9 @@ class AttentionTiles:
     kv_block: int
     vector_q: int
     vector_kv: int
+    # IREE's llvm-cpu rejects vector ops over this many bytes (iree-llvmcpu-verify-vector-size-
+    # legality); the Q·Kᵀ contraction spans vector_q × vector_kv × head_dim f32 values.
+    max_vector_bytes: int = 32768
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,9 @@ class Target:
     vector_bits: int = 0
     cache_bytes: dict[str, int] = field(default_factory=dict)
     unavailable_reason: str = ""
+    # What a compiled module depends on beyond the flags: "host" CPU code is only valid on a CPU
+    # with the same features, so the module cache keys on them.
+    fingerprint: str = ""
 
 
 def _cpu_cache_bytes() -> dict[str, int]:
@@ -65,6 +71,19 @@ def _cpu_cache_bytes() -> dict[str, int]:
         scale = {"K": 1024, "M": 1024 * 1024}.get(text[-1], 1)
         sizes[f"L{level}"] = int(text.rstrip("KM")) * scale
     return sizes
+
+
+def _host_cpu_fingerprint() -> str:
+    """The host CPU's model and feature flags (what --iree-llvmcpu-target-cpu=host compiles for)."""
+    import hashlib
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags"))][:2]
+    except OSError:
+        lines = [platform.machine(), platform.processor()]
+    return hashlib.sha256("".join(lines).encode()).hexdigest()[:16]
 
 
 def _host_vector_bits() -> int:
@@ -98,6 +117,7 @@ def _cpu() -> Target:
         attention_tiles=AttentionTiles(q_block=64, kv_block=64, vector_q=4, vector_kv=16),
         vector_bits=_host_vector_bits(),
         cache_bytes=_cpu_cache_bytes(),
+        fingerprint=f"host-cpu:{_host_cpu_fingerprint()}",
     )
 
 

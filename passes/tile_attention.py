@@ -40,6 +40,8 @@ class Options:
     target: str = ""  # empty: the module's `flashmlir.target` attribute, else "cpu"
     q_block: int = 0  # 0: from the target's capability table
     kv_block: int = 0
+    vector_q: int = 0
+    vector_kv: int = 0
 
 
 class _Decline(Exception):
@@ -228,12 +230,37 @@ def _float_constant(value: ir.Value) -> float | None:
     return op.attributes["value"].value
 
 
-def _choose_tiles(attn: _Attention, tiles: AttentionTiles, options: Options) -> tuple[int, int]:
-    """Block sizes: the target's, shrunk (to a vector multiple) for short sequences."""
-    bq = options.q_block or tiles.q_block
-    bk = options.kv_block or tiles.kv_block
+def _tiles(target_tiles: AttentionTiles, options: Options, head_dim: int) -> AttentionTiles:
+    """The target's tile sizes, with any the pass options override.
+
+    Unless set explicitly, the vector step over keys shrinks with the head dim so that one
+    Q·Kᵀ vector contraction (vector_q × vector_kv × head_dim f32) stays under the target's cap.
+    """
+    vector_q = options.vector_q or target_tiles.vector_q
+    vector_kv = options.vector_kv or target_tiles.vector_kv
+    if not options.vector_kv:
+        while vector_kv > 1 and vector_q * vector_kv * head_dim * 4 >= target_tiles.max_vector_bytes:
+            vector_kv //= 2
+    return AttentionTiles(
+        q_block=options.q_block or target_tiles.q_block,
+        kv_block=options.kv_block or target_tiles.kv_block,
+        vector_q=vector_q,
+        vector_kv=vector_kv,
+        max_vector_bytes=target_tiles.max_vector_bytes,
+    )
+
+
+def _choose_tiles(attn: _Attention, tiles: AttentionTiles) -> tuple[int, int]:
+    """Block sizes: the configured ones, shrunk (to a vector multiple) for short sequences.
+
+    The final acc / sum of a Q block is vectorized whole by IREE (it is outside the tiled loop),
+    so a block's rows × head dim must stay under the vector cap too.
+    """
+    bq = tiles.q_block
+    while bq > tiles.vector_q and bq * attn.dv * 4 >= tiles.max_vector_bytes:
+        bq //= 2
     bq = min(bq, _round_up(attn.sq, tiles.vector_q))
-    bk = min(bk, _round_up(attn.sk, tiles.vector_kv))
+    bk = min(tiles.kv_block, _round_up(attn.sk, tiles.vector_kv))
     return bq, bk
 
 
@@ -567,8 +594,9 @@ def run(module: ir.Operation, options: Options) -> PassResult:
     for op in candidates:
         try:
             attn = _analyze(op)
-            bq, bk = _choose_tiles(attn, target.attention_tiles, options)
-            text = _function(attn, target.attention_tiles, bq, bk)
+            tiles = _tiles(target.attention_tiles, options, max(attn.dv, attn.q.shape[-1]))
+            bq, bk = _choose_tiles(attn, tiles)
+            text = _function(attn, tiles, bq, bk)
         except _Decline as why:
             result.decline(op, str(why))
             continue

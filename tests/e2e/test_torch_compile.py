@@ -48,6 +48,13 @@ def sdpa_gqa(q, k, v):
     return F.scaled_dot_product_attention(q, k[:, :2], v[:, :2], enable_gqa=True, scale=0.3)
 
 
+def sdpa_merge_heads(q, k, v):
+    # CPU SDPA returns [B, S, H, D] memory order, so `.contiguous()` below is a no-op in the traced
+    # graph; our op's output must keep that layout or the view is invalid.
+    y = F.scaled_dot_product_attention(q, k, v)
+    return y.transpose(1, 2).contiguous().view(q.shape[0], q.shape[2], -1)
+
+
 def _inputs(form):
     q, k, v = (torch.randn(B, H, S, D) for _ in range(3))
     if form in ("manual_div_mask", "sdpa_float_mask"):
@@ -73,6 +80,7 @@ FORMS = {
     "sdpa_bool_mask": sdpa_mask,
     "sdpa_gqa": sdpa_gqa,
     "sdpa_cross": F.scaled_dot_product_attention,
+    "sdpa_merge_heads": sdpa_merge_heads,
 }
 
 
@@ -145,3 +153,11 @@ def test_half_precision_inputs(dtype, tol):
         out = torch.compile(sdpa_causal, backend="flashmlir")(q, k, v)
     assert out.dtype == dtype
     assert rel_err(out, sdpa_causal(q.double(), k.double(), v.double())) < tol
+
+
+@pytest.mark.parametrize("head_dim", [16, 128, 256])
+def test_head_dims(head_dim):
+    q, k, v = (torch.randn(1, 2, 70, head_dim) for _ in range(3))
+    with torch.no_grad():
+        out = torch.compile(sdpa_causal, backend="flashmlir")(q, k, v)
+    assert rel_err(out, sdpa_causal(q.double(), k.double(), v.double())) < 1e-5

@@ -357,11 +357,30 @@ def replace_attention(gm: fx.GraphModule, sites: list[AttentionSite]) -> None:
             node = graph.call_function(
                 op, (site.q, site.k, site.v, mask, site.dropout_p, site.is_causal, site.scale)
             )
-        node.meta.update({k: site.output.meta[k] for k in ("val", "stack_trace") if k in site.output.meta})
+            node.meta.update({k: site.output.meta[k] for k in ("stack_trace",) if k in site.output.meta})
+            node = _with_layout_of(graph, node, _val(site.output))
         site.output.replace_all_uses_with(node)
     graph.eliminate_dead_code()
     graph.lint()
     gm.recompile()
+
+
+def _with_layout_of(graph: fx.Graph, node: fx.Node, original: torch.Tensor | None) -> fx.Node:
+    """`node`, laid out in memory like `original` (the output of the op it replaces).
+
+    The graph after the replaced op was traced against that op's strides: CPU SDPA, for one,
+    returns [B, S, H, D] memory order, so a later `.transpose(1, 2).contiguous().view(...)` was
+    traced without the (then no-op) copy. Our op returns row-major [B, H, S, D]; reproduce the
+    original order with permute → contiguous clone → inverse permute (free in value semantics).
+    """
+    if not isinstance(original, torch.Tensor) or original.is_contiguous():
+        return node
+    strides = [int(s) for s in original.stride()]
+    order = sorted(range(original.dim()), key=lambda d: -strides[d])  # outermost dim first
+    inverse = sorted(range(original.dim()), key=lambda d: order[d])
+    permuted = graph.call_function(aten.permute.default, (node, order))
+    dense = graph.call_function(aten.clone.default, (permuted,), {"memory_format": torch.contiguous_format})
+    return graph.call_function(aten.permute.default, (dense, inverse))
 
 
 def count_by_family(sites: list[AttentionSite]) -> dict[str, int]:
