@@ -171,6 +171,8 @@ def compile_module(
     return vmfb, report
 
 
+SLOW_COMPILE_SECONDS = 20.0  # say so when a compile takes longer (the default log level is quiet)
+
 # Compiles that failed in this process, by cache key: the same graph is not compiled again, and
 # re-raising the same error keeps its fallback warning from being logged twice.
 _FAILED: dict[str, CompileError] = {}
@@ -209,8 +211,10 @@ def compile_cached(
     except CompileError as e:
         _FAILED[key] = e
         raise
-    logger.info("%s: compiled in %.2f s (%d attention sites tiled)", what, time.perf_counter() - start,
-                report.attention_tiled)
+    seconds = time.perf_counter() - start
+    if seconds > SLOW_COMPILE_SECONDS:
+        logger.warning("%s took %.0f s to compile; it is cached in %s for later runs", what, seconds, cache.directory)
+    logger.info("%s: compiled in %.2f s (%d attention sites tiled)", what, seconds, report.attention_tiled)
     for line in report.declines():
         logger.info("%s: %s", what, line)
     cache.store(key, vmfb, report.summary())

@@ -9,7 +9,7 @@ the op it replaces with `splice_function`.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from iree.compiler import ir
@@ -111,6 +111,36 @@ def f32_literal(x: float) -> str:
     if x == float("inf"):
         return "0x7F800000"
     return repr(float(x))
+
+
+def producers_closure(ops: list[ir.Operation], follow: Callable[[ir.Operation], bool]) -> list[ir.Operation]:
+    """`ops` and, transitively, the producers of their operands for which `follow` holds.
+
+    Collect before erasing anything: a Python handle to an erased op must never be touched.
+    """
+    seen: list[ir.Operation] = []
+    stack = list(ops)
+    while stack:
+        op = stack.pop()
+        if any(op == s for s in seen):
+            continue
+        seen.append(op)
+        stack += [p for p in map(defining_op, op.operands) if p is not None and follow(p)]
+    return seen
+
+
+def erase_unused(candidates: list[ir.Operation]) -> None:
+    """Erase, until nothing changes, every op of `candidates` whose results have no uses."""
+    pending = list(candidates)
+    changed = True
+    while changed:
+        changed = False
+        for op in list(pending):
+            if any(list(r.uses) for r in op.results):
+                continue
+            pending.remove(op)
+            op.erase()
+            changed = True
 
 
 def splice_function(target: ir.Operation, function_text: str, operands: list[ir.Value]) -> list[ir.Value]:

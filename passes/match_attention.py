@@ -1,7 +1,7 @@
 """flashmlir-match-attention: raise attention written in torch-dialect IR to our attention op.
 
 For IR that did not come through the FX matcher (an .mlir file, a torch.export program): the same
-semantic walk as the FX matcher, on torch ops. Two rewrites:
+semantic walk as the FX matcher, anchored on each softmax. Three rewrites:
 
     torch.aten.scaled_dot_product_attention(q, k, v, M, 0.0, causal, s, gqa)
         ⇒ torch.operator "torch.flashmlir.attention"(q, k, v, M, 0.0, causal, s)
@@ -9,9 +9,13 @@ semantic walk as the FX matcher, on torch ops. Two rewrites:
     matmul(softmax(matmul(Q, transpose(K, -2, -1)) · s [+ M | masked_fill(C, -inf)], -1), V)
         ⇒ torch.operator "torch.flashmlir.attention"(Q, K, V, M | not(C), 0.0, false, s)
 
-Ops between the two matmuls may be scalar multiplies/divides (folded into s), one added mask or
-one masked_fill(-inf), and dtype casts. Anything else, a softmax over another axis, or an
-intermediate with a second user (the weights escape) is declined with the reason.
+    linalg.batch_matmul(linalg.softmax(s · linalg.batch_matmul(Q, Kᵀ), dim 2), V)     (linalg IR)
+        ⇒ iree_linalg_ext.attention(Q, K, V, s)
+
+In torch IR the ops between the two matmuls may be scalar multiplies/divides (folded into s), one
+added mask or one masked_fill(-inf), and dtype casts; in linalg IR one elementwise scalar
+multiply or divide. Anything else, a softmax over another axis, or an intermediate with a second
+user (the weights escape) is declined with the reason.
 """
 
 from __future__ import annotations
@@ -24,6 +28,10 @@ from flashmlir.passes.framework import PassResult, PassSpec
 from flashmlir.passes.ir_utils import (
     TorchTensorType,
     defining_op,
+    erase_unused,
+    f32_literal,
+    producers_closure,
+    splice_function,
     torch_constant,
     torch_tensor_type,
     walk_ops,
@@ -236,39 +244,132 @@ def _rewrite(match: _Match) -> None:
             attributes={"name": ir.StringAttr.get(ATTENTION_OPERATOR)},
         )
     out.results[0].replace_all_uses_with(attention.result)
-    constants: list[ir.Operation] = []
-    for op in match.dead:
-        if all(not list(r.uses) for r in op.results):
-            _add_unique(constants, [p for p in map(defining_op, op.operands) if p is not None and _is_constant(p)])
-            op.erase()
-    _erase_unused_constants(constants)
+    # Everything the match consumed, plus the constants (and int lists) that only it used.
+    erase_unused(producers_closure(match.dead, _is_constant))
 
 
 def _is_constant(op: ir.Operation) -> bool:
     return op.name.startswith("torch.constant.") or op.name == "torch.prim.ListConstruct"
 
 
-def _add_unique(ops: list[ir.Operation], new: list[ir.Operation]) -> None:
-    for op in new:
-        if not any(op == seen for seen in ops):
-            ops.append(op)
+# --- linalg IR ----------------------------------------------------------------------------------
+
+_BMM_MAPS = ("(d0, d1, d3)", "(d0, d3, d2)", "(d0, d1, d2)")  # A (b,m,k), B (b,k,n), C (b,m,n)
+_BMM_MAPS_TRANSPOSED_B = ("(d0, d1, d3)", "(d0, d2, d3)", "(d0, d1, d2)")
 
 
-def _erase_unused_constants(candidates: list[ir.Operation]) -> None:
-    """Erase the constants among `candidates` (and the constants they use) that are now unused."""
-    pending = list(candidates)
-    changed = True
-    while changed:
-        changed = False
-        for op in list(pending):
-            if any(list(r.uses) for r in op.results):
-                continue
-            pending.remove(op)
-            inner = [p for p in map(defining_op, op.operands) if p is not None and _is_constant(p)]
-            op.erase()
-            _add_unique(pending, inner)
-            changed = True
+@dataclass
+class _LinalgMatch:
+    q: ir.Value
+    k: ir.Value
+    v: ir.Value
+    scale: float
+    output: ir.Operation
+    dead: list[ir.Operation]
 
+
+def _map_results(op: ir.Operation) -> tuple[str, ...]:
+    return tuple(str(m).split("->")[1].strip().rstrip(">") for m in op.attributes["indexing_maps"])
+
+
+def _zero_filled(value: ir.Value, what: str) -> ir.Operation:
+    """The linalg.fill of 0 that `value` (a matmul's init) comes from; matmuls accumulate into it."""
+    fill = defining_op(value)
+    zero = defining_op(fill.operands[0]) if fill is not None and fill.name == "linalg.fill" else None
+    if zero is None or zero.name != "arith.constant" or zero.attributes["value"].value != 0.0:
+        raise _Decline(f"{what} accumulates into an init that is not a fill of 0")
+    return fill
+
+
+def _scalar_scale(op: ir.Operation) -> tuple[float, ir.Operation] | None:
+    """(s, the constant op) if `op` is an elementwise `x * s` or `x / s` with a constant s."""
+    if op.name != "linalg.generic" or len(op.operands) != 2 or len(set(_map_results(op))) != 1:
+        return None
+    body = list(op.regions[0].blocks[0].operations)
+    if len(body) != 2 or body[0].name not in ("arith.mulf", "arith.divf") or body[1].name != "linalg.yield":
+        return None
+    arg = op.regions[0].blocks[0].arguments[0]
+    lhs, rhs = body[0].operands
+    other = rhs if lhs == arg else lhs if (rhs == arg and body[0].name == "arith.mulf") else None
+    constant = defining_op(other) if other is not None else None
+    if constant is None or constant.name != "arith.constant":
+        return None
+    value = constant.attributes["value"].value
+    return (value if body[0].name == "arith.mulf" else 1.0 / value), constant
+
+
+def _match_linalg_softmax(softmax: ir.Operation) -> _LinalgMatch:
+    x = softmax.operands[0]
+    rank = len(ir.RankedTensorType(x.type).shape)
+    if softmax.attributes["dimension"].value != rank - 1:
+        raise _Decline(f"softmax on dim {softmax.attributes['dimension'].value}, expected the last (key) axis {rank - 1}")
+    pv = _single_user(softmax.results[0], "the softmax output")
+    if pv.name != "linalg.batch_matmul" or _map_results(pv) != _BMM_MAPS or pv.operands[0] != softmax.results[0]:
+        raise _Decline(f"softmax output feeds {pv.name}, not a P·V batch_matmul")
+    dead = [pv, softmax]
+    scale = 1.0
+    scores = defining_op(x)
+    if scores is not None and scores.name == "linalg.generic":
+        found = _scalar_scale(scores)
+        if found is None:
+            raise _Decline("the op between Q·Kᵀ and softmax is not a multiply or divide by a constant")
+        _single_user(scores.results[0], "the scaled scores")
+        scale, constant = found
+        dead = [*dead, scores, constant]
+        scores = defining_op(scores.operands[0])
+    if scores is None or scores.name != "linalg.batch_matmul":
+        raise _Decline("the scores do not come from a batch_matmul")
+    _single_user(scores.results[0], "the Q·Kᵀ scores")
+    q, b = scores.operands[0], scores.operands[1]
+    if _map_results(scores) == _BMM_MAPS_TRANSPOSED_B:
+        k = b
+    else:
+        transpose = defining_op(b)
+        if (_map_results(scores) != _BMM_MAPS or transpose is None or transpose.name != "linalg.transpose"
+                or list(transpose.attributes["permutation"]) != [0, 2, 1]):
+            raise _Decline("the right operand of Q·Kᵀ is not K with its last two dims swapped")
+        k = transpose.operands[0]
+        if len(list(b.uses)) == 1:
+            dead.append(transpose)
+    dead += [scores, _zero_filled(pv.operands[2], "P·V"), _zero_filled(scores.operands[2], "Q·Kᵀ")]
+    v = pv.operands[1]
+    types = [ir.RankedTensorType(t.type) for t in (q, k, v, pv.results[0])]
+    if len({str(t.element_type) for t in types}) != 1 or str(types[0].element_type) not in SUPPORTED_DTYPES:
+        raise _Decline("q, k, v and the output must share one element type (f32, f16 or bf16)")
+    if not all(t.has_static_shape for t in types):
+        raise _Decline("needs static shapes")
+    return _LinalgMatch(q, k, v, scale, pv, dead)
+
+
+def _rewrite_linalg(match: _LinalgMatch) -> None:
+    qt, kt, vt = (str(x.type) for x in (match.q, match.k, match.v))
+    out = str(match.output.results[0].type)
+    maps = ", ".join(f"affine_map<(b, m, n, k1, k2) -> ({r})>"
+                     for r in ("b, m, k1", "b, k2, k1", "b, k2, n", "", "b, m, n"))
+    function = f"""func.func @raised(%q: {qt}, %k: {kt}, %v: {vt}) -> {out} {{
+  %scale = arith.constant {f32_literal(match.scale)} : f32
+  %init = tensor.empty() : {out}
+  %o = iree_linalg_ext.attention <indexing_maps = [{maps}]> ins(%q, %k, %v, %scale : {qt}, {kt}, {vt}, f32)
+      outs(%init : {out}) {{
+  ^bb0(%score: f32):
+    iree_linalg_ext.yield %score : f32
+  }} -> {out}
+  return %o : {out}
+}}"""
+    # The rest of the chain and its inits, collected before the splice erases the output op.
+    leftovers = producers_closure(
+        [*match.dead[1:], *(p for p in map(defining_op, match.output.operands) if p is not None and _is_init(p))],
+        _is_init,
+    )
+    splice_function(match.output, function, [match.q, match.k, match.v])
+    erase_unused(leftovers)
+
+
+def _is_init(op: ir.Operation) -> bool:
+    return op.name in ("tensor.empty", "linalg.fill", "arith.constant")
+
+
+# --- the pass ----------------------------------------------------------------------------------
 
 def run(module: ir.Operation, options: Options) -> PassResult:
     result = PassResult(PASS.name)
@@ -283,12 +384,20 @@ def run(module: ir.Operation, options: Options) -> PassResult:
             continue
         _rewrite(match)
         result.rewritten += 1
+    for op in walk_ops(module, "linalg.softmax"):
+        try:
+            linalg_match = _match_linalg_softmax(op)
+        except _Decline as why:
+            result.decline(op, str(why))
+            continue
+        _rewrite_linalg(linalg_match)
+        result.rewritten += 1
     return result
 
 
 PASS = PassSpec(
     name="flashmlir-match-attention",
-    summary="Raise SDPA and softmax(Q·Kᵀ·s + M)·V in torch IR to torch.flashmlir.attention",
+    summary="Raise SDPA and softmax(Q·Kᵀ·s + M)·V (torch IR) / batch_matmul-softmax-batch_matmul (linalg IR)",
     options_type=Options,
     run=run,
 )

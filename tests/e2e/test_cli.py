@@ -120,3 +120,25 @@ def test_opt_errors(tmp_path, args, message):
     argv = [a.format(src=src, missing=tmp_path / "missing.mlir") for a in args]
     proc = subprocess.run([BIN / "flashmlir-opt", *argv], capture_output=True, text=True)
     assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_linalg_chain_is_raised_and_compiled(tmp_path):
+    chunks = (LIT_INPUTS / "match-attention.mlir").read_text().split("// -----")
+    (chunk,) = [c for c in chunks if "@linalg_transpose_scale" in c]
+    src = tmp_path / "chain.mlir"
+    src.write_text("\n".join(line for line in chunk.splitlines() if not line.startswith("//")))
+    assert compile_tool.main([str(src), "-q"]) == 0
+    q, k, v = (torch.randn(8, 128, 64) for _ in range(3))
+    (out,) = IreeModule((tmp_path / "chain.vmfb").read_bytes(), function="linalg_transpose_scale")(q, k, v)
+    assert rel_err(out, attention64(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), scale=0.125)[0]) < 1e-5
+
+
+def test_save_temps_keeps_every_stage(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLASHMLIR_SAVE_TEMPS", str(tmp_path))
+    q, k, v = (torch.randn(1, 2, 24, 8) for _ in range(3))
+    with torch.no_grad():
+        torch.compile(F.scaled_dot_product_attention, backend="flashmlir")(q, k, v)
+    (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    names = sorted(p.name for p in folder.iterdir())
+    assert names[0] == "00-input.mlir" and "03-tile-attention.mlir" in names
+    assert "flow.dispatch.workgroups" in (folder / "03-tile-attention.mlir").read_text()

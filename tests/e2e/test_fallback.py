@@ -79,3 +79,25 @@ def test_dynamic_shapes_fall_back_cleanly(lenient, flashmlir_log):
             q, k, v = (torch.randn(1, 2, s, 8) for _ in range(3))
             assert rel_err(fn(q, k, v), F.scaled_dot_product_attention(q, k, v)) < 1e-6
     assert any("dynamic shapes" in r.getMessage() for r in flashmlir_log.records)
+
+
+def test_compile_error_carries_a_reproducer_that_reproduces(monkeypatch):
+    import os
+    import shlex
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from flashmlir.errors import CompileError
+
+    q, k, v = (torch.randn(1, 2, 16, 16) for _ in range(3))
+    with pytest.raises(Exception) as info:
+        with torch.no_grad():
+            torch.compile(attention_then_eigh, backend="flashmlir")(q, k, v)
+    error = info.value
+    while error is not None and not isinstance(error, CompileError):
+        error = error.__cause__ or error.__context__
+    assert isinstance(error, CompileError) and error.stage.startswith("iree-")
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    proc = subprocess.run(shlex.split(error.reproducer), capture_output=True, text=True, env=env)
+    assert proc.returncode != 0 and "_linalg_eigh" in proc.stderr

@@ -155,3 +155,88 @@ func.func @sdpa_dropout(%q: !torch.vtensor<[2,4,16,8],f32>, %k: !torch.vtensor<[
   %0 = torch.aten.scaled_dot_product_attention %q, %k, %v, %none, %p, %false, %none, %false : !torch.vtensor<[2,4,16,8],f32>, !torch.vtensor<[2,4,16,8],f32>, !torch.vtensor<[2,4,16,8],f32>, !torch.none, !torch.float, !torch.bool, !torch.none, !torch.bool -> !torch.vtensor<[2,4,16,8],f32>
   return %0 : !torch.vtensor<[2,4,16,8],f32>
 }
+
+// -----
+
+// linalg IR: batch_matmul(Q, transpose(K)) → ·s → softmax(dim 2) → batch_matmul(·, V).
+// CHECK-LABEL: func.func @linalg_transpose_scale
+// CHECK-SAME:    (%[[Q:.+]]: tensor<8x128x64xf32>, %[[K:.+]]: tensor<8x128x64xf32>, %[[V:.+]]: tensor<8x128x64xf32>)
+// CHECK:         %[[S:.+]] = arith.constant 1.250000e-01 : f32
+// CHECK:         %[[A:.+]] = iree_linalg_ext.attention
+// CHECK-SAME:      ins(%[[Q]], %[[K]], %[[V]], %[[S]] : tensor<8x128x64xf32>, tensor<8x128x64xf32>, tensor<8x128x64xf32>, f32)
+// CHECK-NOT:     linalg.batch_matmul
+// CHECK-NOT:     linalg.softmax
+// CHECK-NOT:     linalg.transpose
+// CHECK:         return %[[A]]
+func.func @linalg_transpose_scale(%q: tensor<8x128x64xf32>, %k: tensor<8x128x64xf32>, %v: tensor<8x128x64xf32>) -> tensor<8x128x64xf32> {
+  %zero = arith.constant 0.0 : f32
+  %scale = arith.constant 0.125 : f32
+  %et = tensor.empty() : tensor<8x64x128xf32>
+  %kt = linalg.transpose ins(%k : tensor<8x128x64xf32>) outs(%et : tensor<8x64x128xf32>) permutation = [0, 2, 1]
+  %es = tensor.empty() : tensor<8x128x128xf32>
+  %fs = linalg.fill ins(%zero : f32) outs(%es : tensor<8x128x128xf32>) -> tensor<8x128x128xf32>
+  %s = linalg.batch_matmul ins(%q, %kt : tensor<8x128x64xf32>, tensor<8x64x128xf32>) outs(%fs : tensor<8x128x128xf32>) -> tensor<8x128x128xf32>
+  %ss = linalg.generic {indexing_maps = [affine_map<(b, m, n) -> (b, m, n)>, affine_map<(b, m, n) -> (b, m, n)>], iterator_types = ["parallel", "parallel", "parallel"]} ins(%s : tensor<8x128x128xf32>) outs(%es : tensor<8x128x128xf32>) {
+  ^bb0(%in: f32, %out: f32):
+    %m = arith.mulf %in, %scale : f32
+    linalg.yield %m : f32
+  } -> tensor<8x128x128xf32>
+  %p = linalg.softmax dimension(2) ins(%ss : tensor<8x128x128xf32>) outs(%es : tensor<8x128x128xf32>) -> tensor<8x128x128xf32>
+  %eo = tensor.empty() : tensor<8x128x64xf32>
+  %fo = linalg.fill ins(%zero : f32) outs(%eo : tensor<8x128x64xf32>) -> tensor<8x128x64xf32>
+  %o = linalg.batch_matmul ins(%p, %v : tensor<8x128x128xf32>, tensor<8x128x64xf32>) outs(%fo : tensor<8x128x64xf32>) -> tensor<8x128x64xf32>
+  return %o : tensor<8x128x64xf32>
+}
+
+// -----
+
+// linalg IR, Kᵀ spelled as batch_matmul's indexing map, no scale.
+// CHECK-LABEL: func.func @linalg_transposed_map
+// CHECK:         %[[S:.+]] = arith.constant 1.000000e+00 : f32
+// CHECK:         iree_linalg_ext.attention {{.+}} ins(%arg0, %arg1, %arg2, %[[S]] :
+func.func @linalg_transposed_map(%q: tensor<4x32x16xf16>, %k: tensor<4x48x16xf16>, %v: tensor<4x48x16xf16>) -> tensor<4x32x16xf16> {
+  %zero = arith.constant 0.0 : f16
+  %es = tensor.empty() : tensor<4x32x48xf16>
+  %fs = linalg.fill ins(%zero : f16) outs(%es : tensor<4x32x48xf16>) -> tensor<4x32x48xf16>
+  %s = linalg.batch_matmul indexing_maps = [affine_map<(d0, d1, d2, d3) -> (d0, d1, d3)>, affine_map<(d0, d1, d2, d3) -> (d0, d2, d3)>, affine_map<(d0, d1, d2, d3) -> (d0, d1, d2)>] ins(%q, %k : tensor<4x32x16xf16>, tensor<4x48x16xf16>) outs(%fs : tensor<4x32x48xf16>) -> tensor<4x32x48xf16>
+  %p = linalg.softmax dimension(2) ins(%s : tensor<4x32x48xf16>) outs(%es : tensor<4x32x48xf16>) -> tensor<4x32x48xf16>
+  %eo = tensor.empty() : tensor<4x32x16xf16>
+  %fo = linalg.fill ins(%zero : f16) outs(%eo : tensor<4x32x16xf16>) -> tensor<4x32x16xf16>
+  %o = linalg.batch_matmul ins(%p, %v : tensor<4x32x48xf16>, tensor<4x48x16xf16>) outs(%fo : tensor<4x32x16xf16>) -> tensor<4x32x16xf16>
+  return %o : tensor<4x32x16xf16>
+}
+
+// -----
+
+// Negative (linalg): the P·V matmul accumulates into a non-zero init: not plain attention.
+// CHECK-LABEL: func.func @linalg_accumulating_init
+// CHECK:         linalg.softmax
+// CHECK-NOT:     iree_linalg_ext.attention
+// WHY:         declined linalg.softmax {{.*}}P·V accumulates into an init that is not a fill of 0
+func.func @linalg_accumulating_init(%q: tensor<4x32x16xf32>, %k: tensor<4x48x16xf32>, %v: tensor<4x48x16xf32>, %acc: tensor<4x32x16xf32>) -> tensor<4x32x16xf32> {
+  %zero = arith.constant 0.0 : f32
+  %es = tensor.empty() : tensor<4x32x48xf32>
+  %fs = linalg.fill ins(%zero : f32) outs(%es : tensor<4x32x48xf32>) -> tensor<4x32x48xf32>
+  %s = linalg.batch_matmul indexing_maps = [affine_map<(d0, d1, d2, d3) -> (d0, d1, d3)>, affine_map<(d0, d1, d2, d3) -> (d0, d2, d3)>, affine_map<(d0, d1, d2, d3) -> (d0, d1, d2)>] ins(%q, %k : tensor<4x32x16xf32>, tensor<4x48x16xf32>) outs(%fs : tensor<4x32x48xf32>) -> tensor<4x32x48xf32>
+  %p = linalg.softmax dimension(2) ins(%s : tensor<4x32x48xf32>) outs(%es : tensor<4x32x48xf32>) -> tensor<4x32x48xf32>
+  %o = linalg.batch_matmul ins(%p, %v : tensor<4x32x48xf32>, tensor<4x48x16xf32>) outs(%acc : tensor<4x32x16xf32>) -> tensor<4x32x16xf32>
+  return %o : tensor<4x32x16xf32>
+}
+
+// -----
+
+// Negative (linalg): softmax over the query axis.
+// CHECK-LABEL: func.func @linalg_softmax_dim1
+// CHECK-NOT:     iree_linalg_ext.attention
+// WHY:         declined linalg.softmax {{.*}}softmax on dim 1, expected the last (key) axis 2
+func.func @linalg_softmax_dim1(%q: tensor<4x32x16xf32>, %k: tensor<4x32x16xf32>, %v: tensor<4x32x16xf32>) -> tensor<4x32x16xf32> {
+  %zero = arith.constant 0.0 : f32
+  %es = tensor.empty() : tensor<4x32x32xf32>
+  %fs = linalg.fill ins(%zero : f32) outs(%es : tensor<4x32x32xf32>) -> tensor<4x32x32xf32>
+  %s = linalg.batch_matmul indexing_maps = [affine_map<(d0, d1, d2, d3) -> (d0, d1, d3)>, affine_map<(d0, d1, d2, d3) -> (d0, d2, d3)>, affine_map<(d0, d1, d2, d3) -> (d0, d1, d2)>] ins(%q, %k : tensor<4x32x16xf32>, tensor<4x32x16xf32>) outs(%fs : tensor<4x32x32xf32>) -> tensor<4x32x32xf32>
+  %p = linalg.softmax dimension(1) ins(%s : tensor<4x32x32xf32>) outs(%es : tensor<4x32x32xf32>) -> tensor<4x32x32xf32>
+  %eo = tensor.empty() : tensor<4x32x16xf32>
+  %fo = linalg.fill ins(%zero : f32) outs(%eo : tensor<4x32x16xf32>) -> tensor<4x32x16xf32>
+  %o = linalg.batch_matmul ins(%p, %v : tensor<4x32x32xf32>, tensor<4x32x16xf32>) outs(%fo : tensor<4x32x16xf32>) -> tensor<4x32x16xf32>
+  return %o : tensor<4x32x16xf32>
+}
