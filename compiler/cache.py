@@ -13,11 +13,10 @@ import functools
 import hashlib
 import importlib.metadata
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from flashmlir import config
+from flashmlir.files import write_atomically
 from flashmlir.log import logger
 
 _SOURCE_ROOTS = ("passes", "compiler", "frontend", "runtime")
@@ -91,18 +90,7 @@ class ModuleCache:
         if not self.enabled:
             return
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            self._write(self.path(key), data)
-            self._write(self.path(key).with_suffix(".json"), json.dumps(summary).encode())
+            write_atomically(self.path(key), data)
+            write_atomically(self.path(key).with_suffix(".json"), json.dumps(summary).encode())
         except OSError as e:
             logger.warning("could not write the module cache in %s: %s", self.directory, e)
-
-    def _write(self, path: Path, data: bytes) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".incoming-", suffix=path.suffix)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise

@@ -12,13 +12,12 @@ User errors print one line and exit 1; nothing is written unless the compile suc
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from flashmlir.errors import FlashmlirError, InputError
+from flashmlir.files import write_atomically
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -67,18 +66,6 @@ def _load_exported_program(path: Path):
         export_log.setLevel(level)
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def run(args: argparse.Namespace) -> int:
     from flashmlir.compiler import iree_driver
     from flashmlir.compiler.pipeline import compile_module, print_stages
@@ -106,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         dump_dir=Path(args.dump_ir) if args.dump_ir else None,
         progress=lambda stage: say(f"  stage {stage}"),
     )
-    _write_atomically(output, vmfb)
+    write_atomically(output, vmfb)
     for line in report.declines():
         say(f"  note: {line}")
     say(f"done in {time.perf_counter() - start:.2f} s: {report.rewrites('flashmlir-tile-attention')} attention "
