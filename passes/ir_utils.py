@@ -104,6 +104,19 @@ def uses(value: ir.Value) -> Iterator[ir.Operation]:
         yield use.owner
 
 
+def tensor_type(shape: list[int], elem: str) -> str:
+    """`tensor<2x8x64xf32>` (or `tensor<f32>` for rank 0)."""
+    return f"tensor<{'x'.join(map(str, shape))}x{elem}>" if shape else f"tensor<{elem}>"
+
+
+def parallel_iterators(n: int) -> str:
+    """The iterator_types list of an n-d all-parallel linalg.generic."""
+    return "[" + ", ".join(['"parallel"'] * n) + "]"
+
+
+NEG_INF_LITERAL = {"f32": "0xFF800000", "f16": "0xFC00", "bf16": "0xFF80"}  # -inf, by element type
+
+
 def f32_literal(x: float) -> str:
     """An f32 attribute literal MLIR parses back exactly (hex for infinities)."""
     if x == float("-inf"):

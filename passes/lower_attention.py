@@ -20,9 +20,12 @@ from iree.compiler import ir
 
 from flashmlir.passes.framework import PassResult, PassSpec
 from flashmlir.passes.ir_utils import (
+    NEG_INF_LITERAL,
     TorchTensorType,
     f32_literal,
+    parallel_iterators,
     splice_function,
+    tensor_type,
     torch_constant,
     torch_tensor_type,
     walk_ops,
@@ -48,15 +51,6 @@ def _dims(names: list[str]) -> str:
 
 def _map(all_dims: list[str], results: list[str]) -> str:
     return f"affine_map<({_dims(all_dims)}) -> ({_dims(results)})>"
-
-
-def _parallel(n: int) -> str:
-    """The iterator_types list of an n-d all-parallel linalg.generic."""
-    return "[" + ", ".join(['"parallel"'] * n) + "]"
-
-
-def _tensor(shape: list[int], elem: str) -> str:
-    return f"tensor<{'x'.join(map(str, shape))}x{elem}>" if shape else f"tensor<{elem}>"
 
 
 @dataclass
@@ -139,7 +133,7 @@ def _function(plan: _Plan) -> str:
     if g > 1:
         lines.append(
             f"%q5 = tensor.expand_shape %bq {group_reassoc} output_shape {q5} : "
-            f"{plan.q.builtin()} into {_tensor(q5, elem)}"
+            f"{plan.q.builtin()} into {tensor_type(q5, elem)}"
         )
         q_value = "%q5"
 
@@ -149,7 +143,7 @@ def _function(plan: _Plan) -> str:
         _map(dims, [*kv_batch, "k2", "n"]),
         _map(dims, []),
     ]
-    ins = [(q_value, _tensor(q5, elem)), ("%bk", plan.k.builtin()), ("%bv", plan.v.builtin())]
+    ins = [(q_value, tensor_type(q5, elem)), ("%bk", plan.k.builtin()), ("%bv", plan.v.builtin())]
     lines.append(f"%scale = arith.constant {f32_literal(plan.scale)} : f32")
     ins.append(("%scale", "f32"))
 
@@ -161,18 +155,18 @@ def _function(plan: _Plan) -> str:
     maps.append(_map(dims, [*batch, "m", "n"]))
 
     lines += [
-        f"%empty = tensor.empty() : {_tensor(o5, elem)}",
+        f"%empty = tensor.empty() : {tensor_type(o5, elem)}",
         f"%attn = iree_linalg_ext.attention <indexing_maps = [{', '.join(maps)}]> "
         f"ins({', '.join(v for v, _ in ins)} : {', '.join(t for _, t in ins)}) "
-        f"outs(%empty : {_tensor(o5, elem)}) {{",
+        f"outs(%empty : {tensor_type(o5, elem)}) {{",
         "^bb0(%score: f32):",
         "  iree_linalg_ext.yield %score : f32",
-        f"}} -> {_tensor(o5, elem)}",
+        f"}} -> {tensor_type(o5, elem)}",
     ]
     result = "%attn"
     if g > 1:
         lines.append(
-            f"%out = tensor.collapse_shape %attn {group_reassoc} : {_tensor(o5, elem)} into {plan.out.builtin()}"
+            f"%out = tensor.collapse_shape %attn {group_reassoc} : {tensor_type(o5, elem)} into {plan.out.builtin()}"
         )
         result = "%out"
     lines += [
@@ -205,7 +199,7 @@ def _mask(plan, lines, dims, batch, batch_sizes, elem):
         if not all(keep):
             kept_shape = [n for n, k in zip(mshape, keep, strict=True) if k]
             reassoc = _drop_unit_reassociation(keep)
-            collapsed = _tensor(kept_shape, elem)
+            collapsed = tensor_type(kept_shape, elem)
             lines.append(f"%mdrop = tensor.collapse_shape {value} {reassoc} : {builtin} into {collapsed}")
             value, builtin = "%mdrop", collapsed
         for i, k in enumerate(keep):
@@ -219,7 +213,7 @@ def _mask(plan, lines, dims, batch, batch_sizes, elem):
             reassoc = [[i] for i in range(hpos)] + [[hpos, hpos + 1]] + [
                 [i + 1] for i in range(hpos + 1, len(kept_dims) - 1)
             ]
-            expanded = _tensor(kept_sizes, elem)
+            expanded = tensor_type(kept_sizes, elem)
             lines.append(
                 f"%mgroups = tensor.expand_shape {value} {reassoc} output_shape {kept_sizes} : "
                 f"{builtin} into {expanded}"
@@ -232,7 +226,7 @@ def _mask(plan, lines, dims, batch, batch_sizes, elem):
     sizes = dict(zip([*batch, "m", "k2"], [*batch_sizes, sq, sk], strict=True))
     out_shape = [sizes[d] for d in out_dims]
     gdims = [f"i{i}" for i in range(len(out_dims))]
-    out_type = _tensor(out_shape, elem)
+    out_type = tensor_type(out_shape, elem)
     ins = ""
     if value is not None:
         in_map = _map(gdims, [gdims[out_dims.index(d)] for d in kept_dims])
@@ -245,10 +239,10 @@ def _mask(plan, lines, dims, batch, batch_sizes, elem):
     lines += [
         f"%cempty = tensor.empty() : {out_type}",
         f"%causal = linalg.generic {{indexing_maps = {maps}, iterator_types = "
-        f"{_parallel(len(out_dims))}}} {ins}outs(%cempty : {out_type}) {{",
+        f"{parallel_iterators(len(out_dims))}}} {ins}outs(%cempty : {out_type}) {{",
         f"^bb0({block_args}):",
         f"  %zero = arith.constant 0.0 : {elem}",
-        f"  %ninf = arith.constant {_neg_inf_literal(elem)} : {elem}",
+        f"  %ninf = arith.constant {NEG_INF_LITERAL[elem]} : {elem}",
         f"  %i = linalg.index {out_dims.index('m')} : index",
         f"  %j = linalg.index {out_dims.index('k2')} : index",
         "  %attend = arith.cmpi ule, %j, %i : index",
@@ -259,20 +253,16 @@ def _mask(plan, lines, dims, batch, batch_sizes, elem):
     return "%causal", out_type, out_dims
 
 
-def _neg_inf_literal(elem: str) -> str:
-    return {"f32": "0xFF800000", "f16": "0xFC00", "bf16": "0xFF80"}[elem]
-
-
 def _convert_mask(lines, value, shape, dtype, elem):
     """A boolean mask becomes additive (0 / -inf); a float mask takes the query's dtype."""
     src = "i1" if dtype == "i1" else dtype
-    in_type, out_type = _tensor(shape, src), _tensor(shape, elem)
+    in_type, out_type = tensor_type(shape, src), tensor_type(shape, elem)
     ids = [f"i{i}" for i in range(len(shape))]
     ident = _map(ids, ids)
     if dtype == "i1":
         body = [
             f"  %zero = arith.constant 0.0 : {elem}",
-            f"  %ninf = arith.constant {_neg_inf_literal(elem)} : {elem}",
+            f"  %ninf = arith.constant {NEG_INF_LITERAL[elem]} : {elem}",
             f"  %r = arith.select %in, %zero, %ninf : {elem}",
         ]
     else:
@@ -281,7 +271,7 @@ def _convert_mask(lines, value, shape, dtype, elem):
     lines += [
         f"%mempty = tensor.empty() : {out_type}",
         f"%mconv = linalg.generic {{indexing_maps = [{ident}, {ident}], iterator_types = "
-        f"{_parallel(len(shape))}}} ins({value} : {in_type}) outs(%mempty : {out_type}) {{",
+        f"{parallel_iterators(len(shape))}}} ins({value} : {in_type}) outs(%mempty : {out_type}) {{",
         f"^bb0(%in: {src}, %o: {elem}):",
         *body,
         f"  linalg.yield %r : {elem}",

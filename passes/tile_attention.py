@@ -28,11 +28,17 @@ from iree.compiler import ir
 
 from flashmlir.compiler.targets import AttentionTiles, get_target
 from flashmlir.passes.framework import PassResult, PassSpec
-from flashmlir.passes.ir_utils import defining_op, splice_function, walk_ops
+from flashmlir.passes.ir_utils import (
+    NEG_INF_LITERAL,
+    defining_op,
+    parallel_iterators,
+    splice_function,
+    tensor_type,
+    walk_ops,
+)
 
 SUPPORTED_ELEMENT_TYPES = ("f32", "f16", "bf16")
 _LOWEST_F32 = "-3.40282347E+38"  # running-max start: finite, so exp(-inf - lowest) = 0, never NaN
-_NEG_INF = {"f32": "0xFF800000", "f16": "0xFC00", "bf16": "0xFF80"}
 
 
 @dataclass(frozen=True)
@@ -56,7 +62,7 @@ class _Operand:
     roles: list[str]  # per tensor dim: "b<i>", "m", "n", "k1", "k2"
 
     def type(self) -> str:
-        return _tensor(self.shape, self.elem)
+        return tensor_type(self.shape, self.elem)
 
 
 @dataclass
@@ -87,15 +93,6 @@ class _Attention:
     @property
     def dv(self) -> int:
         return self.v.shape[self.v.roles.index("n")]
-
-
-def _parallel(n: int) -> str:
-    """The iterator_types list of an n-d all-parallel linalg.generic."""
-    return "[" + ", ".join(['"parallel"'] * n) + "]"
-
-
-def _tensor(shape: list[int], elem: str) -> str:
-    return f"tensor<{'x'.join(map(str, shape))}x{elem}>" if shape else f"tensor<{elem}>"
 
 
 def _elem(t: ir.Type) -> str:
@@ -288,16 +285,16 @@ def _function(attn: _Attention, tiles: AttentionTiles, bq: int, bk: int) -> str:
             f"^bb0({idx}):",
             f"  %{name}_zero = arith.constant 0.0 : {x.elem}",
             f"  tensor.yield %{name}_zero : {x.elem}",
-            f"}} : {x.type()} to {_tensor(new, x.elem)}",
+            f"}} : {x.type()} to {tensor_type(new, x.elem)}",
         ])
         return f"%{name}_p", new
 
     ops = [padded("q", attn.q), padded("k", attn.k), padded("v", attn.v)]
-    types = [_tensor(s, x.elem) for (_, s), x in zip(ops, (attn.q, attn.k, attn.v), strict=True)]
+    types = [tensor_type(s, x.elem) for (_, s), x in zip(ops, (attn.q, attn.k, attn.v), strict=True)]
     if attn.mask is not None:
         mv, ms = padded("mask", attn.mask)
     out_p = [sq_p if r == "m" else s for s, r in zip(attn.out.shape, attn.out.roles, strict=True)]
-    out_p_type = _tensor(out_p, attn.out.elem)
+    out_p_type = tensor_type(out_p, attn.out.elem)
 
     operands = [v for v, _ in ops] + ["%scale"]
     operand_types = types + ["f32"]
@@ -307,7 +304,7 @@ def _function(attn: _Attention, tiles: AttentionTiles, bq: int, bk: int) -> str:
     ]
     region_args.append("%sc: f32")
     if attn.mask is not None:
-        mask_type = _tensor(ms, attn.mask.elem)
+        mask_type = tensor_type(ms, attn.mask.elem)
         operands.append(mv)
         operand_types.append(mask_type)
         region_args.append(f"%mbind: !iree_tensor_ext.dispatch.tensor<readonly:{mask_type}>")
@@ -367,7 +364,7 @@ def _dispatch_body(attn, tiles, bq, bk, nkb, types, mask_type, out_type) -> list
         "%fzero = arith.constant 0.0 : f32",
         f"%lowest = arith.constant {_LOWEST_F32} : f32",
         f"%mzero = arith.constant 0.0 : {elem}",
-        f"%ninf = arith.constant {_NEG_INF[elem]} : {elem}",
+        f"%ninf = arith.constant {NEG_INF_LITERAL[elem]} : {elem}",
         "%wx = flow.dispatch.workgroup.id[0] : index",
         "%wy = flow.dispatch.workgroup.id[1] : index",
         "%q0 = arith.muli %wx, %cbq : index",
@@ -405,7 +402,7 @@ def _dispatch_body(attn, tiles, bq, bk, nkb, types, mask_type, out_type) -> list
 
     def load(name: str, src: str, x: _Operand, full_type: str, k0: str | None = None) -> tuple[str, str]:
         offsets, strides, sizes = tile(x, _parse_shape(full_type), k0)
-        t = _tensor(sizes, x.elem)
+        t = tensor_type(sizes, x.elem)
         lines.append(
             f"%{name} = iree_tensor_ext.dispatch.tensor.load {src}, offsets = [{', '.join(offsets)}], "
             f"sizes = [{', '.join(map(str, sizes))}], strides = [{', '.join(strides)}] : "
@@ -414,8 +411,8 @@ def _dispatch_body(attn, tiles, bq, bk, nkb, types, mask_type, out_type) -> list
         return f"%{name}", t
 
     qt, qt_type = load("qt", "%qbind", attn.q, types[0])
-    acc_type = _tensor([*ones, bq, dv], "f32")
-    row_type = _tensor([*ones, bq], "f32")
+    acc_type = tensor_type([*ones, bq, dv], "f32")
+    row_type = tensor_type([*ones, bq], "f32")
     lines += [
         f"%eacc = tensor.empty() : {acc_type}",
         f"%erow = tensor.empty() : {row_type}",
@@ -455,7 +452,7 @@ def _dispatch_body(attn, tiles, bq, bk, nkb, types, mask_type, out_type) -> list
     ins = [(qt, qt_type), (kt, kt_type), (vt, vt_type), ("%sc", "f32")]
     need_index_mask = attn.causal or attn.sk % bk != 0
     if attn.mask is not None or need_index_mask:
-        mask_tile_type = _tensor([*ones, bq, bk], elem)
+        mask_tile_type = tensor_type([*ones, bq, bk], elem)
         mask_dims = [*batch_dims, pos["m"], pos["k2"]]
         gdims = [f"g{i}" for i in range(nb + 2)]
         ident = f"affine_map<({', '.join(gdims)}) -> ({', '.join(gdims)})>"
@@ -499,7 +496,7 @@ def _dispatch_body(attn, tiles, bq, bk, nkb, types, mask_type, out_type) -> list
         lines += [
             f"%emt = tensor.empty() : {mask_tile_type}",
             f"%mtile = linalg.generic {{indexing_maps = [{', '.join(generic_maps)}], iterator_types = "
-            f"{_parallel(nb + 2)}}} {generic_ins}outs(%emt : {mask_tile_type}) {{",
+            f"{parallel_iterators(nb + 2)}}} {generic_ins}outs(%emt : {mask_tile_type}) {{",
             f"^bb0({', '.join(block_args)}):",
             *body,
             f"  linalg.yield {result} : {elem}",
@@ -522,7 +519,7 @@ def _dispatch_body(attn, tiles, bq, bk, nkb, types, mask_type, out_type) -> list
     lines[inner_start:] = ["  " + ln for ln in lines[inner_start:]]
     lines.append("}")
     # Normalize: O = acc / sum, in the output's element type.
-    out_tile = _tensor([*ones, bq, dv], out_elem)
+    out_tile = tensor_type([*ones, bq, dv], out_elem)
     ids = [f"e{i}" for i in range(nb + 2)]
     full = f"affine_map<({', '.join(ids)}) -> ({', '.join(ids)})>"
     rows = f"affine_map<({', '.join(ids)}) -> ({', '.join(ids[:-1])})>"
@@ -530,7 +527,7 @@ def _dispatch_body(attn, tiles, bq, bk, nkb, types, mask_type, out_type) -> list
     lines += [
         f"%eout = tensor.empty() : {out_tile}",
         f"%norm = linalg.generic {{indexing_maps = [{full}, {rows}, {full}], iterator_types = "
-        f"{_parallel(nb + 2)}}} ins(%res#0, %res#2 : {acc_type}, {row_type}) "
+        f"{parallel_iterators(nb + 2)}}} ins(%res#0, %res#2 : {acc_type}, {row_type}) "
         f"outs(%eout : {out_tile}) {{",
         f"^bb0(%a: f32, %l: f32, %unused: {out_elem}):",
         "  %dv = arith.divf %a, %l : f32",
