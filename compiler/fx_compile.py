@@ -3,7 +3,9 @@
     graph → check it is something we compile → import (torch dialect) → pipeline (cached) → load
 
 The callable takes the graph's tensor arguments and returns its outputs in order, `None` where
-the graph returns None (backward graphs do, for inputs that need no gradient).
+the graph returns None (backward graphs do, for inputs that need no gradient). Outputs are
+allocated by torch on the inputs' device and written in place by the module
+(flashmlir-bind-result-storage).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from flashmlir import config
 from flashmlir.compiler import iree_driver
 from flashmlir.compiler.pipeline import CompileReport, compile_cached
 from flashmlir.compiler.targets import Target
@@ -23,15 +26,28 @@ from flashmlir.frontend.fx_import import import_graph
 from flashmlir.runtime.iree_module import IreeModule
 
 
+@dataclass(frozen=True)
+class OutputSpec:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
 @dataclass
 class CompiledGraph:
     module: IreeModule
-    output_slots: list[int | None]  # per graph output: index into the module's results, or None
+    outputs: list[OutputSpec | None]  # per graph output; None where the graph returns None
+    device: torch.device
     report: CompileReport
 
     def __call__(self, *args: torch.Tensor) -> list[torch.Tensor | None]:
-        results = self.module(*args)
-        return [None if slot is None else results[slot] for slot in self.output_slots]
+        storage = [None if o is None else torch.empty(o.shape, dtype=o.dtype, device=self.device)
+                   for o in self.outputs]
+        if config.poison_outputs():
+            for t in storage:
+                if t is not None and t.is_floating_point():
+                    t.fill_(float("nan"))
+        self.module(*args, *(t for t in storage if t is not None))
+        return storage
 
 
 def _check_inputs(example_inputs: Sequence[Any]) -> None:
@@ -48,11 +64,11 @@ def _check_inputs(example_inputs: Sequence[Any]) -> None:
             raise UnsupportedError(f"graph input {i} has dtype {x.dtype}, which flashmlir does not compile")
 
 
-def _without_none_outputs(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[int | None]]:
-    """A copy of `gm` returning only its tensor outputs, and where each original output went."""
+def _without_none_outputs(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[OutputSpec | None]]:
+    """A copy of `gm` returning only its tensor outputs, and the shape and dtype of every output."""
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
-    slots: list[int | None] = []
+    specs: list[OutputSpec | None] = []
     kept: list[fx.Node] = []
     for node in gm.graph.nodes:
         if node.op != "output":
@@ -60,25 +76,32 @@ def _without_none_outputs(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[int 
             continue
         values = node.args[0] if isinstance(node.args[0], (list, tuple)) else (node.args[0],)
         for v in values:
+            val = v.meta.get("val") if isinstance(v, fx.Node) else None
             if v is None:
-                slots.append(None)
-            elif isinstance(v, fx.Node):
-                slots.append(len(kept))
+                specs.append(None)
+            elif isinstance(val, torch.Tensor):
+                specs.append(OutputSpec(tuple(int(d) for d in val.shape), val.dtype))
                 kept.append(env[v])
             else:
                 raise UnsupportedError(
-                    f"graph returns a {type(v).__name__}; flashmlir compiles graphs returning tensors"
+                    f"graph returns a {type(val or v).__name__}; flashmlir compiles graphs returning tensors"
                 )
     graph.output(tuple(kept))
-    return fx.GraphModule(gm, graph), slots
+    return fx.GraphModule(gm, graph), specs
+
+
+def _device_of(example_inputs: Sequence[Any]) -> torch.device:
+    return next((x.device for x in example_inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
 
 
 def compile_fx_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], target: Target,
                      what: str = "graph") -> CompiledGraph:
     """Compile an aot_autograd graph for `target`. Raises FlashmlirError subclasses."""
     _check_inputs(example_inputs)
-    stripped, slots = _without_none_outputs(gm)
+    stripped, outputs = _without_none_outputs(gm)
+    device = _device_of(example_inputs)
     session = iree_driver.new_session(target.iree_flags)
     module = import_graph(stripped, session.context)
-    vmfb, report = compile_cached(session, module, target, what=what)
-    return CompiledGraph(IreeModule(vmfb, target.runtime_driver), slots, report)
+    vmfb, report = compile_cached(session, module, target, what=what, bind_result_storage=True)
+    loaded = IreeModule(vmfb, target.runtime_driver, device_index=device.index or 0)
+    return CompiledGraph(loaded, outputs, device, report)

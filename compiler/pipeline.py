@@ -25,7 +25,7 @@ from flashmlir import config
 from flashmlir.compiler import iree_driver
 from flashmlir.compiler.cache import ModuleCache, cache_key
 from flashmlir.compiler.targets import Target
-from flashmlir.errors import CompileError
+from flashmlir.errors import CompileError, UnsupportedError
 from flashmlir.log import logger
 from flashmlir.passes.framework import Decline, PassResult
 from flashmlir.passes.pass_manager import build_pass_manager, parse_pipeline
@@ -37,8 +37,11 @@ class Stage:
     pipeline: str  # textual pass pipeline (our passes and MLIR/IREE ones)
 
 
-def flashmlir_stages(target: Target) -> tuple[Stage, ...]:
+def flashmlir_stages(target: Target, bind_result_storage: bool = False) -> tuple[Stage, ...]:
+    """Our stages. `bind_result_storage`: the caller passes output tensors in (torch interop)."""
+    binding = (Stage("bind-result-storage", "flashmlir-bind-result-storage"),) if bind_result_storage else ()
     return (
+        *binding,
         Stage("match-attention", "flashmlir-match-attention"),
         Stage("lower-attention", "flashmlir-lower-attention"),
         Stage("tile-attention", f"flashmlir-tile-attention{{target={target.name}}},canonicalize,cse"),
@@ -117,6 +120,21 @@ def _save_reproducer(stage: str, text: str) -> Path:
     return path
 
 
+_ELEMENT_TYPE_NAMES = {"bf16": "bfloat16", "f16": "float16", "f32": "float32", "f64": "float64"}
+
+
+def check_element_types(module: ir.Module, target: Target) -> None:
+    """Refuse float element types the target cannot compute in (bf16 on Volta), naming both."""
+    text = str(module.operation.attributes["function_type"]) if "function_type" in module.operation.attributes else ""
+    for op in module.body.operations:
+        if "function_type" in op.attributes:
+            text += str(op.attributes["function_type"])
+    for short, name in _ELEMENT_TYPE_NAMES.items():
+        if name not in target.dtypes and (f"x{short}>" in text or f",{short}>" in text):
+            raise UnsupportedError(
+                f"{name} is not supported on {target.name} (supported: {', '.join(target.dtypes)})")
+
+
 def _run_stage(module: ir.Module, stage: Stage, report: CompileReport) -> None:
     text_before = str(module)
     results: list[PassResult] = []
@@ -146,14 +164,21 @@ def compile_module(
     *,
     dump_dir: Path | None = None,
     progress: Callable[[str], None] | None = None,
+    bind_result_storage: bool = False,
 ) -> tuple[bytes, CompileReport]:
     """Run every stage on `module` (created in `session.context`); return the .vmfb and a report."""
     report = CompileReport(target.name, dump_dir=dump_dir)
     dump = _Dumper(dump_dir)
+    if dump_dir is not None:
+        session.set_flags(f"--iree-hal-dump-executable-binaries-to={dump_dir / 'binaries'}")
     with module.context, ir.Location.unknown():
-        module.operation.attributes["flashmlir.target"] = ir.StringAttr.get(target.name)
+        check_element_types(module, target)
+        attributes = module.operation.attributes
+        attributes["flashmlir.target"] = ir.StringAttr.get(target.name)
+        if target.gpu is not None:
+            attributes["hal.device.targets"] = ir.Attribute.parse(target.gpu.device_targets())
         dump("input", str(module))
-        for stage in flashmlir_stages(target):
+        for stage in flashmlir_stages(target, bind_result_storage):
             if progress:
                 progress(stage.name)
             start = time.perf_counter()
@@ -186,10 +211,11 @@ def compile_cached(
     what: str = "module",
     dump_dir: Path | None = None,
     cache: ModuleCache | None = None,
+    bind_result_storage: bool = False,
 ) -> tuple[bytes, CompileReport]:
     """`compile_module` behind the on-disk cache. Logs each compile (FLASHMLIR_LOG=info)."""
     cache = cache or ModuleCache()
-    pipeline = tuple(s.pipeline for s in flashmlir_stages(target))
+    pipeline = tuple(s.pipeline for s in flashmlir_stages(target, bind_result_storage))
     key = cache_key(str(module), f"{target.name} {target.fingerprint}", target.iree_flags, pipeline)
     if dump_dir is None and config.save_temps_dir() is not None:
         dump_dir = config.save_temps_dir() / key[:16]
@@ -205,7 +231,7 @@ def compile_cached(
     start = time.perf_counter()
     try:
         vmfb, report = compile_module(
-            session, module, target, dump_dir=dump_dir,
+            session, module, target, dump_dir=dump_dir, bind_result_storage=bind_result_storage,
             progress=(lambda s: logger.debug("%s: stage %s", what, s)) if logger.isEnabledFor(logging.DEBUG) else None,
         )
     except CompileError as e:

@@ -1,8 +1,9 @@
 """The one capability table of flashmlir's targets. Passes read it; nothing tests `arch >= 90`.
 
-Each target says what IREE is told (flags), what the hardware offers that our passes care about,
-and how attention is tiled there. Targets that later work will bring (CUDA sm_70/80/90, an
-NPU-like target) are listed so that asking for them gives a clear answer instead of a KeyError.
+Each target says what IREE is told (flags, or for GPUs the `#iree_gpu.target` description put on
+the module), what the hardware offers that our passes care about, and how attention is tiled
+there. Targets that later work will bring (an NPU-like one) are listed so that asking for them
+gives a clear answer instead of a KeyError.
 """
 
 from __future__ import annotations
@@ -32,6 +33,35 @@ class AttentionTiles:
 
 
 @dataclass(frozen=True)
+class GpuCaps:
+    """What an NVIDIA architecture offers IREE's GPU codegen (the `#iree_gpu.target` it gets)."""
+
+    arch: str  # "sm_80"
+    ptx_features: str  # the PTX ISA version LLVM emits, "+ptx76"
+    compute_capability: tuple[int, int]
+    mma: tuple[str, ...]  # IREE's MMA intrinsics this arch really has
+    shared_memory_bytes: int  # per workgroup (block), opt-in maximum
+    max_workgroup_sizes: tuple[int, int, int] = (1024, 1024, 64)
+
+    def iree_target(self) -> str:
+        mma = ", ".join(f"<{m}>" for m in self.mma)
+        x, y, z = self.max_workgroup_sizes
+        return (
+            f'#iree_gpu.target<arch = "{self.arch}", features = "{self.ptx_features}", wgp = <'
+            "compute = fp64|fp32|fp16|int64|int32|int16|int8, storage = b64|b32|b16|b8, "
+            f"subgroup = shuffle|arithmetic, dot = dp4xi8toi32, mma = [{mma}], subgroup_size_choices = [32], "
+            f"max_workgroup_sizes = [{x}, {y}, {z}], max_thread_count_per_workgroup = 1024, "
+            f"max_workgroup_memory_bytes = {self.shared_memory_bytes}, "
+            "max_workgroup_counts = [2147483647, 65535, 65535]>>"
+        )
+
+    def device_targets(self) -> str:
+        """The `hal.device.targets` attribute value that makes IREE compile for this GPU."""
+        executable = f'#hal.executable.target<"cuda", "cuda-nvptx-fb", {{iree_codegen.target_info = {self.iree_target()}}}>'
+        return f'[#hal.device.target<"cuda", [{executable}]> : !hal.device]'
+
+
+@dataclass(frozen=True)
 class Target:
     name: str
     kind: str  # "cpu" | "cuda" | "npu"
@@ -46,6 +76,8 @@ class Target:
     # What a compiled module depends on beyond the flags: "host" CPU code is only valid on a CPU
     # with the same features, so the module cache keys on them.
     fingerprint: str = ""
+    gpu: GpuCaps | None = None
+    dtypes: tuple[str, ...] = ("float32", "float16", "bfloat16")  # element types it computes in
 
 
 def _cpu_cache_bytes() -> dict[str, int]:
@@ -121,6 +153,37 @@ def _cpu() -> Target:
     )
 
 
+# IREE's MMA intrinsics for NVIDIA: mma.sync m16n8k16 (f16/bf16 inputs) exists from sm_80 on.
+_AMPERE_MMA = ("NV_MMA_SYNC_F32_16x8x16_F16", "NV_MMA_SYNC_F16_16x8x16_F16", "NV_MMA_SYNC_F32_16x8x16_BF16")
+
+_GPUS = {
+    # Volta: no mma.sync m16n8k16 (IREE's own sm_70 entry lists it and crashes in instruction
+    # selection); its HMMA m8n8k4 / WMMA 16x16x16 are not in IREE's codegen, so attention here
+    # runs on SIMT FMA until the Volta microkernel. No bf16 arithmetic. 96 KB shared memory.
+    "sm_70": GpuCaps("sm_70", "+ptx63", (7, 0), (), 98304),
+    # Ampere (A100): 163 KB of shared memory per block.
+    "sm_80": GpuCaps("sm_80", "+ptx76", (8, 0), _AMPERE_MMA, 166912),
+    # Hopper: absent from IREE 3.13's table; written out here with Hopper's limits (227 KB shared
+    # memory per block). IREE's codegen still emits Ampere mma.sync for it: WGMMA and TMA come
+    # with our sm_90 microkernel.
+    "sm_90": GpuCaps("sm_90", "+ptx80", (9, 0), _AMPERE_MMA, 232448),
+}
+
+
+def _cuda(name: str) -> Target:
+    gpu = _GPUS[name]
+    return Target(
+        name=name,
+        kind="cuda",
+        description=f"NVIDIA {name} through IREE's CUDA backend",
+        available=True,
+        runtime_driver="cuda",
+        gpu=gpu,
+        dtypes=("float32", "float16") if gpu.compute_capability < (8, 0) else ("float32", "float16", "bfloat16"),
+        fingerprint=gpu.iree_target(),
+    )
+
+
 def _planned(name: str, kind: str, description: str) -> Target:
     return Target(
         name=name, kind=kind, description=description, available=False,
@@ -129,19 +192,18 @@ def _planned(name: str, kind: str, description: str) -> Target:
 
 
 _PLANNED = {
-    "sm_70": ("cuda", "NVIDIA Volta, CUDA through IREE with Volta-only MMA"),
-    "sm_80": ("cuda", "NVIDIA Ampere, CUDA through IREE"),
-    "sm_90": ("cuda", "NVIDIA Hopper, CUDA through IREE with WGMMA/TMA microkernels"),
     "npu": ("npu", "an NPU-like target with two-level tiling"),
 }
 
-TARGET_NAMES = ("cpu", *_PLANNED)
+TARGET_NAMES = ("cpu", *_GPUS, *_PLANNED)
 
 
 def lookup(name: str) -> Target:
     """The table entry for `name`, available or not. Unknown names raise UnsupportedError."""
     if name == "cpu":
         return _cpu()
+    if name in _GPUS:
+        return _cuda(name)
     if name in _PLANNED:
         kind, description = _PLANNED[name]
         return _planned(name, kind, description)
@@ -162,8 +224,17 @@ def target_for_device(device_type: str, capability: tuple[int, int] | None = Non
     if device_type == "cpu":
         return _cpu()
     if device_type == "cuda" and capability is not None:
-        major = capability[0]
-        name = "sm_90" if major >= 9 else "sm_80" if major == 8 else "sm_70" if major == 7 else ""
-        if name:
-            return get_target(name)
+        # The newest target the device can run (PTX for an older arch is JIT-compiled forward).
+        for name in ("sm_90", "sm_80", "sm_70"):
+            if _GPUS[name].compute_capability <= capability:
+                return get_target(name)
+        raise UnsupportedError(f"CUDA device of compute capability {capability} is older than sm_70")
     raise UnsupportedError(f"tensors on device '{device_type}' have no flashmlir target yet")
+
+
+def check_runs_on(target: Target, capability: tuple[int, int]) -> None:
+    """Raise if code for `target` cannot run on a device of `capability`."""
+    if target.gpu is not None and target.gpu.compute_capability > capability:
+        raise UnsupportedError(
+            f"target {target.name} needs compute capability {target.gpu.compute_capability}, the device "
+            f"has {capability}")

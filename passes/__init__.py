@@ -3,17 +3,19 @@
     flashmlir-match-attention   torch IR: SDPA and softmax(Q·Kᵀ·s + M)·V ⇒ torch.flashmlir.attention
     flashmlir-lower-attention   torch.flashmlir.attention ⇒ iree_linalg_ext.attention (GQA, causal kept)
     flashmlir-tile-attention    iree_linalg_ext.attention ⇒ flash loop nest in one dispatch (per target)
+    flashmlir-bind-result-storage  results written into caller-provided tensors (torch interop)
 
 `flashmlir.passes.pass_manager` runs them, mixed with any MLIR/IREE pass, from a textual pipeline.
 """
 
 from __future__ import annotations
 
-from flashmlir.passes import lower_attention, match_attention, tile_attention
+from flashmlir.passes import bind_result_storage, lower_attention, match_attention, tile_attention
 from flashmlir.passes.framework import Decline, PassResult, PassSpec
 
 REGISTRY: dict[str, PassSpec] = {
-    p.name: p for p in (match_attention.PASS, lower_attention.PASS, tile_attention.PASS)
+    p.name: p
+    for p in (match_attention.PASS, lower_attention.PASS, tile_attention.PASS, bind_result_storage.PASS)
 }
 
 __all__ = ["REGISTRY", "Decline", "PassResult", "PassSpec"]

@@ -1,9 +1,19 @@
-"""A compiled module loaded on an IREE device, called with torch tensors, returning torch tensors.
+"""A compiled module loaded on an IREE device, called with torch tensors.
 
-Tensors cross by DLPack in both directions without copies: inputs are wrapped as IREE buffer
-views over torch's memory (`HalDevice.from_dlpack_capsule`), results are handed to torch as views
-of IREE's buffers (`create_dlpack_capsule`). Only non-contiguous inputs are copied (IREE takes
-dense row-major buffers). One IREE instance and device per driver per process.
+Tensors cross by DLPack without copies: inputs (and, for modules compiled with
+flashmlir-bind-result-storage, the output storage the caller allocated with torch) are wrapped as
+IREE buffer views over torch's memory (`HalDevice.from_dlpack_capsule`). Plain results, if a
+module returns any, are handed to torch as views of IREE's buffers. Only non-contiguous inputs
+are copied (IREE takes dense row-major buffers).
+
+CUDA ordering. IREE 3.13's CUDA HAL runs on its own stream and cannot wait on or signal CUDA
+events (its timepoint import/export is unimplemented), so a call synchronizes instead:
+1. before IREE starts, torch's current stream on the device is synchronized, so every torch
+   kernel that writes an input (or still reads memory IREE is about to reuse) has finished;
+2. the module's synchronous entry point returns only after IREE's work completed, so torch
+   kernels queued afterwards see the results.
+Outputs written into torch-allocated storage stay under torch's stream-ordered allocator, so
+their lifetime needs nothing more.
 """
 
 from __future__ import annotations
@@ -13,26 +23,43 @@ import functools
 import iree.runtime as rt
 import torch
 
+from flashmlir.log import logger
+
 # DLPack device type codes (dlpack.h).
-_DLPACK_DEVICE = {"local-task": 1, "local-sync": 1}
+_DLPACK_DEVICE = {"local-task": 1, "local-sync": 1, "cuda": 2}
 
 
 @functools.cache
-def _runtime(driver: str) -> rt.Config:
-    return rt.Config(driver)
+def _config(driver: str, device_index: int) -> rt.Config:
+    """One IREE instance and device per (driver, device) per process."""
+    if driver != "cuda":
+        return rt.Config(driver)
+    hal_driver = rt.get_driver("cuda")
+    infos = hal_driver.query_available_devices()
+    uuid = str(torch.cuda.get_device_properties(device_index).uuid).lower()
+    chosen = next((info for info in infos if uuid and uuid in str(info).lower()), None)
+    if chosen is None:
+        # No UUID in IREE's device list: both enumerate CUDA devices in the driver's order.
+        chosen = infos[device_index]
+        logger.info("IREE CUDA device matched to torch cuda:%d by index (%s)", device_index, chosen)
+    return rt.Config(device=hal_driver.create_device(chosen))
 
 
 class IreeModule:
     """One .vmfb on one device; `module(*tensors)` runs its function and returns its results."""
 
-    def __init__(self, vmfb: bytes, driver: str = "local-task", function: str = "main"):
+    # Tests turn this off to show that they catch a missing synchronization.
+    synchronize_torch_stream = True
+
+    def __init__(self, vmfb: bytes, driver: str = "local-task", function: str = "main", device_index: int = 0):
         if driver not in _DLPACK_DEVICE:
             raise ValueError(f"no torch interop for IREE driver '{driver}' yet")
-        runtime = _runtime(driver)
-        self._device = runtime.device
+        config = _config(driver, device_index)
+        self._driver, self._device_index = driver, device_index
+        self._device = config.device
         self._dlpack_device = _DLPACK_DEVICE[driver]
-        self._vm_module = rt.VmModule.copy_buffer(runtime.vm_instance, vmfb)
-        self._context = rt.VmContext(runtime.vm_instance, modules=[*runtime.default_vm_modules, self._vm_module])
+        self._vm_module = rt.VmModule.copy_buffer(config.vm_instance, vmfb)
+        self._context = rt.VmContext(config.vm_instance, modules=[*config.default_vm_modules, self._vm_module])
         self._function = self._vm_module.lookup_function(function)
         if self._function is None:
             names = ", ".join(self._vm_module.function_names)
@@ -45,11 +72,12 @@ class IreeModule:
             if not t.is_contiguous():
                 t = t.contiguous()
             args.push_ref(self._device.from_dlpack_capsule(torch.utils.dlpack.to_dlpack(t)))
+        if self._driver == "cuda" and self.synchronize_torch_stream:
+            torch.cuda.current_stream(self._device_index).synchronize()
         results = rt.VmVariantList(4)
         self._context.invoke(self._function, args, results)
         return [
-            torch.from_dlpack(
-                self._device.create_dlpack_capsule(results.get_as_object(i, rt.HalBufferView), self._dlpack_device, 0)
-            )
+            torch.from_dlpack(self._device.create_dlpack_capsule(
+                results.get_as_object(i, rt.HalBufferView), self._dlpack_device, self._device_index))
             for i in range(results.size)
         ]

@@ -43,7 +43,12 @@ LOG_LEVEL = Knob(
     "Log level of the 'flashmlir' logger: debug, info, warning or error. info shows each compile.",
 )
 
-ALL_KNOBS = (STRICT, CACHE_DIR, DISABLE_CACHE, SAVE_TEMPS, LOG_LEVEL)
+POISON_OUTPUTS = Knob(
+    "FLASHMLIR_POISON_OUTPUTS", "0",
+    "1: fill every output with NaN before a compiled graph writes it (catches unwritten elements).",
+)
+
+ALL_KNOBS = (STRICT, CACHE_DIR, DISABLE_CACHE, SAVE_TEMPS, LOG_LEVEL, POISON_OUTPUTS)
 
 
 def strict() -> bool:
@@ -65,6 +70,10 @@ def cache_dir() -> Path:
 def save_temps_dir() -> Path | None:
     raw = SAVE_TEMPS.raw()
     return Path(raw).expanduser() if raw else None
+
+
+def poison_outputs() -> bool:
+    return _flag(POISON_OUTPUTS)
 
 
 def log_level() -> str:

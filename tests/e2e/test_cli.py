@@ -79,7 +79,8 @@ def test_torch_export_program_compiles_with_dump_ir(tmp_path):
     [
         (["missing.mlir"], "no such file: 'missing.mlir'"),
         (["bad.mlir"], "malformed MLIR: "),
-        (["good.mlir", "--target", "sm_90"], "target 'sm_90' (NVIDIA Hopper"),
+        (["good.mlir", "--target", "npu"], "target 'npu' (an NPU-like target"),
+        (["bf16.mlir", "--target", "sm_70"], "bfloat16 is not supported on sm_70 (supported: float32, float16)"),
         (["notes.txt"], "expected an .mlir file or a torch.export program"),
         (["bad.pt2"], "is not a torch.export program"),
     ],
@@ -88,6 +89,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, monkeypatch, args, m
     monkeypatch.chdir(tmp_path)
     (tmp_path / "bad.mlir").write_text("func.func @f( {\n")
     (tmp_path / "good.mlir").write_text(TORCH_MLIR)
+    (tmp_path / "bf16.mlir").write_text(TORCH_MLIR.replace("f32>", "bf16>"))
     (tmp_path / "notes.txt").write_text("hello")
     (tmp_path / "bad.pt2").write_bytes(b"not a zip")
     proc = subprocess.run([BIN / "flashmlir-compile", *args], capture_output=True, text=True)
@@ -140,5 +142,6 @@ def test_save_temps_keeps_every_stage(tmp_path, monkeypatch):
         torch.compile(F.scaled_dot_product_attention, backend="flashmlir")(q, k, v)
     (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     names = sorted(p.name for p in folder.iterdir())
-    assert names[0] == "00-input.mlir" and "03-tile-attention.mlir" in names
-    assert "flow.dispatch.workgroups" in (folder / "03-tile-attention.mlir").read_text()
+    assert names[:5] == ["00-input.mlir", "01-bind-result-storage.mlir", "02-match-attention.mlir",
+                         "03-lower-attention.mlir", "04-tile-attention.mlir"]
+    assert "flow.dispatch.workgroups" in (folder / "04-tile-attention.mlir").read_text()

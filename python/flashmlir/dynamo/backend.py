@@ -21,7 +21,7 @@ import torch
 import torch.fx as fx
 
 from flashmlir import config
-from flashmlir.compiler.targets import Target, get_target, target_for_device
+from flashmlir.compiler.targets import Target, check_runs_on, get_target, target_for_device
 from flashmlir.errors import FlashmlirError, UnsupportedError
 from flashmlir.frontend.matcher import AttentionSite, MatchResult, NearMiss
 from flashmlir.log import logger, warn_once
@@ -65,14 +65,20 @@ class BackendOptions:
 
 
 def _target_for(options: BackendOptions, example_inputs: Sequence[Any]) -> Target:
-    if options.target != "auto":
-        return get_target(options.target)
     devices = {x.device for x in example_inputs if isinstance(x, torch.Tensor)}
     if len(devices) > 1:
         raise UnsupportedError(f"graph inputs live on several devices {sorted(map(str, devices))}")
     device = next(iter(devices), torch.device("cpu"))
     capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-    return target_for_device(device.type, capability)
+    if options.target == "auto":
+        return target_for_device(device.type, capability)
+    target = get_target(options.target)
+    expected = "cuda" if target.kind == "cuda" else "cpu"
+    if device.type != expected:
+        raise UnsupportedError(f"target {target.name} compiles for {expected} tensors, the graph's are on {device}")
+    if capability is not None:
+        check_runs_on(target, capability)
+    return target
 
 
 def _aot_decompositions() -> dict:

@@ -68,7 +68,7 @@ def _load_exported_program(path: Path):
 
 def run(args: argparse.Namespace) -> int:
     from flashmlir.compiler import iree_driver
-    from flashmlir.compiler.pipeline import compile_module, print_stages
+    from flashmlir.compiler.pipeline import check_element_types, compile_module, print_stages
     from flashmlir.compiler.targets import get_target
 
     target = get_target(args.target)
@@ -87,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     session = iree_driver.new_session(target.iree_flags)
     module = _load(source, session)
+    check_element_types(module, target)
     say(f"{source} → {output} for {target.name}")
     vmfb, report = compile_module(
         session, module, target,

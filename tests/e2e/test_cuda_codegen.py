@@ -1,0 +1,58 @@
+"""Compiling attention for the CUDA targets on a machine without a GPU: the PTX IREE emits.
+
+Each target compiles here; its PTX targets the right architecture and uses the instructions that
+architecture has: mma.sync m16n8k16 (tensor cores) for f16/bf16 on sm_80 and sm_90, never on
+sm_70 (IREE has no Volta MMA lowering; the Volta microkernel brings HMMA). ptxas, where installed,
+must accept the PTX.
+"""
+
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from flashmlir.compiler import iree_driver
+from flashmlir.compiler.mlir_io import parse_module
+from flashmlir.compiler.pipeline import compile_module
+from flashmlir.compiler.targets import get_target
+
+SDPA = """
+func.func @main(%q: !torch.vtensor<[2,8,256,64],{t}>, %k: !torch.vtensor<[2,2,256,64],{t}>, %v: !torch.vtensor<[2,2,256,64],{t}>) -> !torch.vtensor<[2,8,256,64],{t}> {{
+  %none = torch.constant.none
+  %float0 = torch.constant.float 0.000000e+00
+  %true = torch.constant.bool true
+  %0 = torch.aten.scaled_dot_product_attention %q, %k, %v, %none, %float0, %true, %none, %true : !torch.vtensor<[2,8,256,64],{t}>, !torch.vtensor<[2,2,256,64],{t}>, !torch.vtensor<[2,2,256,64],{t}>, !torch.none, !torch.float, !torch.bool, !torch.none, !torch.bool -> !torch.vtensor<[2,8,256,64],{t}>
+  return %0 : !torch.vtensor<[2,8,256,64],{t}>
+}}
+"""
+
+
+def _ptx(tmp_path, target_name: str, dtype: str) -> str:
+    target = get_target(target_name)
+    session = iree_driver.new_session(target.iree_flags)
+    module = parse_module(SDPA.format(t=dtype), session.context)
+    vmfb, report = compile_module(session, module, target, dump_dir=tmp_path)
+    assert vmfb and report.rewrites("flashmlir-match-attention") == 1
+    (ptx,) = (tmp_path / "binaries").glob("*.ptx")
+    return ptx.read_text()
+
+
+@pytest.mark.parametrize("target, dtype, mma", [
+    ("sm_70", "f16", None),
+    ("sm_80", "f16", "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"),
+    ("sm_80", "bf16", "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"),
+    ("sm_90", "f16", "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"),
+])
+def test_ptx_targets_the_arch_with_its_instructions(tmp_path, target, dtype, mma):
+    ptx = _ptx(tmp_path, target, dtype)
+    assert re.search(rf"^\.target {target}$", ptx, re.M)
+    if mma is None:
+        assert "mma.sync" not in ptx and "wmma" not in ptx
+        assert "fma.rn.f32" in ptx
+    else:
+        assert ptx.count(mma) >= 8
+    if shutil.which("ptxas") and target != "sm_70":  # CUDA 13's ptxas no longer knows sm_70
+        (tmp_path / "k.ptx").write_text(ptx)
+        subprocess.run(["ptxas", f"-arch={target}", str(tmp_path / "k.ptx"), "-o", str(tmp_path / "k.cubin")],
+                       check=True, capture_output=True)
