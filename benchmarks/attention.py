@@ -75,8 +75,9 @@ def _stock_vmfb(config: Config) -> bytes:
     from flashmlir.frontend.fx_import import import_graph
 
     q, k, v = config.inputs("meta")
+    # pre_dispatch keeps SDPA whole: IREE's torch frontend then emits its own attention op.
     graph = make_fx(lambda q, k, v: torch.ops.aten.scaled_dot_product_attention(q, k, v, is_causal=config.causal),
-                    tracing_mode="fake")(q, k, v)
+                    tracing_mode="fake", pre_dispatch=True)(q, k, v)
     target = get_target("sm_80")
     session = iree_driver.new_session(())
     module = import_graph(graph, session.context)

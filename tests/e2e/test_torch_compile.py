@@ -161,3 +161,20 @@ def test_head_dims(head_dim):
     with torch.no_grad():
         out = torch.compile(sdpa_causal, backend="flashmlir")(q, k, v)
     assert rel_err(out, sdpa_causal(q.double(), k.double(), v.double())) < 1e-5
+
+
+def test_multihead_attention_training():
+    """nn.MultiheadAttention's in-projection produces aten.squeeze.dims (decomposed for IREE)."""
+    model = nn.MultiheadAttention(64, 4, batch_first=True)
+    x = torch.randn(2, 30, 64, requires_grad=True)
+
+    def step(m, x):
+        return m(x, x, x, need_weights=False)[0].square().mean()
+
+    torch.compile(step, backend="flashmlir")(model, x).backward()
+    grads = [p.grad.clone() for p in model.parameters()] + [x.grad.clone()]
+    model.zero_grad()
+    x.grad = None
+    step(model, x).backward()
+    for got, want in zip(grads, [p.grad for p in model.parameters()] + [x.grad], strict=True):
+        assert rel_err(got, want) < 1e-5

@@ -105,7 +105,8 @@ def test_the_sync_test_catches_a_missing_sync(monkeypatch):
     monkeypatch.setattr(IreeModule, "synchronize_torch_stream", False)
     out, ref = _delayed_inputs_call()
     err = ((out.double() - ref).norm() / ref.norm()).item()
-    assert err > 0.1, "without the sync IREE should have read the input before torch wrote it"
+    # NaN counts as wrong too: the NaN poison torch queued behind the sleep lands after IREE wrote.
+    assert not err < 0.1, "without the sync IREE should have raced torch's stream"
 
 
 def test_training_step_on_gpu():

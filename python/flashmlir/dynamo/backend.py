@@ -81,11 +81,23 @@ def _target_for(options: BackendOptions, example_inputs: Sequence[Any]) -> Targe
     return target
 
 
+def _squeeze_dims(x: torch.Tensor, dims: list[int]) -> torch.Tensor:
+    """squeeze(x, dims) as a view (dropping size-1 dims never needs a copy)."""
+    drop = {d % x.dim() for d in dims if x.shape[d] == 1}
+    return torch.ops.aten.view.default(x, [n for i, n in enumerate(x.shape) if i not in drop])
+
+
 def _aot_decompositions() -> dict:
-    """Core ATen for IREE's torch frontend; our attention op has no decomposition and stays whole."""
+    """Core ATen for IREE's torch frontend; our attention op has no decomposition and stays whole.
+
+    Plus decompositions of core ops IREE 3.13's torch frontend cannot lower (`squeeze.dims`, which
+    nn.MultiheadAttention's in-projection produces), into ops it can.
+    """
     from torch._decomp import core_aten_decompositions
 
-    return core_aten_decompositions()
+    table = core_aten_decompositions()
+    table[torch.ops.aten.squeeze.dims] = _squeeze_dims
+    return table
 
 
 class GraphCompiler:
