@@ -76,6 +76,10 @@ class IreeModule:
             torch.cuda.current_stream(self._device_index).synchronize()
         results = rt.VmVariantList(4)
         self._context.invoke(self._function, args, results)
+        if results.size and self._driver == "cuda":
+            raise RuntimeError(
+                "IREE 3.13's CUDA HAL cannot export its buffers to torch; compile the module with "
+                "flashmlir-bind-result-storage and pass output tensors in")
         return [
             torch.from_dlpack(self._device.create_dlpack_capsule(
                 results.get_as_object(i, rt.HalBufferView), self._dlpack_device, self._device_index))
