@@ -14,6 +14,11 @@ events (its timepoint import/export is unimplemented), so a call synchronizes in
    kernels queued afterwards see the results.
 Outputs written into torch-allocated storage stay under torch's stream-ordered allocator, so
 their lifetime needs nothing more.
+
+CUDA contexts. IREE's CUDA HAL uses the device's primary context, as torch does, but loads
+executables and launches in whichever context is current on the calling thread. aot_autograd
+compiles and runs backward graphs in autograd's own worker thread, where nothing has made a
+context current yet; a torch runtime call on the device first makes the primary context current.
 """
 
 from __future__ import annotations
@@ -45,6 +50,11 @@ def _config(driver: str, device_index: int) -> rt.Config:
     return rt.Config(device=hal_driver.create_device(chosen))
 
 
+def _make_context_current(driver: str, device_index: int) -> None:
+    if driver == "cuda":
+        torch.cuda.synchronize(device_index)
+
+
 class IreeModule:
     """One .vmfb on one device; `module(*tensors)` runs its function and returns its results."""
 
@@ -54,6 +64,7 @@ class IreeModule:
     def __init__(self, vmfb: bytes, driver: str = "local-task", function: str = "main", device_index: int = 0):
         if driver not in _DLPACK_DEVICE:
             raise ValueError(f"no torch interop for IREE driver '{driver}' yet")
+        _make_context_current(driver, device_index)
         config = _config(driver, device_index)
         self._driver, self._device_index = driver, device_index
         self._device = config.device
@@ -72,8 +83,11 @@ class IreeModule:
             if not t.is_contiguous():
                 t = t.contiguous()
             args.push_ref(self._device.from_dlpack_capsule(torch.utils.dlpack.to_dlpack(t)))
-        if self._driver == "cuda" and self.synchronize_torch_stream:
-            torch.cuda.current_stream(self._device_index).synchronize()
+        if self._driver == "cuda":
+            if self.synchronize_torch_stream:
+                torch.cuda.current_stream(self._device_index).synchronize()
+            else:  # (tests only) still the thread's context, just without waiting for torch
+                torch.cuda.set_device(self._device_index)
         results = rt.VmVariantList(4)
         self._context.invoke(self._function, args, results)
         if results.size and self._driver == "cuda":
