@@ -236,7 +236,8 @@ def main() -> None:
     columns = [f"flashmlir-{t}" for t in targets] + ["iree-stock"] + [f"sdpa-{b}" for b in SDPA_BACKENDS]
     text = (f"# Attention forward, {name}, {time.strftime('%Y-%m-%d')}\n\n"
             f"TFLOP/s (B·S = 16k tokens, H·D = 2048). Dense bf16 GEMM 8192³ in the same run: {gemm:.0f} TFLOP/s. "
-            f"torch {torch.__version__}.\n\n" + table(rows, columns))
+            f"torch {torch.__version__}. flashmlir-sm_70 is Volta code run through the driver's PTX JIT "
+            "(a sanity figure, not Volta speed), fp16 only; iree-stock is fp16 only.\n\n" + table(rows, columns))
     notes = [f"- {r['head_dim']}/{r['seq']}/{'causal' if r['causal'] else 'full'}/{r['dtype']} {k}: {v}"
              for r in rows for k, v in r["notes"].items() if "rel.err" not in k]
     if notes:
