@@ -194,8 +194,7 @@ def _mask(plan, lines, dims, batch, batch_sizes, elem):
         value = "%bmask"
         builtin = plan.mask.builtin()
         lines.append(f"%bmask = torch_c.to_builtin_tensor %mask : {plan.mask.torch()} -> {builtin}")
-        if plan.mask.dtype != plan.q.dtype:
-            value, builtin = _convert_mask(lines, value, mshape, plan.mask.dtype, elem)
+        value, builtin = _convert_mask(lines, value, mshape, plan.mask.dtype, elem)
         if not all(keep):
             kept_shape = [n for n, k in zip(mshape, keep, strict=True) if k]
             reassoc = _drop_unit_reassociation(keep)
@@ -253,8 +252,16 @@ def _mask(plan, lines, dims, batch, batch_sizes, elem):
     return "%causal", out_type, out_dims
 
 
+# The lowest additive mask value kept as is. IREE's attention multiplies scores (and the mask) by
+# log2(e) for exp2, which sends finfo(f32).min to -inf and a row of such values to 0/0 = NaN. At
+# or below this value a key is "never attended" anyway; flooring keeps eager's arithmetic: a row
+# masked everywhere with finfo.min averages V uniformly, as it does in eager PyTorch.
+MASK_FLOOR = {"f32": "-1.000000e+30", "bf16": "-1.000000e+30", "f16": "-6.550400e+04"}
+
+
 def _convert_mask(lines, value, shape, dtype, elem):
-    """A boolean mask becomes additive (0 / -inf); a float mask takes the query's dtype."""
+    """A boolean mask becomes additive (0 / -inf); a float mask takes the query's dtype and is
+    floored at MASK_FLOOR (-inf stays -inf: every-key-masked rows then give 0, as SDPA does)."""
     src = "i1" if dtype == "i1" else dtype
     in_type, out_type = tensor_type(shape, src), tensor_type(shape, elem)
     ids = [f"i{i}" for i in range(len(shape))]
@@ -266,8 +273,17 @@ def _convert_mask(lines, value, shape, dtype, elem):
             f"  %r = arith.select %in, %zero, %ninf : {elem}",
         ]
     else:
-        op = "arith.truncf" if _bits(src) > _bits(elem) else "arith.extf"
-        body = [f"  %r = {op} %in : {src} to {elem}"]
+        convert = [] if src == elem else [
+            f"  %x = {'arith.truncf' if _bits(src) > _bits(elem) else 'arith.extf'} %in : {src} to {elem}"]
+        x = "%x" if convert else "%in"
+        body = [
+            *convert,
+            f"  %floor = arith.constant {MASK_FLOOR[elem]} : {elem}",
+            f"  %ninf = arith.constant {NEG_INF_LITERAL[elem]} : {elem}",
+            f"  %is_ninf = arith.cmpf oeq, {x}, %ninf : {elem}",
+            f"  %floored = arith.maximumf {x}, %floor : {elem}",
+            f"  %r = arith.select %is_ninf, {x}, %floored : {elem}",
+        ]
     lines += [
         f"%mempty = tensor.empty() : {out_type}",
         f"%mconv = linalg.generic {{indexing_maps = [{ident}, {ident}], iterator_types = "

@@ -15,6 +15,10 @@ computed per tile from indices (causal, ragged tail) or loaded per tile (the exp
 broadcast in memory), and GQA reads K/V through the group dim without copies. Each
 `online_attention` tile carries the target's vector tile sizes; IREE vectorizes it.
 
+For targets without CPU tiles (GPUs, until their microkernels) the pass writes the online form
+instead: one `online_attention` over the whole op and our normalization, whose guard gives 0 for
+a row with every key masked (IREE's own attention would divide 0 by 0 there).
+
 The input must be in the canonical layout flashmlir-lower-attention produces (maps
 (batch…, m, k1), (kbatch…, k2, k1), (kbatch…, k2, n) with kbatch ⊆ batch, output (batch…, m, n));
 other layouts are declined and left to IREE's stock lowering.
@@ -116,7 +120,12 @@ def _map_dims(attr: ir.Attribute) -> list[int]:
     return dims
 
 
-def _analyze(op: ir.Operation) -> _Attention:
+def _analyze_layout(op: ir.Operation) -> _Attention:
+    """The op's operands by role and sizes, without looking at its mask."""
+    return _analyze(op, look_at_mask=False)
+
+
+def _analyze(op: ir.Operation, look_at_mask: bool = True) -> _Attention:
     maps = list(ir.ArrayAttr(op.attributes["indexing_maps"]))
     operands = list(op.operands)
     num_ins = len(maps) - 1
@@ -163,7 +172,7 @@ def _analyze(op: ir.Operation) -> _Attention:
         raise _Decline(f"scale of type {scale.type}, expected f32")
 
     causal, explicit, producer = False, None, None
-    if mask is not None:
+    if mask is not None and look_at_mask:
         explicit = operand(mask, md)
         recognized = _recognize_causal(mask, md, pos)
         if recognized is not None:
@@ -523,16 +532,12 @@ def _dispatch_body(attn, tiles, bq, bk, nkb, types, mask_type, out_type) -> list
     ids = [f"e{i}" for i in range(nb + 2)]
     full = f"affine_map<({', '.join(ids)}) -> ({', '.join(ids)})>"
     rows = f"affine_map<({', '.join(ids)}) -> ({', '.join(ids[:-1])})>"
-    convert = [] if out_elem == "f32" else [f"  %cv = arith.truncf %dv : f32 to {out_elem}"]
     lines += [
         f"%eout = tensor.empty() : {out_tile}",
         f"%norm = linalg.generic {{indexing_maps = [{full}, {rows}, {full}], iterator_types = "
         f"{parallel_iterators(nb + 2)}}} ins(%res#0, %res#2 : {acc_type}, {row_type}) "
         f"outs(%eout : {out_tile}) {{",
-        f"^bb0(%a: f32, %l: f32, %unused: {out_elem}):",
-        "  %dv = arith.divf %a, %l : f32",
-        *convert,
-        f"  linalg.yield {'%cv' if convert else '%dv'} : {out_elem}",
+        *_normalize_body(out_elem),
         f"}} -> {out_tile}",
     ]
     out_offsets = [b[int(r[1:])] if r.startswith("b") else "%q0" if r == "m" else "0" for r in attn.out.roles]
@@ -544,6 +549,65 @@ def _dispatch_body(attn, tiles, bq, bk, nkb, types, mask_type, out_type) -> list
         "flow.return",
     ]
     return lines
+
+
+def _normalize_body(out_elem: str) -> list[str]:
+    """acc / sum, with 0 where sum is 0 (a row whose every key was masked with -inf, as in SDPA)."""
+    convert = [] if out_elem == "f32" else [f"  %cv = arith.truncf %safe : f32 to {out_elem}"]
+    return [
+        f"^bb0(%a: f32, %l: f32, %unused: {out_elem}):",
+        "  %nz = arith.constant 0.0 : f32",
+        "  %dv = arith.divf %a, %l : f32",
+        "  %empty_row = arith.cmpf oeq, %l, %nz : f32",
+        "  %safe = arith.select %empty_row, %nz, %dv : f32",
+        *convert,
+        f"  linalg.yield {'%cv' if convert else '%safe'} : {out_elem}",
+    ]
+
+
+def _online_form(attn: _Attention, mask: ir.Value | None, mask_dims: list[int] | None) -> str:
+    """attention ⇒ online_attention over the whole op plus our guarded normalization.
+
+    For targets whose attention tiling IREE's codegen does (GPUs until their microkernels): the
+    flash loop is IREE's, the normalization (0 for rows with every key masked) is ours.
+    """
+    n, pos, nb = attn.num_dims, attn.pos, len(attn.batch_sizes)
+    batch = [pos[f"b{i}"] for i in range(nb)]
+    acc_shape = [*attn.batch_sizes, attn.sq, attn.dv]
+    acc_type, row_type = tensor_type(acc_shape, "f32"), tensor_type(acc_shape[:-1], "f32")
+    operands = [("%q", attn.q.type()), ("%k", attn.k.type()), ("%v", attn.v.type()), ("%scale", "f32")]
+    maps = [_amap(n, [pos[r] for r in x.roles]) for x in (attn.q, attn.k, attn.v)] + [_amap(n, [])]
+    if mask is not None:
+        operands.append(("%mask", str(mask.type)))
+        maps.append(_amap(n, mask_dims))
+    maps += [_amap(n, [*batch, pos["m"], pos["n"]]), _amap(n, [*batch, pos["m"]]), _amap(n, [*batch, pos["m"]])]
+    ids = [f"e{i}" for i in range(nb + 2)]
+    full = f"affine_map<({', '.join(ids)}) -> ({', '.join(ids)})>"
+    rows = f"affine_map<({', '.join(ids)}) -> ({', '.join(ids[:-1])})>"
+    out_type = attn.out.type()
+    body = [
+        "%fzero = arith.constant 0.0 : f32",
+        f"%lowest = arith.constant {_LOWEST_F32} : f32",
+        f"%eacc = tensor.empty() : {acc_type}",
+        f"%erow = tensor.empty() : {row_type}",
+        f"%acc0 = linalg.fill ins(%fzero : f32) outs(%eacc : {acc_type}) -> {acc_type}",
+        f"%max0 = linalg.fill ins(%lowest : f32) outs(%erow : {row_type}) -> {row_type}",
+        f"%sum0 = linalg.fill ins(%fzero : f32) outs(%erow : {row_type}) -> {row_type}",
+        f"%res:3 = iree_linalg_ext.online_attention <indexing_maps = [{', '.join(maps)}]> "
+        f"ins({', '.join(v for v, _ in operands)} : {', '.join(t for _, t in operands)}) "
+        f"outs(%acc0, %max0, %sum0 : {acc_type}, {row_type}, {row_type}) {{",
+        "^bb0(%s: f32):",
+        "  iree_linalg_ext.yield %s : f32",
+        f"}} -> {acc_type}, {row_type}, {row_type}",
+        f"%eout = tensor.empty() : {out_type}",
+        f"%norm = linalg.generic {{indexing_maps = [{full}, {rows}, {full}], iterator_types = "
+        f"{parallel_iterators(nb + 2)}}} ins(%res#0, %res#2 : {acc_type}, {row_type}) outs(%eout : {out_type}) {{",
+        *_normalize_body(attn.out.elem),
+        f"}} -> {out_type}",
+        f"return %norm : {out_type}",
+    ]
+    args = ", ".join(f"{v}: {t}" for v, t in operands)
+    return f"func.func @online({args}) -> {out_type} {{\n  " + "\n  ".join(body) + "\n}"
 
 
 def _parse_shape(tensor_type: str) -> list[int]:
@@ -567,6 +631,22 @@ def _compilation_info(attn: _Attention, tiles: AttentionTiles) -> str:
     )
 
 
+def _rewrite_online_form(op: ir.Operation, result: PassResult) -> None:
+    try:
+        attn = _analyze_layout(op)
+    except _Decline as why:
+        result.decline(op, str(why))
+        return
+    operands = list(op.operands)
+    maps = list(ir.ArrayAttr(op.attributes["indexing_maps"]))
+    mask = operands[4] if len(maps) == 6 else None
+    out_init = defining_op(attn.out.value)
+    splice_function(op, _online_form(attn, mask, _map_dims(maps[4]) if mask is not None else None),
+                    [attn.q.value, attn.k.value, attn.v.value, attn.scale] + ([mask] if mask is not None else []))
+    _erase_dead_empty(out_init)
+    result.rewritten += 1
+
+
 def _erase_dead_empty(op: ir.Operation | None) -> None:
     if op is not None and op.name == "tensor.empty" and not list(op.results[0].uses):
         op.erase()
@@ -586,7 +666,7 @@ def run(module: ir.Operation, options: Options) -> PassResult:
     candidates = walk_ops(module, "iree_linalg_ext.attention")
     if target.attention_tiles is None:
         for op in candidates:
-            result.decline(op, f"target {target.name} has no attention tiling in this pass")
+            _rewrite_online_form(op, result)
         return result
     for op in candidates:
         try:

@@ -19,14 +19,14 @@ if TYPE_CHECKING:
     from flashmlir.report import ExplainReport
 
 
-def explain(fn_or_module: Any, *example_inputs: Any, compile: bool = True) -> ExplainReport:
-    """Run `fn_or_module(*example_inputs)` under torch.compile and report every attention site.
+def explain(fn_or_module: Any, *example_inputs: Any, compile: bool = True, **example_kwargs: Any) -> ExplainReport:
+    """Run `fn_or_module(*example_inputs, **example_kwargs)` under torch.compile; report every site.
 
     See `flashmlir.report` for what the report holds.
     """
     from flashmlir.report import explain_run
 
-    return explain_run(fn_or_module, *example_inputs, compile=compile)
+    return explain_run(fn_or_module, *example_inputs, compile=compile, **example_kwargs)
 
 
 __all__ = ["__version__", "explain"]

@@ -106,8 +106,8 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
     return [fmt.format(*header), fmt.format(*("-" * w for w in widths)), *(fmt.format(*r) for r in rows)]
 
 
-def explain_run(fn_or_module: Any, *example_inputs: Any, compile: bool = True) -> ExplainReport:
-    """Run `fn_or_module(*example_inputs)` under the flashmlir backend and report what it did.
+def explain_run(fn_or_module: Any, *example_inputs: Any, compile: bool = True, **example_kwargs: Any) -> ExplainReport:
+    """Run `fn_or_module(*example_inputs, **example_kwargs)` under the flashmlir backend; report.
 
     compile=False only matches and rewrites (no IREE compile): fast, and what `.sites` lists is
     the same; graphs are then reported as not compiled.
@@ -125,7 +125,7 @@ def explain_run(fn_or_module: Any, *example_inputs: Any, compile: bool = True) -
     torch._dynamo.reset()
     try:
         with recording(report):
-            torch.compile(fn_or_module, backend=backend)(*example_inputs)
+            torch.compile(fn_or_module, backend=backend)(*example_inputs, **example_kwargs)
     finally:
         torch._dynamo.reset()
     return report

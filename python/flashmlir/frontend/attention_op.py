@@ -8,7 +8,8 @@ Shapes: q [*, Hq, Sq, D], k [*, Hkv, Sk, D], v [*, Hkv, Sk, Dv] with the same le
 `repeat_kv` / `repeat_interleave` compute, so GQA needs no copies. `attn_mask` broadcasts to
 [*, Hq, Sq, Sk]: bool (True = attend) or additive float. `is_causal` is top-left aligned (query i
 attends keys j ≤ i), as in `F.scaled_dot_product_attention`, and may be combined with a mask.
-`scale` defaults to 1/sqrt(D).
+`scale` defaults to 1/sqrt(D). A query whose every key is masked out (-inf) gets zeros, as in
+SDPA; a finite mask value (finfo.min) is plain arithmetic, as in eager attention.
 
 Why a custom op rather than SDPA: it stays opaque through aot_autograd (SDPA is rewritten into
 device-specific variants or decomposed into math), and it says at once what SDPA cannot (causal
@@ -61,14 +62,18 @@ def attention_probabilities(
     is_causal: bool,
     scale: float | None,
 ) -> torch.Tensor:
-    """softmax(q·kᵀ·scale + bias) in float32 (or float64 for float64 inputs), k already expanded."""
+    """softmax(q·kᵀ·scale + bias) in float32 (or float64 for float64 inputs), k already expanded.
+
+    A row whose every score is -inf (every key masked by a boolean mask) gets probabilities 0,
+    as in `F.scaled_dot_product_attention`; finite masks (finfo.min) keep plain arithmetic.
+    """
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     s = default_scale(q.shape[-1]) if scale is None else scale
     scores = torch.matmul(q.to(compute), k.to(compute).transpose(-2, -1)) * s
     bias = _combined_bias(q, k.shape[-2], attn_mask, is_causal, compute)
     if bias is not None:
         scores = scores + bias
-    return torch.softmax(scores, dim=-1)
+    return torch.ops.aten._safe_softmax(scores, -1)
 
 
 def reference_attention(

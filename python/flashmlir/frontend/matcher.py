@@ -8,7 +8,11 @@ that is not attention we can compile becomes a `NearMiss` with the reason, never
 
 Families (docs/MATCHER.md has examples and the tests that cover them):
   sdpa                  F.scaled_dot_product_attention(q, k, v, attn_mask=?, is_causal=?, scale=?)
-  matmul-softmax-matmul softmax(q @ k.transpose(-2, -1) {* s | / s} [+ mask | masked_fill]) @ v
+  matmul-softmax-matmul softmax(q @ k.transpose(-2, -1) {* s | / s} [+ biases | masked_fill]) @ v
+
+Around both: K and V repeated per query head (`repeat_kv`) are peeled back to GQA
+(`frontend/layout.py`), and masks built from constants that are exactly causal become
+`is_causal` (`frontend/masks.py`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import torch
 import torch.fx as fx
 
 from flashmlir.frontend.attention_op import attention_overload, default_scale
+from flashmlir.frontend.layout import last_two_transposed, normalize_dim, peel_repeat_kv
+from flashmlir.frontend.masks import Mask, combine, describe, recover_causal
 
 aten = torch.ops.aten
 
@@ -47,8 +53,8 @@ class AttentionSite:
     v_shape: tuple[int, ...]
     dtype: str
     is_causal: bool
-    mask_kind: str  # "none" | "additive" | "boolean"
-    mask_shape: tuple[int, ...] | None
+    mask_kind: str  # "none", "additive", "boolean", or several joined by "+"
+    mask_shape: tuple[int, ...] | None  # the shape the masks broadcast to together
     scale: float
     gqa_groups: int
     dropout_p: float
@@ -57,8 +63,7 @@ class AttentionSite:
     q: fx.Node = field(repr=False, compare=False, default=None)
     k: fx.Node = field(repr=False, compare=False, default=None)
     v: fx.Node = field(repr=False, compare=False, default=None)
-    mask: fx.Node | None = field(repr=False, compare=False, default=None)
-    mask_is_fill_condition: bool = field(repr=False, compare=False, default=False)
+    masks: list[Mask] = field(repr=False, compare=False, default_factory=list)
     output: fx.Node = field(repr=False, compare=False, default=None)
 
 
@@ -119,24 +124,6 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def _normalize_dim(dim: int, rank: int) -> int:
-    return dim + rank if dim < 0 else dim
-
-
-def _is_last_two_transpose(node: Any, rank: int) -> fx.Node | None:
-    """If `node` swaps the last two dims of its input, return that input."""
-    if not isinstance(node, fx.Node) or node.op != "call_function":
-        return None
-    if node.target == aten.transpose.int:
-        dims = {_normalize_dim(node.args[1], rank), _normalize_dim(node.args[2], rank)}
-        return node.args[0] if dims == {rank - 2, rank - 1} else None
-    if node.target == aten.permute.default:
-        perm = [_normalize_dim(d, rank) for d in node.args[1]]
-        swapped = list(range(rank - 2)) + [rank - 1, rank - 2]
-        return node.args[0] if perm == swapped else None
-    return None
-
-
 def _check_dtypes(*nodes: fx.Node) -> str:
     dtypes = {_val(n).dtype for n in nodes}
     if len(dtypes) != 1:
@@ -147,16 +134,29 @@ def _check_dtypes(*nodes: fx.Node) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _check_mask(mask: fx.Node | None, scores: tuple[int, ...]) -> tuple[str, tuple[int, ...] | None]:
-    if mask is None:
+def _check_masks(masks: list[Mask], scores: tuple[int, ...]) -> tuple[str, tuple[int, ...] | None]:
+    if not masks:
         return "none", None
-    shape = _shape(mask)
+    shapes = [_shape(m.node) for m in masks]
     try:
-        if torch.broadcast_shapes(shape, scores) != torch.Size(scores):
+        joint = tuple(torch.broadcast_shapes(*shapes))
+        if torch.broadcast_shapes(joint, scores) != torch.Size(scores):
             raise RuntimeError
     except RuntimeError as e:
-        raise _Decline(f"mask {shape} does not broadcast to the scores {scores}") from e
-    return ("boolean" if _val(mask).dtype == torch.bool else "additive"), shape
+        raise _Decline(f"mask {shapes} does not broadcast to the scores {scores}") from e
+    for m in masks:
+        if m.kind != "additive" and _val(m.node).dtype != torch.bool:
+            raise _Decline(f"a boolean mask of dtype {_val(m.node).dtype}")
+    return describe(masks), joint
+
+
+def _gqa_operands(k: fx.Node, v: fx.Node) -> tuple[fx.Node, fx.Node, int]:
+    """K and V with any per-query-head repeat peeled off, and the group size."""
+    k_base, k_groups = peel_repeat_kv(k)
+    v_base, v_groups = peel_repeat_kv(v)
+    if k_groups != v_groups:
+        return k, v, 1
+    return k_base, v_base, k_groups
 
 
 def _check_qkv(q: fx.Node, k: fx.Node, v: fx.Node) -> int:
@@ -171,7 +171,7 @@ def _check_qkv(q: fx.Node, k: fx.Node, v: fx.Node) -> int:
     return qs[-3] // ks[-3]
 
 
-def _match_sdpa(node: fx.Node) -> AttentionSite:
+def _match_sdpa(gm: fx.GraphModule, node: fx.Node) -> AttentionSite:
     q, k, v = node.args[:3]
     mask = _arg(node, 3, "attn_mask", None)
     dropout_p = float(_arg(node, 4, "dropout_p", 0.0))
@@ -183,16 +183,19 @@ def _match_sdpa(node: fx.Node) -> AttentionSite:
         raise _Decline("scale is not a constant number")
     if is_causal and mask is not None:
         raise _Decline("is_causal together with attn_mask is rejected by SDPA itself")
+    k, v, _ = _gqa_operands(k, v)
     dtype = _check_dtypes(q, k, v)
     groups = _check_qkv(q, k, v)
+    masks = [] if mask is None else [Mask(mask, "keep" if _val(mask).dtype == torch.bool else "additive")]
+    recovered, masks = recover_causal(gm, masks)
     qs, ks, vs = _shape(q), _shape(k), _shape(v)
-    mask_kind, mask_shape = _check_mask(mask, (*qs[:-1], ks[-2]))
+    mask_kind, mask_shape = _check_masks(masks, (*qs[:-1], ks[-2]))
     return AttentionSite(
-        family="sdpa", q_shape=qs, k_shape=ks, v_shape=vs, dtype=dtype, is_causal=is_causal,
+        family="sdpa", q_shape=qs, k_shape=ks, v_shape=vs, dtype=dtype, is_causal=is_causal or recovered,
         mask_kind=mask_kind, mask_shape=mask_shape,
         scale=default_scale(qs[-1]) if scale is None else float(scale),
         gqa_groups=groups, dropout_p=dropout_p, location=location_of(node),
-        q=q, k=k, v=v, mask=mask, output=node,
+        q=q, k=k, v=v, masks=masks, output=node,
     )
 
 
@@ -204,22 +207,21 @@ def _single_user(node: fx.Node, what: str) -> fx.Node:
     return users[0]
 
 
-def _walk_scores(softmax_in: fx.Node) -> tuple[fx.Node, float, fx.Node | None, bool]:
+def _walk_scores(softmax_in: fx.Node) -> tuple[fx.Node, float, list[Mask]]:
     """Walk from the softmax input up to the Q·Kᵀ matmul.
 
-    Returns (matmul, scale, mask, mask_is_fill_condition): the scale is the product of every
-    constant multiplier on the way; the mask is an added tensor, or the condition of a
-    masked_fill(-inf) whose positions must not be attended.
+    Returns (matmul, scale, masks): the scale is the product of every constant multiplier on
+    the way; the masks are the tensors added to the scores and the conditions of
+    masked_fill(-inf).
     """
     scale = 1.0
-    mask: fx.Node | None = None
-    fill_condition = False
+    masks: list[Mask] = []
     node = softmax_in
     while True:
         if not isinstance(node, fx.Node) or node.op != "call_function":
             raise _Decline(f"scores come from {node}, not from a Q·Kᵀ matmul")
         if node.target in MATMUL_OPS:
-            return node, scale, mask, fill_condition
+            return node, scale, masks
         _single_user(node, "a score op")
         target, args = node.target, node.args
         if target in (aten.mul.Tensor, aten.mul.Scalar) and any(_is_number(a) for a in args):
@@ -232,20 +234,18 @@ def _walk_scores(softmax_in: fx.Node) -> tuple[fx.Node, float, fx.Node | None, b
         elif target in (aten.mul.Tensor, aten.div.Tensor):
             raise _Decline("the scores are scaled by a tensor, not a constant")
         elif target == aten.add.Tensor and node.kwargs.get("alpha", 1) == 1:
-            if mask is not None:
-                raise _Decline("more than one mask/bias is added to the scores")
             a, b = args
             chain, other = (a, b) if _leads_to_matmul(a) else (b, a)
             if not isinstance(other, fx.Node):
                 raise _Decline("a constant is added to the scores")
-            mask, node = other, chain
+            masks.append(Mask(other, "additive"))
+            node = chain
         elif target in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
             value = args[2]
             if not (_is_number(value) and value <= _MASKED_FILL_MAX):
                 raise _Decline(f"masked_fill with {value!r}, expected -inf or a very negative value")
-            if mask is not None:
-                raise _Decline("more than one mask/bias is added to the scores")
-            mask, fill_condition, node = args[1], True, args[0]
+            masks.append(Mask(args[1], "drop"))
+            node = args[0]
         elif target in PASSTHROUGH_OPS:
             node = args[0]
         else:
@@ -290,41 +290,35 @@ def _op_name(node: fx.Node) -> str:
     return getattr(target, "__name__", None) or str(target)
 
 
-def _match_softmax(softmax: fx.Node) -> AttentionSite:
+def _match_softmax(gm: fx.GraphModule, softmax: fx.Node) -> AttentionSite:
     x = softmax.args[0]
     rank = len(_shape(x))
-    dim = _normalize_dim(int(softmax.args[1]), rank)
+    dim = normalize_dim(int(softmax.args[1]), rank)
     if dim != rank - 1:
         raise _Decline(f"softmax on dim {dim}, expected the last (key) axis {rank - 1}")
-    qk, scale, mask, fill_condition = _walk_scores(x)
+    qk, scale, masks = _walk_scores(x)
     pv = _walk_probabilities(softmax)
     q, kt = qk.args
-    k = _is_last_two_transpose(kt, rank)
+    k = last_two_transposed(kt, rank)
     if k is None:
         raise _Decline("the right operand of Q·Kᵀ is not K with its last two dims swapped")
-    v = pv.args[1]
+    k, v, _ = _gqa_operands(k, pv.args[1])
     dtype = _check_dtypes(q, k, v)
     groups = _check_qkv(q, k, v)
-    if groups != 1:
-        raise _Decline("q and k have different head counts without repeat_kv")
     qs, ks, vs = _shape(q), _shape(k), _shape(v)
     if _val(pv).dtype != _val(q).dtype:
         raise _Decline(f"output dtype {_val(pv).dtype} differs from q's {_val(q).dtype}")
-    scores = (*qs[:-1], ks[-2])
-    mask_kind, mask_shape = _check_mask(mask, scores)
-    if fill_condition:
-        if _val(mask).dtype != torch.bool:
-            raise _Decline("masked_fill condition is not boolean")
-        mask_kind = "boolean"
+    is_causal, masks = recover_causal(gm, masks)
+    mask_kind, mask_shape = _check_masks(masks, (*qs[:-1], ks[-2]))
     return AttentionSite(
         family="matmul-softmax-matmul", q_shape=qs, k_shape=ks, v_shape=vs, dtype=dtype,
-        is_causal=False, mask_kind=mask_kind, mask_shape=mask_shape, scale=scale,
+        is_causal=is_causal, mask_kind=mask_kind, mask_shape=mask_shape, scale=scale,
         gqa_groups=groups, dropout_p=0.0, location=location_of(softmax),
-        q=q, k=k, v=v, mask=mask, mask_is_fill_condition=fill_condition, output=pv,
+        q=q, k=k, v=v, masks=masks, output=pv,
     )
 
 
-_MATCHERS: list[tuple[set, str, Callable[[fx.Node], AttentionSite]]] = [
+_MATCHERS: list[tuple[set, str, Callable[[fx.GraphModule, fx.Node], AttentionSite]]] = [
     (SDPA_OPS, "sdpa", _match_sdpa),
     (SOFTMAX_OPS, "matmul-softmax-matmul", _match_softmax),
 ]
@@ -339,7 +333,7 @@ def find_attention(gm: fx.GraphModule) -> MatchResult:
         for targets, family, match in _MATCHERS:
             if node.target in targets:
                 try:
-                    result.sites.append(match(node))
+                    result.sites.append(match(gm, node))
                 except _Decline as why:
                     result.near_misses.append(NearMiss(family, location_of(node), str(why)))
     return result
@@ -351,9 +345,7 @@ def replace_attention(gm: fx.GraphModule, sites: list[AttentionSite]) -> None:
     op = attention_overload()
     for site in sites:
         with graph.inserting_before(site.output):
-            mask = site.mask
-            if mask is not None and site.mask_is_fill_condition:
-                mask = graph.call_function(aten.logical_not.default, (mask,))
+            mask = combine(graph, site.masks)
             node = graph.call_function(
                 op, (site.q, site.k, site.v, mask, site.dropout_p, site.is_causal, site.scale)
             )
