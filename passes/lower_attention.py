@@ -76,9 +76,9 @@ class _Plan:
 
 def _plan(op: ir.Operation) -> _Plan:
     operands = list(op.operands)
-    if len(operands) != 7:
-        raise _Decline(f"expected 7 operands, got {len(operands)}")
-    q, k, v, mask, dropout, causal, scale = operands
+    if len(operands) not in (7, 8):  # (..., scale[, dropout_seed])
+        raise _Decline(f"expected 7 or 8 operands, got {len(operands)}")
+    q, k, v, mask, dropout, causal, scale = operands[:7]
     types = [torch_tensor_type(x.type) for x in (q, k, v)]
     if any(t is None or not t.is_static for t in types):
         raise _Decline("dynamic shapes are not supported yet (q, k, v must be static)")

@@ -4,10 +4,10 @@ For IR that did not come through the FX matcher (an .mlir file, a torch.export p
 semantic walk as the FX matcher, anchored on each softmax. Three rewrites:
 
     torch.aten.scaled_dot_product_attention(q, k, v, M, 0.0, causal, s, gqa)
-        ⇒ torch.operator "torch.flashmlir.attention"(q, k, v, M, 0.0, causal, s)
+        ⇒ torch.operator "torch.flashmlir.attention"(q, k, v, M, 0.0, causal, s, none)
 
     matmul(softmax(matmul(Q, transpose(K, -2, -1)) · s [+ M | masked_fill(C, -inf)], -1), V)
-        ⇒ torch.operator "torch.flashmlir.attention"(Q, K, V, M | not(C), 0.0, false, s)
+        ⇒ torch.operator "torch.flashmlir.attention"(Q, K, V, M | not(C), 0.0, false, s, none)
 
     linalg.batch_matmul(linalg.softmax(s · linalg.batch_matmul(Q, Kᵀ), dim 2), V)     (linalg IR)
         ⇒ iree_linalg_ext.attention(Q, K, V, s)
@@ -237,10 +237,11 @@ def _rewrite(match: _Match) -> None:
             scale = _constant("torch.constant.none", "!torch.none")
         else:
             scale = _constant("torch.constant.float", "!torch.float", ir.FloatAttr.get(f64, match.scale))
+        seed = _constant("torch.constant.none", "!torch.none")
         attention = ir.Operation.create(
             "torch.operator",
             results=[out.results[0].type],
-            operands=[match.q, match.k, match.v, mask, dropout, causal, scale],
+            operands=[match.q, match.k, match.v, mask, dropout, causal, scale, seed],
             attributes={"name": ir.StringAttr.get(ATTENTION_OPERATOR)},
         )
     out.results[0].replace_all_uses_with(attention.result)

@@ -62,3 +62,24 @@ def test_matches_torch_sdpa_for_the_common_case():
     q, k, v = (torch.randn(2, 4, 64, 32) for _ in range(3))
     assert rel_err(attention(q, k, v, None, 0.0, True, None),
                    F.scaled_dot_product_attention(q, k, v, is_causal=True)) < 1e-5
+
+
+def test_dropout_mask_is_a_function_of_the_seed_with_the_right_rate():
+    from flashmlir.frontend.attention_op import dropout_keep
+
+    seed = torch.tensor(1234)
+    a, b = dropout_keep(seed, (4, 64, 64), 0.1), dropout_keep(seed, (4, 64, 64), 0.1)
+    assert torch.equal(a, b) and not torch.equal(a, dropout_keep(torch.tensor(1235), (4, 64, 64), 0.1))
+    assert abs(a.float().mean().item() - 0.9) < 0.01
+
+
+def test_dropout_backward_replays_the_forward_mask():
+    q, k, v = (torch.randn(1, 2, 12, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    seed = torch.tensor(7)
+    assert torch.autograd.gradcheck(lambda q, k, v: attention(q, k, v, None, 0.3, True, None, seed), (q, k, v))
+
+
+def test_dropout_keeps_the_expectation():
+    q, k, v = (torch.randn(1, 1, 32, 16, dtype=torch.float64) for _ in range(3))
+    mean = sum(attention(q, k, v, None, 0.5, False, None, torch.tensor(s)) for s in range(400)) / 400
+    assert rel_err(mean, attention64(q, k, v)) < 0.05

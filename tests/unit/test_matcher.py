@@ -80,10 +80,8 @@ def _returns_weights(q, k, v):
         (lambda q, k, v: _returns_weights(q, k, v), "has 2 users"),
         (lambda q, k, v: F.softmax((q @ k.transpose(-2, -1)).tanh(), -1) @ v,
          "tanh.default between Q·Kᵀ and softmax is not understood"),
-        (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, dropout_p=0.2),
-         "dropout_p=0.2 is not supported yet"),
     ],
-    ids=["softmax-dim", "no-transpose", "weights-escape", "softcap-like", "sdpa-dropout"],
+    ids=["softmax-dim", "no-transpose", "weights-escape", "softcap-like"],
 )
 def test_near_misses_say_why(fn, reason):
     result = find_attention(_graph(fn, *_qkv(2, 2, 16, 16)))
@@ -103,3 +101,20 @@ def test_replacement_computes_the_same_function():
     assert targets.count(attention_overload()) == 2
     assert torch.ops.aten.softmax.int not in targets
     assert rel_err(gm(*inputs), fn(*inputs)) < 1e-6
+
+
+@pytest.mark.parametrize("manual", [True, False], ids=["manual", "sdpa"])
+def test_dropout_sites_get_a_fresh_seed_per_call(manual):
+    def fn(q, k, v):
+        if manual:
+            return F.dropout(F.softmax(q @ k.transpose(-2, -1) * 0.25, -1), 0.2, training=True) @ v
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=0.2)
+
+    gm = _graph(fn, *_qkv(1, 2, 16, 16))
+    result = find_attention(gm)
+    (site,) = result.sites
+    assert site.dropout_p == pytest.approx(0.2)
+    replace_attention(gm, result.sites)
+    (call,) = [n for n in gm.graph.nodes if n.target == attention_overload()]
+    seed = call.args[7]
+    assert seed.target == torch.ops.aten.randint.low

@@ -91,12 +91,16 @@ def _aot_decompositions() -> dict:
     """Core ATen for IREE's torch frontend; our attention op has no decomposition and stays whole.
 
     Plus decompositions of core ops IREE 3.13's torch frontend cannot lower (`squeeze.dims`, which
-    nn.MultiheadAttention's in-projection produces), into ops it can.
+    nn.MultiheadAttention's in-projection produces), into ops it can, and of attention sites with
+    dropout (our kernels do not apply dropout yet) into plain math with the seeded mask.
     """
     from torch._decomp import core_aten_decompositions
 
+    from flashmlir.frontend.attention_op import attention_overload, decompose_with_dropout
+
     table = core_aten_decompositions()
     table[torch.ops.aten.squeeze.dims] = _squeeze_dims
+    table[attention_overload()] = decompose_with_dropout  # no-op without dropout
     return table
 
 

@@ -1,7 +1,7 @@
 """The `flashmlir::attention` operator: what the frontend leaves in the graph for each attention site.
 
-    attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None)
-        = softmax(q·kᵀ·scale + mask) · v        (per head; k, v shared by groups of q heads)
+    attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, dropout_seed=None)
+        = dropout(softmax(q·kᵀ·scale + mask)) · v    (per head; k, v shared by groups of q heads)
 
 Shapes: q [*, Hq, Sq, D], k [*, Hkv, Sk, D], v [*, Hkv, Sk, Dv] with the same leading dims `*`
 (rank ≥ 3) and Hq a multiple of Hkv: q head h reads k/v head h // (Hq // Hkv), which is what
@@ -10,6 +10,11 @@ Shapes: q [*, Hq, Sq, D], k [*, Hkv, Sk, D], v [*, Hkv, Sk, Dv] with the same le
 attends keys j ≤ i), as in `F.scaled_dot_product_attention`, and may be combined with a mask.
 `scale` defaults to 1/sqrt(D). A query whose every key is masked out (-inf) gets zeros, as in
 SDPA; a finite mask value (finfo.min) is plain arithmetic, as in eager attention.
+
+Dropout keeps probability (b, h, i, j) iff a counter-based hash of (dropout_seed, its index) is at
+least p, and scales kept ones by 1/(1-p): the backward regenerates exactly the forward's mask from
+the seed instead of storing it, and compiled graphs compute the same bits. The frontend draws a
+fresh seed per call with `randint` in the graph.
 
 Why a custom op rather than SDPA: it stays opaque through aot_autograd (SDPA is rewritten into
 device-specific variants or decomposed into math), and it says at once what SDPA cannot (causal
@@ -76,6 +81,29 @@ def attention_probabilities(
     return torch.ops.aten._safe_softmax(scores, -1)
 
 
+_HASH_MULTIPLIER = 0x45D9F3B  # an integer-hash mixing constant (32-bit, odd)
+_GOLDEN = 0x9E3779B1
+_MASK32 = 0xFFFFFFFF
+
+
+def dropout_keep(seed: torch.Tensor, shape: torch.Size, p: float) -> torch.Tensor:
+    """The dropout mask (True = keep) for probabilities of `shape`, a pure function of `seed`.
+
+    32-bit integer hash of (seed, linear index), computed in int64 so nothing overflows, mapped to
+    [0, 1) and compared with p. Plain tensor ops: it traces into compiled graphs unchanged.
+    """
+    index = torch.arange(torch.Size(shape).numel(), dtype=torch.int64, device=seed.device).view(shape)
+    x = (index * _GOLDEN + seed.to(torch.int64)) & _MASK32
+    for _ in range(2):
+        x = (((x >> 16) ^ x) * _HASH_MULTIPLIER) & _MASK32
+    x = (x >> 16) ^ x
+    return (x.to(torch.float64) * (1.0 / 2**32)) >= p
+
+
+def draw_dropout_seed(device: torch.device) -> torch.Tensor:
+    return torch.randint(0, 2**31 - 1, (), dtype=torch.int64, device=device)
+
+
 def reference_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -84,13 +112,15 @@ def reference_attention(
     dropout_p: float = 0.0,
     is_causal: bool = False,
     scale: float | None = None,
+    dropout_seed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The operator's meaning, written plainly; also its eager implementation."""
     groups = q.shape[-3] // k.shape[-3]
     k, v = _expand_kv(k, groups), _expand_kv(v, groups)
     p = attention_probabilities(q, k, attn_mask, is_causal, scale)
     if dropout_p > 0.0:
-        p = torch.nn.functional.dropout(p, dropout_p, training=True)
+        seed = draw_dropout_seed(q.device) if dropout_seed is None else dropout_seed
+        p = p * dropout_keep(seed, p.shape, dropout_p) * (1.0 / (1.0 - dropout_p))
     return torch.matmul(p, v.to(p.dtype)).to(q.dtype)
 
 
@@ -133,14 +163,28 @@ def attention(
     dropout_p: float = 0.0,
     is_causal: bool = False,
     scale: float | None = None,
+    dropout_seed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     check_arguments(q, k, v, attn_mask)
-    return reference_attention(q, k, v, attn_mask, dropout_p, is_causal, scale)
+    if dropout_p > 0.0 and dropout_seed is None:
+        raise ValueError("flashmlir::attention with dropout_p > 0 needs a dropout_seed")
+    return reference_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, dropout_seed)
 
 
 @attention.register_fake
-def _attention_fake(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None):
+def _attention_fake(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, dropout_seed=None):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+def decompose_with_dropout(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, dropout_seed=None):
+    """aot_autograd decomposition: sites with dropout become plain math (with the seeded mask).
+
+    Our kernels do not apply dropout yet; this keeps such sites compiled and exact. Sites without
+    dropout stay whole (NotImplemented leaves the op to our passes).
+    """
+    if dropout_p == 0.0:
+        return NotImplemented
+    return reference_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, dropout_seed)
 
 
 def _sum_to_shape(x: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -153,36 +197,35 @@ def _sum_to_shape(x: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, attn_mask, dropout_p, is_causal, scale = inputs
-    if dropout_p > 0.0:
-        # The recomputing backward cannot replay the forward's dropout mask.
-        ctx.dropout_p = dropout_p
-    ctx.save_for_backward(q, k, v, attn_mask)
-    ctx.is_causal, ctx.scale = is_causal, scale
+    q, k, v, attn_mask, dropout_p, is_causal, scale, dropout_seed = inputs
+    ctx.save_for_backward(q, k, v, attn_mask, dropout_seed)
+    ctx.is_causal, ctx.scale, ctx.dropout_p = is_causal, scale, dropout_p
     ctx.mask_needs_grad = attn_mask is not None and attn_mask.requires_grad
 
 
 def _backward(ctx, grad_out):
     """dQ, dK, dV (and dMask) by recomputing P = softmax(S) from the saved inputs.
 
-    With dP = dO·Vᵀ and dS = P ⊙ (dP − rowsum(dO ⊙ O)):  dV = Pᵀ·dO, dQ = s·dS·K, dK = s·dSᵀ·Q.
+    With Z the dropout scaling (keep/(1-p), or 1), dP = (dO·Vᵀ) ⊙ Z and
+    dS = P ⊙ (dP − rowsum(dP ⊙ P)):  dV = (P ⊙ Z)ᵀ·dO, dQ = s·dS·K, dK = s·dSᵀ·Q.
     GQA: the gradients of a shared k/v head are summed over its group of q heads.
     """
-    if getattr(ctx, "dropout_p", 0.0) > 0.0:
-        raise NotImplementedError(
-            "flashmlir::attention backward with dropout_p > 0 is not supported yet"
-        )
-    q, k, v, attn_mask = ctx.saved_tensors
+    q, k, v, attn_mask, seed = ctx.saved_tensors
     groups = q.shape[-3] // k.shape[-3]
     ke, ve = _expand_kv(k, groups), _expand_kv(v, groups)
     p = attention_probabilities(q, ke, attn_mask, ctx.is_causal, ctx.scale)
     s = default_scale(q.shape[-1]) if ctx.scale is None else ctx.scale
     do = grad_out.to(p.dtype)
     vf = ve.to(p.dtype)
-    out = torch.matmul(p, vf)
-    dv = torch.matmul(p.transpose(-2, -1), do)
+    zp = p
+    if ctx.dropout_p > 0.0:
+        z = dropout_keep(seed, p.shape, ctx.dropout_p).to(p.dtype) * (1.0 / (1.0 - ctx.dropout_p))
+        zp = p * z
+    dv = torch.matmul(zp.transpose(-2, -1), do)
     dp = torch.matmul(do, vf.transpose(-2, -1))
-    ds = p * (dp - (do * out).sum(dim=-1, keepdim=True))
+    if ctx.dropout_p > 0.0:
+        dp = dp * z
+    ds = p * (dp - (dp * p).sum(dim=-1, keepdim=True))
     dq = torch.matmul(ds, ke.to(p.dtype)) * s
     dk = torch.matmul(ds.transpose(-2, -1), q.to(p.dtype)) * s
     if groups > 1:
@@ -191,7 +234,7 @@ def _backward(ctx, grad_out):
     dmask = None
     if ctx.mask_needs_grad:
         dmask = _sum_to_shape(ds, attn_mask.shape).to(attn_mask.dtype)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dmask, None, None, None
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dmask, None, None, None, None
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)

@@ -1,6 +1,7 @@
 """Seeing through layout ops around Q, K and V: Kᵀ spelled as a transpose, GQA spelled as copies.
 
     transpose(K, -2, -1) | permute(K, [..., -1, -2])                       ⇒ K
+    einsum('…qd,…kd->…qk', Q, K) is Q·Kᵀ, einsum('…qk,…kd->…qd', P, V) is P·V
     reshape(expand(unsqueeze(K, -3), [.., Hkv, n, S, D]), [.., Hkv·n, S, D])  ⇒ (K, n)   (HF repeat_kv)
     repeat_interleave(K, n, dim=-3)                                       ⇒ (K, n)
 
@@ -41,6 +42,25 @@ def last_two_transposed(node: Any, rank: int) -> fx.Node | None:
         perm = [normalize_dim(d, rank) for d in node.args[1]]
         swapped = list(range(rank - 2)) + [rank - 1, rank - 2]
         return node.args[0] if perm == swapped else None
+    return None
+
+
+def einsum_role(node: Any) -> str | None:
+    """'qk' for einsum('…id,…jd->…ij') (Q·Kᵀ, K untransposed), 'pv' for einsum('…ij,…jd->…id')."""
+    if not isinstance(node, fx.Node) or node.target != aten.einsum.default or len(node.args[1]) != 2:
+        return None
+    equation = node.args[0].replace(" ", "")
+    if "->" not in equation or "." in equation:
+        return None
+    inputs, out = equation.split("->")
+    a, b = inputs.split(",")
+    if len(a) < 3 or len(a) != len(b) or len(out) != len(a) or a[:-2] != b[:-2] or out[:-2] != a[:-2]:
+        return None
+    (i, x), (j, y), (o1, o2) = a[-2:], b[-2:], out[-2:]
+    if x == y and (o1, o2) == (i, j) and len({i, j, x}) == 3:
+        return "qk"
+    if x == j and (o1, o2) == (i, y) and len({i, x, y}) == 3:
+        return "pv"
     return None
 
 

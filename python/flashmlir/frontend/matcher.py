@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 
 from flashmlir.frontend.attention_op import attention_overload, default_scale
-from flashmlir.frontend.layout import last_two_transposed, normalize_dim, peel_repeat_kv
+from flashmlir.frontend.layout import einsum_role, last_two_transposed, normalize_dim, peel_repeat_kv
 from flashmlir.frontend.masks import Mask, combine, describe, recover_causal
 
 aten = torch.ops.aten
@@ -177,8 +177,6 @@ def _match_sdpa(gm: fx.GraphModule, node: fx.Node) -> AttentionSite:
     dropout_p = float(_arg(node, 4, "dropout_p", 0.0))
     is_causal = bool(_arg(node, 5, "is_causal", False))
     scale = node.kwargs.get("scale")
-    if dropout_p != 0.0:
-        raise _Decline(f"dropout_p={dropout_p} is not supported yet (only 0)")
     if scale is not None and not _is_number(scale):
         raise _Decline("scale is not a constant number")
     if is_causal and mask is not None:
@@ -220,7 +218,7 @@ def _walk_scores(softmax_in: fx.Node) -> tuple[fx.Node, float, list[Mask]]:
     while True:
         if not isinstance(node, fx.Node) or node.op != "call_function":
             raise _Decline(f"scores come from {node}, not from a Q·Kᵀ matmul")
-        if node.target in MATMUL_OPS:
+        if node.target in MATMUL_OPS or einsum_role(node) == "qk":
             return node, scale, masks
         _single_user(node, "a score op")
         target, args = node.target, node.args
@@ -256,7 +254,7 @@ def _leads_to_matmul(node: Any) -> bool:
     """Whether a single-use chain of score ops above `node` reaches a matmul (the QKᵀ side)."""
     steps = 0
     while isinstance(node, fx.Node) and node.op == "call_function" and steps < 16:
-        if node.target in MATMUL_OPS:
+        if node.target in MATMUL_OPS or einsum_role(node) == "qk":
             return True
         tensor_args = [a for a in node.args if isinstance(a, fx.Node)]
         if not tensor_args:
@@ -265,21 +263,22 @@ def _leads_to_matmul(node: Any) -> bool:
     return False
 
 
-def _walk_probabilities(softmax: fx.Node) -> fx.Node:
-    """Walk from softmax down to the P·V matmul through casts and inactive dropout."""
-    node = softmax
+def _walk_probabilities(softmax: fx.Node) -> tuple[fx.Node, float]:
+    """Walk from softmax down to the P·V matmul through casts and dropout; (matmul, dropout p)."""
+    node, dropout_p = softmax, 0.0
     while True:
         user = _single_user(node, "the softmax output" if node is softmax else "a probability op")
-        if user.target in MATMUL_OPS:
-            if user.args[0] is not node:
+        if user.target in MATMUL_OPS or einsum_role(user) == "pv":
+            operands = user.args[1] if user.target == aten.einsum.default else user.args
+            if operands[0] is not node:
                 raise _Decline("the probabilities are the right operand of the matmul (P·V expected)")
-            return user
+            return user, dropout_p
         if user.target == aten.dropout.default:
             p, train = float(user.args[1]), bool(user.args[2])
             if train and p > 0.0:
-                raise _Decline(f"dropout p={p} on the probabilities is not supported yet")
-        elif user.target == aten.native_dropout.default:
-            raise _Decline("native_dropout on the probabilities is not supported yet")
+                if dropout_p:
+                    raise _Decline("dropout applied twice to the probabilities")
+                dropout_p = p
         elif user.target not in PASSTHROUGH_OPS:
             raise _Decline(f"softmax output feeds {_op_name(user)}, not a P·V matmul")
         node = user
@@ -297,12 +296,16 @@ def _match_softmax(gm: fx.GraphModule, softmax: fx.Node) -> AttentionSite:
     if dim != rank - 1:
         raise _Decline(f"softmax on dim {dim}, expected the last (key) axis {rank - 1}")
     qk, scale, masks = _walk_scores(x)
-    pv = _walk_probabilities(softmax)
-    q, kt = qk.args
-    k = last_two_transposed(kt, rank)
-    if k is None:
-        raise _Decline("the right operand of Q·Kᵀ is not K with its last two dims swapped")
-    k, v, _ = _gqa_operands(k, pv.args[1])
+    pv, dropout_p = _walk_probabilities(softmax)
+    if qk.target == aten.einsum.default:
+        q, k = qk.args[1]
+    else:
+        q, kt = qk.args
+        k = last_two_transposed(kt, rank)
+        if k is None:
+            raise _Decline("the right operand of Q·Kᵀ is not K with its last two dims swapped")
+    v = pv.args[1][1] if pv.target == aten.einsum.default else pv.args[1]
+    k, v, _ = _gqa_operands(k, v)
     dtype = _check_dtypes(q, k, v)
     groups = _check_qkv(q, k, v)
     qs, ks, vs = _shape(q), _shape(k), _shape(v)
@@ -313,7 +316,7 @@ def _match_softmax(gm: fx.GraphModule, softmax: fx.Node) -> AttentionSite:
     return AttentionSite(
         family="matmul-softmax-matmul", q_shape=qs, k_shape=ks, v_shape=vs, dtype=dtype,
         is_causal=is_causal, mask_kind=mask_kind, mask_shape=mask_shape, scale=scale,
-        gqa_groups=groups, dropout_p=0.0, location=location_of(softmax),
+        gqa_groups=groups, dropout_p=dropout_p, location=location_of(softmax),
         q=q, k=k, v=v, masks=masks, output=pv,
     )
 
@@ -346,8 +349,12 @@ def replace_attention(gm: fx.GraphModule, sites: list[AttentionSite]) -> None:
     for site in sites:
         with graph.inserting_before(site.output):
             mask = combine(graph, site.masks)
+            seed = None
+            if site.dropout_p > 0.0:  # a fresh seed per call; the backward replays its mask
+                seed = graph.call_function(aten.randint.low, (0, 2**31 - 1, []),
+                                           {"dtype": torch.int64, "device": _val(site.q).device})
             node = graph.call_function(
-                op, (site.q, site.k, site.v, mask, site.dropout_p, site.is_causal, site.scale)
+                op, (site.q, site.k, site.v, mask, site.dropout_p, site.is_causal, site.scale, seed)
             )
             node.meta.update({k: site.output.meta[k] for k in ("stack_trace",) if k in site.output.meta})
             node = _with_layout_of(graph, node, _val(site.output))

@@ -8,7 +8,8 @@
 // CHECK-DAG:     %[[P:.+]] = torch.constant.float 0.000000e+00
 // CHECK-DAG:     %[[FALSE:.+]] = torch.constant.bool false
 // CHECK-DAG:     %[[SCALE:.+]] = torch.constant.float 2.500000e-01
-// CHECK:         %[[O:.+]] = torch.operator "torch.flashmlir.attention"(%[[Q]], %[[K]], %[[V]], %[[NONE]], %[[P]], %[[FALSE]], %[[SCALE]])
+// CHECK-DAG:     %[[NOSEED:.+]] = torch.constant.none
+// CHECK:         %[[O:.+]] = torch.operator "torch.flashmlir.attention"(%[[Q]], %[[K]], %[[V]], %[[NONE]], %[[P]], %[[FALSE]], %[[SCALE]], %[[NOSEED]])
 // CHECK-NOT:     torch.aten.softmax
 // CHECK-NOT:     torch.aten.matmul
 // CHECK:         return %[[O]]
@@ -31,7 +32,7 @@ func.func @manual_mul_scale(%q: !torch.vtensor<[2,4,32,16],f32>, %k: !torch.vten
 // CHECK-LABEL: func.func @manual_div_mask_bmm
 // CHECK-SAME:    (%[[Q:.+]]: !torch.vtensor<[8,32,16],f32>, %[[K:.+]]: !torch.vtensor<[8,32,16],f32>, %[[V:.+]]: !torch.vtensor<[8,32,16],f32>, %[[M:.+]]: !torch.vtensor<[8,32,32],f32>)
 // CHECK:         %[[SCALE:.+]] = torch.constant.float 2.500000e-01
-// CHECK:         torch.operator "torch.flashmlir.attention"(%[[Q]], %[[K]], %[[V]], %[[M]], %{{.+}}, %{{.+}}, %[[SCALE]])
+// CHECK:         torch.operator "torch.flashmlir.attention"(%[[Q]], %[[K]], %[[V]], %[[M]], %{{.+}}, %{{.+}}, %[[SCALE]], %{{.+}})
 // CHECK-NOT:     torch.aten.bmm
 func.func @manual_div_mask_bmm(%q: !torch.vtensor<[8,32,16],f32>, %k: !torch.vtensor<[8,32,16],f32>, %v: !torch.vtensor<[8,32,16],f32>, %m: !torch.vtensor<[8,32,32],f32>) -> !torch.vtensor<[8,32,16],f32> {
   %int0 = torch.constant.int 0
@@ -78,7 +79,7 @@ func.func @masked_fill(%q: !torch.vtensor<[2,4,32,16],f32>, %k: !torch.vtensor<[
 // CHECK-DAG:     %[[MASK:.+]] = torch.constant.none
 // CHECK-DAG:     %[[TRUE:.+]] = torch.constant.bool true
 // CHECK-DAG:     %[[SCALE:.+]] = torch.constant.none
-// CHECK:         torch.operator "torch.flashmlir.attention"(%{{.+}}, %{{.+}}, %{{.+}}, %[[MASK]], %{{.+}}, %[[TRUE]], %[[SCALE]]) : (!torch.vtensor<[2,4,16,8],f32>, !torch.vtensor<[2,2,16,8],f32>, !torch.vtensor<[2,2,16,8],f32>
+// CHECK:         torch.operator "torch.flashmlir.attention"(%{{.+}}, %{{.+}}, %{{.+}}, %[[MASK]], %{{.+}}, %[[TRUE]], %[[SCALE]], %{{.+}}) : (!torch.vtensor<[2,4,16,8],f32>, !torch.vtensor<[2,2,16,8],f32>, !torch.vtensor<[2,2,16,8],f32>
 // CHECK-NOT:     torch.aten.scaled_dot_product_attention
 func.func @sdpa_causal_gqa(%q: !torch.vtensor<[2,4,16,8],f32>, %k: !torch.vtensor<[2,2,16,8],f32>, %v: !torch.vtensor<[2,2,16,8],f32>) -> !torch.vtensor<[2,4,16,8],f32> {
   %none = torch.constant.none
