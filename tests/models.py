@@ -100,3 +100,42 @@ class NanoGPTAttention(nn.Module):
 
 def nanogpt(flash: bool, layers: int = 2, dropout: float = 0.0) -> nn.Module:
     return nn.Sequential(*(NanoGPTAttention(flash=flash, dropout=dropout) for _ in range(layers)))
+
+
+class GPT2LegacyAttention(nn.Module):
+    """The transformers 4.x GPT-2 attention body: a bool causal buffer selected with torch.where and
+    finfo.min, the scores divided by a 0-d tensor, an additive padding mask, softmax, dropout."""
+
+    def __init__(self, dim: int = 64, heads: int = 4, max_len: int = 64):
+        super().__init__()
+        self.c_attn, self.c_proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.heads, self.dim = heads, dim
+        self.register_buffer("bias", torch.tril(torch.ones(max_len, max_len, dtype=torch.bool)).view(1, 1, max_len, max_len))
+        self.attn_dropout = nn.Dropout(0.0)
+
+    def forward(self, x, attention_mask):
+        b, t, c = x.shape
+        q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in self.c_attn(x).split(c, dim=2))
+        w = torch.matmul(q, k.transpose(-1, -2))
+        w = w / torch.full([], v.size(-1) ** 0.5, dtype=w.dtype, device=w.device)
+        causal = self.bias[:, :, :t, :t]
+        w = torch.where(causal, w, torch.full([], torch.finfo(w.dtype).min, dtype=w.dtype, device=w.device))
+        w = w + attention_mask
+        w = self.attn_dropout(nn.functional.softmax(w, dim=-1).type(v.dtype))
+        return self.c_proj(torch.matmul(w, v).transpose(1, 2).reshape(b, t, c))
+
+
+class TimmAttention(nn.Module):
+    """timm's unfused Attention: fused qkv, reshape/permute/unbind, q scaled before the matmul."""
+
+    def __init__(self, dim: int = 64, heads: int = 4):
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.heads, self.scale = heads, (dim // heads) ** -0.5
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        q = q * self.scale
+        attn = (q @ k.transpose(-2, -1)).softmax(dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(B, N, C))

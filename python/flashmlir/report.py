@@ -72,12 +72,12 @@ class ExplainReport:
         lines = [f"flashmlir: {len(self.sites)} attention site(s), {len(self.rejected)} rejected, "
                  f"{len(self.graphs)} graph(s)"]
         if self.sites:
-            header = ("#", "family", "q", "k", "v", "dtype", "causal", "mask", "scale", "gqa", "location")
+            header = ("#", "family", "q", "k", "v", "dtype", "causal", "mask", "scale", "gqa", "dropout", "location")
             rows = [
                 (str(i), s.family, _shape(s.q_shape), _shape(s.k_shape), _shape(s.v_shape), s.dtype,
                  "yes" if s.is_causal else "no",
                  s.mask_kind if s.mask_shape is None else f"{s.mask_kind} {_shape(s.mask_shape)}",
-                 f"{s.scale:.4g}", str(s.gqa_groups), s.location)
+                 f"{s.scale:.4g}", str(s.gqa_groups), f"{s.dropout_p:g}", s.location)
                 for i, s in enumerate(self.sites)
             ]
             lines += _table(header, rows)

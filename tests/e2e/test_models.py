@@ -173,3 +173,64 @@ def test_returned_attention_weights_are_not_replaced():
         report = flashmlir.explain(lambda **x: model.eval()(**x, output_attentions=True, return_dict=False)[0], **inputs)
     assert not report.sites and report.compiled
     assert any("users" in r.reason for r in report.rejected if r.kind == "near-miss")
+
+
+def test_gpt2_legacy_where_and_tensor_scale():
+    from tests.models import GPT2LegacyAttention
+
+    torch.manual_seed(0)
+    model = GPT2LegacyAttention().eval()
+    x = torch.randn(2, 20, 64)
+    pad = torch.zeros(2, 1, 1, 20)
+    pad[1, ..., -5:] = torch.finfo(torch.float32).min
+    with torch.no_grad():
+        report = flashmlir.explain(model, x, pad)
+        (site,) = report.sites
+        assert site.scale == pytest.approx(0.25) and set(site.mask_kind.split("+")) == {"boolean", "additive"}
+        assert report.tiled == 1
+        assert rel_err(torch.compile(model, backend="flashmlir")(x, pad), model(x, pad)) < 1e-5
+
+
+def test_timm_q_scaled_attention():
+    from tests.models import TimmAttention
+
+    model = TimmAttention().eval()
+    x = torch.randn(2, 17, 64)
+    with torch.no_grad():
+        report = flashmlir.explain(model, x)
+        assert len(report.sites) == 1 and report.tiled == 1
+        assert rel_err(torch.compile(model, backend="flashmlir")(x), model(x)) < 1e-5
+
+
+@pytest.mark.parametrize("form", ["einsum-4d", "einsum-3d", "expand-bmm"])
+def test_einsum_and_expand_bmm(form):
+    def einsum4(q, k, v):
+        return torch.einsum("bhqk,bhkd->bhqd", (torch.einsum("bhqd,bhkd->bhqk", q, k) * 0.25).softmax(-1), v)
+
+    def einsum3(q, k, v):
+        q, k, v = (t.flatten(0, 1) for t in (q, k, v))
+        return torch.einsum("b i j, b j d -> b i d", (torch.einsum("b i d, b j d -> b i j", q, k) * 0.25).softmax(-1), v)
+
+    def expand_bmm(q, k, v):
+        b, h, s, d = q.shape
+        q3, k3, v3 = (t.expand(b, h, s, d).reshape(b * h, s, d) for t in (q, k, v))
+        return torch.bmm(torch.bmm(q3, k3.transpose(1, 2)).mul(0.25).softmax(-1), v3).view(b, h, s, d)
+
+    fn = {"einsum-4d": einsum4, "einsum-3d": einsum3, "expand-bmm": expand_bmm}[form]
+    q, k, v = (torch.randn(2, 4, 21, 16) for _ in range(3))
+    with torch.no_grad():
+        report = flashmlir.explain(fn, q, k, v)
+        assert len(report.sites) == 1 and report.tiled == 1
+        assert rel_err(torch.compile(fn, backend="flashmlir")(q, k, v), fn(q, k, v)) < 1e-5
+
+
+def test_bf16_llama_with_fp32_softmax():
+    torch.manual_seed(0)
+    model, inputs, forward_kwargs = hf_model("llama", "eager")
+    model = model.to(torch.bfloat16).eval()
+    with torch.no_grad():
+        report = flashmlir.explain(lambda **x: _run(model, x, forward_kwargs), **inputs)
+        assert len(report.sites) == 2 and all(s.dtype == "bfloat16" and s.gqa_groups == 2 for s in report.sites)
+        out = torch.compile(lambda **x: _run(model, x, forward_kwargs), backend="flashmlir")(**inputs)
+        eager = _run(model, inputs, forward_kwargs)
+    assert not torch.isnan(out).any() and rel_err(out, eager) < 2e-2

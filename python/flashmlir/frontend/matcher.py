@@ -26,7 +26,7 @@ import torch.fx as fx
 
 from flashmlir.frontend.attention_op import attention_overload, default_scale
 from flashmlir.frontend.layout import einsum_role, last_two_transposed, normalize_dim, peel_repeat_kv
-from flashmlir.frontend.masks import Mask, combine, describe, recover_causal
+from flashmlir.frontend.masks import Mask, combine, describe, recover_causal, static_value
 
 aten = torch.ops.aten
 
@@ -39,6 +39,7 @@ PASSTHROUGH_OPS = {
     aten.contiguous.default,
 }
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_SCALE_OPS = {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar}
 # A fill value this low is "never attend" (HF uses finfo(dtype).min, nanoGPT -inf).
 _MASKED_FILL_MAX = -1e4
 
@@ -205,7 +206,18 @@ def _single_user(node: fx.Node, what: str) -> fx.Node:
     return users[0]
 
 
-def _walk_scores(softmax_in: fx.Node) -> tuple[fx.Node, float, list[Mask]]:
+def _constant_number(gm: fx.GraphModule, x: Any) -> float | None:
+    """x as a number if it is one, or a 0-d tensor computed from constants (torch.full([], c))."""
+    if _is_number(x):
+        return float(x)
+    if isinstance(x, fx.Node) and isinstance(_val(x), torch.Tensor) and _val(x).dim() == 0:
+        value = static_value(gm, x)
+        if value is not None and value.is_floating_point():
+            return float(value)
+    return None
+
+
+def _walk_scores(gm: fx.GraphModule, softmax_in: fx.Node) -> tuple[fx.Node, float, list[Mask]]:
     """Walk from the softmax input up to the Q·Kᵀ matmul.
 
     Returns (matmul, scale, masks): the scale is the product of every constant multiplier on
@@ -222,15 +234,22 @@ def _walk_scores(softmax_in: fx.Node) -> tuple[fx.Node, float, list[Mask]]:
             return node, scale, masks
         _single_user(node, "a score op")
         target, args = node.target, node.args
-        if target in (aten.mul.Tensor, aten.mul.Scalar) and any(_is_number(a) for a in args):
-            factor = next(a for a in args if _is_number(a))
-            scale *= float(factor)
-            node = next(a for a in args if isinstance(a, fx.Node))
-        elif target in (aten.div.Tensor, aten.div.Scalar) and _is_number(args[1]):
-            scale /= float(args[1])
+        numbers = [_constant_number(gm, a) for a in args[:2]] if target in _SCALE_OPS else []
+        if target in (aten.mul.Tensor, aten.mul.Scalar) and any(n is not None for n in numbers):
+            i = 0 if numbers[0] is not None else 1
+            scale *= numbers[i]
+            node = args[1 - i]
+        elif target in (aten.div.Tensor, aten.div.Scalar) and numbers[1] is not None:
+            scale /= numbers[1]
             node = args[0]
         elif target in (aten.mul.Tensor, aten.div.Tensor):
             raise _Decline("the scores are scaled by a tensor, not a constant")
+        elif target in (aten.where.self, aten.where.ScalarOther) and _leads_to_matmul(args[1]):
+            fill = _constant_number(gm, args[2])
+            if fill is None or fill > _MASKED_FILL_MAX:
+                raise _Decline(f"where(cond, scores, {args[2]}) does not mask with a very negative value")
+            masks.append(Mask(args[0], "keep"))
+            node = args[1]
         elif target == aten.add.Tensor and node.kwargs.get("alpha", 1) == 1:
             a, b = args
             chain, other = (a, b) if _leads_to_matmul(a) else (b, a)
@@ -250,16 +269,18 @@ def _walk_scores(softmax_in: fx.Node) -> tuple[fx.Node, float, list[Mask]]:
             raise _Decline(f"{_op_name(node)} between Q·Kᵀ and softmax is not understood")
 
 
-def _leads_to_matmul(node: Any) -> bool:
-    """Whether a single-use chain of score ops above `node` reaches a matmul (the QKᵀ side)."""
-    steps = 0
-    while isinstance(node, fx.Node) and node.op == "call_function" and steps < 16:
-        if node.target in MATMUL_OPS or einsum_role(node) == "qk":
-            return True
-        tensor_args = [a for a in node.args if isinstance(a, fx.Node)]
-        if not tensor_args:
-            return False
-        node, steps = tensor_args[0], steps + 1
+def _leads_to_matmul(node: Any, depth: int = 16) -> bool:
+    """Whether `node` is on the score side: score ops above it reach the Q·Kᵀ matmul."""
+    if depth == 0 or not isinstance(node, fx.Node) or node.op != "call_function":
+        return False
+    if node.target in MATMUL_OPS or einsum_role(node) == "qk":
+        return True
+    if node.target in (aten.where.self, aten.where.ScalarOther):
+        return _leads_to_matmul(node.args[1], depth - 1)
+    if node.target in (aten.masked_fill.Scalar, aten.masked_fill.Tensor) or node.target in PASSTHROUGH_OPS:
+        return _leads_to_matmul(node.args[0], depth - 1)
+    if node.target in _SCALE_OPS or node.target == aten.add.Tensor:
+        return any(_leads_to_matmul(a, depth - 1) for a in node.args[:2])
     return False
 
 
@@ -295,7 +316,7 @@ def _match_softmax(gm: fx.GraphModule, softmax: fx.Node) -> AttentionSite:
     dim = normalize_dim(int(softmax.args[1]), rank)
     if dim != rank - 1:
         raise _Decline(f"softmax on dim {dim}, expected the last (key) axis {rank - 1}")
-    qk, scale, masks = _walk_scores(x)
+    qk, scale, masks = _walk_scores(gm, x)
     pv, dropout_p = _walk_probabilities(softmax)
     if qk.target == aten.einsum.default:
         q, k = qk.args[1]
