@@ -124,3 +124,24 @@ def test_training_step_on_gpu():
     step(model, x).backward()
     for got, want in zip(grads, [p.grad for p in model.parameters()] + [x.grad], strict=True):
         assert ((got - want).norm() / want.norm()).item() < 1e-4
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_left_padded_llama_on_gpu(attn):
+    """Rows whose every key is masked (left padding) stay finite and match eager on the GPU."""
+    pytest.importorskip("transformers")
+    from tests.models import hf_model
+
+    torch.manual_seed(0)
+    model, inputs, forward_kwargs = hf_model("llama", attn)
+    model = model.to(DEVICE).eval()
+    inputs = {k: v.to(DEVICE) for k, v in inputs.items()}
+
+    def forward(**x):
+        return model(**x, **forward_kwargs, return_dict=False)[0]
+
+    with torch.no_grad():
+        out = torch.compile(forward, backend="flashmlir")(**inputs)
+        eager = forward(**inputs)
+    assert not torch.isnan(out).any()
+    assert ((out - eager).norm() / eager.norm()).item() < 1e-4
