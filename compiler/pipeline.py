@@ -1,9 +1,11 @@
 """The compile pipeline: a flat list of named stages from imported IR to a .vmfb.
 
-    00-input             the imported (or parsed) module; `flashmlir.target` attribute set
-    01-match-attention   flashmlir-match-attention
-    02-lower-attention   flashmlir-lower-attention
-    03-tile-attention    flashmlir-tile-attention{target=…}, canonicalize, cse
+    00-input                   the imported (or parsed) module; `flashmlir.target` attribute set
+    01-erase-device-placement  flashmlir-erase-device-placement
+       bind-result-storage     flashmlir-bind-result-storage (graphs from torch.compile only)
+    ..-match-attention         flashmlir-match-attention
+    ..-lower-attention         flashmlir-lower-attention
+    ..-tile-attention          flashmlir-tile-attention{target=…}, canonicalize, cse
     iree-*               IREE: torch input conversion, dispatch formation, codegen, VM
 
 `print_stages()` lists them; `--dump-ir DIR` / FLASHMLIR_SAVE_TEMPS write the IR after each.
@@ -41,6 +43,7 @@ def flashmlir_stages(target: Target, bind_result_storage: bool = False) -> tuple
     """Our stages. `bind_result_storage`: the caller passes output tensors in (torch interop)."""
     binding = (Stage("bind-result-storage", "flashmlir-bind-result-storage"),) if bind_result_storage else ()
     return (
+        Stage("erase-device-placement", "flashmlir-erase-device-placement"),
         *binding,
         Stage("match-attention", "flashmlir-match-attention"),
         Stage("lower-attention", "flashmlir-lower-attention"),

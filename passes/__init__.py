@@ -1,5 +1,6 @@
 """flashmlir's MLIR passes, written in Python on IREE's MLIR bindings. One pass per module.
 
+    flashmlir-erase-device-placement  torch device arguments become "cpu" (one module, one device)
     flashmlir-match-attention   torch IR: SDPA and softmax(Q·Kᵀ·s + M)·V ⇒ torch.flashmlir.attention
     flashmlir-lower-attention   torch.flashmlir.attention ⇒ iree_linalg_ext.attention (GQA, causal kept)
     flashmlir-tile-attention    iree_linalg_ext.attention ⇒ flash loop nest in one dispatch (per target)
@@ -10,12 +11,19 @@
 
 from __future__ import annotations
 
-from flashmlir.passes import bind_result_storage, lower_attention, match_attention, tile_attention
+from flashmlir.passes import (
+    bind_result_storage,
+    erase_device_placement,
+    lower_attention,
+    match_attention,
+    tile_attention,
+)
 from flashmlir.passes.framework import Decline, PassResult, PassSpec
 
 REGISTRY: dict[str, PassSpec] = {
     p.name: p
-    for p in (match_attention.PASS, lower_attention.PASS, tile_attention.PASS, bind_result_storage.PASS)
+    for p in (erase_device_placement.PASS, match_attention.PASS, lower_attention.PASS, tile_attention.PASS,
+              bind_result_storage.PASS)
 }
 
 __all__ = ["REGISTRY", "Decline", "PassResult", "PassSpec"]
