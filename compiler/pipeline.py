@@ -5,6 +5,7 @@
        bind-result-storage     flashmlir-bind-result-storage (graphs from torch.compile only)
     ..-match-attention         flashmlir-match-attention
     ..-lower-attention         flashmlir-lower-attention
+    ..-dispatch-microkernels   flashmlir-dispatch-attention-microkernel (CUDA targets)
     ..-tile-attention          flashmlir-tile-attention{target=…}, canonicalize, cse
     iree-*               IREE: torch input conversion, dispatch formation, codegen, VM
 
@@ -24,7 +25,7 @@ from iree.compiler import ir
 from iree.compiler.api import Session
 
 from flashmlir import config
-from flashmlir.compiler import iree_driver
+from flashmlir.compiler import iree_driver, microkernels
 from flashmlir.compiler.cache import ModuleCache, cache_key
 from flashmlir.compiler.targets import Target
 from flashmlir.errors import CompileError, UnsupportedError
@@ -42,11 +43,14 @@ class Stage:
 def flashmlir_stages(target: Target, bind_result_storage: bool = False) -> tuple[Stage, ...]:
     """Our stages. `bind_result_storage`: the caller passes output tensors in (torch interop)."""
     binding = (Stage("bind-result-storage", "flashmlir-bind-result-storage"),) if bind_result_storage else ()
+    use_microkernels = target.gpu is not None and config.microkernels_enabled()
+    dispatch = (Stage("dispatch-microkernels", "flashmlir-dispatch-attention-microkernel"),) if use_microkernels else ()
     return (
         Stage("erase-device-placement", "flashmlir-erase-device-placement"),
         *binding,
         Stage("match-attention", "flashmlir-match-attention"),
         Stage("lower-attention", "flashmlir-lower-attention"),
+        *dispatch,
         Stage("tile-attention", f"flashmlir-tile-attention{{target={target.name}}},canonicalize,cse"),
     )
 
@@ -74,9 +78,15 @@ class CompileReport:
         return [f"[{r.pass_name}] {d}" for r in self.pass_results for d in r.declined]
 
     @property
+    def attention_microkernels(self) -> int:
+        """Attention ops that run as our microkernels."""
+        return self.rewrites("flashmlir-dispatch-attention-microkernel")
+
+    @property
     def attention_tiled(self) -> int:
-        """Attention ops our tile pass turned into flash loops (the rest went to IREE as is)."""
-        return self.rewrites("flashmlir-tile-attention")
+        """Attention ops our passes made flash attention: microkernels, flash loops, online forms
+        (the rest went to IREE as is)."""
+        return self.attention_microkernels + self.rewrites("flashmlir-tile-attention")
 
     def summary(self) -> dict:
         return {"target": self.target, "seconds": self.seconds,
@@ -219,7 +229,10 @@ def compile_cached(
     """`compile_module` behind the on-disk cache. Logs each compile (FLASHMLIR_LOG=info)."""
     cache = cache or ModuleCache()
     pipeline = tuple(s.pipeline for s in flashmlir_stages(target, bind_result_storage))
-    key = cache_key(str(module), f"{target.name} {target.fingerprint}", target.iree_flags, pipeline)
+    fingerprint = target.fingerprint
+    if any(s.name == "dispatch-microkernels" for s in flashmlir_stages(target)):  # modules embed their objects
+        fingerprint += f" microkernels:{microkernels.fingerprint()}"
+    key = cache_key(str(module), f"{target.name} {fingerprint}", target.iree_flags, pipeline)
     if dump_dir is None and config.save_temps_dir() is not None:
         dump_dir = config.save_temps_dir() / key[:16]
     if dump_dir is None:
@@ -243,7 +256,8 @@ def compile_cached(
     seconds = time.perf_counter() - start
     if seconds > SLOW_COMPILE_SECONDS:
         logger.warning("%s took %.0f s to compile; it is cached in %s for later runs", what, seconds, cache.directory)
-    logger.info("%s: compiled in %.2f s (%d attention sites tiled)", what, seconds, report.attention_tiled)
+    logger.info("%s: compiled in %.2f s (%d attention sites as flash attention, %d of them microkernels)",
+                what, seconds, report.attention_tiled, report.attention_microkernels)
     for line in report.declines():
         logger.info("%s: %s", what, line)
     cache.store(key, vmfb, report.summary())

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from iree.compiler import ir
 
 from flashmlir.compiler.targets import AttentionTiles, get_target
+from flashmlir.passes.attention_ir import Attention, NotCanonical, Operand, analyze, analyze_layout, map_dims
 from flashmlir.passes.framework import PassResult, PassSpec
 from flashmlir.passes.ir_utils import (
     NEG_INF_LITERAL,
@@ -41,7 +42,6 @@ from flashmlir.passes.ir_utils import (
     walk_ops,
 )
 
-SUPPORTED_ELEMENT_TYPES = ("f32", "f16", "bf16")
 _LOWEST_F32 = "-3.40282347E+38"  # running-max start: finite, so exp(-inf - lowest) = 0, never NaN
 
 
@@ -52,188 +52,6 @@ class Options:
     kv_block: int = 0
     vector_q: int = 0
     vector_kv: int = 0
-
-
-class _Decline(Exception):
-    pass
-
-
-@dataclass
-class _Operand:
-    value: ir.Value
-    shape: list[int]
-    elem: str
-    roles: list[str]  # per tensor dim: "b<i>", "m", "n", "k1", "k2"
-
-    def type(self) -> str:
-        return tensor_type(self.shape, self.elem)
-
-
-@dataclass
-class _Attention:
-    """An attention op understood: its operands by role, sizes, causality and explicit mask."""
-
-    op: ir.Operation
-    num_dims: int
-    pos: dict[str, int]  # role → iteration dim position
-    batch_sizes: list[int]
-    q: _Operand
-    k: _Operand
-    v: _Operand
-    scale: ir.Value
-    mask: _Operand | None  # explicit mask, loaded per tile
-    causal: bool
-    out: _Operand
-    dead_mask_producer: ir.Operation | None
-
-    @property
-    def sq(self) -> int:
-        return self.q.shape[self.q.roles.index("m")]
-
-    @property
-    def sk(self) -> int:
-        return self.k.shape[self.k.roles.index("k2")]
-
-    @property
-    def dv(self) -> int:
-        return self.v.shape[self.v.roles.index("n")]
-
-
-def _elem(t: ir.Type) -> str:
-    return str(ir.RankedTensorType(t).element_type)
-
-
-def _shape(t: ir.Type) -> list[int]:
-    rt = ir.RankedTensorType(t)
-    if not rt.has_static_shape:
-        raise _Decline(f"dynamic shape {t} is not supported yet")
-    return list(rt.shape)
-
-
-def _map_dims(attr: ir.Attribute) -> list[int]:
-    amap = ir.AffineMapAttr(attr).value
-    dims = []
-    for expr in amap.results:
-        if not isinstance(expr, ir.AffineDimExpr):
-            raise _Decline(f"indexing map {amap} is not a projected permutation")
-        dims.append(expr.position)
-    return dims
-
-
-def _analyze_layout(op: ir.Operation) -> _Attention:
-    """The op's operands by role and sizes, without looking at its mask."""
-    return _analyze(op, look_at_mask=False)
-
-
-def _analyze(op: ir.Operation, look_at_mask: bool = True) -> _Attention:
-    maps = list(ir.ArrayAttr(op.attributes["indexing_maps"]))
-    operands = list(op.operands)
-    num_ins = len(maps) - 1
-    if num_ins not in (4, 5):
-        raise _Decline(f"unexpected operand count {len(operands)}")
-    q, k, v, scale = operands[:4]
-    mask = operands[4] if num_ins == 5 else None
-    out = operands[num_ins]
-    qd, kd, vd, sd = (_map_dims(m) for m in maps[:4])
-    md = _map_dims(maps[4]) if mask is not None else None
-    od = _map_dims(maps[-1])
-    num_dims = ir.AffineMapAttr(maps[0]).value.n_dims
-    if sd:
-        raise _Decline("the scale must be a scalar")
-
-    # Canonical layout: Q (batch…, m, k1), K (kbatch…, k2, k1), V (kbatch…, k2, n), O (batch…, m, n).
-    if len(qd) < 2 or len(kd) < 2 or len(vd) < 2:
-        raise _Decline("operands of rank < 2")
-    pos = {"m": qd[-2], "k1": qd[-1], "k2": kd[-2], "n": vd[-1]}
-    batch = qd[:-2]
-    kbatch = [d for d in kd if d in batch]
-    if (len(set(pos.values())) != 4 or batch != sorted(batch)
-            or set(batch) | set(pos.values()) != set(range(num_dims))
-            or kd != [*kbatch, pos["k2"], pos["k1"]] or vd != [*kbatch, pos["k2"], pos["n"]]
-            or od != [*batch, pos["m"], pos["n"]]):
-        raise _Decline("operand layout is not canonical (transposed operands); left to IREE")
-    for i, d in enumerate(batch):
-        pos[f"b{i}"] = d
-    role_of = {d: r for r, d in pos.items()}
-
-    block = op.regions[0].blocks[0]
-    body = list(block.operations)
-    if len(body) != 1 or list(body[0].operands) != [block.arguments[0]]:
-        raise _Decline("the score modifier region is not the identity")
-
-    def operand(value: ir.Value, dims: list[int]) -> _Operand:
-        return _Operand(value, _shape(value.type), _elem(value.type), [role_of[d] for d in dims])
-
-    qo, ko, vo, oo = operand(q, qd), operand(k, kd), operand(v, vd), operand(out, od)
-    for x in (qo, ko, vo):
-        if x.elem not in SUPPORTED_ELEMENT_TYPES:
-            raise _Decline(f"element type {x.elem} is not supported ({', '.join(SUPPORTED_ELEMENT_TYPES)})")
-    if str(scale.type) != "f32":
-        raise _Decline(f"scale of type {scale.type}, expected f32")
-
-    causal, explicit, producer = False, None, None
-    if mask is not None and look_at_mask:
-        explicit = operand(mask, md)
-        recognized = _recognize_causal(mask, md, pos)
-        if recognized is not None:
-            causal = True
-            producer, explicit = recognized
-            if explicit is not None:
-                explicit = operand(*explicit)
-        if explicit is not None and any(r not in ("m", "k2") and not r.startswith("b") for r in explicit.roles):
-            raise _Decline("the mask is indexed by a head-dim loop")
-    batch_sizes = [qo.shape[i] for i in range(len(batch))]
-    return _Attention(op, num_dims, pos, batch_sizes, qo, ko, vo, scale, explicit, causal, oo, producer)
-
-
-def _recognize_causal(mask: ir.Value, mask_dims: list[int], pos: dict[str, int]):
-    """If `mask` is computed as select(k2 <= m, X or 0, -inf), return (producer, (X, X's dims) | None).
-
-    That is the producer flashmlir-lower-attention emits for a causal mask (and the shape of the
-    one torch-mlir emits for SDPA's is_causal). Anything else: None (the mask is loaded as is).
-    """
-    producer = defining_op(mask)
-    if producer is None or producer.name != "linalg.generic" or len(producer.results) != 1:
-        return None
-    maps = list(ir.ArrayAttr(producer.attributes["indexing_maps"]))
-    num_inputs = len(maps) - 1
-    if num_inputs > 1 or _map_dims(maps[-1]) != list(range(len(mask_dims))):
-        return None
-    block = producer.regions[0].blocks[0]
-    ops = list(block.operations)
-    names = [o.name for o in ops]
-    expected = ["arith.constant", "arith.constant", "linalg.index", "linalg.index", "arith.cmpi",
-                "arith.select", "linalg.yield"]
-    if sorted(names) != sorted(expected):
-        return None
-    index = {o.results[0]: ir.IntegerAttr(o.attributes["dim"]).value for o in ops if o.name == "linalg.index"}
-    cmp = next(o for o in ops if o.name == "arith.cmpi")
-    select = next(o for o in ops if o.name == "arith.select")
-    # arith.cmpi predicate 7 = ule, 3 = sle: attend iff lhs <= rhs.
-    if ir.IntegerAttr(cmp.attributes["predicate"]).value not in (3, 7):
-        return None
-    lhs, rhs = cmp.operands[0], cmp.operands[1]
-    if lhs not in index or rhs not in index:
-        return None
-    j_dim, i_dim = mask_dims[index[lhs]], mask_dims[index[rhs]]
-    if (i_dim, j_dim) != (pos["m"], pos["k2"]) or select.operands[0] != cmp.results[0]:
-        return None
-    if _float_constant(select.operands[2]) != float("-inf"):
-        return None
-    kept = select.operands[1]
-    if num_inputs == 0:
-        return (producer, None) if _float_constant(kept) == 0.0 else None
-    if kept != block.arguments[0]:
-        return None
-    in_dims = [mask_dims[d] for d in _map_dims(maps[0])]
-    return producer, (producer.operands[0], in_dims)
-
-
-def _float_constant(value: ir.Value) -> float | None:
-    op = defining_op(value)
-    if op is None or op.name != "arith.constant" or not isinstance(op.attributes["value"], ir.FloatAttr):
-        return None
-    return op.attributes["value"].value
 
 
 def _tiles(target_tiles: AttentionTiles, options: Options, head_dim: int) -> AttentionTiles:
@@ -256,7 +74,7 @@ def _tiles(target_tiles: AttentionTiles, options: Options, head_dim: int) -> Att
     )
 
 
-def _choose_tiles(attn: _Attention, tiles: AttentionTiles) -> tuple[int, int]:
+def _choose_tiles(attn: Attention, tiles: AttentionTiles) -> tuple[int, int]:
     """Block sizes: the configured ones, shrunk (to a vector multiple) for short sequences.
 
     The final acc / sum of a Q block is vectorized whole by IREE (it is outside the tiled loop),
@@ -274,7 +92,7 @@ def _round_up(x: int, multiple: int) -> int:
     return -(-x // multiple) * multiple
 
 
-def _function(attn: _Attention, tiles: AttentionTiles, bq: int, bk: int) -> str:
+def _function(attn: Attention, tiles: AttentionTiles, bq: int, bk: int) -> str:
     """The MLIR function replacing the attention op (see the module docstring for its shape)."""
     nqb, nkb = -(-attn.sq // bq), -(-attn.sk // bk)
     sq_p, sk_p = nqb * bq, nkb * bk
@@ -283,7 +101,7 @@ def _function(attn: _Attention, tiles: AttentionTiles, bq: int, bk: int) -> str:
     if attn.mask is not None:
         args.append(f"%mask: {attn.mask.type()}")
 
-    def padded(name: str, x: _Operand) -> tuple[str, list[int]]:
+    def padded(name: str, x: Operand) -> tuple[str, list[int]]:
         new = [sq_p if r == "m" else sk_p if r == "k2" else s for s, r in zip(x.shape, x.roles, strict=True)]
         if new == x.shape:
             return f"%{name}", new
@@ -392,7 +210,7 @@ def _dispatch_body(attn, tiles, bq, bk, nkb, types, mask_type, out_type) -> list
         ]
         rest = f"%rest{i}"
 
-    def tile(x: _Operand, full_shape: list[int], k0: str | None) -> tuple[list[str], list[str], list[int]]:
+    def tile(x: Operand, full_shape: list[int], k0: str | None) -> tuple[list[str], list[str], list[int]]:
         offsets, sizes = [], []
         for r, size in zip(x.roles, full_shape, strict=True):
             if r.startswith("b"):
@@ -409,7 +227,7 @@ def _dispatch_body(attn, tiles, bq, bk, nkb, types, mask_type, out_type) -> list
                 sizes.append(size)
         return offsets, ["1"] * len(sizes), sizes
 
-    def load(name: str, src: str, x: _Operand, full_type: str, k0: str | None = None) -> tuple[str, str]:
+    def load(name: str, src: str, x: Operand, full_type: str, k0: str | None = None) -> tuple[str, str]:
         offsets, strides, sizes = tile(x, _parse_shape(full_type), k0)
         t = tensor_type(sizes, x.elem)
         lines.append(
@@ -565,7 +383,7 @@ def _normalize_body(out_elem: str) -> list[str]:
     ]
 
 
-def _online_form(attn: _Attention, mask: ir.Value | None, mask_dims: list[int] | None) -> str:
+def _online_form(attn: Attention, mask: ir.Value | None, mask_dims: list[int] | None) -> str:
     """attention ⇒ online_attention over the whole op plus our guarded normalization.
 
     For targets whose attention tiling IREE's codegen does (GPUs until their microkernels): the
@@ -615,7 +433,7 @@ def _parse_shape(tensor_type: str) -> list[int]:
     return [int(x) for x in inner.split("x")[:-1]]
 
 
-def _compilation_info(attn: _Attention, tiles: AttentionTiles) -> str:
+def _compilation_info(attn: Attention, tiles: AttentionTiles) -> str:
     """Vector tile sizes for IREE's CPU attention vectorization; no further distribution."""
     n = attn.num_dims
     parallel, reduction = [0] * n, [0] * n
@@ -633,15 +451,15 @@ def _compilation_info(attn: _Attention, tiles: AttentionTiles) -> str:
 
 def _rewrite_online_form(op: ir.Operation, result: PassResult) -> None:
     try:
-        attn = _analyze_layout(op)
-    except _Decline as why:
+        attn = analyze_layout(op)
+    except NotCanonical as why:
         result.decline(op, str(why))
         return
     operands = list(op.operands)
     maps = list(ir.ArrayAttr(op.attributes["indexing_maps"]))
     mask = operands[4] if len(maps) == 6 else None
     out_init = defining_op(attn.out.value)
-    splice_function(op, _online_form(attn, mask, _map_dims(maps[4]) if mask is not None else None),
+    splice_function(op, _online_form(attn, mask, map_dims(maps[4]) if mask is not None else None),
                     [attn.q.value, attn.k.value, attn.v.value, attn.scale] + ([mask] if mask is not None else []))
     _erase_dead_empty(out_init)
     result.rewritten += 1
@@ -670,11 +488,11 @@ def run(module: ir.Operation, options: Options) -> PassResult:
         return result
     for op in candidates:
         try:
-            attn = _analyze(op)
+            attn = analyze(op)
             tiles = _tiles(target.attention_tiles, options, max(attn.dv, attn.q.shape[-1]))
             bq, bk = _choose_tiles(attn, tiles)
             text = _function(attn, tiles, bq, bk)
-        except _Decline as why:
+        except NotCanonical as why:
             result.decline(op, str(why))
             continue
         operands = [attn.q.value, attn.k.value, attn.v.value, attn.scale]

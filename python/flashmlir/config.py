@@ -48,7 +48,16 @@ POISON_OUTPUTS = Knob(
     "1: fill every output with NaN before a compiled graph writes it (catches unwritten elements).",
 )
 
-ALL_KNOBS = (STRICT, CACHE_DIR, DISABLE_CACHE, SAVE_TEMPS, LOG_LEVEL, POISON_OUTPUTS)
+MICROKERNELS = Knob(
+    "FLASHMLIR_MICROKERNELS", "1",
+    "0: never use the microkernel library; attention on GPUs goes through IREE's own codegen.",
+)
+MICROKERNEL_DIR = Knob(
+    "FLASHMLIR_MICROKERNEL_DIR", "",
+    "Directory of the microkernel library (kernels.json, cuda/*.fatbin); default: the installed one.",
+)
+
+ALL_KNOBS = (STRICT, CACHE_DIR, DISABLE_CACHE, SAVE_TEMPS, LOG_LEVEL, POISON_OUTPUTS, MICROKERNELS, MICROKERNEL_DIR)
 
 
 def strict() -> bool:
@@ -74,6 +83,15 @@ def save_temps_dir() -> Path | None:
 
 def poison_outputs() -> bool:
     return _flag(POISON_OUTPUTS)
+
+
+def microkernels_enabled() -> bool:
+    return _flag(MICROKERNELS)
+
+
+def microkernel_dir() -> Path | None:
+    raw = MICROKERNEL_DIR.raw()
+    return Path(raw).expanduser() if raw else None
 
 
 def log_level() -> str:

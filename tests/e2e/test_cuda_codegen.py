@@ -1,14 +1,19 @@
-"""Compiling attention for the CUDA targets on a machine without a GPU: the PTX IREE emits.
+"""Compiling attention for the CUDA targets on a machine without a GPU.
 
-Each target compiles here; its PTX targets the right architecture and uses the instructions that
-architecture has: mma.sync m16n8k16 (tensor cores) for f16/bf16 on sm_80 and sm_90, never on
-sm_70 (IREE has no Volta MMA lowering; the Volta microkernel brings HMMA). ptxas, where installed,
-must accept the PTX.
+IREE's own codegen (microkernels off): each target's PTX targets the right architecture and uses
+the instructions that architecture has: mma.sync m16n8k16 (tensor cores) for f16/bf16 on sm_80
+and sm_90, never on sm_70 (IREE has no Volta MMA lowering; the Volta microkernel brings HMMA).
+ptxas, where installed, must accept the PTX.
+
+With the microkernel library (a stand-in one here, so this runs without nvcc): the module's
+attention is one extern dispatch whose executable is the library object, byte for byte.
 """
 
+import os
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -44,7 +49,8 @@ def _ptx(tmp_path, target_name: str, dtype: str) -> str:
     ("sm_80", "bf16", "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"),
     ("sm_90", "f16", "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"),
 ])
-def test_ptx_targets_the_arch_with_its_instructions(tmp_path, target, dtype, mma):
+def test_ptx_targets_the_arch_with_its_instructions(tmp_path, monkeypatch, target, dtype, mma):
+    monkeypatch.setenv("FLASHMLIR_MICROKERNELS", "0")
     ptx = _ptx(tmp_path, target, dtype)
     assert re.search(rf"^\.target {target}$", ptx, re.M)
     if mma is None:
@@ -56,3 +62,32 @@ def test_ptx_targets_the_arch_with_its_instructions(tmp_path, target, dtype, mma
         (tmp_path / "k.ptx").write_text(ptx)
         subprocess.run(["ptxas", f"-arch={target}", str(tmp_path / "k.ptx"), "-o", str(tmp_path / "k.cubin")],
                        check=True, capture_output=True)
+
+
+@pytest.mark.parametrize("target", ["sm_80", "sm_90"])
+def test_attention_becomes_the_library_kernel(tmp_path, monkeypatch, target):
+    library = tmp_path / "library"
+    (library / "cuda").mkdir(parents=True)
+    catalog = Path(__file__).parents[2] / "runtime" / "microkernels" / "kernels.json"
+    shutil.copy(catalog, library / "kernels.json")
+    stand_in = b"flashmlir stand-in fatbin " + os.urandom(64)
+    (library / "cuda" / "attention_fwd_sm80_f16_d64.fatbin").write_bytes(stand_in)
+    monkeypatch.setenv("FLASHMLIR_MICROKERNEL_DIR", str(library))
+
+    target_ = get_target(target)
+    session = iree_driver.new_session(target_.iree_flags)
+    module = parse_module(SDPA.format(t="f16"), session.context)
+    vmfb, report = compile_module(session, module, target_, dump_dir=tmp_path / "dump")
+    assert report.attention_microkernels == 1 and report.attention_tiled == 1
+    assert vmfb.count(stand_in) == 1
+    flow = next((tmp_path / "dump").glob("*-iree-flow.mlir")).read_text()
+    assert flow.count("flow.dispatch @") == 1
+    assert "hal.executable.export public @flashmlir_attention_fwd_sm80_f16_d64" in flow
+
+
+def test_microkernels_off_means_iree_codegen(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLASHMLIR_MICROKERNELS", "0")
+    target = get_target("sm_80")
+    session = iree_driver.new_session(target.iree_flags)
+    vmfb, report = compile_module(session, parse_module(SDPA.format(t="f16"), session.context), target)
+    assert report.attention_microkernels == 0 and report.attention_tiled == 1

@@ -97,8 +97,8 @@ def run(args: argparse.Namespace) -> int:
     write_atomically(output, vmfb)
     for line in report.declines():
         say(f"  note: {line}")
-    say(f"done in {time.perf_counter() - start:.2f} s: {report.rewrites('flashmlir-tile-attention')} attention "
-        f"site(s) tiled, {len(vmfb)} bytes")
+    say(f"done in {time.perf_counter() - start:.2f} s: {report.attention_tiled} attention site(s) as flash "
+        f"attention ({report.attention_microkernels} by microkernel), {len(vmfb)} bytes")
     return 0
 
 

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# What one session on the GPU machine runs (device tool, H100/H200; see README "GPU work"):
+#   source .bundle/activate.sh; bash benchmarks/gpu_session.sh STEP...
+# Steps: install (builds the microkernels with nvcc), kernels (their direct tests),
+# sweep (tile sweep table), gpu-tests (the whole GPU suite), bench (attention grid, hdim 64/128).
+# Logs and tables go to $OUT (at most 8 files come back).
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/flashmlir-out}
+mkdir -p "$OUT"
+status=0
+for step in "$@"; do
+  echo "=== $step"
+  case $step in
+    install) pip install --no-deps --no-build-isolation -q -e . 2>&1 | tail -5 || status=1
+             ls -la "$(python -c 'from flashmlir.compiler import microkernels as m; print(m.library_dir())')/cuda" ;;
+    kernels) python -m pytest -q -p no:cacheprovider tests/gpu/test_microkernels.py 2>&1 | tail -30 || status=1 ;;
+    sweep) python benchmarks/microkernel_sweep.py --markdown "$OUT/sweep.md" --json "$OUT/sweep.json" \
+             2>&1 | grep -v '^{' || status=1 ;;
+    gpu-tests) python -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/gpu-tests.log" | tail -40 || status=1 ;;
+    bench) python benchmarks/attention.py --head-dims 64 128 --targets sm_90 --markdown "$OUT/bench.md" \
+             --json "$OUT/bench.json" 2>&1 | grep -v '^{' || status=1 ;;
+    *) echo "unknown step $step"; status=1 ;;
+  esac
+done
+exit $status

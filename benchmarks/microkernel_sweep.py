@@ -1,0 +1,148 @@
+"""Tile-size sweep of the sm_80 attention microkernel, launched directly, beside torch SDPA.
+
+    python benchmarks/microkernel_sweep.py                     # default variants and grid
+    python benchmarks/microkernel_sweep.py --variants 128x64x8 128x128x8 --head-dims 128
+
+A variant is block_m x block_n x warps. Each is compiled here with nvcc from the library's source
+(the same -D switches CMake uses) for this GPU, checked against float64 on a small odd-sized
+problem, then timed over the grid (B·S = 16k tokens, H·D = 2048, as benchmarks/attention.py).
+ptxas' register and spill counts are printed with it. The winners go into
+runtime/microkernels/kernels.json; this script is how they were chosen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+from attention import SDPA_BACKENDS, Config, _sdpa_backend, median_ms  # noqa: E402
+
+from flashmlir.compiler.microkernels import AttentionKernel  # noqa: E402
+from flashmlir.runtime.cuda_launcher import attention_forward  # noqa: E402
+
+SOURCE = Path(__file__).parents[1] / "runtime" / "microkernels" / "attention" / "fwd_sm80_kernels.cu"
+ELEMENTS = {"fp16": ("f16", "half"), "bf16": ("bf16", "__nv_bfloat16")}
+
+
+def build(variant: str, head_dim: int, dtype: str, out_dir: Path) -> tuple[AttentionKernel, str]:
+    block_m, block_n, warps = (int(x) for x in variant.split("x"))
+    element, ctype = ELEMENTS[dtype]
+    major, minor = torch.cuda.get_device_capability()
+    kernel = AttentionKernel("attention_fwd_sm80", element, head_dim, block_m, block_n, warps, "sm_80",
+                             out_dir / f"{variant}_{element}_d{head_dim}.cubin")
+    command = ["nvcc", "--cubin", "-O3", "-std=c++17", f"-gencode=arch=compute_80,code=sm_{major}{minor}",
+               "-Xptxas", "-v", f"-DFLASHMLIR_ELEMENT={ctype}", f"-DFLASHMLIR_ELEMENT_NAME={element}",
+               f"-DFLASHMLIR_HEAD_DIM={head_dim}", f"-DFLASHMLIR_BLOCK_M={block_m}",
+               f"-DFLASHMLIR_BLOCK_N={block_n}", f"-DFLASHMLIR_WARPS={warps}", str(SOURCE),
+               "-o", str(kernel.object_path)]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    # ptxas reports the lse entry first, then the plain one: keep the plain one's line.
+    regs = re.findall(r"Used (\d+) registers", done.stderr)
+    spills = re.findall(r"(\d+) bytes spill stores", done.stderr)
+    return kernel, f"{regs[-1]} regs, {spills[-1]} B spilled"
+
+
+def reference_error(kernel: AttentionKernel, dtype: torch.dtype) -> float:
+    """Worst relative error over odd-sized causal / full / GQA problems, vs float64."""
+    worst = 0.0
+    for causal, hq, hkv, sq, sk in ((False, 2, 2, 333, 517), (True, 4, 2, 517, 517), (True, 2, 1, 129, 65)):
+        q = torch.randn(1, hq, sq, kernel.head_dim, device="cuda", dtype=dtype)
+        k, v = (torch.randn(1, hkv, sk, kernel.head_dim, device="cuda", dtype=dtype) for _ in range(2))
+        out = attention_forward(kernel, q, k, v, causal=causal)
+        g = hq // hkv
+        ref = F.scaled_dot_product_attention(q.double(), k.double().repeat_interleave(g, 1),
+                                             v.double().repeat_interleave(g, 1), is_causal=causal)
+        worst = max(worst, ((out.double() - ref).norm() / ref.norm()).item())
+    return worst
+
+
+def measure(config: Config, kernels: dict, args) -> dict:
+    from torch.nn.attention import sdpa_kernel
+
+    q, k, v = config.inputs()
+    row = {"head_dim": config.head_dim, "seq": config.seq, "causal": config.causal, "dtype": config.dtype,
+           "tflops": {}}
+    for variant in args.variants:
+        kernel = kernels.get((variant, config.head_dim, config.dtype))
+        if kernel is not None:
+            ms = median_ms(lambda kernel=kernel: attention_forward(kernel, q, k, v, causal=config.causal),
+                           args.warmup, args.iters)
+            row["tflops"][variant] = config.flops() / ms / 1e9
+    with torch.no_grad():
+        for name in SDPA_BACKENDS:
+            try:
+                with sdpa_kernel(_sdpa_backend(name)):
+                    ms = median_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=config.causal),
+                                   args.warmup, args.iters)
+                row["tflops"][f"sdpa-{name}"] = config.flops() / ms / 1e9
+            except RuntimeError:
+                pass
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--variants", nargs="+", default=["128x64x8", "128x128x8", "128x64x4", "64x64x4"])
+    p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    p.add_argument("--seqs", type=int, nargs="+", default=[1024, 4096, 16384])
+    p.add_argument("--dtypes", nargs="+", default=["fp16"], choices=list(ELEMENTS))
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--json")
+    p.add_argument("--markdown")
+    args = p.parse_args()
+
+    out_dir = Path(tempfile.mkdtemp(prefix="flashmlir-sweep-"))
+    kernels, notes = {}, []
+    for d in args.head_dims:
+        for dtype in args.dtypes:
+            for variant in args.variants:
+                try:
+                    kernel, ptxas = build(variant, d, dtype, out_dir)
+                    err = reference_error(kernel, getattr(torch, {"fp16": "float16", "bf16": "bfloat16"}[dtype]))
+                except (subprocess.CalledProcessError, RuntimeError) as e:
+                    text = e.stderr if isinstance(e, subprocess.CalledProcessError) else str(e)
+                    notes.append(f"- {variant} d{d} {dtype}: failed: {text.strip().splitlines()[-1][:160]}")
+                    continue
+                kernels[(variant, d, dtype)] = kernel
+                notes.append(f"- {variant} d{d} {dtype}: {ptxas}, shared {kernel.shared_bytes // 1024} KB, "
+                             f"rel. error vs float64 {err:.1e}")
+                print(notes[-1], flush=True)
+
+    rows = [measure(Config(d, seq, causal, dtype), kernels, args)
+            for d in args.head_dims for seq in args.seqs for causal in (False, True) for dtype in args.dtypes]
+
+    columns = list(args.variants) + [f"sdpa-{b}" for b in SDPA_BACKENDS]
+    lines = ["| hdim | seq | causal | dtype | " + " | ".join(columns) + " | best variant / sdpa-flash |",
+             "|" + "---:|" * (len(columns) + 5)]
+    for r in rows:
+        t = r["tflops"]
+        best = max((t[v] for v in args.variants if v in t), default=0.0)
+        ratio = f"{best / t['sdpa-flash']:.2f}x" if best and "sdpa-flash" in t else "-"
+        lines.append(f"| {r['head_dim']} | {r['seq']} | {'yes' if r['causal'] else 'no'} | {r['dtype']} | "
+                     + " | ".join(f"{t[c]:.0f}" if c in t else "-" for c in columns) + f" | {ratio} |")
+    text = (f"# sm_80 attention microkernel tile sweep, {torch.cuda.get_device_name()}, {time.strftime('%Y-%m-%d')}\n\n"
+            "Forward TFLOP/s, B·S = 16k tokens, H·D = 2048; variants are block_m x block_n x warps, compiled "
+            f"from compute_80 for this GPU. torch {torch.__version__}.\n\n" + "\n".join(lines)
+            + "\n\nBuild and correctness:\n" + "\n".join(notes))
+    print("\n" + text)
+    if args.markdown:
+        Path(args.markdown).write_text(text + "\n")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "rows": rows, "notes": notes},
+                                              indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,319 @@
+// Flash-attention forward for sm_80 and newer: FlashAttention-2's work partitioning on mma.sync.
+//
+//   grid  (ceil(Sq / kBlockM), B * Hq)        one block = kBlockM query rows of one (batch, head);
+//         with GQA, `group` = Hq / Hkv consecutive query heads read one K/V head
+//   block kWarps warps, each owning kBlockM / kWarps consecutive rows of the block: softmax
+//         statistics stay in the warp (no shared-memory reduction between warps)
+//   loop  over kBlockN-key tiles of K and V, double-buffered in shared memory with cp.async;
+//         causal: tiles right of the diagonal are skipped, only diagonal (and ragged-tail) tiles mask
+//
+// S = Q·Kᵀ and O += P·V are mma.sync.m16n8k16 (fp16 or bf16 in, fp32 accumulate). P is converted in registers from S's accumulator layout
+// straight into the A-operand layout of the second MMA. The running max lives in the exp2 domain
+// (scale · log2 e folded in); O and the row sums are rescaled per tile and divided once at the end.
+//
+// Shared-memory tiles are row-major with 16-byte chunks XOR-swizzled by (row % 8), so the eight
+// rows an ldmatrix reads hit eight different bank groups.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+namespace flashmlir {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kNegInf = -__builtin_huge_valf();
+
+__device__ __forceinline__ uint32_t smem_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared; `bytes` 0 zero-fills (rows past the end of a sequence).
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t addr, uint32_t (&r)[4]) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t addr, uint32_t (&r)[4]) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+template <typename T>
+struct Element;
+
+template <>
+struct Element<half> {
+  __device__ static uint32_t pack(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  // c += a · b over m16n8k16, fp16 operands, fp32 accumulators.
+  __device__ static void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+template <>
+struct Element<__nv_bfloat16> {
+  __device__ static uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  __device__ static void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+// Byte offset of (row, 16-byte chunk) in a swizzled row-major tile with kChunks chunks per row.
+template <int kChunks>
+__device__ __forceinline__ uint32_t tile_offset(int row, int chunk) {
+  return static_cast<uint32_t>(row * kChunks * 16 + ((chunk ^ (row & 7)) * 16));
+}
+
+// Copy rows [row0, row0 + kRows) of a [rows, D] matrix into a swizzled tile (zero past `rows`).
+template <typename T, int kRows, int kD, int kThreads>
+__device__ __forceinline__ void load_tile(uint32_t tile, const T* base, int row0, int rows) {
+  constexpr int kChunks = kD / 8;
+  for (int i = threadIdx.x; i < kRows * kChunks; i += kThreads) {
+    int r = i / kChunks, c = i % kChunks;
+    bool valid = row0 + r < rows;
+    const T* src = base + static_cast<int64_t>(valid ? row0 + r : 0) * kD + c * 8;
+    cp_async_16(tile + tile_offset<kChunks>(r, c), src, valid ? 16 : 0);
+  }
+}
+
+// kBlockM query rows per block over kWarps warps: each warp owns kBlockM / kWarps rows, in 16-row
+// MMA tiles. With one such tile per warp Q's fragments are kept in registers for the whole loop;
+// with more, the accumulators need those registers and Q is re-read from shared memory (ldmatrix)
+// at every step, while each K and V fragment read from shared memory then feeds kMTiles MMAs.
+template <typename T, int kD, int kBlockM, int kBlockN, int kWarps>
+struct FwdConfig {
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kWarpRows = kBlockM / kWarps;
+  static constexpr int kMTiles = kWarpRows / 16;
+  static constexpr bool kQInRegisters = kMTiles == 1;
+  static constexpr int kTileBytesQ = kBlockM * kD * 2;
+  static constexpr int kTileBytesKV = kBlockN * kD * 2;
+  // Q, then two stages of (K, V).
+  static constexpr int kSharedBytes = kTileBytesQ + 4 * kTileBytesKV;
+  static_assert(kWarpRows % 16 == 0 && kBlockN % 16 == 0 && kD % 64 == 0, "unsupported tile shape");
+};
+
+template <typename T, int kD, int kBlockM, int kBlockN, int kWarps>
+__device__ __forceinline__ void attention_fwd_sm80(const T* __restrict__ q, const T* __restrict__ k,
+                                                   const T* __restrict__ v, T* __restrict__ o,
+                                                   float* __restrict__ lse, int group, int seq_q, int seq_k,
+                                                   float scale, bool causal) {
+  using Cfg = FwdConfig<T, kD, kBlockM, kBlockN, kWarps>;
+  using E = Element<T>;
+  constexpr int kChunks = kD / 8;
+  constexpr int kKSteps = kD / 16;      // 16-wide steps over the head dim (S = Q·Kᵀ)
+  constexpr int kNTiles = kBlockN / 8;  // 8-key column tiles of S
+  constexpr int kDTiles = kD / 8;       // 8-wide column tiles of O
+  constexpr int kMTiles = Cfg::kMTiles;
+  extern __shared__ __align__(128) unsigned char shared[];
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int q0 = blockIdx.x * kBlockM;
+  const int warp_row0 = warp * Cfg::kWarpRows;      // in the block
+  const int64_t bh = blockIdx.y, bh_kv = bh / group;  // (batch, query head) and its K/V head
+  const T* qb = q + bh * seq_q * kD;
+  const T* kb = k + bh_kv * seq_k * kD;
+  const T* vb = v + bh_kv * seq_k * kD;
+  T* ob = o + bh * seq_q * kD;
+
+  const uint32_t tile_q = smem_address(shared);
+  auto tile_k = [&](int stage) { return tile_q + Cfg::kTileBytesQ + stage * 2 * Cfg::kTileBytesKV; };
+  auto tile_v = [&](int stage) { return tile_k(stage) + Cfg::kTileBytesKV; };
+  // The A fragment of rows [16 mt, 16 mt + 16) of this warp, head-dim step ks.
+  auto load_q = [&](int mt, int ks, uint32_t(&a)[4]) {
+    ldmatrix_x4(tile_q + tile_offset<kChunks>(warp_row0 + mt * 16 + (lane & 15), ks * 2 + (lane >> 4)), a);
+  };
+
+  const int kv_tiles = (seq_k + kBlockN - 1) / kBlockN;
+  const int end = causal ? min(kv_tiles, (q0 + kBlockM + kBlockN - 1) / kBlockN) : kv_tiles;
+
+  load_tile<T, kBlockM, kD, Cfg::kThreads>(tile_q, qb, q0, seq_q);
+  cp_async_commit();
+  if (end > 0) {
+    load_tile<T, kBlockN, kD, Cfg::kThreads>(tile_k(0), kb, 0, seq_k);
+    load_tile<T, kBlockN, kD, Cfg::kThreads>(tile_v(0), vb, 0, seq_k);
+  }
+  cp_async_commit();
+  cp_async_wait<1>();
+  __syncthreads();
+
+  uint32_t qf[Cfg::kQInRegisters ? kKSteps : 1][4];
+  if constexpr (Cfg::kQInRegisters) {
+#pragma unroll
+    for (int ks = 0; ks < kKSteps; ++ks) load_q(0, ks, qf[ks]);
+  }
+
+  const float scale_log2 = scale * kLog2e;
+  // This thread's rows: row(mt, h) = q0 + warp_row0 + 16 mt + 8 h + lane / 4.
+  const int lane_row = q0 + warp_row0 + (lane >> 2);
+  float row_max[kMTiles][2], row_sum[kMTiles][2];
+  float acc[kMTiles][kDTiles][4];
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt) {
+    row_max[mt][0] = row_max[mt][1] = kNegInf;
+    row_sum[mt][0] = row_sum[mt][1] = 0.f;
+#pragma unroll
+    for (int d = 0; d < kDTiles; ++d) acc[mt][d][0] = acc[mt][d][1] = acc[mt][d][2] = acc[mt][d][3] = 0.f;
+  }
+
+  for (int j = 0; j < end; ++j) {
+    const int stage = j & 1;
+    if (j + 1 < end) {
+      load_tile<T, kBlockN, kD, Cfg::kThreads>(tile_k(stage ^ 1), kb, (j + 1) * kBlockN, seq_k);
+      load_tile<T, kBlockN, kD, Cfg::kThreads>(tile_v(stage ^ 1), vb, (j + 1) * kBlockN, seq_k);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+
+    // S = Q·Kᵀ for this warp's rows and the tile's kBlockN keys.
+    float s[kMTiles][kNTiles][4];
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+      for (int n = 0; n < kNTiles; ++n) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < kKSteps; ++ks) {
+      uint32_t a[kMTiles][4];
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt) {
+        if constexpr (Cfg::kQInRegisters) {
+#pragma unroll
+          for (int r = 0; r < 4; ++r) a[mt][r] = qf[ks][r];
+        } else {
+          load_q(mt, ks, a[mt]);
+        }
+      }
+#pragma unroll
+      for (int n = 0; n < kNTiles; n += 2) {
+        uint32_t b[4];
+        const int key = n * 8 + (lane & 7) + ((lane >> 4) << 3);
+        ldmatrix_x4(tile_k(stage) + tile_offset<kChunks>(key, ks * 2 + ((lane >> 3) & 1)), b);
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt) {
+          E::mma(s[mt][n], a[mt], b[0], b[1]);
+          E::mma(s[mt][n + 1], a[mt], b[2], b[3]);
+        }
+      }
+    }
+
+    // Mask keys past the end and, on diagonal tiles, keys after the query (top-left causal).
+    const int key0 = j * kBlockN;
+    const bool tail = key0 + kBlockN > seq_k;
+    const bool diagonal = causal && key0 + kBlockN - 1 > q0 + warp_row0;
+    if (tail || diagonal) {
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+        for (int n = 0; n < kNTiles; ++n)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            const int key = key0 + n * 8 + (lane & 3) * 2 + (c & 1);
+            const int row = lane_row + mt * 16 + (c >> 1) * 8;
+            if (key >= seq_k || (causal && key > row)) s[mt][n][c] = kNegInf;
+          }
+    }
+
+    // Online softmax in the exp2 domain; each row is spread over the 4 threads of a quad.
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float mx = kNegInf;
+#pragma unroll
+        for (int n = 0; n < kNTiles; ++n) mx = fmaxf(mx, fmaxf(s[mt][n][2 * h], s[mt][n][2 * h + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+        const float new_max = fmaxf(row_max[mt][h], mx * scale_log2);
+        const float base = new_max == kNegInf ? 0.f : new_max;  // a row masked so far stays at 0
+        const float rescale = exp2f(row_max[mt][h] - base);
+        row_max[mt][h] = new_max;
+        float sum = 0.f;
+#pragma unroll
+        for (int n = 0; n < kNTiles; ++n) {
+          s[mt][n][2 * h] = exp2f(s[mt][n][2 * h] * scale_log2 - base);
+          s[mt][n][2 * h + 1] = exp2f(s[mt][n][2 * h + 1] * scale_log2 - base);
+          sum += s[mt][n][2 * h] + s[mt][n][2 * h + 1];
+        }
+        row_sum[mt][h] = row_sum[mt][h] * rescale + sum;
+#pragma unroll
+        for (int d = 0; d < kDTiles; ++d) {
+          acc[mt][d][2 * h] *= rescale;
+          acc[mt][d][2 * h + 1] *= rescale;
+        }
+      }
+
+    // O += P·V: S's accumulators of key tiles (2i, 2i+1) are the A fragment of key step i.
+#pragma unroll
+    for (int ks = 0; ks < kBlockN / 16; ++ks) {
+      uint32_t p[kMTiles][4];
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt) {
+        p[mt][0] = E::pack(s[mt][2 * ks][0], s[mt][2 * ks][1]);
+        p[mt][1] = E::pack(s[mt][2 * ks][2], s[mt][2 * ks][3]);
+        p[mt][2] = E::pack(s[mt][2 * ks + 1][0], s[mt][2 * ks + 1][1]);
+        p[mt][3] = E::pack(s[mt][2 * ks + 1][2], s[mt][2 * ks + 1][3]);
+      }
+#pragma unroll
+      for (int d = 0; d < kDTiles; d += 2) {
+        uint32_t b[4];
+        const int key = ks * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
+        ldmatrix_x4_trans(tile_v(stage) + tile_offset<kChunks>(key, d + (lane >> 4)), b);
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt) {
+          E::mma(acc[mt][d], p[mt], b[0], b[1]);
+          E::mma(acc[mt][d + 1], p[mt], b[2], b[3]);
+        }
+      }
+    }
+    __syncthreads();  // every warp is done with this stage before it is refilled
+  }
+
+  // O = acc / row sum (0 for a row whose every key was masked), written where the row exists;
+  // lse (when asked for) = ln Σ exp(scale · s), -inf for such a row: what the backward needs.
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float sum = row_sum[mt][h];
+      sum += __shfl_xor_sync(0xffffffff, sum, 1);
+      sum += __shfl_xor_sync(0xffffffff, sum, 2);
+      const float inv = sum == 0.f ? 0.f : 1.f / sum;
+      const int row = lane_row + mt * 16 + h * 8;
+      if (row >= seq_q) continue;
+      if (lse != nullptr && (lane & 3) == 0)
+        lse[bh * seq_q + row] = sum == 0.f ? kNegInf : (row_max[mt][h] + __log2f(sum)) * kLn2;
+      T* out = ob + static_cast<int64_t>(row) * kD + (lane & 3) * 2;
+#pragma unroll
+      for (int d = 0; d < kDTiles; ++d)
+        *reinterpret_cast<uint32_t*>(out + d * 8) = E::pack(acc[mt][d][2 * h] * inv, acc[mt][d][2 * h + 1] * inv);
+    }
+}
+
+}  // namespace flashmlir

@@ -1,0 +1,220 @@
+// A library with the real catalog and stand-in objects (bf16 d128 deliberately missing):
+// RUN: rm -rf %t && mkdir -p %t/cuda && cp %S/../../../runtime/microkernels/kernels.json %t/
+// RUN: touch %t/cuda/attention_fwd_sm80_f16_d64.fatbin %t/cuda/attention_fwd_sm80_f16_d128.fatbin %t/cuda/attention_fwd_sm80_bf16_d64.fatbin
+// RUN: env FLASHMLIR_MICROKERNEL_DIR=%t flashmlir-opt --split-input-file --flashmlir-dispatch-attention-microkernel=target=sm_80 %s | filecheck %s
+// RUN: env FLASHMLIR_MICROKERNEL_DIR=%t flashmlir-opt --split-input-file --flashmlir-dispatch-attention-microkernel=target=sm_90 %s | filecheck %s
+// RUN: env FLASHMLIR_MICROKERNEL_DIR=%t flashmlir-opt --split-input-file --flashmlir-dispatch-attention-microkernel=target=sm_80 --debug %s 2>&1 >/dev/null | filecheck %s --check-prefix=WHY
+// RUN: env FLASHMLIR_MICROKERNEL_DIR=%t flashmlir-opt --split-input-file --flashmlir-dispatch-attention-microkernel=target=sm_70 --debug %s 2>&1 | filecheck %s --check-prefix=SM70
+// RUN: env FLASHMLIR_MICROKERNEL_DIR=%t flashmlir-opt --split-input-file --flashmlir-dispatch-attention-microkernel=target=cpu %s | filecheck %s --check-prefix=CPU
+// RUN: env FLASHMLIR_MICROKERNEL_DIR=%t/none flashmlir-opt --split-input-file --flashmlir-dispatch-attention-microkernel=target=sm_80 --debug %s 2>&1 >/dev/null | filecheck %s --check-prefix=NOLIB
+
+// SM70:        no attention microkernel for sm_70 yet
+// SM70-NOT:    hal.dispatch.extern
+// CPU-NOT:      hal.dispatch.extern
+// NOLIB:        the microkernel library is not installed
+
+// Multi-head f16, head dim 128, Sq = Sk = 1000: one launch of the d128 kernel, grid
+// (⌈1000/128⌉, B·H) = (8, 32), 8 warps, Q + 2 × (K, V) tiles of shared memory; the constants
+// are (group, Sq, Sk, scale bits, causal).
+// CHECK-LABEL: func.func @mha_f16_d128
+// CHECK:         %[[SCALE:.+]] = arith.constant 0.0883883461 : f32
+// CHECK:         %[[BITS:.+]] = arith.bitcast %[[SCALE]] : f32 to i32
+// CHECK:         %[[O:.+]] = hal.dispatch.extern "flashmlir_attention_fwd_sm80_f16_d128"(%c1_i32, %c1000_i32, %c1000_i32_0, %[[BITS]], %c0_i32, %arg0, %arg1, %arg2)
+// CHECK-SAME:      -> tensor<2x16x1000x128xf16> count(
+// CHECK-DAG:       %[[X:.+]] = arith.constant 8 : index
+// CHECK-DAG:       %[[Y:.+]] = arith.constant 32 : index
+// CHECK:           hal.return %[[X]], %[[Y]], %{{.+}} : index, index, index
+// CHECK:         } layout(#{{.+}}) objects({
+// CHECK-NEXT:      ordinal(0) = [#hal.executable.object<{path = "{{.+}}/cuda/attention_fwd_sm80_f16_d128.fatbin"}>]
+// CHECK-NEXT:    }) <workgroup_size = [256 : index, 1 : index, 1 : index], workgroup_local_memory = 98304>
+// CHECK-NOT:     iree_linalg_ext.attention
+// CHECK:         return %[[O]]
+#q = affine_map<(b, h, m, n, k1, k2) -> (b, h, m, k1)>
+#k = affine_map<(b, h, m, n, k1, k2) -> (b, h, k2, k1)>
+#v = affine_map<(b, h, m, n, k1, k2) -> (b, h, k2, n)>
+#s = affine_map<(b, h, m, n, k1, k2) -> ()>
+#o = affine_map<(b, h, m, n, k1, k2) -> (b, h, m, n)>
+func.func @mha_f16_d128(%q: tensor<2x16x1000x128xf16>, %k: tensor<2x16x1000x128xf16>, %v: tensor<2x16x1000x128xf16>) -> tensor<2x16x1000x128xf16> {
+  %scale = arith.constant 0.08838834764831845 : f32
+  %e = tensor.empty() : tensor<2x16x1000x128xf16>
+  %r = iree_linalg_ext.attention <indexing_maps = [#q, #k, #v, #s, #o]>
+      ins(%q, %k, %v, %scale : tensor<2x16x1000x128xf16>, tensor<2x16x1000x128xf16>, tensor<2x16x1000x128xf16>, f32)
+      outs(%e : tensor<2x16x1000x128xf16>) {
+    ^bb0(%x: f32):
+      iree_linalg_ext.yield %x : f32
+  } -> tensor<2x16x1000x128xf16>
+  return %r : tensor<2x16x1000x128xf16>
+}
+// -----
+
+// The causal mask flashmlir-lower-attention writes (select(k2 <= m, 0, -inf)) becomes the
+// kernel's causal flag; its N×N producer is gone. Sq = 100: one 128-row block per head.
+// CHECK-LABEL: func.func @causal_f16_d64
+// CHECK-NOT:     linalg.generic
+// CHECK:         hal.dispatch.extern "flashmlir_attention_fwd_sm80_f16_d64"(%{{.+}}, %{{.+}}, %{{.+}}, %{{.+}}, %c1_i32{{(_[0-9]+)?}}, %arg0, %arg1, %arg2)
+// CHECK-DAG:       arith.constant 1 : index
+// CHECK-DAG:       arith.constant 4 : index
+// CHECK:         workgroup_local_memory = 49152>
+// CHECK-NOT:     linalg.generic
+#q = affine_map<(b, m, n, k1, k2) -> (b, m, k1)>
+#k = affine_map<(b, m, n, k1, k2) -> (b, k2, k1)>
+#v = affine_map<(b, m, n, k1, k2) -> (b, k2, n)>
+#s = affine_map<(b, m, n, k1, k2) -> ()>
+#mk = affine_map<(b, m, n, k1, k2) -> (m, k2)>
+#o = affine_map<(b, m, n, k1, k2) -> (b, m, n)>
+#id = affine_map<(i, j) -> (i, j)>
+func.func @causal_f16_d64(%q: tensor<4x100x64xf16>, %k: tensor<4x100x64xf16>, %v: tensor<4x100x64xf16>) -> tensor<4x100x64xf16> {
+  %scale = arith.constant 0.125 : f32
+  %em = tensor.empty() : tensor<100x100xf16>
+  %mask = linalg.generic {indexing_maps = [#id], iterator_types = ["parallel", "parallel"]} outs(%em : tensor<100x100xf16>) {
+  ^bb0(%out: f16):
+    %zero = arith.constant 0.0 : f16
+    %ninf = arith.constant 0xFC00 : f16
+    %i = linalg.index 0 : index
+    %j = linalg.index 1 : index
+    %c = arith.cmpi ule, %j, %i : index
+    %r = arith.select %c, %zero, %ninf : f16
+    linalg.yield %r : f16
+  } -> tensor<100x100xf16>
+  %e = tensor.empty() : tensor<4x100x64xf16>
+  %r = iree_linalg_ext.attention <indexing_maps = [#q, #k, #v, #s, #mk, #o]>
+      ins(%q, %k, %v, %scale, %mask : tensor<4x100x64xf16>, tensor<4x100x64xf16>, tensor<4x100x64xf16>, f32, tensor<100x100xf16>)
+      outs(%e : tensor<4x100x64xf16>) {
+    ^bb0(%x: f32):
+      iree_linalg_ext.yield %x : f32
+  } -> tensor<4x100x64xf16>
+  return %r : tensor<4x100x64xf16>
+}
+// -----
+
+// GQA in the 7-d form: K and V lack the group dim, so 4 consecutive query heads share one K/V
+// head (group = 4); the grid's y is B·Hkv·G = 16.
+// CHECK-LABEL: func.func @gqa_bf16_d64
+// CHECK:         hal.dispatch.extern "flashmlir_attention_fwd_sm80_bf16_d64"(%c4_i32,
+// CHECK-SAME:      (i32, i32, i32, i32, i32, tensor<2x2x4x256x64xbf16>, tensor<2x2x256x64xbf16>, tensor<2x2x256x64xbf16>) -> tensor<2x2x4x256x64xbf16>
+// CHECK-DAG:       arith.constant 2 : index
+// CHECK-DAG:       arith.constant 16 : index
+#q = affine_map<(b, h, g, m, n, k1, k2) -> (b, h, g, m, k1)>
+#k = affine_map<(b, h, g, m, n, k1, k2) -> (b, h, k2, k1)>
+#v = affine_map<(b, h, g, m, n, k1, k2) -> (b, h, k2, n)>
+#s = affine_map<(b, h, g, m, n, k1, k2) -> ()>
+#o = affine_map<(b, h, g, m, n, k1, k2) -> (b, h, g, m, n)>
+func.func @gqa_bf16_d64(%q: tensor<2x2x4x256x64xbf16>, %k: tensor<2x2x256x64xbf16>, %v: tensor<2x2x256x64xbf16>) -> tensor<2x2x4x256x64xbf16> {
+  %scale = arith.constant 0.125 : f32
+  %e = tensor.empty() : tensor<2x2x4x256x64xbf16>
+  %r = iree_linalg_ext.attention <indexing_maps = [#q, #k, #v, #s, #o]>
+      ins(%q, %k, %v, %scale : tensor<2x2x4x256x64xbf16>, tensor<2x2x256x64xbf16>, tensor<2x2x256x64xbf16>, f32)
+      outs(%e : tensor<2x2x4x256x64xbf16>) {
+    ^bb0(%x: f32):
+      iree_linalg_ext.yield %x : f32
+  } -> tensor<2x2x4x256x64xbf16>
+  return %r : tensor<2x2x4x256x64xbf16>
+}
+// -----
+
+// Refused, each with its reason; the op stays for the passes after this one.
+// CHECK-LABEL: func.func @padding_mask
+// CHECK-NOT:     hal.dispatch.extern
+// CHECK:         iree_linalg_ext.attention
+// WHY:           declined iree_linalg_ext.attention {{.*}}an explicit mask (the attention microkernel takes no mask or the causal one)
+#q = affine_map<(b, m, n, k1, k2) -> (b, m, k1)>
+#k = affine_map<(b, m, n, k1, k2) -> (b, k2, k1)>
+#v = affine_map<(b, m, n, k1, k2) -> (b, k2, n)>
+#s = affine_map<(b, m, n, k1, k2) -> ()>
+#mk = affine_map<(b, m, n, k1, k2) -> (b, k2)>
+#o = affine_map<(b, m, n, k1, k2) -> (b, m, n)>
+func.func @padding_mask(%q: tensor<4x100x64xf16>, %k: tensor<4x100x64xf16>, %v: tensor<4x100x64xf16>, %m: tensor<4x100xf16>) -> tensor<4x100x64xf16> {
+  %scale = arith.constant 0.125 : f32
+  %e = tensor.empty() : tensor<4x100x64xf16>
+  %r = iree_linalg_ext.attention <indexing_maps = [#q, #k, #v, #s, #mk, #o]>
+      ins(%q, %k, %v, %scale, %m : tensor<4x100x64xf16>, tensor<4x100x64xf16>, tensor<4x100x64xf16>, f32, tensor<4x100xf16>)
+      outs(%e : tensor<4x100x64xf16>) {
+    ^bb0(%x: f32):
+      iree_linalg_ext.yield %x : f32
+  } -> tensor<4x100x64xf16>
+  return %r : tensor<4x100x64xf16>
+}
+// -----
+
+// CHECK-LABEL: func.func @bf16_d128_not_built
+// CHECK-NOT:     hal.dispatch.extern
+// WHY:           declined iree_linalg_ext.attention {{.*}}microkernel flashmlir_attention_fwd_sm80_bf16_d128 was not built ({{.+}} is missing: nvcc was not found when flashmlir was installed
+#q = affine_map<(b, m, n, k1, k2) -> (b, m, k1)>
+#k = affine_map<(b, m, n, k1, k2) -> (b, k2, k1)>
+#v = affine_map<(b, m, n, k1, k2) -> (b, k2, n)>
+#s = affine_map<(b, m, n, k1, k2) -> ()>
+#o = affine_map<(b, m, n, k1, k2) -> (b, m, n)>
+func.func @bf16_d128_not_built(%q: tensor<4x100x128xbf16>, %k: tensor<4x100x128xbf16>, %v: tensor<4x100x128xbf16>) -> tensor<4x100x128xbf16> {
+  %scale = arith.constant 0.125 : f32
+  %e = tensor.empty() : tensor<4x100x128xbf16>
+  %r = iree_linalg_ext.attention <indexing_maps = [#q, #k, #v, #s, #o]>
+      ins(%q, %k, %v, %scale : tensor<4x100x128xbf16>, tensor<4x100x128xbf16>, tensor<4x100x128xbf16>, f32)
+      outs(%e : tensor<4x100x128xbf16>) {
+    ^bb0(%x: f32):
+      iree_linalg_ext.yield %x : f32
+  } -> tensor<4x100x128xbf16>
+  return %r : tensor<4x100x128xbf16>
+}
+// -----
+
+// CHECK-LABEL: func.func @f32
+// CHECK-NOT:     hal.dispatch.extern
+// WHY:           declined iree_linalg_ext.attention {{.*}}no sm_80 attention microkernel for f32 head dim 64 (have: bf16 d64, bf16 d128, f16 d64, f16 d128)
+#q = affine_map<(b, m, n, k1, k2) -> (b, m, k1)>
+#k = affine_map<(b, m, n, k1, k2) -> (b, k2, k1)>
+#v = affine_map<(b, m, n, k1, k2) -> (b, k2, n)>
+#s = affine_map<(b, m, n, k1, k2) -> ()>
+#o = affine_map<(b, m, n, k1, k2) -> (b, m, n)>
+func.func @f32(%q: tensor<4x100x64xf32>, %k: tensor<4x100x64xf32>, %v: tensor<4x100x64xf32>) -> tensor<4x100x64xf32> {
+  %scale = arith.constant 0.125 : f32
+  %e = tensor.empty() : tensor<4x100x64xf32>
+  %r = iree_linalg_ext.attention <indexing_maps = [#q, #k, #v, #s, #o]>
+      ins(%q, %k, %v, %scale : tensor<4x100x64xf32>, tensor<4x100x64xf32>, tensor<4x100x64xf32>, f32)
+      outs(%e : tensor<4x100x64xf32>) {
+    ^bb0(%x: f32):
+      iree_linalg_ext.yield %x : f32
+  } -> tensor<4x100x64xf32>
+  return %r : tensor<4x100x64xf32>
+}
+// -----
+
+// CHECK-LABEL: func.func @head_dim_256
+// CHECK-NOT:     hal.dispatch.extern
+// WHY:           declined iree_linalg_ext.attention {{.*}}no sm_80 attention microkernel for f16 head dim 256
+#q = affine_map<(b, m, n, k1, k2) -> (b, m, k1)>
+#k = affine_map<(b, m, n, k1, k2) -> (b, k2, k1)>
+#v = affine_map<(b, m, n, k1, k2) -> (b, k2, n)>
+#s = affine_map<(b, m, n, k1, k2) -> ()>
+#o = affine_map<(b, m, n, k1, k2) -> (b, m, n)>
+func.func @head_dim_256(%q: tensor<4x100x256xf16>, %k: tensor<4x100x256xf16>, %v: tensor<4x100x256xf16>) -> tensor<4x100x256xf16> {
+  %scale = arith.constant 0.0625 : f32
+  %e = tensor.empty() : tensor<4x100x256xf16>
+  %r = iree_linalg_ext.attention <indexing_maps = [#q, #k, #v, #s, #o]>
+      ins(%q, %k, %v, %scale : tensor<4x100x256xf16>, tensor<4x100x256xf16>, tensor<4x100x256xf16>, f32)
+      outs(%e : tensor<4x100x256xf16>) {
+    ^bb0(%x: f32):
+      iree_linalg_ext.yield %x : f32
+  } -> tensor<4x100x256xf16>
+  return %r : tensor<4x100x256xf16>
+}
+// -----
+
+// CHECK-LABEL: func.func @negative_scale
+// CHECK-NOT:     hal.dispatch.extern
+// WHY:           declined iree_linalg_ext.attention {{.*}}scale -0.125: the kernel needs a constant positive scale
+#q = affine_map<(b, m, n, k1, k2) -> (b, m, k1)>
+#k = affine_map<(b, m, n, k1, k2) -> (b, k2, k1)>
+#v = affine_map<(b, m, n, k1, k2) -> (b, k2, n)>
+#s = affine_map<(b, m, n, k1, k2) -> ()>
+#o = affine_map<(b, m, n, k1, k2) -> (b, m, n)>
+func.func @negative_scale(%q: tensor<4x100x64xf16>, %k: tensor<4x100x64xf16>, %v: tensor<4x100x64xf16>) -> tensor<4x100x64xf16> {
+  %scale = arith.constant -0.125 : f32
+  %e = tensor.empty() : tensor<4x100x64xf16>
+  %r = iree_linalg_ext.attention <indexing_maps = [#q, #k, #v, #s, #o]>
+      ins(%q, %k, %v, %scale : tensor<4x100x64xf16>, tensor<4x100x64xf16>, tensor<4x100x64xf16>, f32)
+      outs(%e : tensor<4x100x64xf16>) {
+    ^bb0(%x: f32):
+      iree_linalg_ext.yield %x : f32
+  } -> tensor<4x100x64xf16>
+  return %r : tensor<4x100x64xf16>
+}
