@@ -192,6 +192,7 @@ def main() -> None:
     p.add_argument("--dtypes", nargs="+", default=["fp16", "bf16"], choices=list(DTYPES))
     p.add_argument("--targets", nargs="+", default=["sm_90", "sm_80", "sm_70"])
     p.add_argument("--quick", action="store_true", help="hdim 128, seq 1k/8k, fp16")
+    p.add_argument("--no-stock", action="store_true", help="leave out IREE's stock attention (slow to compile)")
     p.add_argument("--workers", type=int, default=max(1, min(12, (os.cpu_count() or 2) - 2)))
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
@@ -210,7 +211,8 @@ def main() -> None:
         return [t for t in targets if not (t == "sm_70" and config.dtype != "fp16")]
 
     jobs = [(c, v) for c in configs for v in variants_of(c)]
-    jobs += [(c, "iree-stock") for c in configs if c.dtype == "fp16"]
+    if not args.no_stock:
+        jobs += [(c, "iree-stock") for c in configs if c.dtype == "fp16"]
     start = time.perf_counter()
     stock: dict[Config, bytes] = {}
     failed: dict[tuple[Config, str], str] = {}

@@ -12,13 +12,13 @@ status=0
 for step in "$@"; do
   echo "=== $step"
   case $step in
-    install) pip install --no-deps --no-build-isolation -q -e . 2>&1 | tail -5 || status=1
+    install) python -m pip install --no-deps --no-build-isolation -q -e . 2>&1 | tail -15 || status=1
              ls -la "$(python -c 'from flashmlir.compiler import microkernels as m; print(m.library_dir())')/cuda" ;;
     kernels) python -m pytest -q -p no:cacheprovider tests/gpu/test_microkernels.py 2>&1 | tail -30 || status=1 ;;
     sweep) python benchmarks/microkernel_sweep.py --markdown "$OUT/sweep.md" --json "$OUT/sweep.json" \
              2>&1 | grep -v '^{' || status=1 ;;
     gpu-tests) python -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/gpu-tests.log" | tail -40 || status=1 ;;
-    bench) python benchmarks/attention.py --head-dims 64 128 --targets sm_90 --markdown "$OUT/bench.md" \
+    bench) python benchmarks/attention.py --head-dims 64 128 --targets sm_90 --seqs 1024 4096 16384 --no-stock --markdown "$OUT/bench.md" \
              --json "$OUT/bench.json" 2>&1 | grep -v '^{' || status=1 ;;
     *) echo "unknown step $step"; status=1 ;;
   esac

@@ -93,7 +93,7 @@ def measure(config: Config, kernels: dict, args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--variants", nargs="+", default=["128x64x8", "128x128x8", "128x64x4", "64x64x4"])
+    p.add_argument("--variants", nargs="+", default=["128x64x4", "128x32x4", "256x64x8", "128x128x4", "64x64x4"])
     p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     p.add_argument("--seqs", type=int, nargs="+", default=[1024, 4096, 16384])
     p.add_argument("--dtypes", nargs="+", default=["fp16"], choices=list(ELEMENTS))

@@ -7,9 +7,10 @@
 //   loop  over kBlockN-key tiles of K and V, double-buffered in shared memory with cp.async;
 //         causal: tiles right of the diagonal are skipped, only diagonal (and ragged-tail) tiles mask
 //
-// S = Q·Kᵀ and O += P·V are mma.sync.m16n8k16 (fp16 or bf16 in, fp32 accumulate). P is converted in registers from S's accumulator layout
-// straight into the A-operand layout of the second MMA. The running max lives in the exp2 domain
-// (scale · log2 e folded in); O and the row sums are rescaled per tile and divided once at the end.
+// S = Q·Kᵀ and O += P·V are mma.sync.m16n8k16 (fp16 or bf16 in, fp32 accumulate). P is converted
+// in registers from S's accumulator layout straight into the A-operand layout of the second MMA.
+// The running max lives in the exp2 domain (scale · log2 e folded in); O and the row sums are
+// rescaled per tile and divided once at the end. Blocks of a causal grid run longest first.
 //
 // Shared-memory tiles are row-major with 16-byte chunks XOR-swizzled by (row % 8), so the eight
 // rows an ldmatrix reads hit eight different bank groups.
@@ -36,6 +37,13 @@ __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int b
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// 2^x on the SFU, flushing denormal results to 0 (they are below fp16/bf16 precision of P anyway).
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t addr, uint32_t (&r)[4]) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
@@ -132,7 +140,10 @@ __device__ __forceinline__ void attention_fwd_sm80(const T* __restrict__ q, cons
   extern __shared__ __align__(128) unsigned char shared[];
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int q0 = blockIdx.x * kBlockM;
+  // Causal blocks further down have more keys to visit: launch them first, so that the short
+  // ones fill the machine at the end instead of leaving a tail of long ones.
+  const int q_block = causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+  const int q0 = q_block * kBlockM;
   const int warp_row0 = warp * Cfg::kWarpRows;      // in the block
   const int64_t bh = blockIdx.y, bh_kv = bh / group;  // (batch, query head) and its K/V head
   const T* qb = q + bh * seq_q * kD;
@@ -151,14 +162,15 @@ __device__ __forceinline__ void attention_fwd_sm80(const T* __restrict__ q, cons
   const int kv_tiles = (seq_k + kBlockN - 1) / kBlockN;
   const int end = causal ? min(kv_tiles, (q0 + kBlockM + kBlockN - 1) / kBlockN) : kv_tiles;
 
+  // Commit groups, in order: Q, K0, V0, then per iteration K(j+1), V(j+1). Waiting for K(j)
+  // leaves V(j) and the next tile's two groups in flight; waiting for V(j), the next two.
   load_tile<T, kBlockM, kD, Cfg::kThreads>(tile_q, qb, q0, seq_q);
   cp_async_commit();
-  if (end > 0) {
-    load_tile<T, kBlockN, kD, Cfg::kThreads>(tile_k(0), kb, 0, seq_k);
-    load_tile<T, kBlockN, kD, Cfg::kThreads>(tile_v(0), vb, 0, seq_k);
-  }
+  if (end > 0) load_tile<T, kBlockN, kD, Cfg::kThreads>(tile_k(0), kb, 0, seq_k);
   cp_async_commit();
-  cp_async_wait<1>();
+  if (end > 0) load_tile<T, kBlockN, kD, Cfg::kThreads>(tile_v(0), vb, 0, seq_k);
+  cp_async_commit();
+  cp_async_wait<2>();
   __syncthreads();
 
   uint32_t qf[Cfg::kQInRegisters ? kKSteps : 1][4];
@@ -182,13 +194,15 @@ __device__ __forceinline__ void attention_fwd_sm80(const T* __restrict__ q, cons
 
   for (int j = 0; j < end; ++j) {
     const int stage = j & 1;
-    if (j + 1 < end) {
+    const bool prefetch = j + 1 < end;
+    if (prefetch) {
       load_tile<T, kBlockN, kD, Cfg::kThreads>(tile_k(stage ^ 1), kb, (j + 1) * kBlockN, seq_k);
+      cp_async_commit();
       load_tile<T, kBlockN, kD, Cfg::kThreads>(tile_v(stage ^ 1), vb, (j + 1) * kBlockN, seq_k);
       cp_async_commit();
-      cp_async_wait<1>();
+      cp_async_wait<3>();  // K(j) has landed
     } else {
-      cp_async_wait<0>();
+      cp_async_wait<1>();
     }
     __syncthreads();
 
@@ -240,7 +254,11 @@ __device__ __forceinline__ void attention_fwd_sm80(const T* __restrict__ q, cons
           }
     }
 
-    // Online softmax in the exp2 domain; each row is spread over the 4 threads of a quad.
+    // Online softmax in the exp2 domain; each row is spread over the 4 threads of a quad. P is
+    // packed to 16 bits as soon as it exists, straight into the A-operand layout of P·V: S's
+    // accumulators of key tiles (2i, 2i+1) form the A fragment of key step i. Packing early ends
+    // the fp32 scores' lives before the second MMA (fewer registers live at once).
+    uint32_t p[kMTiles][kBlockN / 16][4];
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
@@ -252,14 +270,15 @@ __device__ __forceinline__ void attention_fwd_sm80(const T* __restrict__ q, cons
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
         const float new_max = fmaxf(row_max[mt][h], mx * scale_log2);
         const float base = new_max == kNegInf ? 0.f : new_max;  // a row masked so far stays at 0
-        const float rescale = exp2f(row_max[mt][h] - base);
+        const float rescale = fast_exp2(row_max[mt][h] - base);
         row_max[mt][h] = new_max;
         float sum = 0.f;
 #pragma unroll
         for (int n = 0; n < kNTiles; ++n) {
-          s[mt][n][2 * h] = exp2f(s[mt][n][2 * h] * scale_log2 - base);
-          s[mt][n][2 * h + 1] = exp2f(s[mt][n][2 * h + 1] * scale_log2 - base);
-          sum += s[mt][n][2 * h] + s[mt][n][2 * h + 1];
+          const float e0 = fast_exp2(s[mt][n][2 * h] * scale_log2 - base);
+          const float e1 = fast_exp2(s[mt][n][2 * h + 1] * scale_log2 - base);
+          sum += e0 + e1;
+          p[mt][n / 2][(n & 1) * 2 + h] = E::pack(e0, e1);
         }
         row_sum[mt][h] = row_sum[mt][h] * rescale + sum;
 #pragma unroll
@@ -269,17 +288,16 @@ __device__ __forceinline__ void attention_fwd_sm80(const T* __restrict__ q, cons
         }
       }
 
-    // O += P·V: S's accumulators of key tiles (2i, 2i+1) are the A fragment of key step i.
+    if (prefetch) {
+      cp_async_wait<2>();  // V(j) has landed
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+
+    // O += P·V.
 #pragma unroll
     for (int ks = 0; ks < kBlockN / 16; ++ks) {
-      uint32_t p[kMTiles][4];
-#pragma unroll
-      for (int mt = 0; mt < kMTiles; ++mt) {
-        p[mt][0] = E::pack(s[mt][2 * ks][0], s[mt][2 * ks][1]);
-        p[mt][1] = E::pack(s[mt][2 * ks][2], s[mt][2 * ks][3]);
-        p[mt][2] = E::pack(s[mt][2 * ks + 1][0], s[mt][2 * ks + 1][1]);
-        p[mt][3] = E::pack(s[mt][2 * ks + 1][2], s[mt][2 * ks + 1][3]);
-      }
 #pragma unroll
       for (int d = 0; d < kDTiles; d += 2) {
         uint32_t b[4];
@@ -287,8 +305,8 @@ __device__ __forceinline__ void attention_fwd_sm80(const T* __restrict__ q, cons
         ldmatrix_x4_trans(tile_v(stage) + tile_offset<kChunks>(key, d + (lane >> 4)), b);
 #pragma unroll
         for (int mt = 0; mt < kMTiles; ++mt) {
-          E::mma(acc[mt][d], p[mt], b[0], b[1]);
-          E::mma(acc[mt][d + 1], p[mt], b[2], b[3]);
+          E::mma(acc[mt][d], p[mt][ks], b[0], b[1]);
+          E::mma(acc[mt][d + 1], p[mt][ks], b[2], b[3]);
         }
       }
     }

@@ -14,7 +14,7 @@
 // NOLIB:        the microkernel library is not installed
 
 // Multi-head f16, head dim 128, Sq = Sk = 1000: one launch of the d128 kernel, grid
-// (⌈1000/128⌉, B·H) = (8, 32), 8 warps, Q + 2 × (K, V) tiles of shared memory; the constants
+// (⌈1000/128⌉, B·H) = (8, 32), 4 warps, Q + 2 × (K, V) tiles of shared memory; the constants
 // are (group, Sq, Sk, scale bits, causal).
 // CHECK-LABEL: func.func @mha_f16_d128
 // CHECK:         %[[SCALE:.+]] = arith.constant 0.0883883461 : f32
@@ -26,7 +26,7 @@
 // CHECK:           hal.return %[[X]], %[[Y]], %{{.+}} : index, index, index
 // CHECK:         } layout(#{{.+}}) objects({
 // CHECK-NEXT:      ordinal(0) = [#hal.executable.object<{path = "{{.+}}/cuda/attention_fwd_sm80_f16_d128.fatbin"}>]
-// CHECK-NEXT:    }) <workgroup_size = [256 : index, 1 : index, 1 : index], workgroup_local_memory = 98304>
+// CHECK-NEXT:    }) <workgroup_size = [128 : index, 1 : index, 1 : index], workgroup_local_memory = 98304>
 // CHECK-NOT:     iree_linalg_ext.attention
 // CHECK:         return %[[O]]
 #q = affine_map<(b, h, m, n, k1, k2) -> (b, h, m, k1)>
@@ -54,7 +54,7 @@ func.func @mha_f16_d128(%q: tensor<2x16x1000x128xf16>, %k: tensor<2x16x1000x128x
 // CHECK:         hal.dispatch.extern "flashmlir_attention_fwd_sm80_f16_d64"(%{{.+}}, %{{.+}}, %{{.+}}, %{{.+}}, %c1_i32{{(_[0-9]+)?}}, %arg0, %arg1, %arg2)
 // CHECK-DAG:       arith.constant 1 : index
 // CHECK-DAG:       arith.constant 4 : index
-// CHECK:         workgroup_local_memory = 49152>
+// CHECK:         workgroup_local_memory = 81920>
 // CHECK-NOT:     linalg.generic
 #q = affine_map<(b, m, n, k1, k2) -> (b, m, k1)>
 #k = affine_map<(b, m, n, k1, k2) -> (b, k2, k1)>
