@@ -2,7 +2,8 @@
 # What one session on the GPU machine runs (device tool, H100/H200; see README "GPU work"):
 #   source .bundle/activate.sh; bash benchmarks/gpu_session.sh STEP...
 # Steps: install (builds the microkernels with nvcc), kernels (their direct tests),
-# sweep (tile sweep table), gpu-tests (the whole GPU suite), bench (attention grid, hdim 64/128).
+# sweep (tile sweep table), gpu-tests (the whole GPU suite), bench (attention grid, hdim 64/128),
+# sanitize (compute-sanitizer memcheck + racecheck on a kernel), profile (ncu vs SDPA flash, SASS mix).
 # Logs and tables go to $OUT (at most 8 files come back).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -20,6 +21,18 @@ for step in "$@"; do
     gpu-tests) python -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/gpu-tests.log" | tail -40 || status=1 ;;
     bench) python benchmarks/attention.py --head-dims 64 128 --targets sm_90 --seqs 1024 4096 16384 --no-stock --markdown "$OUT/bench.md" \
              --json "$OUT/bench.json" 2>&1 | grep -v '^{' || status=1 ;;
+    sanitize) for tool in memcheck racecheck; do
+                compute-sanitizer --tool $tool --print-limit 5 python benchmarks/profile_microkernel.py \
+                  --seq 333 --batch 1 --heads 2 --causal 2>&1 | tail -3 || status=1
+              done ;;
+    profile) ncu --section WarpStateStats --section ComputeWorkloadAnalysis --section SchedulerStats \
+               --section MemoryWorkloadAnalysis --section Occupancy -k regex:flash -s 1 -c 3 \
+               python benchmarks/profile_microkernel.py --sdpa > "$OUT/ncu.txt" 2>&1 || status=1
+             grep -E "^  [a-z_]+flash|Warp Cycles Per Issued|Issue Slots Busy|No Eligible|Stall|Registers|Achieved Occ|Mem Busy|L1/TEX Hit|L2 Hit|Max Bandwidth|Executed Ipc A" "$OUT/ncu.txt" | head -60
+             cuobjdump -sass "$(python -c 'from flashmlir.compiler import microkernels as m; print(m.select_attention_forward("sm_80","f16",128).object_path)')" \
+               > "$OUT/sass_d128.txt" 2>&1
+             grep -oE "(HMMA|LDSM|MUFU|FFMA|FMUL|FADD|FMNMX|SHFL|BAR|LDGSTS|STL|LDL|F2FP)[A-Z0-9._]*" "$OUT/sass_d128.txt" \
+               | sort | uniq -c | sort -rn | head -20 ;;
     *) echo "unknown step $step"; status=1 ;;
   esac
 done

@@ -254,37 +254,54 @@ __device__ __forceinline__ void attention_fwd_sm80(const T* __restrict__ q, cons
           }
     }
 
-    // Online softmax in the exp2 domain; each row is spread over the 4 threads of a quad. P is
-    // packed to 16 bits as soon as it exists, straight into the A-operand layout of P·V: S's
-    // accumulators of key tiles (2i, 2i+1) form the A fragment of key step i. Packing early ends
-    // the fp32 scores' lives before the second MMA (fewer registers live at once).
+    // Online softmax in the exp2 domain; each row is spread over the 4 threads of a quad. Done in
+    // phases over all of this thread's rows at once, so that the rows' dependency chains (max,
+    // quad shuffles, exp, sum) interleave instead of each waiting out the latencies of its own.
+    // P is packed to 16 bits as soon as it exists, straight into the A-operand layout of P·V:
+    // S's accumulators of key tiles (2i, 2i+1) form the A fragment of key step i. Packing early
+    // ends the fp32 scores' lives before the second MMA (fewer registers live at once).
+    float mx[kMTiles][2], base[kMTiles][2], rescale[kMTiles][2];
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        mx[mt][h] = fmaxf(s[mt][0][2 * h], s[mt][0][2 * h + 1]);
+#pragma unroll
+        for (int n = 1; n < kNTiles; ++n) mx[mt][h] = fmaxf(mx[mt][h], fmaxf(s[mt][n][2 * h], s[mt][n][2 * h + 1]));
+      }
+#pragma unroll
+    for (int lane_mask = 1; lane_mask <= 2; lane_mask *= 2)
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) mx[mt][h] = fmaxf(mx[mt][h], __shfl_xor_sync(0xffffffff, mx[mt][h], lane_mask));
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float new_max = fmaxf(row_max[mt][h], mx[mt][h] * scale_log2);
+        base[mt][h] = new_max == kNegInf ? 0.f : new_max;  // a row masked so far stays at 0
+        rescale[mt][h] = fast_exp2(row_max[mt][h] - base[mt][h]);
+        row_max[mt][h] = new_max;
+      }
     uint32_t p[kMTiles][kBlockN / 16][4];
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        float mx = kNegInf;
-#pragma unroll
-        for (int n = 0; n < kNTiles; ++n) mx = fmaxf(mx, fmaxf(s[mt][n][2 * h], s[mt][n][2 * h + 1]));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
-        const float new_max = fmaxf(row_max[mt][h], mx * scale_log2);
-        const float base = new_max == kNegInf ? 0.f : new_max;  // a row masked so far stays at 0
-        const float rescale = fast_exp2(row_max[mt][h] - base);
-        row_max[mt][h] = new_max;
-        float sum = 0.f;
+        float sum[2] = {0.f, 0.f};  // two partial sums: half the length of the add chain
 #pragma unroll
         for (int n = 0; n < kNTiles; ++n) {
-          const float e0 = fast_exp2(s[mt][n][2 * h] * scale_log2 - base);
-          const float e1 = fast_exp2(s[mt][n][2 * h + 1] * scale_log2 - base);
-          sum += e0 + e1;
+          const float e0 = fast_exp2(s[mt][n][2 * h] * scale_log2 - base[mt][h]);
+          const float e1 = fast_exp2(s[mt][n][2 * h + 1] * scale_log2 - base[mt][h]);
+          sum[n & 1] += e0 + e1;
           p[mt][n / 2][(n & 1) * 2 + h] = E::pack(e0, e1);
         }
-        row_sum[mt][h] = row_sum[mt][h] * rescale + sum;
+        row_sum[mt][h] = row_sum[mt][h] * rescale[mt][h] + (sum[0] + sum[1]);
 #pragma unroll
         for (int d = 0; d < kDTiles; ++d) {
-          acc[mt][d][2 * h] *= rescale;
-          acc[mt][d][2 * h + 1] *= rescale;
+          acc[mt][d][2 * h] *= rescale[mt][h];
+          acc[mt][d][2 * h + 1] *= rescale[mt][h];
         }
       }
 

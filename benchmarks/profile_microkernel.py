@@ -1,0 +1,48 @@
+"""One launch of a library attention kernel (and optionally SDPA's flash kernel), for profilers.
+
+    ncu --section WarpStateStats -k regex:flash python benchmarks/profile_microkernel.py --sdpa
+    compute-sanitizer --tool racecheck python benchmarks/profile_microkernel.py --seq 300
+
+Shapes as benchmarks/attention.py (B·S = 16k tokens, H·D = 2048) unless --batch/--heads say
+otherwise. Each kernel runs twice (a warm-up, then the one to look at).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from flashmlir.compiler.microkernels import select_attention_forward
+from flashmlir.runtime.cuda_launcher import attention_forward
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--seq", type=int, default=4096)
+    p.add_argument("--batch", type=int)
+    p.add_argument("--heads", type=int)
+    p.add_argument("--dtype", choices=["f16", "bf16"], default="f16")
+    p.add_argument("--causal", action="store_true")
+    p.add_argument("--sdpa", action="store_true", help="also run SDPA's flash backend")
+    args = p.parse_args()
+    dtype = {"f16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    batch = args.batch or max(1, 16384 // args.seq)
+    heads = args.heads or 2048 // args.head_dim
+    q, k, v = (torch.randn(batch, heads, args.seq, args.head_dim, device="cuda", dtype=dtype) for _ in range(3))
+    kernel = select_attention_forward("sm_80", args.dtype, args.head_dim)
+    for _ in range(2):
+        attention_forward(kernel, q, k, v, causal=args.causal)
+    if args.sdpa:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            for _ in range(2):
+                F.scaled_dot_product_attention(q, k, v, is_causal=args.causal)
+    torch.cuda.synchronize()
+
+
+if __name__ == "__main__":
+    main()
