@@ -116,6 +116,17 @@ def select_attention_forward(arch: str, element: str, head_dim: int) -> Attentio
     return kernel
 
 
+def library_problem() -> str | None:
+    """Why no microkernel can be used at all (library missing or built without nvcc), else None."""
+    kernels = attention_kernels()
+    if not kernels:
+        return "the CUDA microkernel library is not installed"
+    if not any(k.object_path.is_file() for k in kernels):
+        return ("the CUDA microkernels were not built (nvcc was not found when flashmlir was installed; put nvcc "
+                "on PATH or set CUDA_HOME, then reinstall)")
+    return None
+
+
 def fingerprint() -> str:
     """A hash of the catalog and every built object: compiled modules embed them, the cache keys on it."""
     directory = library_dir()

@@ -29,7 +29,7 @@ from flashmlir.compiler import iree_driver, microkernels
 from flashmlir.compiler.cache import ModuleCache, cache_key
 from flashmlir.compiler.targets import Target
 from flashmlir.errors import CompileError, UnsupportedError
-from flashmlir.log import logger
+from flashmlir.log import logger, warn_once
 from flashmlir.passes.framework import Decline, PassResult
 from flashmlir.passes.pass_manager import build_pass_manager, parse_pipeline
 
@@ -232,6 +232,10 @@ def compile_cached(
     fingerprint = target.fingerprint
     if any(s.name == "dispatch-microkernels" for s in flashmlir_stages(target)):  # modules embed their objects
         fingerprint += f" microkernels:{microkernels.fingerprint()}"
+        problem = microkernels.library_problem()
+        if problem is not None:
+            warn_once(f"{problem}: attention on {target.name} goes through IREE's own CUDA codegen, several "
+                      "times slower (FLASHMLIR_MICROKERNELS=0 silences this)")
     key = cache_key(str(module), f"{target.name} {fingerprint}", target.iree_flags, pipeline)
     if dump_dir is None and config.save_temps_dir() is not None:
         dump_dir = config.save_temps_dir() / key[:16]

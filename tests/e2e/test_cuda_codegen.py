@@ -91,3 +91,24 @@ def test_microkernels_off_means_iree_codegen(tmp_path, monkeypatch):
     session = iree_driver.new_session(target.iree_flags)
     vmfb, report = compile_module(session, parse_module(SDPA.format(t="f16"), session.context), target)
     assert report.attention_microkernels == 0 and report.attention_tiled == 1
+
+
+def test_a_library_built_without_nvcc_is_said_once(tmp_path, monkeypatch, caplog):
+    """kernels.json installed but no objects (no nvcc at install): one warning, then IREE codegen."""
+    from flashmlir.compiler.cache import ModuleCache
+    from flashmlir.compiler.pipeline import compile_cached
+
+    library = tmp_path / "library"
+    library.mkdir()
+    shutil.copy(Path(__file__).parents[2] / "runtime" / "microkernels" / "kernels.json", library / "kernels.json")
+    monkeypatch.setenv("FLASHMLIR_MICROKERNEL_DIR", str(library))
+    target = get_target("sm_80")
+    cache = ModuleCache(tmp_path / "cache")
+    with caplog.at_level("WARNING", logger="flashmlir"):
+        for dtype in ("f16", "bf16"):
+            session = iree_driver.new_session(target.iree_flags)
+            _, report = compile_cached(session, parse_module(SDPA.format(t=dtype), session.context), target,
+                                       cache=cache)
+            assert report.attention_microkernels == 0 and report.attention_tiled == 1
+    said = [r.getMessage() for r in caplog.records if "were not built" in r.getMessage()]
+    assert len(said) == 1 and "IREE's own CUDA codegen" in said[0]
