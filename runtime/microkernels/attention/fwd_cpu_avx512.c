@@ -1,0 +1,212 @@
+// Flash-attention forward for x86-64 CPUs with AVX-512, fp32, as one IREE workgroup's work.
+//
+// IREE calls `flashmlir_attention_fwd_cpu_f32_d<D>` once per workgroup of the grid
+// (ceil(Sq / kRows), B * Hq); the call computes kRows query rows of one (batch, head) with a loop
+// over blocks of kKeys keys, online softmax, causal blocks skipped. IREE's task system runs the
+// workgroups on its worker threads. The object is linked into IREE's embedded ELF executable, so
+// this file is freestanding: no libc, no globals, no thread-locals, stack only.
+//
+// Orientation: vectors run along query rows. Q is packed once per call as Qᵀ (D × kRows, with
+// scale · log2 e folded in); then for each key block
+//   Sᵀ[j, rows]  = Σ_d K[j, d] · Qᵀ[d, rows]      K read in place, one broadcast per FMA pair
+//   m, l, α       row max / sum / rescale: plain vector ops across j (no horizontal reductions)
+//   Pᵀ[j, rows]  = 2^(Sᵀ[j, rows] - m)
+//   Oᵀ[d, rows]  = α · Oᵀ[d, rows] + Σ_j V[j, d] · Pᵀ[j, rows]   V read in place
+// and O = Oᵀ / l is written back row by row at the end. K and V need no packing, and every FMA's
+// scalar operand is an embedded broadcast from memory.
+#include <immintrin.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define FLASHMLIR_EXPORT __attribute__((visibility("default")))
+
+#ifndef FLASHMLIR_ROW_VECTORS
+#define FLASHMLIR_ROW_VECTORS 3
+#endif
+#ifndef FLASHMLIR_KEY_TILE
+#define FLASHMLIR_KEY_TILE 8
+#endif
+#ifndef FLASHMLIR_DIM_TILE
+#define FLASHMLIR_DIM_TILE 8
+#endif
+#ifndef FLASHMLIR_KEYS
+#define FLASHMLIR_KEYS 64
+#endif
+
+enum {
+  kLanes = 16,                              // fp32 lanes of a zmm register
+  kRowVectors = FLASHMLIR_ROW_VECTORS,      // query rows per call: kRows = 16 · kRowVectors
+  kRows = kLanes * kRowVectors,
+  kKeys = FLASHMLIR_KEYS,                   // keys per block
+  kKeyTile = FLASHMLIR_KEY_TILE,            // keys per register tile of Sᵀ
+  kDimTile = FLASHMLIR_DIM_TILE,            // head-dim entries per register tile of Oᵀ
+};
+
+static const float kLog2e = 1.4426950408889634f;
+
+// 2^x for x ≤ 0 (or -inf): round to nearest n, a degree-6 polynomial for 2^(x - n) on
+// [-1/2, 1/2] (relative error < 1.2e-7), scaled by 2^n with vscalefps. Below 2^-126 gives 0.
+static inline __m512 exp2_nonpositive(__m512 x) {
+  const __m512 clamped = _mm512_max_ps(x, _mm512_set1_ps(-127.f));
+  const __m512 n = _mm512_roundscale_ps(clamped, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(clamped, n);
+  __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  const __mmask16 normal = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.f), _CMP_GE_OQ);
+  return _mm512_maskz_mov_ps(normal, _mm512_scalef_ps(p, n));
+}
+
+// Oᵀ[d : d + width] = α · Oᵀ[d : d + width] + Σ_j V[j, d : d + width] · Pᵀ[j] (width ≤ kDimTile,
+// a constant after inlining: the accumulators stay in registers across the key loop).
+static inline __attribute__((always_inline)) void pv_tile(float* restrict ot, const float* restrict st,
+                                                          const float* restrict vrow, size_t D, size_t keys,
+                                                          const __m512* alpha, size_t d, const int width) {
+  __m512 acc[kDimTile][kRowVectors];
+  for (int t = 0; t < width; ++t)
+    for (int r = 0; r < kRowVectors; ++r)
+      acc[t][r] = _mm512_mul_ps(_mm512_load_ps(ot + (d + t) * kRows + r * kLanes), alpha[r]);
+  for (size_t j = 0; j < keys; ++j) {
+    __m512 p[kRowVectors];
+    for (int r = 0; r < kRowVectors; ++r) p[r] = _mm512_load_ps(st + j * kRows + r * kLanes);
+    for (int t = 0; t < width; ++t) {
+      const __m512 vv = _mm512_set1_ps(vrow[j * D + t]);
+      for (int r = 0; r < kRowVectors; ++r) acc[t][r] = _mm512_fmadd_ps(vv, p[r], acc[t][r]);
+    }
+  }
+  for (int t = 0; t < width; ++t)
+    for (int r = 0; r < kRowVectors; ++r) _mm512_store_ps(ot + (d + t) * kRows + r * kLanes, acc[t][r]);
+}
+
+// One workgroup: rows [q0, q0 + kRows) of query head `bh` (batch-major), every key it attends.
+static inline __attribute__((always_inline)) void attention_rows(
+    const float* restrict q, const float* restrict k, const float* restrict v, float* restrict o,
+    const size_t d_model, size_t group, size_t seq_q, size_t seq_k, float scale, int causal,
+    size_t q_block, size_t bh) {
+  const size_t D = d_model;
+  const size_t q0 = q_block * kRows;
+  const size_t rows = seq_q - q0 < kRows ? seq_q - q0 : kRows;
+  const float* restrict qb = q + (bh * seq_q + q0) * D;
+  const float* restrict kb = k + (bh / group) * seq_k * D;
+  const float* restrict vb = v + (bh / group) * seq_k * D;
+  float* restrict ob = o + (bh * seq_q + q0) * D;
+
+  float qt[D * kRows] __attribute__((aligned(64)));  // Qᵀ · scale · log2 e, zero past `rows`
+  float ot[D * kRows] __attribute__((aligned(64)));  // Oᵀ, unnormalized
+  float st[kKeys * kRows] __attribute__((aligned(64)));  // Sᵀ, then Pᵀ, of one key block
+  const float qscale = scale * kLog2e;
+  for (size_t d = 0; d < D; ++d)
+    for (size_t i = 0; i < kRows; ++i) {
+      qt[d * kRows + i] = i < rows ? qb[i * D + d] * qscale : 0.f;
+      ot[d * kRows + i] = 0.f;
+    }
+
+  __m512 row_max[kRowVectors], row_sum[kRowVectors], row_index[kRowVectors];
+  for (int r = 0; r < kRowVectors; ++r) {
+    row_max[r] = _mm512_set1_ps(-__builtin_inff());
+    row_sum[r] = _mm512_setzero_ps();
+    row_index[r] = _mm512_add_ps(_mm512_set1_ps((float)(q0 + r * kLanes)),
+                                 _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  }
+  // Top-left causal: row i attends keys 0..i, so keys past the block's last row are never needed.
+  const size_t key_end = causal && q0 + rows < seq_k ? q0 + rows : seq_k;
+
+  for (size_t k0 = 0; k0 < key_end; k0 += kKeys) {
+    const size_t keys = key_end - k0 < kKeys ? key_end - k0 : kKeys;
+
+    // Sᵀ = K · Qᵀ, kKeyTile keys at a time (a ragged tail one key at a time).
+    size_t j = 0;
+    for (; j + kKeyTile <= keys; j += kKeyTile) {
+      __m512 acc[kKeyTile][kRowVectors];
+      for (int t = 0; t < kKeyTile; ++t)
+        for (int r = 0; r < kRowVectors; ++r) acc[t][r] = _mm512_setzero_ps();
+      const float* restrict krow = kb + (k0 + j) * D;
+      for (size_t d = 0; d < D; ++d) {
+        __m512 qv[kRowVectors];
+        for (int r = 0; r < kRowVectors; ++r) qv[r] = _mm512_load_ps(qt + d * kRows + r * kLanes);
+        for (int t = 0; t < kKeyTile; ++t) {
+          const __m512 kv = _mm512_set1_ps(krow[t * D + d]);
+          for (int r = 0; r < kRowVectors; ++r) acc[t][r] = _mm512_fmadd_ps(kv, qv[r], acc[t][r]);
+        }
+      }
+      for (int t = 0; t < kKeyTile; ++t)
+        for (int r = 0; r < kRowVectors; ++r) _mm512_store_ps(st + (j + t) * kRows + r * kLanes, acc[t][r]);
+    }
+    for (; j < keys; ++j) {
+      __m512 acc[kRowVectors];
+      for (int r = 0; r < kRowVectors; ++r) acc[r] = _mm512_setzero_ps();
+      const float* restrict krow = kb + (k0 + j) * D;
+      for (size_t d = 0; d < D; ++d) {
+        const __m512 kv = _mm512_set1_ps(krow[d]);
+        for (int r = 0; r < kRowVectors; ++r)
+          acc[r] = _mm512_fmadd_ps(kv, _mm512_load_ps(qt + d * kRows + r * kLanes), acc[r]);
+      }
+      for (int r = 0; r < kRowVectors; ++r) _mm512_store_ps(st + j * kRows + r * kLanes, acc[r]);
+    }
+
+    // Causal: keys after a row are -inf (only blocks reaching past the first row have any).
+    if (causal && k0 + keys - 1 > q0) {
+      for (size_t jj = 0; jj < keys; ++jj) {
+        const __m512 key = _mm512_set1_ps((float)(k0 + jj));
+        for (int r = 0; r < kRowVectors; ++r) {
+          const __mmask16 after = _mm512_cmp_ps_mask(key, row_index[r], _CMP_GT_OQ);
+          float* s = st + jj * kRows + r * kLanes;
+          _mm512_store_ps(s, _mm512_mask_mov_ps(_mm512_load_ps(s), after, _mm512_set1_ps(-__builtin_inff())));
+        }
+      }
+    }
+
+    // Online softmax, in the exp2 domain, along j for all rows at once.
+    __m512 alpha[kRowVectors], base[kRowVectors];
+    for (int r = 0; r < kRowVectors; ++r) {
+      __m512 mx = row_max[r];
+      for (size_t jj = 0; jj < keys; ++jj) mx = _mm512_max_ps(mx, _mm512_load_ps(st + jj * kRows + r * kLanes));
+      // A row with every key so far masked keeps base 0 (its P is 0 and its sums stay 0).
+      const __mmask16 finite = _mm512_cmp_ps_mask(mx, _mm512_set1_ps(-__builtin_inff()), _CMP_NEQ_OQ);
+      base[r] = _mm512_maskz_mov_ps(finite, mx);
+      alpha[r] = exp2_nonpositive(_mm512_sub_ps(row_max[r], base[r]));
+      row_max[r] = mx;
+      __m512 sum = _mm512_setzero_ps();
+      for (size_t jj = 0; jj < keys; ++jj) {
+        float* s = st + jj * kRows + r * kLanes;
+        const __m512 p = exp2_nonpositive(_mm512_sub_ps(_mm512_load_ps(s), base[r]));
+        _mm512_store_ps(s, p);
+        sum = _mm512_add_ps(sum, p);
+      }
+      row_sum[r] = _mm512_fmadd_ps(row_sum[r], alpha[r], sum);
+    }
+
+    // Oᵀ = α · Oᵀ + V[k0 : k0 + keys]ᵀ · Pᵀ, kDimTile head-dim entries at a time.
+    size_t d = 0;
+    for (; d + kDimTile <= D; d += kDimTile) pv_tile(ot, st, vb + k0 * D + d, D, keys, alpha, d, kDimTile);
+    for (; d < D; ++d) pv_tile(ot, st, vb + k0 * D + d, D, keys, alpha, d, 1);
+  }
+
+  // O = Oᵀ / l, 0 for a row whose every key was masked.
+  float inv[kRows] __attribute__((aligned(64)));
+  for (int r = 0; r < kRowVectors; ++r) {
+    const __mmask16 nonzero = _mm512_cmp_ps_mask(row_sum[r], _mm512_setzero_ps(), _CMP_NEQ_OQ);
+    _mm512_store_ps(inv + r * kLanes, _mm512_maskz_div_ps(nonzero, _mm512_set1_ps(1.f), row_sum[r]));
+  }
+  for (size_t i = 0; i < rows; ++i)
+    for (size_t d = 0; d < D; ++d) ob[i * D + d] = ot[d * kRows + i] * inv[i];
+}
+
+// IREE's call: bare base pointers with element offsets (the bindings), then the launch's
+// constants and this workgroup's (q block, batch-head) ids.
+#define FLASHMLIR_DEFINE_CPU_KERNEL(D)                                                                 \
+  FLASHMLIR_EXPORT void flashmlir_attention_fwd_cpu_f32_d##D(                                          \
+      const float* restrict q, size_t q_offset, const float* restrict k, size_t k_offset,              \
+      const float* restrict v, size_t v_offset, float* restrict o, size_t o_offset, size_t group,      \
+      size_t seq_q, size_t seq_k, float scale, size_t causal, size_t q_block, size_t bh) {             \
+    attention_rows(q + q_offset, k + k_offset, v + v_offset, o + o_offset, D, group, seq_q, seq_k,    \
+                   scale, causal != 0, q_block, bh);                                                   \
+  }
+
+FLASHMLIR_DEFINE_CPU_KERNEL(32)
+FLASHMLIR_DEFINE_CPU_KERNEL(64)
+FLASHMLIR_DEFINE_CPU_KERNEL(128)
