@@ -27,18 +27,18 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from attention import SDPA_BACKENDS, Config, _sdpa_backend, median_ms  # noqa: E402
 
-from flashmlir.compiler.microkernels import AttentionKernel  # noqa: E402
+from flashmlir.compiler.microkernels import CudaAttentionKernel  # noqa: E402
 from flashmlir.runtime.cuda_launcher import attention_forward  # noqa: E402
 
 SOURCE = Path(__file__).parents[1] / "runtime" / "microkernels" / "attention" / "fwd_sm80_kernels.cu"
 ELEMENTS = {"fp16": ("f16", "half"), "bf16": ("bf16", "__nv_bfloat16")}
 
 
-def build(variant: str, head_dim: int, dtype: str, out_dir: Path) -> tuple[AttentionKernel, str]:
+def build(variant: str, head_dim: int, dtype: str, out_dir: Path) -> tuple[CudaAttentionKernel, str]:
     block_m, block_n, warps = (int(x) for x in variant.split("x"))
     element, ctype = ELEMENTS[dtype]
     major, minor = torch.cuda.get_device_capability()
-    kernel = AttentionKernel("attention_fwd_sm80", element, head_dim, block_m, block_n, warps, "sm_80",
+    kernel = CudaAttentionKernel("attention_fwd_sm80", element, head_dim, block_m, block_n, warps, "sm_80",
                              out_dir / f"{variant}_{element}_d{head_dim}.cubin")
     command = ["nvcc", "--cubin", "-O3", "-std=c++17", f"-gencode=arch=compute_80,code=sm_{major}{minor}",
                "-Xptxas", "-v", f"-DFLASHMLIR_ELEMENT={ctype}", f"-DFLASHMLIR_ELEMENT_NAME={element}",
@@ -52,7 +52,7 @@ def build(variant: str, head_dim: int, dtype: str, out_dir: Path) -> tuple[Atten
     return kernel, f"{regs[-1]} regs, {spills[-1]} B spilled"
 
 
-def reference_error(kernel: AttentionKernel, dtype: torch.dtype) -> float:
+def reference_error(kernel: CudaAttentionKernel, dtype: torch.dtype) -> float:
     """Worst relative error over odd-sized causal / full / GQA problems, vs float64."""
     worst = 0.0
     for causal, hq, hkv, sq, sk in ((False, 2, 2, 333, 517), (True, 4, 2, 517, 517), (True, 2, 1, 129, 65)):

@@ -1,10 +1,10 @@
 """The microkernel library as the compiler sees it: which kernels exist, their tiles, their objects.
 
 The library is built by CMake from runtime/microkernels/ when flashmlir is installed and lands in
-the package (flashmlir/microkernels/): `kernels.json`, the catalog that also drove the build, and
-one CUDA fatbin per kernel under cuda/. Launch geometry is derived from the catalog entry, so it
-always matches the compiled tile sizes. FLASHMLIR_MICROKERNEL_DIR points elsewhere (tests, a
-library built by hand).
+the package (flashmlir/microkernels/): `kernels.json`, the catalog that also drove the build, one
+CUDA fatbin per kernel under cuda/ and one CPU object per instruction set under cpu/. Launch
+geometry is derived from the catalog entry, so it always matches the compiled tile sizes.
+FLASHMLIR_MICROKERNEL_DIR points elsewhere (tests, a library built by hand).
 
 Selection answers with a kernel or with the reason there is none, which the dispatch pass turns
 into a decline (the op then goes to IREE's own codegen, and `flashmlir-opt --debug` says why).
@@ -25,8 +25,8 @@ ELEMENT_BYTES = {"f16": 2, "bf16": 2}
 
 
 @dataclass(frozen=True)
-class AttentionKernel:
-    """One forward attention kernel: an (element type, head dim) instance with its tile sizes."""
+class CudaAttentionKernel:
+    """One CUDA forward attention kernel: an (element type, head dim) instance with its tile sizes."""
 
     family: str  # "attention_fwd_sm80"
     element: str  # "f16" | "bf16"
@@ -55,6 +55,39 @@ class AttentionKernel:
         return (-(-seq_q // self.block_m), batch_heads, 1)
 
 
+@dataclass(frozen=True)
+class CpuAttentionKernel:
+    """The CPU forward attention kernels of one instruction set: one function per head dim, each
+    computing `rows` query rows of one (batch, head) per IREE workgroup."""
+
+    family: str  # "attention_fwd_cpu"
+    isa: str  # "avx512"
+    element: str  # "f32"
+    head_dims: tuple[int, ...]
+    row_vectors: int
+    requires: frozenset[str]  # /proc/cpuinfo flags the object's code uses
+    object_path: Path
+
+    @property
+    def rows(self) -> int:
+        return 16 * self.row_vectors
+
+    def name(self, head_dim: int) -> str:
+        return f"flashmlir_{self.family}_{self.element}_d{head_dim}"
+
+    def grid(self, seq_q: int, batch_heads: int) -> tuple[int, int, int]:
+        return (-(-seq_q // self.rows), batch_heads, 1)
+
+
+@dataclass(frozen=True)
+class Library:
+    cuda: tuple[CudaAttentionKernel, ...] = ()
+    cpu: tuple[CpuAttentionKernel, ...] = ()
+
+    def objects(self) -> list[Path]:
+        return [k.object_path for k in (*self.cuda, *self.cpu)]
+
+
 def _arch_number(arch: str) -> int:
     return int(arch.removeprefix("sm_").rstrip("a"))
 
@@ -74,20 +107,22 @@ def library_dir() -> Path | None:
 
 
 @functools.cache
-def _load(directory: Path | None) -> tuple[AttentionKernel, ...]:
+def _load(directory: Path | None) -> Library:
     if directory is None or not (directory / CATALOG).is_file():
-        return ()
-    entries = json.loads((directory / CATALOG).read_text())["cuda"]
-    kernels = []
-    for e in entries:
-        stem = f"{e['family']}_{e['element']}_d{e['head_dim']}"
-        kernels.append(AttentionKernel(
-            e["family"], e["element"], e["head_dim"], e["block_m"], e["block_n"], e["warps"], e["min_arch"],
-            directory / "cuda" / f"{stem}.fatbin"))
-    return tuple(kernels)
+        return Library()
+    catalog = json.loads((directory / CATALOG).read_text())
+    cuda = tuple(
+        CudaAttentionKernel(e["family"], e["element"], e["head_dim"], e["block_m"], e["block_n"], e["warps"],
+                        e["min_arch"], directory / "cuda" / f"{e['family']}_{e['element']}_d{e['head_dim']}.fatbin")
+        for e in catalog.get("cuda", []))
+    cpu = tuple(
+        CpuAttentionKernel(e["family"], e["isa"], e["element"], tuple(e["head_dims"]), e["row_vectors"],
+                           frozenset(e["requires"]), directory / "cpu" / f"{e['family']}_{e['isa']}.o")
+        for e in catalog.get("cpu", []))
+    return Library(cuda, cpu)
 
 
-def attention_kernels() -> tuple[AttentionKernel, ...]:
+def library() -> Library:
     return _load(library_dir())
 
 
@@ -95,9 +130,9 @@ class NoKernel(Exception):
     """No microkernel serves this attention; the message says why."""
 
 
-def select_attention_forward(arch: str, element: str, head_dim: int) -> AttentionKernel:
-    """The kernel for `arch` (the target's), or NoKernel with the reason."""
-    kernels = attention_kernels()
+def select_attention_forward(arch: str, element: str, head_dim: int) -> CudaAttentionKernel:
+    """The CUDA kernel for `arch` (the target's), or NoKernel with the reason."""
+    kernels = library().cuda
     if not kernels:
         raise NoKernel("the microkernel library is not installed (no kernels.json next to the package)")
     runnable = [k for k in kernels if _arch_number(k.min_arch) <= _arch_number(arch)]
@@ -116,14 +151,36 @@ def select_attention_forward(arch: str, element: str, head_dim: int) -> Attentio
     return kernel
 
 
-def library_problem() -> str | None:
-    """Why no microkernel can be used at all (library missing or built without nvcc), else None."""
-    kernels = attention_kernels()
+def select_cpu_attention_forward(features: frozenset[str], element: str, head_dim: int) -> CpuAttentionKernel:
+    """The CPU kernel for a host with `features` (its /proc/cpuinfo flags), or NoKernel with the reason."""
+    kernels = library().cpu
     if not kernels:
-        return "the CUDA microkernel library is not installed"
+        raise NoKernel("the microkernel library has no CPU kernels (not installed)")
+    runnable = [k for k in kernels if k.requires <= features]
+    if not runnable:
+        need = " or ".join("+".join(sorted(k.requires)) for k in kernels)
+        raise NoKernel(f"no CPU attention microkernel for this CPU (they need {need})")
+    matching = [k for k in runnable if k.element == element and head_dim in k.head_dims]
+    if not matching:
+        offer = ", ".join(f"{k.element} d{'/'.join(map(str, k.head_dims))}" for k in runnable)
+        raise NoKernel(f"no CPU attention microkernel for {element} head dim {head_dim} (have: {offer})")
+    kernel = matching[0]
+    if not kernel.object_path.is_file():
+        raise NoKernel(f"CPU microkernel {kernel.family}_{kernel.isa} was not built ({kernel.object_path} is "
+                       "missing: no C compiler for -march=x86-64-v4 when flashmlir was installed)")
+    return kernel
+
+
+def library_problem(kind: str = "cuda") -> str | None:
+    """Why no microkernel of `kind` ("cuda", "cpu") can be used at all, else None."""
+    kernels = library().cuda if kind == "cuda" else library().cpu
+    if not kernels:
+        return f"the {kind.upper()} microkernel library is not installed"
     if not any(k.object_path.is_file() for k in kernels):
-        return ("the CUDA microkernels were not built (nvcc was not found when flashmlir was installed; put nvcc "
-                "on PATH or set CUDA_HOME, then reinstall)")
+        tool = "nvcc" if kind == "cuda" else "a C compiler"
+        return (f"the {kind.upper()} microkernels were not built ({tool} was not found when flashmlir was "
+                f"installed; {'put nvcc on PATH or set CUDA_HOME' if kind == 'cuda' else 'install gcc or clang'}, "
+                "then reinstall)")
     return None
 
 
@@ -131,10 +188,10 @@ def fingerprint() -> str:
     """A hash of the catalog and every built object: compiled modules embed them, the cache keys on it."""
     directory = library_dir()
     digest = hashlib.sha256()
-    for kernel in attention_kernels():
-        digest.update(kernel.name.encode())
-        if kernel.object_path.is_file():
-            digest.update(kernel.object_path.read_bytes())
+    for path in library().objects():
+        digest.update(path.name.encode())
+        if path.is_file():
+            digest.update(path.read_bytes())
     if directory is not None and (directory / CATALOG).is_file():
         digest.update((directory / CATALOG).read_bytes())
     return digest.hexdigest()[:16]

@@ -5,7 +5,7 @@
        bind-result-storage     flashmlir-bind-result-storage (graphs from torch.compile only)
     ..-match-attention         flashmlir-match-attention
     ..-lower-attention         flashmlir-lower-attention
-    ..-dispatch-microkernels   flashmlir-dispatch-attention-microkernel (CUDA targets)
+    ..-dispatch-microkernels   flashmlir-dispatch-attention-microkernel (CPU and CUDA targets)
     ..-tile-attention          flashmlir-tile-attention{target=…}, canonicalize, cse
     iree-*               IREE: torch input conversion, dispatch formation, codegen, VM
 
@@ -43,7 +43,7 @@ class Stage:
 def flashmlir_stages(target: Target, bind_result_storage: bool = False) -> tuple[Stage, ...]:
     """Our stages. `bind_result_storage`: the caller passes output tensors in (torch interop)."""
     binding = (Stage("bind-result-storage", "flashmlir-bind-result-storage"),) if bind_result_storage else ()
-    use_microkernels = target.gpu is not None and config.microkernels_enabled()
+    use_microkernels = target.kind in ("cpu", "cuda") and config.microkernels_enabled()
     dispatch = (Stage("dispatch-microkernels", "flashmlir-dispatch-attention-microkernel"),) if use_microkernels else ()
     return (
         Stage("erase-device-placement", "flashmlir-erase-device-placement"),
@@ -232,9 +232,9 @@ def compile_cached(
     fingerprint = target.fingerprint
     if any(s.name == "dispatch-microkernels" for s in flashmlir_stages(target)):  # modules embed their objects
         fingerprint += f" microkernels:{microkernels.fingerprint()}"
-        problem = microkernels.library_problem()
+        problem = microkernels.library_problem(target.kind)
         if problem is not None:
-            warn_once(f"{problem}: attention on {target.name} goes through IREE's own CUDA codegen, several "
+            warn_once(f"{problem}: attention on {target.name} goes through IREE's own codegen, several "
                       "times slower (FLASHMLIR_MICROKERNELS=0 silences this)")
     key = cache_key(str(module), f"{target.name} {fingerprint}", target.iree_flags, pipeline)
     if dump_dir is None and config.save_temps_dir() is not None:

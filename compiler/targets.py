@@ -78,6 +78,7 @@ class Target:
     fingerprint: str = ""
     gpu: GpuCaps | None = None
     dtypes: tuple[str, ...] = ("float32", "float16", "bfloat16")  # element types it computes in
+    cpu_features: frozenset[str] = frozenset()  # the host CPU's /proc/cpuinfo flags (cpu target)
 
 
 def _cpu_cache_bytes() -> dict[str, int]:
@@ -118,15 +119,21 @@ def _host_cpu_fingerprint() -> str:
     return hashlib.sha256("".join(lines).encode()).hexdigest()[:16]
 
 
-def _host_vector_bits() -> int:
+def _host_cpu_flags() -> frozenset[str]:
+    """The host CPU's feature flags as /proc/cpuinfo lists them (empty where unreadable)."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((ln for ln in f if ln.startswith("flags")), "")
+            line = next((ln for ln in f if ln.startswith("flags")), "")
     except OSError:
-        return 128
-    if " avx512f" in flags:
+        return frozenset()
+    return frozenset(line.partition(":")[2].split())
+
+
+def _host_vector_bits() -> int:
+    flags = _host_cpu_flags()
+    if "avx512f" in flags:
         return 512
-    if " avx2" in flags or " avx " in flags:
+    if "avx2" in flags or "avx" in flags:
         return 256
     return 128
 
@@ -150,6 +157,7 @@ def _cpu() -> Target:
         vector_bits=_host_vector_bits(),
         cache_bytes=_cpu_cache_bytes(),
         fingerprint=f"host-cpu:{_host_cpu_fingerprint()}",
+        cpu_features=_host_cpu_flags(),
     )
 
 

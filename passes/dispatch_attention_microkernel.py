@@ -1,21 +1,34 @@
-"""flashmlir-dispatch-attention-microkernel: attention ⇒ a launch of our CUDA microkernel.
+"""flashmlir-dispatch-attention-microkernel: attention ⇒ a call of our microkernel, per target.
 
+CUDA:
     O = iree_linalg_ext.attention(Q, K, V, s [, causal mask])
       ⇒ O = hal.dispatch.extern "flashmlir_attention_fwd_sm80_f16_d128"
                (group, Sq, Sk, bits(s), causal, Q, K, V)
                count → (⌈Sq / block_m⌉, B·Hq, 1), workgroup_size = [32·warps], shared memory
                objects → the kernel's fatbin from the microkernel library
+  IREE outlines the extern op into its own executable whose only code is our kernel, binds Q, K,
+  V and O as the kernel's pointer arguments, and passes the five i32 constants after them (IREE's
+  CUDA ABI, runtime/microkernels/attention/fwd_sm80_kernels.cu).
 
-IREE outlines the extern op into its own executable whose only code is our kernel, binds Q, K, V
-and O as the kernel's pointer arguments, and passes the five i32 constants after them (IREE's
-CUDA ABI, runtime/microkernels/attention/fwd_sm80_kernels.cu). The kernel, its tile sizes and
-hence the launch geometry come from the library's catalog (flashmlir.compiler.microkernels).
+CPU:
+    O = flow.dispatch @flashmlir_attention_cpu_<n>::@attention(Q, K, V)
+      with stream.executable @flashmlir_attention_cpu_<n>: workgroups (⌈Sq / rows⌉, B·Hq, 1), objects
+           → the library's object for the host's instruction set, and a shim that calls
+           flashmlir_attention_fwd_cpu_f32_d<D>(Q, K, V, O as 1-d memrefs, group, Sq, Sk, s,
+           causal, workgroup x, workgroup y)
+  The memrefs go as MLIR's full descriptors (pointer, offset, size, stride): IREE packs tensors into
+  shared buffers, and only the descriptor's offset says where each starts (the bare-pointer form
+  of IREE's samples loses a binding's offset).
+  IREE compiles the shim for the host and links our object into its embedded ELF executable; its
+  task system runs the workgroups on its threads (runtime/microkernels/attention/fwd_cpu_avx512.c).
 
-Taken: the canonical layout flashmlir-lower-attention writes, f16/bf16, a head dim the library
-has, no mask or the causal one (recognized from its producer, which becomes dead), GQA as the
-7-d form (K/V lack the trailing query-head batch dims: `group` query heads share one K/V head),
-a constant positive scale. Everything else is declined with the reason and left to the passes
-after this one (flashmlir-tile-attention's online form, IREE's codegen).
+The kernel, its tile sizes and hence the launch geometry come from the library's catalog
+(flashmlir.compiler.microkernels). Taken: the canonical layout flashmlir-lower-attention writes, an
+element type and head dim the library has for the target, no mask or the causal one (recognized
+from its producer, which becomes dead), GQA as the 7-d form (K/V lack the trailing query-head
+batch dims: `group` query heads share one K/V head), a constant scale (positive on CUDA, where
+the running max is taken before scaling). Everything else is declined with the reason and left to
+the passes after this one (flashmlir-tile-attention, IREE's codegen).
 """
 
 from __future__ import annotations
@@ -25,11 +38,17 @@ from dataclasses import dataclass
 
 from iree.compiler import ir
 
-from flashmlir.compiler.microkernels import AttentionKernel, NoKernel, select_attention_forward
+from flashmlir.compiler.microkernels import (
+    CpuAttentionKernel,
+    CudaAttentionKernel,
+    NoKernel,
+    select_attention_forward,
+    select_cpu_attention_forward,
+)
 from flashmlir.compiler.targets import get_target
 from flashmlir.passes.attention_ir import Attention, NotCanonical, analyze, float_constant
 from flashmlir.passes.framework import PassResult, PassSpec
-from flashmlir.passes.ir_utils import defining_op, splice_function, walk_ops
+from flashmlir.passes.ir_utils import defining_op, f32_literal, splice_function, walk_ops
 
 MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y, which carries batch × query heads
 
@@ -37,24 +56,30 @@ MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y, which carries batch × query he
 @dataclass(frozen=True)
 class Options:
     target: str = ""  # empty: the module's `flashmlir.target` attribute
+    # CPU: the feature flags (as /proc/cpuinfo spells them, comma-separated) of the CPU to compile
+    # for; empty: the host's. For tests and for compiling on one machine for another.
+    cpu_features: str = ""
 
 
 @dataclass(frozen=True)
-class _Launch:
-    kernel: AttentionKernel
-    group: int
+class _Site:
+    """What every kernel needs to know of an attention op it can take."""
+
+    element: str
+    head_dim: int
+    group: int  # query heads per K/V head
     causal: bool
-    grid: tuple[int, int, int]
+    scale: float
+    batch_heads: int  # product of Q's batch dims
 
 
-def _plan(attn: Attention, arch: str) -> _Launch:
-    """The launch for `attn`, or NotCanonical / NoKernel saying why there is none."""
+def _site(attn: Attention) -> _Site:
+    """The op as a microkernel sees it, or NotCanonical saying why no kernel takes it."""
     if attn.mask is not None:
-        raise NotCanonical("an explicit mask (the attention microkernel takes no mask or the causal one)")
+        raise NotCanonical("an explicit mask (the attention microkernels take no mask or the causal one)")
     elements = {attn.q.elem, attn.k.elem, attn.v.elem, attn.out.elem}
     if len(elements) != 1:
         raise NotCanonical(f"mixed element types {sorted(elements)}")
-    element = attn.q.elem
     head_dim = attn.q.shape[-1]
     if attn.dv != head_dim:
         raise NotCanonical(f"value head dim {attn.dv} differs from the query/key head dim {head_dim}")
@@ -62,19 +87,34 @@ def _plan(attn: Attention, arch: str) -> _Launch:
     k_batch = attn.k.roles[:-2]
     if k_batch != [f"b{i}" for i in range(len(k_batch))]:
         raise NotCanonical(f"K/V batch dims {k_batch} are not a prefix of Q's (GQA must share leading dims)")
-    group = math.prod(attn.batch_sizes[len(k_batch):nb])
     scale = float_constant(attn.scale)
-    if scale is None or not (scale > 0 and math.isfinite(scale)):
-        raise NotCanonical(f"scale {scale if scale is not None else '(not a constant)'}: the kernel needs a "
-                           "constant positive scale")
-    kernel = select_attention_forward(arch, element, head_dim)
-    grid = kernel.grid(attn.sq, math.prod(attn.batch_sizes))
+    if scale is None or not math.isfinite(scale):
+        raise NotCanonical(f"scale {scale if scale is not None else '(not a constant)'}: the kernels need a "
+                           "constant finite scale")
+    return _Site(attn.q.elem, head_dim, math.prod(attn.batch_sizes[len(k_batch):nb]), attn.causal, scale,
+                 math.prod(attn.batch_sizes))
+
+
+@dataclass(frozen=True)
+class _Launch:
+    kernel: CudaAttentionKernel
+    group: int
+    causal: bool
+    grid: tuple[int, int, int]
+
+
+def _plan_cuda(attn: Attention, site: _Site, arch: str) -> _Launch:
+    """The CUDA launch for `attn`, or NotCanonical / NoKernel saying why there is none."""
+    if site.scale <= 0:
+        raise NotCanonical(f"scale {site.scale}: the CUDA kernel needs a positive scale")
+    kernel = select_attention_forward(arch, site.element, site.head_dim)
+    grid = kernel.grid(attn.sq, site.batch_heads)
     if grid[1] > MAX_GRID_Y:
         raise NotCanonical(f"batch × heads = {grid[1]} exceeds the grid's y limit {MAX_GRID_Y}")
-    return _Launch(kernel, group, attn.causal, grid)
+    return _Launch(kernel, site.group, site.causal, grid)
 
 
-def _function(attn: Attention, launch: _Launch) -> str:
+def _cuda_function(attn: Attention, launch: _Launch) -> str:
     k = launch.kernel
     qt, kt, vt, ot = attn.q.type(), attn.k.type(), attn.v.type(), attn.out.type()
     gx, gy, gz = launch.grid
@@ -105,6 +145,83 @@ def _function(attn: Attention, launch: _Launch) -> str:
 }}"""
 
 
+def _cpu_executable(symbol: str, attn: Attention, site: _Site, kernel: CpuAttentionKernel) -> str:
+    """The stream.executable whose one export calls the kernel for this op's shapes."""
+    fn = kernel.name(site.head_dim)
+    gx, gy, gz = kernel.grid(attn.sq, site.batch_heads)
+    sizes = {"q": math.prod(attn.q.shape), "k": math.prod(attn.k.shape), "v": math.prod(attn.v.shape),
+             "o": math.prod(attn.out.shape)}
+    elem = site.element
+    views = "\n".join(f"      %{n}m = stream.binding.subspan %{n}[%c0] : !stream.binding -> memref<{size}x{elem}>"
+                      for n, size in sizes.items())
+    q, k, v, o = (f"memref<{size}x{elem}>" for size in sizes.values())
+    return f"""stream.executable private @{symbol} attributes {{
+  hal.executable.objects = #hal.executable.objects<{{
+    #hal.executable.target<"llvm-cpu", "embedded-elf-x86_64"> = [#hal.executable.object<{{path = "{kernel.object_path}"}}>]
+  }}>
+}} {{
+  stream.executable.export public @attention workgroups() -> (index, index, index) {{
+    %x = arith.constant {gx} : index
+    %y = arith.constant {gy} : index
+    %z = arith.constant {gz} : index
+    stream.return %x, %y, %z : index, index, index
+  }}
+  builtin.module {{
+    func.func private @{fn}({q}, {k}, {v}, {o}, index, index, index, f32, index, index, index)
+        attributes {{hal.import.static}}
+    func.func @attention(%q: !stream.binding, %k: !stream.binding, %v: !stream.binding, %o: !stream.binding) {{
+      %c0 = arith.constant 0 : index
+{views}
+      %group = arith.constant {site.group} : index
+      %seq_q = arith.constant {attn.sq} : index
+      %seq_k = arith.constant {attn.sk} : index
+      %scale = arith.constant {f32_literal(site.scale)} : f32
+      %causal = arith.constant {int(site.causal)} : index
+      %x = hal.interface.workgroup.id[0] : index
+      %y = hal.interface.workgroup.id[1] : index
+      func.call @{fn}(%qm, %km, %vm, %om, %group, %seq_q, %seq_k, %scale, %causal, %x, %y)
+          : ({q}, {k}, {v}, {o}, index, index, index, f32, index, index, index) -> ()
+      return
+    }}
+  }}
+}}"""
+
+
+def _cpu_call(symbol: str, attn: Attention) -> str:
+    qt, kt, vt, ot = attn.q.type(), attn.k.type(), attn.v.type(), attn.out.type()
+    return f"""func.func @microkernel(%q: {qt}, %k: {kt}, %v: {vt}) -> {ot} {{
+  %o = flow.dispatch @{symbol}::@attention(%q, %k, %v) : ({qt}, {kt}, {vt}) -> {ot}
+  return %o : {ot}
+}}"""
+
+
+def _enclosing_top_level_op(op: ir.Operation, module: ir.Operation) -> ir.Operation:
+    """The op of `module`'s body that contains `op` (the function it is in)."""
+    while op.parent is not None and op.parent.operation != module:
+        op = op.parent.operation
+    return op
+
+
+def _free_symbol(module: ir.Operation, prefix: str, taken: set[str]) -> str:
+    names = {ir.StringAttr(o.attributes["sym_name"]).value for o in module.regions[0].blocks[0].operations
+             if "sym_name" in o.attributes}
+    i = 0
+    while f"{prefix}{i}" in names or f"{prefix}{i}" in taken:
+        i += 1
+    taken.add(f"{prefix}{i}")
+    return f"{prefix}{i}"
+
+
+def _rewrite_cpu(module: ir.Operation, attn: Attention, site: _Site, features: frozenset[str],
+                 taken: set[str]) -> None:
+    kernel = select_cpu_attention_forward(features, site.element, site.head_dim)
+    symbol = _free_symbol(module, "flashmlir_attention_cpu_", taken)
+    with attn.op.context, attn.op.location:
+        parsed = ir.Module.parse(_cpu_executable(symbol, attn, site, kernel))  # owns the op until moved
+        parsed.body.operations[0].move_before(_enclosing_top_level_op(attn.op, module))
+    splice_function(attn.op, _cpu_call(symbol, attn), [attn.q.value, attn.k.value, attn.v.value])
+
+
 def _erase_if_dead(op: ir.Operation | None) -> None:
     if op is not None and not any(list(r.uses) for r in op.results):
         inputs = [defining_op(v) for v in op.operands]
@@ -121,18 +238,25 @@ def run(module: ir.Operation, options: Options) -> PassResult:
     if not name:
         return result
     target = get_target(name)
-    if target.gpu is None:
-        return result
+    taken: set[str] = set()
     for op in walk_ops(module, "iree_linalg_ext.attention"):
         try:
             attn = analyze(op)
-            launch = _plan(attn, target.gpu.arch)
+            site = _site(attn)
+            out_init, mask_producer = defining_op(attn.out.value), attn.dead_mask_producer
+            if target.gpu is not None:
+                launch = _plan_cuda(attn, site, target.gpu.arch)
+                splice_function(op, _cuda_function(attn, launch), [attn.q.value, attn.k.value, attn.v.value,
+                                                                   attn.scale])
+            elif target.kind == "cpu":
+                features = frozenset(options.cpu_features.split(",")) if options.cpu_features else target.cpu_features
+                _rewrite_cpu(module, attn, site, features, taken)
+            else:
+                raise NoKernel(f"no attention microkernels for {target.name}")
         except (NotCanonical, NoKernel) as why:
             result.decline(op, str(why))
             continue
-        out_init = defining_op(attn.out.value)
-        splice_function(op, _function(attn, launch), [attn.q.value, attn.k.value, attn.v.value, attn.scale])
-        _erase_if_dead(attn.dead_mask_producer)
+        _erase_if_dead(mask_producer)
         _erase_if_dead(out_init)
         result.rewritten += 1
     return result
@@ -140,7 +264,8 @@ def run(module: ir.Operation, options: Options) -> PassResult:
 
 PASS = PassSpec(
     name="flashmlir-dispatch-attention-microkernel",
-    summary="Replace attention with a hal.dispatch.extern launch of the target's CUDA microkernel",
+    summary="Replace attention with a call of the target's microkernel (CUDA: hal.dispatch.extern; CPU: an "
+            "executable linking the library object)",
     options_type=Options,
     run=run,
 )

@@ -83,7 +83,7 @@ def _loaded(object_path: str, name: str, device: int) -> CudaKernel:
 
 def attention_forward(kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
                       scale: float | None = None, with_lse: bool = False):
-    """Run a library attention kernel (a `flashmlir.compiler.microkernels.AttentionKernel`) on
+    """Run a library attention kernel (a `flashmlir.compiler.microkernels.CudaAttentionKernel`) on
     [B, H, S, D] tensors as the IREE dispatch would: same image, grid, block, shared memory and
     constants. Returns O, or (O, lse) with lse [B, Hq, Sq] in float32."""
     b, hq, sq, d = q.shape

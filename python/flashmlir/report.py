@@ -30,7 +30,8 @@ class GraphOutcome:
     name: str
     compiled: list[str] = field(default_factory=list)  # "graph 3 (inference)", ...
     rejected: list[str] = field(default_factory=list)
-    tiled: int = 0  # attention ops our tile pass lowered, over this graph's compiled parts
+    tiled: int = 0  # attention ops our passes made flash attention, over this graph's compiled parts
+    microkernels: int = 0  # of those, the ones that run as a microkernel of the library
 
 
 @dataclass
@@ -40,11 +41,12 @@ class ExplainReport:
     graphs: dict[str, GraphOutcome] = field(default_factory=dict)
 
     # Recorder protocol (flashmlir.dynamo.backend) -------------------------------------------
-    def graph_compiled(self, graph: str, tiled: int, declines: list[str]) -> None:
+    def graph_compiled(self, graph: str, tiled: int, declines: list[str], microkernels: int = 0) -> None:
         base = graph.split(" (")[0]
         outcome = self.graphs.setdefault(base, GraphOutcome(base))
         outcome.compiled.append(graph)
         outcome.tiled += tiled
+        outcome.microkernels += microkernels
         self.rejected.extend(Rejection("pass", graph, d) for d in declines)
 
     def graph_rejected(self, graph: str, reason: str) -> None:
@@ -65,8 +67,14 @@ class ExplainReport:
 
     @property
     def tiled(self) -> int:
-        """Attention ops lowered by our tile pass, summed over the compiled graphs."""
+        """Attention ops our passes made flash attention (tiled loop nests, online forms,
+        microkernels), summed over the compiled graphs."""
         return sum(g.tiled for g in self.graphs.values())
+
+    @property
+    def microkernels(self) -> int:
+        """Of `tiled`, the attention ops that run as microkernels."""
+        return sum(g.microkernels for g in self.graphs.values())
 
     def __str__(self) -> str:
         lines = [f"flashmlir: {len(self.sites)} attention site(s), {len(self.rejected)} rejected, "
@@ -89,7 +97,7 @@ class ExplainReport:
                 state = "eager (fallback)"
             elif g.compiled:
                 state = f"compiled ({', '.join(c.split(' (')[1].rstrip(')') for c in g.compiled)}), " \
-                        f"{g.tiled} attention op(s) tiled by flashmlir"
+                        f"{g.tiled} attention op(s) as flash attention ({g.microkernels} by microkernel)"
             else:
                 state = "not compiled (compile=False)"
             lines.append(f"{g.name}: {state}")

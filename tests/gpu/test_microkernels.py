@@ -21,7 +21,7 @@ DTYPES = {"f16": torch.float16, "bf16": torch.bfloat16}
 TOLERANCE = {torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
 
-def _kernel(element: str, head_dim: int) -> microkernels.AttentionKernel:
+def _kernel(element: str, head_dim: int) -> microkernels.CudaAttentionKernel:
     try:
         return microkernels.select_attention_forward("sm_80", element, head_dim)
     except microkernels.NoKernel as why:

@@ -30,7 +30,7 @@ from flashmlir.log import logger, warn_once
 class Recorder(Protocol):
     """What `flashmlir.explain` collects from the backend."""
 
-    def graph_compiled(self, graph: str, tiled: int, declines: list[str]) -> None: ...
+    def graph_compiled(self, graph: str, tiled: int, declines: list[str], microkernels: int = 0) -> None: ...
     def graph_rejected(self, graph: str, reason: str) -> None: ...
     def graph_ran(self, graph: str, sites: list[AttentionSite], near_misses: list[NearMiss]) -> None: ...
 
@@ -170,7 +170,8 @@ class GraphCompiler:
                     return make_boxed_func(self._fallback(_reason(e), graph.forward))
                 if self.recorder is not None:
                     report = compiled.report
-                    self.recorder.graph_compiled(f"{self.name} ({kind})", report.attention_tiled, report.declines())
+                    self.recorder.graph_compiled(f"{self.name} ({kind})", report.attention_tiled, report.declines(),
+                                                 report.attention_microkernels)
                 return make_boxed_func(compiled)
 
             return compile_graph

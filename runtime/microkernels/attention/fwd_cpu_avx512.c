@@ -196,15 +196,19 @@ static inline __attribute__((always_inline)) void attention_rows(
     for (size_t d = 0; d < D; ++d) ob[i * D + d] = ot[d * kRows + i] * inv[i];
 }
 
-// IREE's call: bare base pointers with element offsets (the bindings), then the launch's
-// constants and this workgroup's (q block, batch-head) ids.
-#define FLASHMLIR_DEFINE_CPU_KERNEL(D)                                                                 \
-  FLASHMLIR_EXPORT void flashmlir_attention_fwd_cpu_f32_d##D(                                          \
-      const float* restrict q, size_t q_offset, const float* restrict k, size_t k_offset,              \
-      const float* restrict v, size_t v_offset, float* restrict o, size_t o_offset, size_t group,      \
-      size_t seq_q, size_t seq_k, float scale, size_t causal, size_t q_block, size_t bh) {             \
-    attention_rows(q + q_offset, k + k_offset, v + v_offset, o + o_offset, D, group, seq_q, seq_k,    \
-                   scale, causal != 0, q_block, bh);                                                   \
+// IREE's call. Each binding arrives as MLIR's descriptor of a 1-d memref (allocated pointer,
+// aligned pointer, element offset, size, stride): IREE may pack several tensors into one buffer,
+// and the offset is where this one starts. Then the launch's constants and this workgroup's
+// (q block, batch-head) ids.
+#define FLASHMLIR_MEMREF(T, name) T* name##_allocated, T* restrict name, size_t name##_offset, size_t name##_size, \
+                                  size_t name##_stride
+#define FLASHMLIR_DEFINE_CPU_KERNEL(D)                                                                  \
+  FLASHMLIR_EXPORT void flashmlir_attention_fwd_cpu_f32_d##D(                                           \
+      FLASHMLIR_MEMREF(const float, q), FLASHMLIR_MEMREF(const float, k), FLASHMLIR_MEMREF(const float, v), \
+      FLASHMLIR_MEMREF(float, o), size_t group, size_t seq_q, size_t seq_k, float scale, size_t causal,    \
+      size_t q_block, size_t bh) {                                                                      \
+    attention_rows(q + q_offset, k + k_offset, v + v_offset, o + o_offset, D, group, seq_q, seq_k,     \
+                   scale, causal != 0, q_block, bh);                                                    \
   }
 
 FLASHMLIR_DEFINE_CPU_KERNEL(32)

@@ -1,3 +1,4 @@
+// CUDA targets (the CPU target: dispatch-attention-microkernel-cpu.mlir).
 // A library with the real catalog and stand-in objects (bf16 d128 deliberately missing):
 // RUN: rm -rf %t && mkdir -p %t/cuda && cp %S/../../../runtime/microkernels/kernels.json %t/
 // RUN: touch %t/cuda/attention_fwd_sm80_f16_d64.fatbin %t/cuda/attention_fwd_sm80_f16_d128.fatbin %t/cuda/attention_fwd_sm80_bf16_d64.fatbin
@@ -5,12 +6,10 @@
 // RUN: env FLASHMLIR_MICROKERNEL_DIR=%t flashmlir-opt --split-input-file --flashmlir-dispatch-attention-microkernel=target=sm_90 %s | filecheck %s
 // RUN: env FLASHMLIR_MICROKERNEL_DIR=%t flashmlir-opt --split-input-file --flashmlir-dispatch-attention-microkernel=target=sm_80 --debug %s 2>&1 >/dev/null | filecheck %s --check-prefix=WHY
 // RUN: env FLASHMLIR_MICROKERNEL_DIR=%t flashmlir-opt --split-input-file --flashmlir-dispatch-attention-microkernel=target=sm_70 --debug %s 2>&1 | filecheck %s --check-prefix=SM70
-// RUN: env FLASHMLIR_MICROKERNEL_DIR=%t flashmlir-opt --split-input-file --flashmlir-dispatch-attention-microkernel=target=cpu %s | filecheck %s --check-prefix=CPU
 // RUN: env FLASHMLIR_MICROKERNEL_DIR=%t/none flashmlir-opt --split-input-file --flashmlir-dispatch-attention-microkernel=target=sm_80 --debug %s 2>&1 >/dev/null | filecheck %s --check-prefix=NOLIB
 
 // SM70:        no attention microkernel for sm_70 yet
 // SM70-NOT:    hal.dispatch.extern
-// CPU-NOT:      hal.dispatch.extern
 // NOLIB:        the microkernel library is not installed
 
 // Multi-head f16, head dim 128, Sq = Sk = 1000: one launch of the d128 kernel, grid
@@ -116,7 +115,7 @@ func.func @gqa_bf16_d64(%q: tensor<2x2x4x256x64xbf16>, %k: tensor<2x2x256x64xbf1
 // CHECK-LABEL: func.func @padding_mask
 // CHECK-NOT:     hal.dispatch.extern
 // CHECK:         iree_linalg_ext.attention
-// WHY:           declined iree_linalg_ext.attention {{.*}}an explicit mask (the attention microkernel takes no mask or the causal one)
+// WHY:           declined iree_linalg_ext.attention {{.*}}an explicit mask (the attention microkernels take no mask or the causal one)
 #q = affine_map<(b, m, n, k1, k2) -> (b, m, k1)>
 #k = affine_map<(b, m, n, k1, k2) -> (b, k2, k1)>
 #v = affine_map<(b, m, n, k1, k2) -> (b, k2, n)>
@@ -201,7 +200,7 @@ func.func @head_dim_256(%q: tensor<4x100x256xf16>, %k: tensor<4x100x256xf16>, %v
 
 // CHECK-LABEL: func.func @negative_scale
 // CHECK-NOT:     hal.dispatch.extern
-// WHY:           declined iree_linalg_ext.attention {{.*}}scale -0.125: the kernel needs a constant positive scale
+// WHY:           declined iree_linalg_ext.attention {{.*}}scale -0.125: the CUDA kernel needs a positive scale
 #q = affine_map<(b, m, n, k1, k2) -> (b, m, k1)>
 #k = affine_map<(b, m, n, k1, k2) -> (b, k2, k1)>
 #v = affine_map<(b, m, n, k1, k2) -> (b, k2, n)>

@@ -1,0 +1,128 @@
+// The CPU target, with the real catalog and a stand-in object, compiled for an AVX-512 CPU
+// whatever the host is (cpu-features), and for one without AVX-512 (NOAVX512):
+// RUN: rm -rf %t && mkdir -p %t/cpu && cp %S/../../../runtime/microkernels/kernels.json %t/
+// RUN: touch %t/cpu/attention_fwd_cpu_avx512.o
+// RUN: env FLASHMLIR_MICROKERNEL_DIR=%t flashmlir-opt --split-input-file --flashmlir-dispatch-attention-microkernel='target=cpu cpu-features=avx2,fma,avx512f,avx512bw,avx512cd,avx512dq,avx512vl' %s | filecheck %s
+// RUN: env FLASHMLIR_MICROKERNEL_DIR=%t flashmlir-opt --split-input-file --flashmlir-dispatch-attention-microkernel='target=cpu cpu-features=avx2,fma,avx512f,avx512bw,avx512cd,avx512dq,avx512vl' --debug %s 2>&1 >/dev/null | filecheck %s --check-prefix=WHY
+// RUN: env FLASHMLIR_MICROKERNEL_DIR=%t flashmlir-opt --split-input-file --flashmlir-dispatch-attention-microkernel='target=cpu cpu-features=avx2,fma' --debug %s 2>&1 | filecheck %s --check-prefix=NOAVX512
+
+// NOAVX512:     no CPU attention microkernel for this CPU (they need avx512bw+avx512cd+avx512dq+avx512f+avx512vl)
+// NOAVX512-NOT: flow.dispatch @
+
+// GQA, causal, f32, head dim 64: an executable that links the library object and whose shim calls
+// the d64 function with the four bindings as memrefs, the constants (group 4, Sq = Sk = 100,
+// scale, causal) and the workgroup ids; the grid is (⌈100 / 48⌉, B·Hkv·G) = (3, 16). The op
+// becomes a flow.dispatch of that executable; the causal mask producer is gone.
+// CHECK:       #[[X86:.+]] = #hal.executable.target<"llvm-cpu", "embedded-elf-x86_64">
+// CHECK-LABEL: stream.executable private @flashmlir_attention_cpu_0
+// CHECK-SAME:    hal.executable.objects = #hal.executable.objects<{#[[X86]] = [#hal.executable.object<{path = "{{.+}}/cpu/attention_fwd_cpu_avx512.o"}>]}>
+// CHECK:         stream.executable.export public @attention workgroups() -> (index, index, index)
+// CHECK-DAG:       %[[X:.+]] = arith.constant 3 : index
+// CHECK-DAG:       %[[Y:.+]] = arith.constant 16 : index
+// CHECK:           stream.return %[[X]], %[[Y]], %{{.+}} : index, index, index
+// CHECK:         func.func private @flashmlir_attention_fwd_cpu_f32_d64(memref<102400xf32>, memref<25600xf32>, memref<25600xf32>, memref<102400xf32>, index, index, index, f32, index, index, index) attributes {hal.import.static}
+// CHECK:         func.func @attention(%[[Q:.+]]: !stream.binding, %[[K:.+]]: !stream.binding, %[[V:.+]]: !stream.binding, %[[O:.+]]: !stream.binding)
+// CHECK-DAG:       %[[QM:.+]] = stream.binding.subspan %[[Q]][%{{.+}}] : !stream.binding -> memref<102400xf32>
+// CHECK-DAG:       %[[GROUP:.+]] = arith.constant 4 : index
+// CHECK-DAG:       %[[SEQ:.+]] = arith.constant 100 : index
+// CHECK-DAG:       %[[SCALE:.+]] = arith.constant 1.250000e-01 : f32
+// CHECK-DAG:       %[[CAUSAL:.+]] = arith.constant 1 : index
+// CHECK-DAG:       %[[WX:.+]] = hal.interface.workgroup.id[0] : index
+// CHECK-DAG:       %[[WY:.+]] = hal.interface.workgroup.id[1] : index
+// CHECK:           call @flashmlir_attention_fwd_cpu_f32_d64(%[[QM]], %{{.+}}, %{{.+}}, %{{.+}}, %[[GROUP]], %[[SEQ]], %{{.+}}, %[[SCALE]], %[[CAUSAL]], %[[WX]], %[[WY]])
+// CHECK-LABEL: func.func @gqa_causal_f32_d64
+// CHECK-NOT:     linalg.generic
+// CHECK:         %[[R:.+]] = flow.dispatch @flashmlir_attention_cpu_0::@attention(%arg0, %arg1, %arg2) : (tensor<2x2x4x100x64xf32>, tensor<2x2x100x64xf32>, tensor<2x2x100x64xf32>) -> tensor<2x2x4x100x64xf32>
+// CHECK:         return %[[R]]
+#q = affine_map<(b, h, g, m, n, k1, k2) -> (b, h, g, m, k1)>
+#k = affine_map<(b, h, g, m, n, k1, k2) -> (b, h, k2, k1)>
+#v = affine_map<(b, h, g, m, n, k1, k2) -> (b, h, k2, n)>
+#s = affine_map<(b, h, g, m, n, k1, k2) -> ()>
+#mk = affine_map<(b, h, g, m, n, k1, k2) -> (m, k2)>
+#o = affine_map<(b, h, g, m, n, k1, k2) -> (b, h, g, m, n)>
+#id = affine_map<(i, j) -> (i, j)>
+func.func @gqa_causal_f32_d64(%q: tensor<2x2x4x100x64xf32>, %k: tensor<2x2x100x64xf32>, %v: tensor<2x2x100x64xf32>) -> tensor<2x2x4x100x64xf32> {
+  %scale = arith.constant 0.125 : f32
+  %em = tensor.empty() : tensor<100x100xf32>
+  %mask = linalg.generic {indexing_maps = [#id], iterator_types = ["parallel", "parallel"]} outs(%em : tensor<100x100xf32>) {
+  ^bb0(%out: f32):
+    %zero = arith.constant 0.0 : f32
+    %ninf = arith.constant 0xFF800000 : f32
+    %i = linalg.index 0 : index
+    %j = linalg.index 1 : index
+    %c = arith.cmpi ule, %j, %i : index
+    %r = arith.select %c, %zero, %ninf : f32
+    linalg.yield %r : f32
+  } -> tensor<100x100xf32>
+  %e = tensor.empty() : tensor<2x2x4x100x64xf32>
+  %r = iree_linalg_ext.attention <indexing_maps = [#q, #k, #v, #s, #mk, #o]>
+      ins(%q, %k, %v, %scale, %mask : tensor<2x2x4x100x64xf32>, tensor<2x2x100x64xf32>, tensor<2x2x100x64xf32>, f32, tensor<100x100xf32>)
+      outs(%e : tensor<2x2x4x100x64xf32>) {
+    ^bb0(%x: f32):
+      iree_linalg_ext.yield %x : f32
+  } -> tensor<2x2x4x100x64xf32>
+  return %r : tensor<2x2x4x100x64xf32>
+}
+// -----
+
+// Two sites in one function: two executables with their own symbols.
+// CHECK-LABEL: stream.executable private @flashmlir_attention_cpu_0
+// CHECK:         call @flashmlir_attention_fwd_cpu_f32_d32
+// CHECK-LABEL: stream.executable private @flashmlir_attention_cpu_1
+// CHECK:         call @flashmlir_attention_fwd_cpu_f32_d128
+// CHECK-LABEL: func.func @two_sites
+// CHECK:         flow.dispatch @flashmlir_attention_cpu_0::@attention
+// CHECK:         flow.dispatch @flashmlir_attention_cpu_1::@attention
+#q = affine_map<(b, m, n, k1, k2) -> (b, m, k1)>
+#k = affine_map<(b, m, n, k1, k2) -> (b, k2, k1)>
+#v = affine_map<(b, m, n, k1, k2) -> (b, k2, n)>
+#s = affine_map<(b, m, n, k1, k2) -> ()>
+#o = affine_map<(b, m, n, k1, k2) -> (b, m, n)>
+func.func @two_sites(%q: tensor<4x50x32xf32>, %k: tensor<4x70x32xf32>, %v: tensor<4x70x32xf32>, %q2: tensor<4x50x128xf32>) -> (tensor<4x50x32xf32>, tensor<4x50x128xf32>) {
+  %scale = arith.constant 0.5 : f32
+  %e = tensor.empty() : tensor<4x50x32xf32>
+  %r = iree_linalg_ext.attention <indexing_maps = [#q, #k, #v, #s, #o]>
+      ins(%q, %k, %v, %scale : tensor<4x50x32xf32>, tensor<4x70x32xf32>, tensor<4x70x32xf32>, f32)
+      outs(%e : tensor<4x50x32xf32>) {
+    ^bb0(%x: f32):
+      iree_linalg_ext.yield %x : f32
+  } -> tensor<4x50x32xf32>
+  %e2 = tensor.empty() : tensor<4x50x128xf32>
+  %r2 = iree_linalg_ext.attention <indexing_maps = [#q, #k, #v, #s, #o]>
+      ins(%q2, %q2, %q2, %scale : tensor<4x50x128xf32>, tensor<4x50x128xf32>, tensor<4x50x128xf32>, f32)
+      outs(%e2 : tensor<4x50x128xf32>) {
+    ^bb0(%x: f32):
+      iree_linalg_ext.yield %x : f32
+  } -> tensor<4x50x128xf32>
+  return %r, %r2 : tensor<4x50x32xf32>, tensor<4x50x128xf32>
+}
+// -----
+
+// Refused on the CPU: half-precision inputs and head dims the library lacks.
+// CHECK-LABEL: func.func @f16_and_d16
+// CHECK-NOT:     flow.dispatch @
+// WHY:           declined iree_linalg_ext.attention {{.*}}no CPU attention microkernel for f16 head dim 64 (have: f32 d32/64/128)
+// WHY:           declined iree_linalg_ext.attention {{.*}}no CPU attention microkernel for f32 head dim 16 (have: f32 d32/64/128)
+#q = affine_map<(b, m, n, k1, k2) -> (b, m, k1)>
+#k = affine_map<(b, m, n, k1, k2) -> (b, k2, k1)>
+#v = affine_map<(b, m, n, k1, k2) -> (b, k2, n)>
+#s = affine_map<(b, m, n, k1, k2) -> ()>
+#o = affine_map<(b, m, n, k1, k2) -> (b, m, n)>
+func.func @f16_and_d16(%q: tensor<4x50x64xf16>, %q2: tensor<4x50x16xf32>) -> (tensor<4x50x64xf16>, tensor<4x50x16xf32>) {
+  %scale = arith.constant 0.5 : f32
+  %e = tensor.empty() : tensor<4x50x64xf16>
+  %r = iree_linalg_ext.attention <indexing_maps = [#q, #k, #v, #s, #o]>
+      ins(%q, %q, %q, %scale : tensor<4x50x64xf16>, tensor<4x50x64xf16>, tensor<4x50x64xf16>, f32)
+      outs(%e : tensor<4x50x64xf16>) {
+    ^bb0(%x: f32):
+      iree_linalg_ext.yield %x : f32
+  } -> tensor<4x50x64xf16>
+  %e2 = tensor.empty() : tensor<4x50x16xf32>
+  %r2 = iree_linalg_ext.attention <indexing_maps = [#q, #k, #v, #s, #o]>
+      ins(%q2, %q2, %q2, %scale : tensor<4x50x16xf32>, tensor<4x50x16xf32>, tensor<4x50x16xf32>, f32)
+      outs(%e2 : tensor<4x50x16xf32>) {
+    ^bb0(%x: f32):
+      iree_linalg_ext.yield %x : f32
+  } -> tensor<4x50x16xf32>
+  return %r, %r2 : tensor<4x50x64xf16>, tensor<4x50x16xf32>
+}
