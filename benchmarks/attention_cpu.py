@@ -1,11 +1,13 @@
 """CPU attention: flashmlir vs torch's CPU SDPA vs IREE's stock lowering of SDPA, one run, one table.
 
-    python benchmarks/attention_cpu.py                      # B=1 H=8 D=64, seq 512..4096, causal or not
-    python benchmarks/attention_cpu.py --head-dim 128 --json benchmarks/results/cpu.json
+    python benchmarks/attention_cpu.py          # B=1 H=8, D 64/128, seq 512..8192, causal or not
+    python benchmarks/attention_cpu.py --head-dims 128 --seqs 2048 --json out.json --markdown out.md
 
-flashmlir is timed as users get it (`torch.compile(backend="flashmlir")`); IREE stock is the same
-SDPA graph imported and compiled by IREE without our passes. Times are medians of `--repeats`
-runs after a warm-up, in milliseconds, fp32. Speed ratios > 1 mean flashmlir is faster.
+flashmlir is timed as users get it (`torch.compile(backend="flashmlir")`), with its microkernel
+library (the default) and without it (FLASHMLIR_MICROKERNELS=0: our passes' loop nest, IREE's
+codegen of the tiles); IREE stock is the same SDPA graph imported and compiled by IREE without our
+passes. Times are medians of `--repeats` runs after a warm-up, in milliseconds, fp32. Speed
+ratios > 1 mean flashmlir is faster.
 """
 
 from __future__ import annotations
@@ -48,26 +50,36 @@ def iree_stock(q, k, v, causal: bool) -> IreeModule:
     return IreeModule(vmfb)
 
 
-def measure(seq: int, causal: bool, args: argparse.Namespace) -> dict:
+def _compiled(fn, microkernels: bool):
+    """fn compiled by flashmlir (compile time included in the first call) with or without the library."""
+    torch._dynamo.reset()
+    os.environ["FLASHMLIR_MICROKERNELS"] = "1" if microkernels else "0"
+    return torch.compile(fn, backend="flashmlir")
+
+
+def measure(seq: int, head_dim: int, causal: bool, args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
-    q, k, v = (torch.randn(args.batch, args.heads, seq, args.head_dim) for _ in range(3))
+    q, k, v = (torch.randn(args.batch, args.heads, seq, head_dim) for _ in range(3))
 
     def sdpa(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
     with torch.no_grad():
-        torch._dynamo.reset()
         start = time.perf_counter()
-        ours = torch.compile(sdpa, backend="flashmlir")
+        ours = _compiled(sdpa, microkernels=True)
         out = ours(q, k, v)
         compile_s = time.perf_counter() - start
         ref = sdpa(q.double(), k.double(), v.double())
-        row = {"seq": seq, "causal": causal, "compile_s": compile_s,
+        row = {"seq": seq, "head_dim": head_dim, "causal": causal, "compile_s": compile_s,
                "rel_err": ((out.double() - ref).norm() / ref.norm()).item(),
                "torch_ms": median_ms(args.repeats, sdpa, q, k, v),
                "flashmlir_ms": median_ms(args.repeats, ours, q, k, v)}
+        slow_repeats = max(1, args.repeats // 3) if seq >= 4096 else max(2, args.repeats // 2)
+        if not args.no_codegen:
+            row["codegen_ms"] = median_ms(slow_repeats, _compiled(sdpa, microkernels=False), q, k, v)
+        os.environ.pop("FLASHMLIR_MICROKERNELS", None)
         if not args.no_stock:
-            row["iree_stock_ms"] = median_ms(max(2, args.repeats // 2), iree_stock(q, k, v, causal), q, k, v)
+            row["iree_stock_ms"] = median_ms(slow_repeats, iree_stock(q, k, v, causal), q, k, v)
     return row
 
 
@@ -81,36 +93,53 @@ def cpu_name() -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seqs", type=int, nargs="+", default=[512, 1024, 2048, 4096])
+    p.add_argument("--seqs", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-stock", action="store_true", help="skip IREE's stock lowering (slow)")
+    p.add_argument("--no-codegen", action="store_true", help="skip flashmlir without its microkernels (slow)")
     p.add_argument("--json", help="write the rows here as JSON")
+    p.add_argument("--markdown", help="write the table here")
     args = p.parse_args()
 
     rows = []
-    for seq in args.seqs:
-        for causal in (False, True):
-            row = measure(seq, causal, args)
-            rows.append(row)
-            print(f"seq {seq:5d} causal {causal!s:5}: torch {row['torch_ms']:8.1f} ms  "
-                  f"flashmlir {row['flashmlir_ms']:8.1f} ms  stock {row.get('iree_stock_ms', float('nan')):8.1f} ms",
-                  flush=True)
+    for head_dim in args.head_dims:
+        for seq in args.seqs:
+            for causal in (False, True):
+                row = measure(seq, head_dim, causal, args)
+                rows.append(row)
+                print(f"d {head_dim:3d} seq {seq:5d} causal {causal!s:5}: torch {row['torch_ms']:8.1f} ms  "
+                      f"flashmlir {row['flashmlir_ms']:8.1f} ms  codegen {row.get('codegen_ms', float('nan')):8.1f} "
+                      f"ms  stock {row.get('iree_stock_ms', float('nan')):8.1f} ms", flush=True)
 
-    header = (f"\nCPU attention, fp32, B={args.batch} H={args.heads} D={args.head_dim}; {cpu_name()}, "
-              f"{os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)\n")
-    print(header)
-    print("| seq | causal | torch SDPA ms | flashmlir ms | IREE stock ms | vs torch | vs IREE stock | rel. err | compile s |")
-    print("|----:|:------:|-------------:|-------------:|--------------:|---------:|--------------:|---------:|----------:|")
+    def cell(value, fmt):
+        return "-" if value is None else format(value, fmt)
+
+    lines = [f"# CPU attention, {time.strftime('%Y-%m-%d')}", "",
+             f"fp32, B={args.batch} H={args.heads}; {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} "
+             f"({torch.get_num_threads()} threads). Medians of {args.repeats} runs (IREE stock and flashmlir "
+             "without microkernels: fewer at long sequences). `python benchmarks/attention_cpu.py`", "",
+             "| hdim | seq | causal | torch SDPA ms | flashmlir ms | flashmlir, no microkernels ms | IREE stock ms "
+             "| vs torch | vs IREE stock | rel. err | compile s |",
+             "|---:|----:|:------:|-------------:|-------------:|-------------:|--------------:|---------:|"
+             "--------------:|---------:|----------:|"]
     for r in rows:
         stock = r.get("iree_stock_ms")
-        stock_ms = "-" if stock is None else f"{stock:.1f}"
-        vs_stock = "-" if stock is None else f"{stock / r['flashmlir_ms']:.1f}x"
-        print(f"| {r['seq']} | {'yes' if r['causal'] else 'no'} | {r['torch_ms']:.1f} | {r['flashmlir_ms']:.1f} | "
-              f"{stock_ms} | {r['torch_ms'] / r['flashmlir_ms']:.2f}x | {vs_stock} | {r['rel_err']:.1e} | "
-              f"{r['compile_s']:.1f} |")
+        lines.append(
+            f"| {r['head_dim']} | {r['seq']} | {'yes' if r['causal'] else 'no'} | {r['torch_ms']:.1f} | "
+            f"{r['flashmlir_ms']:.1f} | {cell(r.get('codegen_ms'), '.1f')} | {cell(stock, '.1f')} | "
+            f"{r['torch_ms'] / r['flashmlir_ms']:.2f}x | {cell(stock and stock / r['flashmlir_ms'], '.1f')}"
+            f"{'' if stock is None else 'x'} | {r['rel_err']:.1e} | {r['compile_s']:.1f} |")
+    lines.append("")
+    lines.append("vs torch > 1 means flashmlir is faster. compile s: the first call of the torch.compile'd "
+                 "function (dynamo, our passes, IREE).")
+    text = "\n".join(lines)
+    print("\n" + text)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(text + "\n")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": vars(args), "cpu": cpu_name(), "cores": os.cpu_count(),
