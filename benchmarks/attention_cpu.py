@@ -29,10 +29,16 @@ from flashmlir.frontend.fx_import import import_graph
 from flashmlir.runtime.iree_module import IreeModule
 
 
-def median_ms(repeats: int, fn, *args) -> float:
+def median_ms(repeats: int, fn, *args, min_seconds: float = 0.5) -> float:
+    """Median of at least `repeats` timed calls, and of enough for `min_seconds` in all.
+
+    Each timing starts with a pause: torch's OpenMP threads spin for a while after a parallel
+    region, and on a 2-core machine a spinning thread takes a core from whatever runs next.
+    """
+    time.sleep(0.3)
     fn(*args)
     times = []
-    for _ in range(repeats):
+    while len(times) < repeats or (sum(times) < min_seconds * 1e3 and len(times) < 20 * repeats):
         start = time.perf_counter()
         fn(*args)
         times.append((time.perf_counter() - start) * 1e3)
@@ -76,10 +82,10 @@ def measure(seq: int, head_dim: int, causal: bool, args: argparse.Namespace) -> 
                "flashmlir_ms": median_ms(args.repeats, ours, q, k, v)}
         slow_repeats = max(1, args.repeats // 3) if seq >= 4096 else max(2, args.repeats // 2)
         if not args.no_codegen:
-            row["codegen_ms"] = median_ms(slow_repeats, _compiled(sdpa, microkernels=False), q, k, v)
+            row["codegen_ms"] = median_ms(slow_repeats, _compiled(sdpa, microkernels=False), q, k, v, min_seconds=0)
         os.environ.pop("FLASHMLIR_MICROKERNELS", None)
         if not args.no_stock:
-            row["iree_stock_ms"] = median_ms(slow_repeats, iree_stock(q, k, v, causal), q, k, v)
+            row["iree_stock_ms"] = median_ms(slow_repeats, iree_stock(q, k, v, causal), q, k, v, min_seconds=0)
     return row
 
 
@@ -119,8 +125,8 @@ def main() -> None:
 
     lines = [f"# CPU attention, {time.strftime('%Y-%m-%d')}", "",
              f"fp32, B={args.batch} H={args.heads}; {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} "
-             f"({torch.get_num_threads()} threads). Medians of {args.repeats} runs (IREE stock and flashmlir "
-             "without microkernels: fewer at long sequences). `python benchmarks/attention_cpu.py`", "",
+             f"({torch.get_num_threads()} threads). Medians of at least {args.repeats} runs and 0.5 s (IREE stock "
+             "and flashmlir without microkernels: fewer runs at long sequences). `python benchmarks/attention_cpu.py`", "",
              "| hdim | seq | causal | torch SDPA ms | flashmlir ms | flashmlir, no microkernels ms | IREE stock ms "
              "| vs torch | vs IREE stock | rel. err | compile s |",
              "|---:|----:|:------:|-------------:|-------------:|-------------:|--------------:|---------:|"

@@ -5,8 +5,8 @@
 
 A variant is row_vectors x key_tile x dim_tile x keys (kernels.json's names). Each is compiled here
 with the host C compiler from the library's source, as a shared library this time so that
-Python can call it (ctypes); every workgroup of the grid is called in turn on one thread, which
-is the kernel's speed without IREE's scheduling. Each variant is first checked against float64.
+Python can call it (ctypes) as one workgroup that takes all the work, on one thread: the
+kernel's speed without IREE's scheduling. Each variant is first checked against float64.
 The winner goes into runtime/microkernels/kernels.json.
 """
 
@@ -46,12 +46,10 @@ class Variant:
         hkv, sk = k.shape[1], k.shape[2]
         o = torch.full_like(q, float("nan"))
         fn = getattr(self._library, f"flashmlir_attention_fwd_cpu_f32_d{d}")
-        fn.argtypes = _MEMREF * 4 + [_S, _S, _S, ctypes.c_float, _S, _S, _S]
+        fn.argtypes = _MEMREF * 4 + [_S, _S, _S, _S, ctypes.c_float, _S, _S, _S]
         memrefs = [x for t in (q, k, v, o) for x in (t.data_ptr(), t.data_ptr(), 0, t.numel(), 1)]
         scale = d ** -0.5 if scale is None else scale
-        for bh in range(b * hq):
-            for block in range(-(-sq // self.rows)):
-                fn(*memrefs, hq // hkv, sq, sk, scale, int(causal), block, bh)
+        fn(*memrefs, hq // hkv, b * hq, sq, sk, scale, int(causal), 0, 1)  # one workgroup: all the work
         return o
 
 

@@ -55,10 +55,15 @@ class CudaAttentionKernel:
         return (-(-seq_q // self.block_m), batch_heads, 1)
 
 
+# Workgroups per IREE worker thread for the CPU kernels: fewer than IREE's 8-tile reservation,
+# enough that a thread held up by the OS leaves the others a share to take.
+CPU_WORKGROUPS_PER_THREAD = 4
+
+
 @dataclass(frozen=True)
 class CpuAttentionKernel:
-    """The CPU forward attention kernels of one instruction set: one function per head dim, each
-    computing `rows` query rows of one (batch, head) per IREE workgroup."""
+    """The CPU forward attention kernels of one instruction set: one function per head dim. The
+    work is items of `rows` query rows of one (batch, head); each IREE workgroup takes a share."""
 
     family: str  # "attention_fwd_cpu"
     isa: str  # "avx512"
@@ -75,8 +80,13 @@ class CpuAttentionKernel:
     def name(self, head_dim: int) -> str:
         return f"flashmlir_{self.family}_{self.element}_d{head_dim}"
 
-    def grid(self, seq_q: int, batch_heads: int) -> tuple[int, int, int]:
-        return (-(-seq_q // self.rows), batch_heads, 1)
+    def items(self, seq_q: int, batch_heads: int) -> int:
+        return -(-seq_q // self.rows) * batch_heads
+
+    def grid(self, seq_q: int, batch_heads: int, threads: int) -> tuple[int, int, int]:
+        """A few workgroups per worker thread, each an equal share of the items' cost (the kernel
+        splits them): under 8 per thread, so that IREE's task system hands them out one at a time."""
+        return (max(1, min(self.items(seq_q, batch_heads), CPU_WORKGROUPS_PER_THREAD * threads)), 1, 1)
 
 
 @dataclass(frozen=True)

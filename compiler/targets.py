@@ -79,6 +79,7 @@ class Target:
     gpu: GpuCaps | None = None
     dtypes: tuple[str, ...] = ("float32", "float16", "bfloat16")  # element types it computes in
     cpu_features: frozenset[str] = frozenset()  # the host CPU's /proc/cpuinfo flags (cpu target)
+    cpu_threads: int = 0  # CPUs this process may run on: IREE's worker threads (cpu target)
 
 
 def _cpu_cache_bytes() -> dict[str, int]:
@@ -129,6 +130,13 @@ def _host_cpu_flags() -> frozenset[str]:
     return frozenset(line.partition(":")[2].split())
 
 
+def _host_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def _host_vector_bits() -> int:
     flags = _host_cpu_flags()
     if "avx512f" in flags:
@@ -156,8 +164,9 @@ def _cpu() -> Target:
         attention_tiles=AttentionTiles(q_block=64, kv_block=64, vector_q=4, vector_kv=16),
         vector_bits=_host_vector_bits(),
         cache_bytes=_cpu_cache_bytes(),
-        fingerprint=f"host-cpu:{_host_cpu_fingerprint()}",
+        fingerprint=f"host-cpu:{_host_cpu_fingerprint()}:threads={_host_threads()}",
         cpu_features=_host_cpu_flags(),
+        cpu_threads=_host_threads(),
     )
 
 

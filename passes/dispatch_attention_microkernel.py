@@ -12,10 +12,10 @@ CUDA:
 
 CPU:
     O = flow.dispatch @flashmlir_attention_cpu_<n>::@attention(Q, K, V)
-      with stream.executable @flashmlir_attention_cpu_<n>: workgroups (⌈Sq / rows⌉, B·Hq, 1), objects
-           → the library's object for the host's instruction set, and a shim that calls
-           flashmlir_attention_fwd_cpu_f32_d<D>(Q, K, V, O as 1-d memrefs, group, Sq, Sk, s,
-           causal, workgroup x, workgroup y)
+      with stream.executable @flashmlir_attention_cpu_<n>: workgroups (a few per thread, 1, 1),
+           objects → the library's object for the host's instruction set, and a shim that calls
+           flashmlir_attention_fwd_cpu_f32_d<D>(Q, K, V, O as 1-d memrefs, group, B·Hq, Sq, Sk, s,
+           causal, workgroup, workgroups): each workgroup takes an equal share of the work
   The memrefs go as MLIR's full descriptors (pointer, offset, size, stride): IREE packs tensors into
   shared buffers, and only the descriptor's offset says where each starts (the bare-pointer form
   of IREE's samples loses a binding's offset).
@@ -59,6 +59,8 @@ class Options:
     # CPU: the feature flags (as /proc/cpuinfo spells them, comma-separated) of the CPU to compile
     # for; empty: the host's. For tests and for compiling on one machine for another.
     cpu_features: str = ""
+    # CPU: the worker threads IREE will run the workgroups on; 0: the host's CPUs.
+    cpu_threads: int = 0
 
 
 @dataclass(frozen=True)
@@ -145,10 +147,10 @@ def _cuda_function(attn: Attention, launch: _Launch) -> str:
 }}"""
 
 
-def _cpu_executable(symbol: str, attn: Attention, site: _Site, kernel: CpuAttentionKernel) -> str:
+def _cpu_executable(symbol: str, attn: Attention, site: _Site, kernel: CpuAttentionKernel, threads: int) -> str:
     """The stream.executable whose one export calls the kernel for this op's shapes."""
     fn = kernel.name(site.head_dim)
-    gx, gy, gz = kernel.grid(attn.sq, site.batch_heads)
+    gx, _, _ = kernel.grid(attn.sq, site.batch_heads, threads)
     sizes = {"q": math.prod(attn.q.shape), "k": math.prod(attn.k.shape), "v": math.prod(attn.v.shape),
              "o": math.prod(attn.out.shape)}
     elem = site.element
@@ -162,12 +164,11 @@ def _cpu_executable(symbol: str, attn: Attention, site: _Site, kernel: CpuAttent
 }} {{
   stream.executable.export public @attention workgroups() -> (index, index, index) {{
     %x = arith.constant {gx} : index
-    %y = arith.constant {gy} : index
-    %z = arith.constant {gz} : index
-    stream.return %x, %y, %z : index, index, index
+    %one = arith.constant 1 : index
+    stream.return %x, %one, %one : index, index, index
   }}
   builtin.module {{
-    func.func private @{fn}({q}, {k}, {v}, {o}, index, index, index, f32, index, index, index)
+    func.func private @{fn}({q}, {k}, {v}, {o}, index, index, index, index, f32, index, index, index)
         attributes {{hal.import.static}}
     func.func @attention(%q: !stream.binding, %k: !stream.binding, %v: !stream.binding, %o: !stream.binding) {{
       %c0 = arith.constant 0 : index
@@ -177,10 +178,11 @@ def _cpu_executable(symbol: str, attn: Attention, site: _Site, kernel: CpuAttent
       %seq_k = arith.constant {attn.sk} : index
       %scale = arith.constant {f32_literal(site.scale)} : f32
       %causal = arith.constant {int(site.causal)} : index
-      %x = hal.interface.workgroup.id[0] : index
-      %y = hal.interface.workgroup.id[1] : index
-      func.call @{fn}(%qm, %km, %vm, %om, %group, %seq_q, %seq_k, %scale, %causal, %x, %y)
-          : ({q}, {k}, {v}, {o}, index, index, index, f32, index, index, index) -> ()
+      %batch_heads = arith.constant {site.batch_heads} : index
+      %workgroup = hal.interface.workgroup.id[0] : index
+      %workgroups = arith.constant {gx} : index
+      func.call @{fn}(%qm, %km, %vm, %om, %group, %batch_heads, %seq_q, %seq_k, %scale, %causal, %workgroup,
+                      %workgroups) : ({q}, {k}, {v}, {o}, index, index, index, index, f32, index, index, index) -> ()
       return
     }}
   }}
@@ -212,12 +214,12 @@ def _free_symbol(module: ir.Operation, prefix: str, taken: set[str]) -> str:
     return f"{prefix}{i}"
 
 
-def _rewrite_cpu(module: ir.Operation, attn: Attention, site: _Site, features: frozenset[str],
+def _rewrite_cpu(module: ir.Operation, attn: Attention, site: _Site, features: frozenset[str], threads: int,
                  taken: set[str]) -> None:
     kernel = select_cpu_attention_forward(features, site.element, site.head_dim)
     symbol = _free_symbol(module, "flashmlir_attention_cpu_", taken)
     with attn.op.context, attn.op.location:
-        parsed = ir.Module.parse(_cpu_executable(symbol, attn, site, kernel))  # owns the op until moved
+        parsed = ir.Module.parse(_cpu_executable(symbol, attn, site, kernel, threads))  # owns the op until moved
         parsed.body.operations[0].move_before(_enclosing_top_level_op(attn.op, module))
     splice_function(attn.op, _cpu_call(symbol, attn), [attn.q.value, attn.k.value, attn.v.value])
 
@@ -250,7 +252,7 @@ def run(module: ir.Operation, options: Options) -> PassResult:
                                                                    attn.scale])
             elif target.kind == "cpu":
                 features = frozenset(options.cpu_features.split(",")) if options.cpu_features else target.cpu_features
-                _rewrite_cpu(module, attn, site, features, taken)
+                _rewrite_cpu(module, attn, site, features, options.cpu_threads or target.cpu_threads, taken)
             else:
                 raise NoKernel(f"no attention microkernels for {target.name}")
         except (NotCanonical, NoKernel) as why:

@@ -1,9 +1,11 @@
 // Flash-attention forward for x86-64 CPUs with AVX-512, fp32, as one IREE workgroup's work.
 //
-// IREE calls `flashmlir_attention_fwd_cpu_f32_d<D>` once per workgroup of the grid
-// (ceil(Sq / kRows), B * Hq); the call computes kRows query rows of one (batch, head) with a loop
-// over blocks of kKeys keys, online softmax, causal blocks skipped. IREE's task system runs the
-// workgroups on its worker threads. The object is linked into IREE's embedded ELF executable, so
+// The work is items of kRows query rows of one (batch, head); an item loops over blocks of kKeys
+// keys with online softmax, causal blocks skipped. IREE calls `flashmlir_attention_fwd_cpu_f32_d<D>`
+// once per workgroup of a 1-d grid of a few workgroups per worker thread, and each call takes an
+// equal share of the items' cost (work_share): IREE's task system hands out tiles of a large grid
+// eight at a time, which on a small machine leaves one worker a whole reservation behind (88 items
+// on 2 threads: 48 against 40), and causal items differ in cost anyway. The object is linked into IREE's embedded ELF executable, so
 // this file is freestanding: no libc, no globals, no thread-locals, stack only.
 //
 // Orientation: vectors run along query rows. Q is packed once per call as Qᵀ (D × kRows, with
@@ -82,7 +84,7 @@ static inline __attribute__((always_inline)) void pv_tile(float* restrict ot, co
     for (int r = 0; r < kRowVectors; ++r) _mm512_store_ps(ot + (d + t) * kRows + r * kLanes, acc[t][r]);
 }
 
-// One workgroup: rows [q0, q0 + kRows) of query head `bh` (batch-major), every key it attends.
+// One item: rows [q0, q0 + kRows) of query head `bh` (batch-major), every key it attends.
 static inline __attribute__((always_inline)) void attention_rows(
     const float* restrict q, const float* restrict k, const float* restrict v, float* restrict o,
     const size_t d_model, size_t group, size_t seq_q, size_t seq_k, float scale, int causal,
@@ -196,19 +198,52 @@ static inline __attribute__((always_inline)) void attention_rows(
     for (size_t d = 0; d < D; ++d) ob[i * D + d] = ot[d * kRows + i] * inv[i];
 }
 
+// Cost of item `block` of a head, in key blocks, plus one for its fixed work (packing Qᵀ, writing O).
+static inline size_t item_cost(size_t block, size_t seq_q, size_t seq_k, int causal) {
+  const size_t q0 = block * kRows;
+  const size_t rows = seq_q - q0 < kRows ? seq_q - q0 : kRows;
+  const size_t key_end = causal && q0 + rows < seq_k ? q0 + rows : seq_k;
+  return (key_end + kKeys - 1) / kKeys + 1;
+}
+
+// Workgroup `wg` of `wg_count`: the items (batch-head major) whose cost midpoint falls in the
+// wg-th of wg_count equal parts of the total. Consecutive items share K and V in cache.
+static inline __attribute__((always_inline)) void work_share(
+    const float* restrict q, const float* restrict k, const float* restrict v, float* restrict o,
+    const size_t D, size_t group, size_t batch_heads, size_t seq_q, size_t seq_k, float scale, int causal,
+    size_t wg, size_t wg_count) {
+  const size_t blocks = (seq_q + kRows - 1) / kRows;
+  size_t head_cost = 0;
+  for (size_t b = 0; b < blocks; ++b) head_cost += item_cost(b, seq_q, seq_k, causal);
+  const size_t total = head_cost * batch_heads;
+  for (size_t bh = 0, prefix = 0; bh < batch_heads; ++bh) {
+    if ((prefix + head_cost) * wg_count < wg * total) {  // every item of this head is before ours
+      prefix += head_cost;
+      continue;
+    }
+    for (size_t b = 0; b < blocks; ++b) {
+      const size_t cost = item_cost(b, seq_q, seq_k, causal);
+      const size_t owner = (2 * prefix + cost) * wg_count / (2 * total);
+      if (owner > wg) return;
+      if (owner == wg) attention_rows(q, k, v, o, D, group, seq_q, seq_k, scale, causal, b, bh);
+      prefix += cost;
+    }
+  }
+}
+
 // IREE's call. Each binding arrives as MLIR's descriptor of a 1-d memref (allocated pointer,
 // aligned pointer, element offset, size, stride): IREE may pack several tensors into one buffer,
-// and the offset is where this one starts. Then the launch's constants and this workgroup's
-// (q block, batch-head) ids.
+// and the offset is where this one starts. Then the launch's constants and this workgroup's id
+// and the grid's size.
 #define FLASHMLIR_MEMREF(T, name) T* name##_allocated, T* restrict name, size_t name##_offset, size_t name##_size, \
                                   size_t name##_stride
 #define FLASHMLIR_DEFINE_CPU_KERNEL(D)                                                                  \
   FLASHMLIR_EXPORT void flashmlir_attention_fwd_cpu_f32_d##D(                                           \
       FLASHMLIR_MEMREF(const float, q), FLASHMLIR_MEMREF(const float, k), FLASHMLIR_MEMREF(const float, v), \
-      FLASHMLIR_MEMREF(float, o), size_t group, size_t seq_q, size_t seq_k, float scale, size_t causal,    \
-      size_t q_block, size_t bh) {                                                                      \
-    attention_rows(q + q_offset, k + k_offset, v + v_offset, o + o_offset, D, group, seq_q, seq_k,     \
-                   scale, causal != 0, q_block, bh);                                                    \
+      FLASHMLIR_MEMREF(float, o), size_t group, size_t batch_heads, size_t seq_q, size_t seq_k, float scale, \
+      size_t causal, size_t workgroup, size_t workgroup_count) {                                         \
+    work_share(q + q_offset, k + k_offset, v + v_offset, o + o_offset, D, group, batch_heads, seq_q, seq_k, \
+               scale, causal != 0, workgroup, workgroup_count);                                          \
   }
 
 FLASHMLIR_DEFINE_CPU_KERNEL(32)

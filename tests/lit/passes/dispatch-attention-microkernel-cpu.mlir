@@ -2,34 +2,36 @@
 // whatever the host is (cpu-features), and for one without AVX-512 (NOAVX512):
 // RUN: rm -rf %t && mkdir -p %t/cpu && cp %S/../../../runtime/microkernels/kernels.json %t/
 // RUN: touch %t/cpu/attention_fwd_cpu_avx512.o
-// RUN: env FLASHMLIR_MICROKERNEL_DIR=%t flashmlir-opt --split-input-file --flashmlir-dispatch-attention-microkernel='target=cpu cpu-features=avx2,fma,avx512f,avx512bw,avx512cd,avx512dq,avx512vl' %s | filecheck %s
-// RUN: env FLASHMLIR_MICROKERNEL_DIR=%t flashmlir-opt --split-input-file --flashmlir-dispatch-attention-microkernel='target=cpu cpu-features=avx2,fma,avx512f,avx512bw,avx512cd,avx512dq,avx512vl' --debug %s 2>&1 >/dev/null | filecheck %s --check-prefix=WHY
+// RUN: env FLASHMLIR_MICROKERNEL_DIR=%t flashmlir-opt --split-input-file --flashmlir-dispatch-attention-microkernel='target=cpu cpu-features=avx2,fma,avx512f,avx512bw,avx512cd,avx512dq,avx512vl cpu-threads=2' %s | filecheck %s
+// RUN: env FLASHMLIR_MICROKERNEL_DIR=%t flashmlir-opt --split-input-file --flashmlir-dispatch-attention-microkernel='target=cpu cpu-features=avx2,fma,avx512f,avx512bw,avx512cd,avx512dq,avx512vl cpu-threads=2' --debug %s 2>&1 >/dev/null | filecheck %s --check-prefix=WHY
 // RUN: env FLASHMLIR_MICROKERNEL_DIR=%t flashmlir-opt --split-input-file --flashmlir-dispatch-attention-microkernel='target=cpu cpu-features=avx2,fma' --debug %s 2>&1 | filecheck %s --check-prefix=NOAVX512
 
 // NOAVX512:     no CPU attention microkernel for this CPU (they need avx512bw+avx512cd+avx512dq+avx512f+avx512vl)
 // NOAVX512-NOT: flow.dispatch @
 
 // GQA, causal, f32, head dim 64: an executable that links the library object and whose shim calls
-// the d64 function with the four bindings as memrefs, the constants (group 4, Sq = Sk = 100,
-// scale, causal) and the workgroup ids; the grid is (⌈100 / 48⌉, B·Hkv·G) = (3, 16). The op
-// becomes a flow.dispatch of that executable; the causal mask producer is gone.
+// the d64 function with the four bindings as memrefs, the constants (group 4, B·Hq = 16, Sq = Sk =
+// 100, scale, causal), the workgroup id and the grid's size. 3 blocks of 48 rows × 16 heads = 48
+// items, 4 workgroups for each of the 2 threads: a grid of (8, 1, 1). The op becomes a
+// flow.dispatch of that executable; the causal mask producer is gone.
 // CHECK:       #[[X86:.+]] = #hal.executable.target<"llvm-cpu", "embedded-elf-x86_64">
 // CHECK-LABEL: stream.executable private @flashmlir_attention_cpu_0
 // CHECK-SAME:    hal.executable.objects = #hal.executable.objects<{#[[X86]] = [#hal.executable.object<{path = "{{.+}}/cpu/attention_fwd_cpu_avx512.o"}>]}>
 // CHECK:         stream.executable.export public @attention workgroups() -> (index, index, index)
-// CHECK-DAG:       %[[X:.+]] = arith.constant 3 : index
-// CHECK-DAG:       %[[Y:.+]] = arith.constant 16 : index
-// CHECK:           stream.return %[[X]], %[[Y]], %{{.+}} : index, index, index
-// CHECK:         func.func private @flashmlir_attention_fwd_cpu_f32_d64(memref<102400xf32>, memref<25600xf32>, memref<25600xf32>, memref<102400xf32>, index, index, index, f32, index, index, index) attributes {hal.import.static}
+// CHECK-DAG:       %[[X:.+]] = arith.constant 8 : index
+// CHECK-DAG:       %[[ONE:.+]] = arith.constant 1 : index
+// CHECK:           stream.return %[[X]], %[[ONE]], %[[ONE]] : index, index, index
+// CHECK:         func.func private @flashmlir_attention_fwd_cpu_f32_d64(memref<102400xf32>, memref<25600xf32>, memref<25600xf32>, memref<102400xf32>, index, index, index, index, f32, index, index, index) attributes {hal.import.static}
 // CHECK:         func.func @attention(%[[Q:.+]]: !stream.binding, %[[K:.+]]: !stream.binding, %[[V:.+]]: !stream.binding, %[[O:.+]]: !stream.binding)
 // CHECK-DAG:       %[[QM:.+]] = stream.binding.subspan %[[Q]][%{{.+}}] : !stream.binding -> memref<102400xf32>
 // CHECK-DAG:       %[[GROUP:.+]] = arith.constant 4 : index
+// CHECK-DAG:       %[[BH:.+]] = arith.constant 16 : index
 // CHECK-DAG:       %[[SEQ:.+]] = arith.constant 100 : index
 // CHECK-DAG:       %[[SCALE:.+]] = arith.constant 1.250000e-01 : f32
 // CHECK-DAG:       %[[CAUSAL:.+]] = arith.constant 1 : index
-// CHECK-DAG:       %[[WX:.+]] = hal.interface.workgroup.id[0] : index
-// CHECK-DAG:       %[[WY:.+]] = hal.interface.workgroup.id[1] : index
-// CHECK:           call @flashmlir_attention_fwd_cpu_f32_d64(%[[QM]], %{{.+}}, %{{.+}}, %{{.+}}, %[[GROUP]], %[[SEQ]], %{{.+}}, %[[SCALE]], %[[CAUSAL]], %[[WX]], %[[WY]])
+// CHECK-DAG:       %[[WG:.+]] = hal.interface.workgroup.id[0] : index
+// CHECK-DAG:       %[[WGS:.+]] = arith.constant 8 : index
+// CHECK:           call @flashmlir_attention_fwd_cpu_f32_d64(%[[QM]], %{{.+}}, %{{.+}}, %{{.+}}, %[[GROUP]], %[[BH]], %[[SEQ]], %{{.+}}, %[[SCALE]], %[[CAUSAL]], %[[WG]], %[[WGS]])
 // CHECK-LABEL: func.func @gqa_causal_f32_d64
 // CHECK-NOT:     linalg.generic
 // CHECK:         %[[R:.+]] = flow.dispatch @flashmlir_attention_cpu_0::@attention(%arg0, %arg1, %arg2) : (tensor<2x2x4x100x64xf32>, tensor<2x2x100x64xf32>, tensor<2x2x100x64xf32>) -> tensor<2x2x4x100x64xf32>
