@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # What one session on the GPU machine runs (device tool, H100/H200; see README "GPU work"):
 #   source .bundle/activate.sh; bash benchmarks/gpu_session.sh STEP...
-# Steps: install (builds the microkernels with nvcc), kernels (their direct tests),
+# Steps: install (builds the microkernels with nvcc), kernels (their direct tests), volta (the sm_70
+# kernel's tests, through the driver's PTX JIT),
 # sweep (tile sweep table), gpu-tests (the whole GPU suite), bench (attention grid, hdim 64/128),
 # sanitize (compute-sanitizer memcheck + racecheck on a kernel), profile (ncu vs SDPA flash, SASS mix).
 # Logs and tables go to $OUT (at most 8 files come back).
@@ -14,7 +15,13 @@ for step in "$@"; do
   echo "=== $step"
   case $step in
     install) python -m pip install --no-deps --no-build-isolation -q -e . 2>&1 | tail -15 || status=1
-             ls -la "$(python -c 'from flashmlir.compiler import microkernels as m; print(m.library_dir())')/cuda" ;;
+             lib="$(python -c 'from flashmlir.compiler import microkernels as m; print(m.library_dir())')"
+             # The Volta PTX needs NVRTC 12, which this machine lacks (no package index): it is built
+             # on the workstation (pip install '.[volta]'; pip install -e .) and carried in .volta/.
+             if ls .volta/*.ptx > /dev/null 2>&1; then cp .volta/*.ptx "$lib/cuda/"; fi
+             ls -la "$lib/cuda" ;;
+    volta) python -m pytest -q -p no:cacheprovider tests/gpu/test_microkernels.py -k "volta or sm_70" 2>&1 | tail -15 || status=1
+           grep -ohE "wmma\.mma\.sync[a-z0-9._]*" "$(python -c 'from flashmlir.compiler import microkernels as m; print(m.library_dir())')"/cuda/*sm70*.ptx | sort | uniq -c ;;
     kernels) python -m pytest -q -p no:cacheprovider tests/gpu/test_microkernels.py 2>&1 | tail -30 || status=1 ;;
     sweep) python benchmarks/microkernel_sweep.py --markdown "$OUT/sweep.md" --json "$OUT/sweep.json" \
              2>&1 | grep -v '^{' || status=1 ;;

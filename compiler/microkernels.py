@@ -28,7 +28,7 @@ ELEMENT_BYTES = {"f16": 2, "bf16": 2}
 class CudaAttentionKernel:
     """One CUDA forward attention kernel: an (element type, head dim) instance with its tile sizes."""
 
-    family: str  # "attention_fwd_sm80"
+    family: str  # "attention_fwd_sm80" | "attention_fwd_sm70"
     element: str  # "f16" | "bf16"
     head_dim: int
     block_m: int  # query rows per workgroup
@@ -48,8 +48,16 @@ class CudaAttentionKernel:
 
     @property
     def shared_bytes(self) -> int:
-        """Dynamic shared memory: the Q tile and two stages of (K, V) tiles (fwd_sm80_mma_sync.cuh)."""
-        return (self.block_m + 4 * self.block_n) * self.head_dim * ELEMENT_BYTES[self.element]
+        """Dynamic shared memory, as the family's source lays it out."""
+        e = ELEMENT_BYTES[self.element]
+        if self.family == "attention_fwd_sm70":
+            # fwd_sm70_wmma.cu `Shared`: Q, K, V tiles with rows padded by 8 elements; per warp an
+            # fp32 S tile (row pad 4), an fp16 P tile (row pad 8) and 16 row factors.
+            tiles = (self.block_m + 2 * self.block_n) * (self.head_dim + 8) * e
+            per_warp = 16 * ((self.block_n + 4) * 4 + (self.block_n + 8) * 2 + 4)
+            return tiles + self.warps * per_warp
+        # fwd_sm80_mma_sync.cuh: the Q tile and two stages of (K, V) tiles.
+        return (self.block_m + 4 * self.block_n) * self.head_dim * e
 
     def grid(self, seq_q: int, batch_heads: int) -> tuple[int, int, int]:
         return (-(-seq_q // self.block_m), batch_heads, 1)
@@ -98,6 +106,11 @@ class Library:
         return [k.object_path for k in (*self.cuda, *self.cpu)]
 
 
+# What the build makes of a CUDA entry (runtime/microkernels/CMakeLists.txt): a fatbin from nvcc, or
+# for Volta, which nvcc 13 dropped, PTX from NVRTC 12.
+_CUDA_FORMAT = {"sm_70": "ptx", "sm_80": "fatbin"}
+
+
 def _arch_number(arch: str) -> int:
     return int(arch.removeprefix("sm_").rstrip("a"))
 
@@ -123,7 +136,7 @@ def _load(directory: Path | None) -> Library:
     catalog = json.loads((directory / CATALOG).read_text())
     cuda = tuple(
         CudaAttentionKernel(e["family"], e["element"], e["head_dim"], e["block_m"], e["block_n"], e["warps"],
-                        e["min_arch"], directory / "cuda" / f"{e['family']}_{e['element']}_d{e['head_dim']}.fatbin")
+                        e["min_arch"], directory / "cuda" / f"{e['family']}_{e['element']}_d{e['head_dim']}.{_CUDA_FORMAT[e['min_arch']]}")
         for e in catalog.get("cuda", []))
     cpu = tuple(
         CpuAttentionKernel(e["family"], e["isa"], e["element"], tuple(e["head_dims"]), e["row_vectors"],
@@ -156,6 +169,10 @@ def select_attention_forward(arch: str, element: str, head_dim: int) -> CudaAtte
     # The newest family the target can run.
     kernel = max(matching, key=lambda k: _arch_number(k.min_arch))
     if not kernel.object_path.is_file():
+        if kernel.min_arch == "sm_70":
+            raise NoKernel(f"microkernel {kernel.name} was not built ({kernel.object_path} is missing: Volta "
+                           "code is built by NVRTC 12, as nvcc 13 dropped sm_70; pip install '.[volta]', then "
+                           "reinstall flashmlir)")
         raise NoKernel(f"microkernel {kernel.name} was not built ({kernel.object_path} is missing: nvcc was "
                        "not found when flashmlir was installed; put nvcc on PATH and reinstall)")
     return kernel

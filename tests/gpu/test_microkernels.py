@@ -1,9 +1,12 @@
 """The microkernel library's attention kernels, launched directly and through IREE.
 
-Directly (flashmlir.runtime.cuda_launcher): the installed fatbin, with the launch geometry and
+Directly (flashmlir.runtime.cuda_launcher): the installed image, with the launch geometry and
 constants the dispatch pass emits, against a float64 reference on random inputs. Outputs start as
 NaN, so an element the kernel never wrote fails. Through IREE: the dispatch pass picks the kernel
-for sm_80/sm_90 modules, and what runs is that kernel.
+for sm_70/sm_80/sm_90 modules, and what runs is that kernel.
+
+The Volta kernel is compute_70 PTX (WMMA m16n16k16): on an H100 the driver JIT-compiles it, which
+proves it right, not fast.
 """
 
 import math
@@ -21,9 +24,9 @@ DTYPES = {"f16": torch.float16, "bf16": torch.bfloat16}
 TOLERANCE = {torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
 
-def _kernel(element: str, head_dim: int) -> microkernels.CudaAttentionKernel:
+def _kernel(element: str, head_dim: int, arch: str = "sm_80") -> microkernels.CudaAttentionKernel:
     try:
-        return microkernels.select_attention_forward("sm_80", element, head_dim)
+        return microkernels.select_attention_forward(arch, element, head_dim)
     except microkernels.NoKernel as why:
         pytest.skip(str(why))
 
@@ -47,8 +50,8 @@ def _check(out, ref, dtype):
     assert worst < 50 * TOLERANCE[dtype], worst
 
 
-def _run(element, d, causal, b, hq, hkv, sq, sk, scale=None):
-    kernel = _kernel(element, d)
+def _run(element, d, causal, b, hq, hkv, sq, sk, scale=None, arch="sm_80"):
+    kernel = _kernel(element, d, arch)
     dtype = DTYPES[element]
     q = torch.randn(b, hq, sq, d, device="cuda", dtype=dtype)
     k = torch.randn(b, hkv, sk, d, device="cuda", dtype=dtype)
@@ -78,6 +81,20 @@ def test_ragged_and_unequal_lengths(sq, sk, causal):
     _run("f16", 128, causal, b=1, hq=2, hkv=2, sq=sq, sk=sk)
 
 
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_volta_kernels(d, causal):
+    assert _kernel("f16", d, "sm_70").family == "attention_fwd_sm70"
+    _run("f16", d, causal, b=2, hq=3, hkv=3, sq=1000, sk=1000, arch="sm_70")
+
+
+@pytest.mark.parametrize("sq, sk, causal", [(1, 1, False), (77, 1, True), (63, 65, True), (129, 4099, False),
+                                            (4099, 129, True)])
+def test_volta_ragged_gqa_and_large_scores(sq, sk, causal):
+    _run("f16", 128, causal, b=1, hq=4, hkv=2, sq=sq, sk=sk, arch="sm_70")
+    _run("f16", 64, causal, b=1, hq=2, hkv=1, sq=sq, sk=sk, scale=3.0, arch="sm_70")
+
+
 @pytest.mark.parametrize("hq, hkv", [(8, 2), (8, 1)])
 def test_gqa_reads_shared_kv_heads(hq, hkv):
     _run("bf16", 64, True, b=2, hq=hq, hkv=hkv, sq=300, sk=300)
@@ -88,15 +105,18 @@ def test_large_scores_do_not_overflow():
     _run("f16", 64, False, b=1, hq=2, hkv=2, sq=256, sk=256, scale=3.0)
 
 
-def test_through_iree_the_dispatch_is_the_microkernel():
-    """An SDPA module for sm_80 compiles to our kernel (one extern dispatch) and is right."""
+@pytest.mark.parametrize("arch", ["sm_80", "sm_70"])
+def test_through_iree_the_dispatch_is_the_microkernel(arch):
+    """An SDPA module for sm_80 (sm_70) compiles to our sm_80 (Volta) kernel, one extern dispatch,
+    and is right."""
     from flashmlir.compiler import iree_driver
     from flashmlir.compiler.mlir_io import parse_module
     from flashmlir.compiler.pipeline import compile_module
     from flashmlir.compiler.targets import get_target
     from flashmlir.runtime.iree_module import IreeModule
 
-    kernel = _kernel("f16", 128)
+    kernel = _kernel("f16", 128, arch)
+    assert kernel.min_arch == arch
     shape, kv = "[2,8,777,128]", "[2,2,777,128]"
     text = f"""
 func.func @main(%q: !torch.vtensor<{shape},f16>, %k: !torch.vtensor<{kv},f16>, %v: !torch.vtensor<{kv},f16>) -> !torch.vtensor<{shape},f16> {{
@@ -106,7 +126,7 @@ func.func @main(%q: !torch.vtensor<{shape},f16>, %k: !torch.vtensor<{kv},f16>, %
   %0 = torch.aten.scaled_dot_product_attention %q, %k, %v, %none, %float0, %true, %none, %true : !torch.vtensor<{shape},f16>, !torch.vtensor<{kv},f16>, !torch.vtensor<{kv},f16>, !torch.none, !torch.float, !torch.bool, !torch.none, !torch.bool -> !torch.vtensor<{shape},f16>
   return %0 : !torch.vtensor<{shape},f16>
 }}"""
-    target = get_target("sm_80")
+    target = get_target(arch)
     session = iree_driver.new_session(target.iree_flags)
     module = parse_module(text, session.context)
     vmfb, report = compile_module(session, module, target, bind_result_storage=True)

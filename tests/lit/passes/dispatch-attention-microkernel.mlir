@@ -1,15 +1,28 @@
 // CUDA targets (the CPU target: dispatch-attention-microkernel-cpu.mlir).
-// A library with the real catalog and stand-in objects (bf16 d128 deliberately missing):
+// A library with the real catalog and stand-in objects (sm_80 bf16 d128 and sm_70 d64 deliberately
+// missing):
 // RUN: rm -rf %t && mkdir -p %t/cuda && cp %S/../../../runtime/microkernels/kernels.json %t/
 // RUN: touch %t/cuda/attention_fwd_sm80_f16_d64.fatbin %t/cuda/attention_fwd_sm80_f16_d128.fatbin %t/cuda/attention_fwd_sm80_bf16_d64.fatbin
+// RUN: touch %t/cuda/attention_fwd_sm70_f16_d128.ptx
 // RUN: env FLASHMLIR_MICROKERNEL_DIR=%t flashmlir-opt --split-input-file --flashmlir-dispatch-attention-microkernel=target=sm_80 %s | filecheck %s
 // RUN: env FLASHMLIR_MICROKERNEL_DIR=%t flashmlir-opt --split-input-file --flashmlir-dispatch-attention-microkernel=target=sm_90 %s | filecheck %s
 // RUN: env FLASHMLIR_MICROKERNEL_DIR=%t flashmlir-opt --split-input-file --flashmlir-dispatch-attention-microkernel=target=sm_80 --debug %s 2>&1 >/dev/null | filecheck %s --check-prefix=WHY
-// RUN: env FLASHMLIR_MICROKERNEL_DIR=%t flashmlir-opt --split-input-file --flashmlir-dispatch-attention-microkernel=target=sm_70 --debug %s 2>&1 | filecheck %s --check-prefix=SM70
+// RUN: env FLASHMLIR_MICROKERNEL_DIR=%t flashmlir-opt --split-input-file --flashmlir-dispatch-attention-microkernel=target=sm_70 %s | filecheck %s --check-prefix=SM70
+// RUN: env FLASHMLIR_MICROKERNEL_DIR=%t flashmlir-opt --split-input-file --flashmlir-dispatch-attention-microkernel=target=sm_70 --debug %s 2>&1 >/dev/null | filecheck %s --check-prefix=VOLTADECLINE
 // RUN: env FLASHMLIR_MICROKERNEL_DIR=%t/none flashmlir-opt --split-input-file --flashmlir-dispatch-attention-microkernel=target=sm_80 --debug %s 2>&1 >/dev/null | filecheck %s --check-prefix=NOLIB
 
-// SM70:        no attention microkernel for sm_70 yet
-// SM70-NOT:    hal.dispatch.extern
+// sm_70 (Volta): f16 head dim 128 takes the Volta kernel, whose image is compute_70 PTX; its grid is
+// (⌈1000/64⌉, B·H) = (16, 32) and its shared memory Q, K, V plus per-warp S, P and row factors.
+// SM70-LABEL:  func.func @mha_f16_d128
+// SM70:          hal.dispatch.extern "flashmlir_attention_fwd_sm70_f16_d128"
+// SM70-DAG:        arith.constant 16 : index
+// SM70-DAG:        arith.constant 32 : index
+// SM70:            ordinal(0) = [#hal.executable.object<{path = "{{.+}}/cuda/attention_fwd_sm70_f16_d128.ptx"}>]
+// SM70-NEXT:     }) <workgroup_size = [128 : index, 1 : index, 1 : index], workgroup_local_memory = 79104>
+// SM70-LABEL:  func.func @causal_f16_d64
+// SM70-NOT:      hal.dispatch.extern
+// VOLTADECLINE:     declined iree_linalg_ext.attention {{.*}}microkernel flashmlir_attention_fwd_sm70_f16_d64 was not built ({{.+}}/cuda/attention_fwd_sm70_f16_d64.ptx is missing: Volta code is built by NVRTC 12
+// VOLTADECLINE:     declined iree_linalg_ext.attention {{.*}}no sm_70 attention microkernel for bf16 head dim 64 (have: f16 d64, f16 d128)
 // NOLIB:        the microkernel library is not installed
 
 // Multi-head f16, head dim 128, Sq = Sk = 1000: one launch of the d128 kernel, grid
