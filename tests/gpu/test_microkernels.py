@@ -67,7 +67,7 @@ def _run(element, d, causal, b, hq, hkv, sq, sk, scale=None, arch="sm_80"):
 
 
 @pytest.mark.parametrize("element", ["f16", "bf16"])
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("causal", [False, True])
 def test_kernels(element, d, causal):
     _run(element, d, causal, b=2, hq=3, hkv=3, sq=1000, sk=1000)

@@ -171,7 +171,7 @@ func.func @bf16_d128_not_built(%q: tensor<4x100x128xbf16>, %k: tensor<4x100x128x
 
 // CHECK-LABEL: func.func @f32
 // CHECK-NOT:     hal.dispatch.extern
-// WHY:           declined iree_linalg_ext.attention {{.*}}no sm_80 attention microkernel for f32 head dim 64 (have: bf16 d64, bf16 d128, f16 d64, f16 d128)
+// WHY:           declined iree_linalg_ext.attention {{.*}}no sm_80 attention microkernel for f32 head dim 64 (have: bf16 d64, bf16 d128, bf16 d256, f16 d64, f16 d128, f16 d256)
 #q = affine_map<(b, m, n, k1, k2) -> (b, m, k1)>
 #k = affine_map<(b, m, n, k1, k2) -> (b, k2, k1)>
 #v = affine_map<(b, m, n, k1, k2) -> (b, k2, n)>
@@ -190,24 +190,24 @@ func.func @f32(%q: tensor<4x100x64xf32>, %k: tensor<4x100x64xf32>, %v: tensor<4x
 }
 // -----
 
-// CHECK-LABEL: func.func @head_dim_256
+// CHECK-LABEL: func.func @head_dim_96
 // CHECK-NOT:     hal.dispatch.extern
-// WHY:           declined iree_linalg_ext.attention {{.*}}no sm_80 attention microkernel for f16 head dim 256
+// WHY:           declined iree_linalg_ext.attention {{.*}}no sm_80 attention microkernel for f16 head dim 96
 #q = affine_map<(b, m, n, k1, k2) -> (b, m, k1)>
 #k = affine_map<(b, m, n, k1, k2) -> (b, k2, k1)>
 #v = affine_map<(b, m, n, k1, k2) -> (b, k2, n)>
 #s = affine_map<(b, m, n, k1, k2) -> ()>
 #o = affine_map<(b, m, n, k1, k2) -> (b, m, n)>
-func.func @head_dim_256(%q: tensor<4x100x256xf16>, %k: tensor<4x100x256xf16>, %v: tensor<4x100x256xf16>) -> tensor<4x100x256xf16> {
+func.func @head_dim_96(%q: tensor<4x100x96xf16>, %k: tensor<4x100x96xf16>, %v: tensor<4x100x96xf16>) -> tensor<4x100x96xf16> {
   %scale = arith.constant 0.0625 : f32
-  %e = tensor.empty() : tensor<4x100x256xf16>
+  %e = tensor.empty() : tensor<4x100x96xf16>
   %r = iree_linalg_ext.attention <indexing_maps = [#q, #k, #v, #s, #o]>
-      ins(%q, %k, %v, %scale : tensor<4x100x256xf16>, tensor<4x100x256xf16>, tensor<4x100x256xf16>, f32)
-      outs(%e : tensor<4x100x256xf16>) {
+      ins(%q, %k, %v, %scale : tensor<4x100x96xf16>, tensor<4x100x96xf16>, tensor<4x100x96xf16>, f32)
+      outs(%e : tensor<4x100x96xf16>) {
     ^bb0(%x: f32):
       iree_linalg_ext.yield %x : f32
-  } -> tensor<4x100x256xf16>
-  return %r : tensor<4x100x256xf16>
+  } -> tensor<4x100x96xf16>
+  return %r : tensor<4x100x96xf16>
 }
 // -----
 
