@@ -6,8 +6,8 @@
 flashmlir is timed as users get it (`torch.compile(backend="flashmlir")`), with its microkernel
 library (the default) and without it (FLASHMLIR_MICROKERNELS=0: our passes' loop nest, IREE's
 codegen of the tiles); IREE stock is the same SDPA graph imported and compiled by IREE without our
-passes. Times are medians of `--repeats` runs after a warm-up, in milliseconds, fp32. Speed
-ratios > 1 mean flashmlir is faster.
+passes. Times are medians after a warm-up (torch and flashmlir timed in alternating rounds), in
+milliseconds, fp32. Speed ratios > 1 mean flashmlir is faster.
 """
 
 from __future__ import annotations
@@ -29,20 +29,35 @@ from flashmlir.frontend.fx_import import import_graph
 from flashmlir.runtime.iree_module import IreeModule
 
 
-def median_ms(repeats: int, fn, *args, min_seconds: float = 0.5) -> float:
-    """Median of at least `repeats` timed calls, and of enough for `min_seconds` in all.
-
-    Each timing starts with a pause: torch's OpenMP threads spin for a while after a parallel
-    region, and on a 2-core machine a spinning thread takes a core from whatever runs next.
-    """
-    time.sleep(0.3)
+def median_ms(repeats: int, fn, *args) -> float:
     fn(*args)
     times = []
-    while len(times) < repeats or (sum(times) < min_seconds * 1e3 and len(times) < 20 * repeats):
+    for _ in range(repeats):
         start = time.perf_counter()
         fn(*args)
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+def paired_median_ms(repeats: int, fns, *args, min_seconds: float = 1.0) -> list[float]:
+    """Median time of each of `fns` over back-to-back calls, in alternating rounds.
+
+    On the 2-core VM call times are bimodal and drift, so both sides are timed in the same
+    stretches of time. A round is one untimed call (whatever ran before, torch's spinning OpenMP
+    threads or IREE's sleeping workers, settles) and 4 timed ones. At least `repeats` timed calls
+    each, and `min_seconds` in all.
+    """
+    times: list[list[float]] = [[] for _ in fns]
+    while len(times[0]) < repeats or sum(map(sum, times)) < min_seconds * 1e3:
+        for fn, series in zip(fns, times, strict=True):
+            fn(*args)
+            for _ in range(4):
+                start = time.perf_counter()
+                fn(*args)
+                series.append((time.perf_counter() - start) * 1e3)
+        if len(times[0]) >= 100 * repeats:
+            break
+    return [statistics.median(series) for series in times]
 
 
 def iree_stock(q, k, v, causal: bool) -> IreeModule:
@@ -77,15 +92,14 @@ def measure(seq: int, head_dim: int, causal: bool, args: argparse.Namespace) -> 
         compile_s = time.perf_counter() - start
         ref = sdpa(q.double(), k.double(), v.double())
         row = {"seq": seq, "head_dim": head_dim, "causal": causal, "compile_s": compile_s,
-               "rel_err": ((out.double() - ref).norm() / ref.norm()).item(),
-               "torch_ms": median_ms(args.repeats, sdpa, q, k, v),
-               "flashmlir_ms": median_ms(args.repeats, ours, q, k, v)}
+               "rel_err": ((out.double() - ref).norm() / ref.norm()).item()}
+        row["torch_ms"], row["flashmlir_ms"] = paired_median_ms(args.repeats, (sdpa, ours), q, k, v)
         slow_repeats = max(1, args.repeats // 3) if seq >= 4096 else max(2, args.repeats // 2)
         if not args.no_codegen:
-            row["codegen_ms"] = median_ms(slow_repeats, _compiled(sdpa, microkernels=False), q, k, v, min_seconds=0)
+            row["codegen_ms"] = median_ms(slow_repeats, _compiled(sdpa, microkernels=False), q, k, v)
         os.environ.pop("FLASHMLIR_MICROKERNELS", None)
         if not args.no_stock:
-            row["iree_stock_ms"] = median_ms(slow_repeats, iree_stock(q, k, v, causal), q, k, v, min_seconds=0)
+            row["iree_stock_ms"] = median_ms(slow_repeats, iree_stock(q, k, v, causal), q, k, v)
     return row
 
 
@@ -125,8 +139,9 @@ def main() -> None:
 
     lines = [f"# CPU attention, {time.strftime('%Y-%m-%d')}", "",
              f"fp32, B={args.batch} H={args.heads}; {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} "
-             f"({torch.get_num_threads()} threads). Medians of at least {args.repeats} runs and 0.5 s (IREE stock "
-             "and flashmlir without microkernels: fewer runs at long sequences). `python benchmarks/attention_cpu.py`", "",
+             f"({torch.get_num_threads()} threads). torch and flashmlir: medians of at least {args.repeats} "
+             "calls each and 1 s, timed in alternating rounds; IREE stock and flashmlir without microkernels: "
+             "medians of fewer runs at long sequences. `python benchmarks/attention_cpu.py`", "",
              "| hdim | seq | causal | torch SDPA ms | flashmlir ms | flashmlir, no microkernels ms | IREE stock ms "
              "| vs torch | vs IREE stock | rel. err | compile s |",
              "|---:|----:|:------:|-------------:|-------------:|-------------:|--------------:|---------:|"
