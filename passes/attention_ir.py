@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from iree.compiler import ir
 
-from flashmlir.passes.ir_utils import defining_op, tensor_type
+from flashmlir.passes.ir_utils import defining_op, producers_closure, tensor_type
 
 SUPPORTED_ELEMENT_TYPES = ("f32", "f16", "bf16")
 
@@ -88,6 +88,17 @@ def analyze_layout(op: ir.Operation) -> Attention:
     """The op's operands by role and sizes, without looking at its mask."""
     return analyze(op, look_at_mask=False)
 
+
+
+def replaced_inputs(attn: Attention) -> list[ir.Operation]:
+    """What replacing `attn` may leave dead: the producer of its recognized causal mask and the
+    tensor.empty inits of that mask and of the output. Collect before the rewrite, then
+    `erase_unused` after it (a handle to an erased op must never be touched)."""
+    roots = [] if attn.dead_mask_producer is None else [attn.dead_mask_producer]
+    out_init = defining_op(attn.out.value)
+    if out_init is not None and out_init.name == "tensor.empty":
+        roots.append(out_init)
+    return producers_closure(roots, lambda p: p.name == "tensor.empty")
 
 def analyze(op: ir.Operation, look_at_mask: bool = True) -> Attention:
     maps = list(ir.ArrayAttr(op.attributes["indexing_maps"]))

@@ -46,9 +46,9 @@ from flashmlir.compiler.microkernels import (
     select_cpu_attention_forward,
 )
 from flashmlir.compiler.targets import get_target
-from flashmlir.passes.attention_ir import Attention, NotCanonical, analyze, float_constant
+from flashmlir.passes.attention_ir import Attention, NotCanonical, analyze, float_constant, replaced_inputs
 from flashmlir.passes.framework import PassResult, PassSpec
-from flashmlir.passes.ir_utils import defining_op, f32_literal, splice_function, walk_ops
+from flashmlir.passes.ir_utils import erase_unused, f32_literal, splice_function, walk_ops
 
 MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y, which carries batch × query heads
 
@@ -224,15 +224,6 @@ def _rewrite_cpu(module: ir.Operation, attn: Attention, site: _Site, features: f
     splice_function(attn.op, _cpu_call(symbol, attn), [attn.q.value, attn.k.value, attn.v.value])
 
 
-def _erase_if_dead(op: ir.Operation | None) -> None:
-    if op is not None and not any(list(r.uses) for r in op.results):
-        inputs = [defining_op(v) for v in op.operands]
-        op.erase()
-        for producer in inputs:
-            if producer is not None and producer.name == "tensor.empty":
-                _erase_if_dead(producer)
-
-
 def run(module: ir.Operation, options: Options) -> PassResult:
     result = PassResult(PASS.name)
     name = options.target or (ir.StringAttr(module.attributes["flashmlir.target"]).value
@@ -245,7 +236,7 @@ def run(module: ir.Operation, options: Options) -> PassResult:
         try:
             attn = analyze(op)
             site = _site(attn)
-            out_init, mask_producer = defining_op(attn.out.value), attn.dead_mask_producer
+            leftovers = replaced_inputs(attn)
             if target.gpu is not None:
                 launch = _plan_cuda(attn, site, target.gpu.arch)
                 splice_function(op, _cuda_function(attn, launch), [attn.q.value, attn.k.value, attn.v.value,
@@ -258,8 +249,7 @@ def run(module: ir.Operation, options: Options) -> PassResult:
         except (NotCanonical, NoKernel) as why:
             result.decline(op, str(why))
             continue
-        _erase_if_dead(mask_producer)
-        _erase_if_dead(out_init)
+        erase_unused(leftovers)
         result.rewritten += 1
     return result
 

@@ -31,11 +31,19 @@ from dataclasses import dataclass
 from iree.compiler import ir
 
 from flashmlir.compiler.targets import AttentionTiles, get_target
-from flashmlir.passes.attention_ir import Attention, NotCanonical, Operand, analyze, analyze_layout, map_dims
+from flashmlir.passes.attention_ir import (
+    Attention,
+    NotCanonical,
+    Operand,
+    analyze,
+    analyze_layout,
+    map_dims,
+    replaced_inputs,
+)
 from flashmlir.passes.framework import PassResult, PassSpec
 from flashmlir.passes.ir_utils import (
     NEG_INF_LITERAL,
-    defining_op,
+    erase_unused,
     parallel_iterators,
     splice_function,
     tensor_type,
@@ -458,16 +466,11 @@ def _rewrite_online_form(op: ir.Operation, result: PassResult) -> None:
     operands = list(op.operands)
     maps = list(ir.ArrayAttr(op.attributes["indexing_maps"]))
     mask = operands[4] if len(maps) == 6 else None
-    out_init = defining_op(attn.out.value)
+    leftovers = replaced_inputs(attn)
     splice_function(op, _online_form(attn, mask, map_dims(maps[4]) if mask is not None else None),
                     [attn.q.value, attn.k.value, attn.v.value, attn.scale] + ([mask] if mask is not None else []))
-    _erase_dead_empty(out_init)
+    erase_unused(leftovers)
     result.rewritten += 1
-
-
-def _erase_dead_empty(op: ir.Operation | None) -> None:
-    if op is not None and op.name == "tensor.empty" and not list(op.results[0].uses):
-        op.erase()
 
 
 def _target_name(module: ir.Operation, options: Options) -> str:
@@ -498,15 +501,9 @@ def run(module: ir.Operation, options: Options) -> PassResult:
         operands = [attn.q.value, attn.k.value, attn.v.value, attn.scale]
         if attn.mask is not None:
             operands.append(attn.mask.value)
-        out_init = defining_op(attn.out.value)
+        leftovers = replaced_inputs(attn)
         splice_function(op, text, operands)
-        # The causal mask producer and the inits of the replaced ops are dead now.
-        producer = attn.dead_mask_producer
-        if producer is not None and not list(producer.results[0].uses):
-            mask_init = defining_op(producer.operands[-1])
-            producer.erase()
-            _erase_dead_empty(mask_init)
-        _erase_dead_empty(out_init)
+        erase_unused(leftovers)
         result.rewritten += 1
     return result
 
