@@ -91,10 +91,11 @@ class CpuAttentionKernel:
     def items(self, seq_q: int, batch_heads: int) -> int:
         return -(-seq_q // self.rows) * batch_heads
 
-    def grid(self, seq_q: int, batch_heads: int, threads: int) -> tuple[int, int, int]:
-        """A few workgroups per worker thread, each an equal share of the items' cost (the kernel
-        splits them): under 8 per thread, so that IREE's task system hands them out one at a time."""
-        return (max(1, min(self.items(seq_q, batch_heads), CPU_WORKGROUPS_PER_THREAD * threads)), 1, 1)
+    def workgroups(self, seq_q: int, batch_heads: int, threads: int) -> int:
+        """The 1-d grid: a few workgroups per worker thread, each an equal share of the items' cost
+        (the kernel splits them); under 8 per thread, so that IREE's task system hands them out one
+        at a time."""
+        return max(1, min(self.items(seq_q, batch_heads), CPU_WORKGROUPS_PER_THREAD * threads))
 
 
 @dataclass(frozen=True)

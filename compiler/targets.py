@@ -148,6 +148,7 @@ def _host_vector_bits() -> int:
 
 @functools.cache
 def _cpu() -> Target:
+    threads = _host_threads()
     return Target(
         name="cpu",
         kind="cpu",
@@ -164,9 +165,9 @@ def _cpu() -> Target:
         attention_tiles=AttentionTiles(q_block=64, kv_block=64, vector_q=4, vector_kv=16),
         vector_bits=_host_vector_bits(),
         cache_bytes=_cpu_cache_bytes(),
-        fingerprint=f"host-cpu:{_host_cpu_fingerprint()}:threads={_host_threads()}",
+        fingerprint=f"host-cpu:{_host_cpu_fingerprint()}:threads={threads}",
         cpu_features=_host_cpu_flags(),
-        cpu_threads=_host_threads(),
+        cpu_threads=threads,
     )
 
 

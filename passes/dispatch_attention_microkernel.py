@@ -150,7 +150,7 @@ def _cuda_function(attn: Attention, launch: _Launch) -> str:
 def _cpu_executable(symbol: str, attn: Attention, site: _Site, kernel: CpuAttentionKernel, threads: int) -> str:
     """The stream.executable whose one export calls the kernel for this op's shapes."""
     fn = kernel.name(site.head_dim)
-    gx, _, _ = kernel.grid(attn.sq, site.batch_heads, threads)
+    workgroups = kernel.workgroups(attn.sq, site.batch_heads, threads)
     sizes = {"q": math.prod(attn.q.shape), "k": math.prod(attn.k.shape), "v": math.prod(attn.v.shape),
              "o": math.prod(attn.out.shape)}
     elem = site.element
@@ -163,7 +163,7 @@ def _cpu_executable(symbol: str, attn: Attention, site: _Site, kernel: CpuAttent
   }}>
 }} {{
   stream.executable.export public @attention workgroups() -> (index, index, index) {{
-    %x = arith.constant {gx} : index
+    %x = arith.constant {workgroups} : index
     %one = arith.constant 1 : index
     stream.return %x, %one, %one : index, index, index
   }}
@@ -180,7 +180,7 @@ def _cpu_executable(symbol: str, attn: Attention, site: _Site, kernel: CpuAttent
       %causal = arith.constant {int(site.causal)} : index
       %batch_heads = arith.constant {site.batch_heads} : index
       %workgroup = hal.interface.workgroup.id[0] : index
-      %workgroups = arith.constant {gx} : index
+      %workgroups = arith.constant {workgroups} : index
       func.call @{fn}(%qm, %km, %vm, %om, %group, %batch_heads, %seq_q, %seq_k, %scale, %causal, %workgroup,
                       %workgroups) : ({q}, {k}, {v}, {o}, index, index, index, index, f32, index, index, index) -> ()
       return
