@@ -1,9 +1,11 @@
-"""Tile-size sweep of the sm_80 attention microkernel, launched directly, beside torch SDPA.
+"""Tile-size sweep of the sm_80 or sm_90 attention microkernel, launched directly, beside torch SDPA.
 
-    python benchmarks/microkernel_sweep.py                     # default variants and grid
+    python benchmarks/microkernel_sweep.py                     # sm_80, default variants and grid
     python benchmarks/microkernel_sweep.py --variants 128x64x8 128x128x8 --head-dims 128
+    python benchmarks/microkernel_sweep.py --family sm90 --variants n128s2 n128s2p n176s2p
 
-A variant is block_m x block_n x warps. Each is compiled here with nvcc from the library's source
+An sm_80 variant is block_m x block_n x warps; an sm_90 one is n<block_n>s<stages>, with a `p`
+for ping-pong between the consumer warpgroups. Each is compiled here with nvcc from the library's source
 (the same -D switches CMake uses) for this GPU, checked against float64 on a small odd-sized
 problem, then timed over the grid (B·S = 16k tokens, H·D = 2048, as benchmarks/attention.py).
 ptxas' register and spill counts are printed with it. The winners go into
@@ -30,21 +32,34 @@ from attention import SDPA_BACKENDS, Config, _sdpa_backend, median_ms  # noqa: E
 from flashmlir.compiler.microkernels import CudaAttentionKernel  # noqa: E402
 from flashmlir.runtime.cuda_launcher import attention_forward  # noqa: E402
 
-SOURCE = Path(__file__).parents[1] / "runtime" / "microkernels" / "attention" / "fwd_sm80_kernels.cu"
+SOURCES = Path(__file__).parents[1] / "runtime" / "microkernels" / "attention"
 ELEMENTS = {"fp16": ("f16", "half"), "bf16": ("bf16", "__nv_bfloat16")}
 
 
-def build(variant: str, head_dim: int, dtype: str, out_dir: Path) -> tuple[CudaAttentionKernel, str]:
+def _kernel(family: str, variant: str, element: str, head_dim: int, out_dir: Path) -> CudaAttentionKernel:
+    path = out_dir / f"{family}_{variant}_{element}_d{head_dim}.cubin"
+    if family == "sm90":
+        found = re.fullmatch(r"n(\d+)s(\d+)(p?)", variant)
+        if not found:
+            raise ValueError(f"sm90 variants are n<block_n>s<stages>[p], not {variant!r}")
+        return CudaAttentionKernel("attention_fwd_sm90", element, head_dim, 128, int(found[1]), 12, "sm_90a",
+                                   path, int(found[2]), found[3] == "p")
     block_m, block_n, warps = (int(x) for x in variant.split("x"))
+    return CudaAttentionKernel("attention_fwd_sm80", element, head_dim, block_m, block_n, warps, "sm_80", path)
+
+
+def build(family: str, variant: str, head_dim: int, dtype: str, out_dir: Path) -> tuple[CudaAttentionKernel, str]:
     element, ctype = ELEMENTS[dtype]
     major, minor = torch.cuda.get_device_capability()
-    kernel = CudaAttentionKernel("attention_fwd_sm80", element, head_dim, block_m, block_n, warps, "sm_80",
-                             out_dir / f"{variant}_{element}_d{head_dim}.cubin")
-    command = ["nvcc", "--cubin", "-O3", "-std=c++17", f"-gencode=arch=compute_80,code=sm_{major}{minor}",
+    kernel = _kernel(family, variant, element, head_dim, out_dir)
+    gencode = ("-gencode=arch=compute_90a,code=sm_90a" if family == "sm90"
+               else f"-gencode=arch=compute_80,code=sm_{major}{minor}")
+    command = ["nvcc", "--cubin", "-O3", "-std=c++17", gencode,
                "-Xptxas", "-v", f"-DFLASHMLIR_ELEMENT={ctype}", f"-DFLASHMLIR_ELEMENT_NAME={element}",
-               f"-DFLASHMLIR_HEAD_DIM={head_dim}", f"-DFLASHMLIR_BLOCK_M={block_m}",
-               f"-DFLASHMLIR_BLOCK_N={block_n}", f"-DFLASHMLIR_WARPS={warps}", str(SOURCE),
-               "-o", str(kernel.object_path)]
+               f"-DFLASHMLIR_HEAD_DIM={head_dim}", f"-DFLASHMLIR_BLOCK_M={kernel.block_m}",
+               f"-DFLASHMLIR_BLOCK_N={kernel.block_n}", f"-DFLASHMLIR_WARPS={kernel.warps}",
+               f"-DFLASHMLIR_STAGES={kernel.stages}", f"-DFLASHMLIR_PINGPONG={int(kernel.pingpong)}",
+               str(SOURCES / f"fwd_{family}_kernels.cu"), "-o", str(kernel.object_path)]
     done = subprocess.run(command, capture_output=True, text=True, check=True)
     # ptxas reports the lse entry first, then the plain one: keep the plain one's line.
     regs = re.findall(r"Used (\d+) registers", done.stderr)
@@ -93,7 +108,8 @@ def measure(config: Config, kernels: dict, args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--variants", nargs="+", default=["128x64x4", "128x32x4", "256x64x8", "128x128x4", "64x64x4"])
+    p.add_argument("--family", choices=["sm80", "sm90"], default="sm80")
+    p.add_argument("--variants", nargs="+")
     p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     p.add_argument("--seqs", type=int, nargs="+", default=[1024, 4096, 16384])
     p.add_argument("--dtypes", nargs="+", default=["fp16"], choices=list(ELEMENTS))
@@ -102,6 +118,9 @@ def main() -> None:
     p.add_argument("--json")
     p.add_argument("--markdown")
     args = p.parse_args()
+    if not args.variants:
+        args.variants = (["n128s2", "n128s2p"] if args.family == "sm90"
+                         else ["128x64x4", "128x32x4", "256x64x8", "128x128x4", "64x64x4"])
 
     out_dir = Path(tempfile.mkdtemp(prefix="flashmlir-sweep-"))
     kernels, notes = {}, []
@@ -109,7 +128,7 @@ def main() -> None:
         for dtype in args.dtypes:
             for variant in args.variants:
                 try:
-                    kernel, ptxas = build(variant, d, dtype, out_dir)
+                    kernel, ptxas = build(args.family, variant, d, dtype, out_dir)
                     err = reference_error(kernel, getattr(torch, {"fp16": "float16", "bf16": "bfloat16"}[dtype]))
                 except (subprocess.CalledProcessError, RuntimeError) as e:
                     text = e.stderr if isinstance(e, subprocess.CalledProcessError) else str(e)
@@ -132,9 +151,12 @@ def main() -> None:
         ratio = f"{best / t['sdpa-flash']:.2f}x" if best and "sdpa-flash" in t else "-"
         lines.append(f"| {r['head_dim']} | {r['seq']} | {'yes' if r['causal'] else 'no'} | {r['dtype']} | "
                      + " | ".join(f"{t[c]:.0f}" if c in t else "-" for c in columns) + f" | {ratio} |")
-    text = (f"# sm_80 attention microkernel tile sweep, {torch.cuda.get_device_name()}, {time.strftime('%Y-%m-%d')}\n\n"
-            "Forward TFLOP/s, B·S = 16k tokens, H·D = 2048; variants are block_m x block_n x warps, compiled "
-            f"from compute_80 for this GPU. torch {torch.__version__}.\n\n" + "\n".join(lines)
+    shape = ("n<block_n>s<stages>, p: ping-pong; compiled for sm_90a" if args.family == "sm90"
+             else "block_m x block_n x warps, compiled from compute_80 for this GPU")
+    text = (f"# {args.family} attention microkernel tile sweep, {torch.cuda.get_device_name()}, "
+            f"{time.strftime('%Y-%m-%d')}\n\n"
+            f"Forward TFLOP/s, B·S = 16k tokens, H·D = 2048; variants are {shape}. torch {torch.__version__}.\n\n"
+            + "\n".join(lines)
             + "\n\nBuild and correctness:\n" + "\n".join(notes))
     print("\n" + text)
     if args.markdown:

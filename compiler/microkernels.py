@@ -28,14 +28,16 @@ ELEMENT_BYTES = {"f16": 2, "bf16": 2}
 class CudaAttentionKernel:
     """One CUDA forward attention kernel: an (element type, head dim) instance with its tile sizes."""
 
-    family: str  # "attention_fwd_sm80" | "attention_fwd_sm70"
+    family: str  # "attention_fwd_sm90" | "attention_fwd_sm80" | "attention_fwd_sm70"
     element: str  # "f16" | "bf16"
     head_dim: int
     block_m: int  # query rows per workgroup
     block_n: int  # keys per KV tile
     warps: int
-    min_arch: str  # "sm_80": runs there and on every newer architecture
+    min_arch: str  # "sm_80": runs there and on every newer architecture; "sm_90a": on sm_90 only
     object_path: Path
+    stages: int = 2  # shared-memory stages of K and V (sm_90: a ring; sm_80: double buffering)
+    pingpong: bool = False  # sm_90: the two consumer warpgroups take turns at the tensor cores
 
     @property
     def name(self) -> str:
@@ -56,6 +58,11 @@ class CudaAttentionKernel:
             tiles = (self.block_m + 2 * self.block_n) * (self.head_dim + 8) * e
             per_warp = 16 * ((self.block_n + 4) * 4 + (self.block_n + 8) * 2 + 4)
             return tiles + self.warps * per_warp
+        if self.family == "attention_fwd_sm90":
+            # fwd_sm90_wgmma.cuh `Sm90Config`: Q, `stages` K and V tiles, 8-byte mbarriers (Q full;
+            # K, V full and empty per stage), and 1024 bytes to align the tiles to the swizzle period.
+            tiles = (self.block_m + 2 * self.stages * self.block_n) * self.head_dim * e
+            return tiles + 8 * (1 + 4 * self.stages) + 1024
         # fwd_sm80_mma_sync.cuh: the Q tile and two stages of (K, V) tiles.
         return (self.block_m + 4 * self.block_n) * self.head_dim * e
 
@@ -109,11 +116,19 @@ class Library:
 
 # What the build makes of a CUDA entry (runtime/microkernels/CMakeLists.txt): a fatbin from nvcc, or
 # for Volta, which nvcc 13 dropped, PTX from NVRTC 12.
-_CUDA_FORMAT = {"sm_70": "ptx", "sm_80": "fatbin"}
+_CUDA_FORMAT = {"sm_70": "ptx", "sm_80": "fatbin", "sm_90a": "fatbin"}
 
 
 def _arch_number(arch: str) -> int:
     return int(arch.removeprefix("sm_").rstrip("a"))
+
+
+def runs_on(kernel: CudaAttentionKernel, arch: str) -> bool:
+    """Whether the kernel's image runs on `arch`: an architecture-specific build ("sm_90a": wgmma,
+    setmaxnreg) only there, any other from its minimum architecture on."""
+    if kernel.min_arch.endswith("a"):
+        return _arch_number(kernel.min_arch) == _arch_number(arch)
+    return _arch_number(kernel.min_arch) <= _arch_number(arch)
 
 
 def library_dir() -> Path | None:
@@ -137,7 +152,9 @@ def _load(directory: Path | None) -> Library:
     catalog = json.loads((directory / CATALOG).read_text())
     cuda = tuple(
         CudaAttentionKernel(e["family"], e["element"], e["head_dim"], e["block_m"], e["block_n"], e["warps"],
-                        e["min_arch"], directory / "cuda" / f"{e['family']}_{e['element']}_d{e['head_dim']}.{_CUDA_FORMAT[e['min_arch']]}")
+                            e["min_arch"],
+                            directory / "cuda" / f"{e['family']}_{e['element']}_d{e['head_dim']}.{_CUDA_FORMAT[e['min_arch']]}",
+                            e.get("stages", 2), e.get("pingpong", False))
         for e in catalog.get("cuda", []))
     cpu = tuple(
         CpuAttentionKernel(e["family"], e["isa"], e["element"], tuple(e["head_dims"]), e["row_vectors"],
@@ -159,7 +176,7 @@ def select_attention_forward(arch: str, element: str, head_dim: int) -> CudaAtte
     kernels = library().cuda
     if not kernels:
         raise NoKernel("the microkernel library is not installed (no kernels.json next to the package)")
-    runnable = [k for k in kernels if _arch_number(k.min_arch) <= _arch_number(arch)]
+    runnable = [k for k in kernels if runs_on(k, arch)]
     if not runnable:
         raise NoKernel(f"no attention microkernel for {arch} yet")
     matching = [k for k in runnable if k.element == element and k.head_dim == head_dim]

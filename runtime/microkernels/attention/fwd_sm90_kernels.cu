@@ -1,0 +1,59 @@
+// Entry points of the sm_90a forward kernel for one (element type, head dim), in IREE's CUDA ABI
+// (the same as the sm_80 kernel's: bindings as device pointers, then 32-bit push constants).
+// The build compiles this file once per catalog entry:
+//
+//   nvcc --fatbin -gencode arch=compute_90a,code=sm_90a -DFLASHMLIR_ELEMENT=half -DFLASHMLIR_HEAD_DIM=128 ...
+//
+// exports  flashmlir_attention_fwd_sm90_<f16|bf16>_d<D>      (q, k, v, o, constants)
+//          flashmlir_attention_fwd_sm90_<f16|bf16>_d<D>_lse  (q, k, v, o, lse, constants)
+// constants group (Hq / Hkv), seq_q, seq_k, scale (f32 bits), causal (0 or 1)
+#include "fwd_sm90_wgmma.cuh"
+
+#ifndef FLASHMLIR_ELEMENT
+#define FLASHMLIR_ELEMENT half
+#endif
+#ifndef FLASHMLIR_HEAD_DIM
+#define FLASHMLIR_HEAD_DIM 128
+#endif
+#ifndef FLASHMLIR_ELEMENT_NAME
+#define FLASHMLIR_ELEMENT_NAME f16
+#endif
+#ifndef FLASHMLIR_BLOCK_N
+#define FLASHMLIR_BLOCK_N 128
+#endif
+#ifndef FLASHMLIR_STAGES
+#define FLASHMLIR_STAGES 2
+#endif
+#ifndef FLASHMLIR_PINGPONG
+#define FLASHMLIR_PINGPONG 0
+#endif
+
+#define FLASHMLIR_CAT_(a, b, c, d) a##b##c##d
+#define FLASHMLIR_CAT(a, b, c, d) FLASHMLIR_CAT_(a, b, c, d)
+#define FLASHMLIR_KERNEL FLASHMLIR_CAT(flashmlir_attention_fwd_sm90_, FLASHMLIR_ELEMENT_NAME, _d, FLASHMLIR_HEAD_DIM)
+#define FLASHMLIR_KERNEL_LSE FLASHMLIR_CAT(FLASHMLIR_KERNEL, _lse, , )
+
+namespace {
+using Element = FLASHMLIR_ELEMENT;
+constexpr int kHeadDim = FLASHMLIR_HEAD_DIM;
+constexpr int kBlockN = FLASHMLIR_BLOCK_N;
+constexpr int kStages = FLASHMLIR_STAGES;
+constexpr bool kPingPong = FLASHMLIR_PINGPONG != 0;
+using Config = flashmlir::sm90::Sm90Config<Element, kHeadDim, kBlockN, kStages>;
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(Config::kThreads, 1)
+    FLASHMLIR_KERNEL(const Element* __restrict__ q, const Element* __restrict__ k, const Element* __restrict__ v,
+                     Element* __restrict__ o, uint32_t group, uint32_t seq_q, uint32_t seq_k, uint32_t scale_bits,
+                     uint32_t causal) {
+  flashmlir::sm90::attention_fwd_sm90<Element, kHeadDim, kBlockN, kStages, kPingPong>(
+      q, k, v, o, nullptr, group, seq_q, seq_k, __uint_as_float(scale_bits), causal != 0);
+}
+
+extern "C" __global__ void __launch_bounds__(Config::kThreads, 1)
+    FLASHMLIR_KERNEL_LSE(const Element* __restrict__ q, const Element* __restrict__ k, const Element* __restrict__ v,
+                         Element* __restrict__ o, float* __restrict__ lse, uint32_t group, uint32_t seq_q,
+                         uint32_t seq_k, uint32_t scale_bits, uint32_t causal) {
+  flashmlir::sm90::attention_fwd_sm90<Element, kHeadDim, kBlockN, kStages, kPingPong>(
+      q, k, v, o, lse, group, seq_q, seq_k, __uint_as_float(scale_bits), causal != 0);
+}

@@ -1,0 +1,387 @@
+// Flash-attention forward for sm_90a (Hopper): warp-specialized, WGMMA, mbarrier pipelines.
+//
+//   grid  (ceil(Sq / 128), B * Hq), causal blocks longest first; with GQA, `group` = Hq / Hkv
+//         consecutive query heads read one K/V head
+//   block three warpgroups. Warpgroup 0 is the producer: it loads Q once and K, V tiles into a
+//         kStages-deep ring of shared-memory stages and gives most of its registers away
+//         (setmaxnreg). Warpgroups 1 and 2 are consumers of 64 query rows each: S = Q·Kᵀ is
+//         wgmma with both operands in shared memory, O += P·V takes P from registers.
+//   sync  per stage, a "full" mbarrier (the producer's copies landed) and an "empty" one (both
+//         consumers' products that read the stage completed), for K and V separately.
+//
+// Within a consumer the softmax of tile j overlaps the tensor cores: S(j) = Q·K(j)ᵀ and
+// O += P(j-1)·V(j-1) are issued together; the softmax of S(j) runs while the second product is
+// in flight, and O is rescaled once it has landed. With FLASHMLIR_PINGPONG the two consumers also
+// take turns at the tensor cores (named barriers), so one's softmax hides under the other's
+// products.
+//
+// Loads are cp.async (16 bytes per thread) into the layout wgmma reads with the 128-byte swizzle:
+// a tile is D/64 column panels of 64 elements; in a panel row r is 128 bytes at r·128, its
+// 16-byte chunk c at chunk c ^ (r % 8). K's panels are K-major operands (keys × head dim) of
+// Q·Kᵀ; V's, the same bytes, are the MN-major operand of P·V. TMA is the alternative: IREE
+// launches with plain pointers and 32-bit constants, so a tensor map would have to be made on the
+// device; docs/ARCHITECTURE.md says why the copy engine was not used (yet).
+//
+// Causal masking is top-left (key > row is masked), as in the sm_80 kernel; only diagonal and
+// ragged-tail tiles are masked, tiles right of the diagonal are never loaded.
+#pragma once
+
+#include "fwd_sm80_mma_sync.cuh"  // kLog2e, fast_exp2, cp_async_16, smem_address, Element<T>::pack
+#include "wgmma_sm90.cuh"
+
+namespace flashmlir {
+namespace sm90 {
+
+// ---- mbarriers, proxies, warpgroup MMA bookkeeping ----------------------------------------------
+
+__device__ __forceinline__ void mbarrier_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbarrier_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+// Arrives once every cp.async this thread issued so far has landed (counted in the init count).
+__device__ __forceinline__ void mbarrier_arrive_on_copies(uint32_t bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n.reg .pred done;\nLAB_WAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra LAB_WAIT;\n}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+// Shared memory written through the generic proxy (cp.async), read next by wgmma (async proxy).
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int kPending>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
+}
+// Keeps the compiler from moving reads or writes of `r` across the asynchronous wgmma boundaries.
+template <int N>
+__device__ __forceinline__ void fence_registers(float (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+
+template <int kRegisters>
+__device__ __forceinline__ void release_registers() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegisters));
+}
+template <int kRegisters>
+__device__ __forceinline__ void claim_registers() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegisters));
+}
+
+// Named barrier `id` over `threads` threads (ids 0.. are free: __syncthreads is not used after setup).
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+// A wgmma shared-memory operand with the 128-byte swizzle. K-major operands step 8-row groups by
+// `stride` (1024 bytes here) and ignore `leading`; MN-major ones step 64-element panels by
+// `leading` and 8-row (k) groups by `stride`.
+__device__ __forceinline__ uint64_t swizzled_operand(uint32_t address, uint32_t leading, uint32_t stride) {
+  constexpr uint64_t kSwizzle128B = 1;
+  return static_cast<uint64_t>((address & 0x3ffff) >> 4) | (static_cast<uint64_t>(leading >> 4) << 16) |
+         (static_cast<uint64_t>(stride >> 4) << 32) | (kSwizzle128B << 62);
+}
+
+// ---- configuration --------------------------------------------------------------------------------
+
+template <typename T, int kD, int kBlockN, int kStages>
+struct Sm90Config {
+  static constexpr int kBlockM = 128;           // two consumers × 64 rows (one wgmma M)
+  static constexpr int kThreads = 3 * 128;      // producer + two consumers
+  static constexpr int kProducerRegisters = 40;  // 128 · 40 + 256 · 232 ≤ 64 K registers
+  static constexpr int kConsumerRegisters = 232;
+  static constexpr int kPanelRowBytes = 128;    // 64 elements of 16 bits: one swizzle row
+  static constexpr int kTileBytesQ = kBlockM * kD * 2;
+  static constexpr int kTileBytesKV = kBlockN * kD * 2;
+  static constexpr int kOffsetK = kTileBytesQ;
+  static constexpr int kOffsetV = kOffsetK + kStages * kTileBytesKV;
+  static constexpr int kOffsetBarriers = kOffsetV + kStages * kTileBytesKV;
+  static constexpr int kBarriers = 1 + 4 * kStages;  // Q full; K, V full and empty per stage
+  // The tiles start on a 1024-byte boundary (the swizzle's period): slack to align the base.
+  static constexpr int kSharedBytes = kOffsetBarriers + 8 * kBarriers + 1024;
+  static_assert(kD % 64 == 0 && kBlockN % 16 == 0 && kTileBytesKV % 1024 == 0, "unsupported tile shape");
+  static_assert(kD / 2 + kBlockN / 2 + kBlockN / 4 <= 200, "too many accumulators for the consumers");
+};
+
+// Copy rows [row0, row0 + kRows) of a [rows, kD] matrix into a swizzled tile (zero past `rows`),
+// by the 128 producer threads. Each thread owns one 16-byte column chunk; its rows step by
+// 128 / (kD / 8), so its swizzled shared offset steps by a constant.
+template <typename T, int kRows, int kD>
+__device__ __forceinline__ void load_tile(uint32_t tile, const T* base, int row0, int rows, int thread) {
+  constexpr int kChunks = kD / 8, kRowStep = 128 / kChunks;
+  static_assert(kRows % kRowStep == 0, "tile rows must be a multiple of the producer's row step");
+  const int chunk = thread % kChunks, panel = chunk / 8, c = chunk % 8;
+  const int first = thread / kChunks;
+  const uint32_t dst = tile + panel * kRows * 128 + first * 128 + ((c ^ (first & 7)) << 4);
+#pragma unroll 4  // fully unrolled, the producer needs more than the registers it keeps
+  for (int it = 0; it < kRows / kRowStep; ++it) {
+    const int r = first + it * kRowStep;  // r % 8 == first % 8 unless kRowStep < 8
+    const bool valid = row0 + r < rows;
+    const T* src = base + static_cast<int64_t>(valid ? row0 + r : 0) * kD + chunk * 8;
+    const uint32_t at = kRowStep % 8 == 0 ? dst + it * kRowStep * 128
+                                          : tile + panel * kRows * 128 + r * 128 + ((c ^ (r & 7)) << 4);
+    cp_async_16(at, src, valid ? 16 : 0);
+  }
+}
+
+// ---- the kernel body ----------------------------------------------------------------------------------
+
+template <typename T, int kD, int kBlockN, int kStages, bool kPingPong>
+__device__ __forceinline__ void attention_fwd_sm90(const T* __restrict__ q, const T* __restrict__ k,
+                                                   const T* __restrict__ v, T* __restrict__ o,
+                                                   float* __restrict__ lse, int group, int seq_q, int seq_k,
+                                                   float scale, bool causal) {
+  using Cfg = Sm90Config<T, kD, kBlockN, kStages>;
+  using E = Element<T>;
+  constexpr int kBlockM = Cfg::kBlockM;
+  constexpr int kSRegs = kBlockN / 2;   // S accumulators per thread (m64 × kBlockN over 128 threads)
+  constexpr int kORegs = kD / 2;
+  constexpr int kPSteps = kBlockN / 16;  // 16-key steps of P·V
+  extern __shared__ unsigned char shared[];
+
+  const uint32_t base = (smem_address(shared) + 1023) & ~1023u;
+  const uint32_t tile_q = base;
+  auto tile_k = [&](int stage) { return base + Cfg::kOffsetK + stage * Cfg::kTileBytesKV; };
+  auto tile_v = [&](int stage) { return base + Cfg::kOffsetV + stage * Cfg::kTileBytesKV; };
+  const uint32_t bar_q = base + Cfg::kOffsetBarriers;
+  auto full_k = [&](int stage) { return bar_q + 8 * (1 + stage); };
+  auto full_v = [&](int stage) { return bar_q + 8 * (1 + kStages + stage); };
+  auto empty_k = [&](int stage) { return bar_q + 8 * (1 + 2 * kStages + stage); };
+  auto empty_v = [&](int stage) { return bar_q + 8 * (1 + 3 * kStages + stage); };
+
+  const int q_block = causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+  const int q0 = q_block * kBlockM;
+  const int64_t bh = blockIdx.y, bh_kv = bh / group;
+  const int kv_tiles = (seq_k + kBlockN - 1) / kBlockN;
+  const int end = causal ? min(kv_tiles, (q0 + kBlockM + kBlockN - 1) / kBlockN) : kv_tiles;
+
+  const int warpgroup = threadIdx.x / 128;
+  if (threadIdx.x == 0) {
+    mbarrier_init(bar_q, 128);
+    for (int s = 0; s < kStages; ++s) {
+      mbarrier_init(full_k(s), 128);  // every producer thread's copies
+      mbarrier_init(full_v(s), 128);
+      mbarrier_init(empty_k(s), 8);  // one arrival per consumer warp
+      mbarrier_init(empty_v(s), 8);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  if (warpgroup == 0) {
+    // Producer: Q once, then K(j) and V(j) into stage j % kStages once both consumers let it go.
+    release_registers<Cfg::kProducerRegisters>();
+    const int thread = threadIdx.x;
+    load_tile<T, kBlockM, kD>(tile_q, q + bh * seq_q * kD, q0, seq_q, thread);
+    mbarrier_arrive_on_copies(bar_q);
+    const T* kb = k + bh_kv * seq_k * kD;
+    const T* vb = v + bh_kv * seq_k * kD;
+    for (int j = 0; j < end; ++j) {
+      const int stage = j % kStages;
+      const uint32_t free_parity = ((j / kStages) & 1) ^ 1;  // the first round finds every stage free
+      mbarrier_wait(empty_k(stage), free_parity);
+      load_tile<T, kBlockN, kD>(tile_k(stage), kb, j * kBlockN, seq_k, thread);
+      mbarrier_arrive_on_copies(full_k(stage));
+      mbarrier_wait(empty_v(stage), free_parity);
+      load_tile<T, kBlockN, kD>(tile_v(stage), vb, j * kBlockN, seq_k, thread);
+      mbarrier_arrive_on_copies(full_v(stage));
+    }
+    asm volatile("cp.async.wait_all;\n" ::: "memory");
+    return;
+  }
+
+  // Consumers.
+  claim_registers<Cfg::kConsumerRegisters>();
+  const int consumer = warpgroup - 1;
+  const int thread = threadIdx.x % 128, warp = thread / 32, lane = thread % 32;
+  const int row_base = q0 + consumer * 64 + warp * 16 + lane / 4;  // rows row_base and row_base + 8
+  const float scale_log2 = scale * kLog2e;
+  // Ping-pong: consumer c issues its products after barrier 1 + c, then lets the other go.
+  auto take_turn = [&] {
+    if constexpr (kPingPong) named_barrier_sync(1 + consumer, 256);
+  };
+  // Consumer 1 passes no turn after its last: every arrival on a barrier then meets a sync.
+  auto pass_turn = [&](bool last) {
+    if constexpr (kPingPong) {
+      if (!(last && consumer == 1)) named_barrier_arrive(2 - consumer, 256);
+    }
+  };
+  if constexpr (kPingPong) {
+    if (consumer == 1) named_barrier_arrive(1, 256);  // consumer 0 goes first
+  }
+
+  float row_max[2] = {kNegInf, kNegInf}, row_sum[2] = {0.f, 0.f};
+  float acc[kORegs];
+#pragma unroll
+  for (int i = 0; i < kORegs; ++i) acc[i] = 0.f;
+  float s[kSRegs];
+#pragma unroll
+  for (int i = 0; i < kSRegs; ++i) s[i] = 0.f;
+  uint32_t p[kPSteps][4];
+
+  const uint32_t q_rows = tile_q + consumer * 64 * Cfg::kPanelRowBytes;
+  auto issue_qk = [&](int stage) {
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      const uint32_t column = (kk % 4) * 32;  // 16 elements of the 64-element panel
+      const uint64_t a = swizzled_operand(q_rows + (kk / 4) * kBlockM * 128 + column, 16, 1024);
+      const uint64_t b = swizzled_operand(tile_k(stage) + (kk / 4) * kBlockN * 128 + column, 16, 1024);
+      Wgmma<T, kBlockN>::ss(s, a, b, kk > 0);
+    }
+    wgmma_commit();
+  };
+  auto issue_pv = [&](int stage) {
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kPSteps; ++kk) {
+      const uint64_t b = swizzled_operand(tile_v(stage) + kk * 16 * 128, kBlockN * 128, 1024);
+      Wgmma<T, kD>::rs(acc, p[kk], b);
+    }
+    wgmma_commit();
+  };
+  // Online softmax of S (key tile j), in place: S becomes exp2(S·scale·log2 e − max) in fp32, the
+  // row statistics advance, and `rescale` is what O must be multiplied by before P(j)·V(j) adds on.
+  auto softmax = [&](int j, float (&rescale)[2]) {
+    const int key0 = j * kBlockN;
+    const bool tail = key0 + kBlockN > seq_k;
+    const bool diagonal = causal && key0 + kBlockN - 1 > q0 + consumer * 64 + warp * 16;
+    if (tail || diagonal) {
+#pragma unroll
+      for (int i = 0; i < kSRegs; ++i) {
+        const int key = key0 + (i / 4) * 8 + (lane % 4) * 2 + (i & 1);
+        const int row = row_base + ((i / 2) & 1) * 8;
+        if (key >= seq_k || (causal && key > row)) s[i] = kNegInf;
+      }
+    }
+    float mx[2], shift[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      mx[h] = fmaxf(s[2 * h], s[2 * h + 1]);
+#pragma unroll
+      for (int n = 1; n < kBlockN / 8; ++n) mx[h] = fmaxf(mx[h], fmaxf(s[4 * n + 2 * h], s[4 * n + 2 * h + 1]));
+    }
+#pragma unroll
+    for (int lane_mask = 1; lane_mask <= 2; lane_mask *= 2)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffff, mx[h], lane_mask));
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const float new_max = fmaxf(row_max[h], mx[h] * scale_log2);
+      shift[h] = new_max == kNegInf ? 0.f : new_max;  // a row masked so far stays at 0
+      rescale[h] = fast_exp2(row_max[h] - shift[h]);
+      row_max[h] = new_max;
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float sum[2] = {0.f, 0.f};  // two partial sums: half the length of the add chain
+#pragma unroll
+      for (int n = 0; n < kBlockN / 8; ++n) {
+        s[4 * n + 2 * h] = fast_exp2(fmaf(s[4 * n + 2 * h], scale_log2, -shift[h]));
+        s[4 * n + 2 * h + 1] = fast_exp2(fmaf(s[4 * n + 2 * h + 1], scale_log2, -shift[h]));
+        sum[n & 1] += s[4 * n + 2 * h] + s[4 * n + 2 * h + 1];
+      }
+      row_sum[h] = row_sum[h] * rescale[h] + (sum[0] + sum[1]);
+    }
+  };
+  // P as the A fragments of P·V: S's accumulators of key columns [16 kk, 16 kk + 16) are the
+  // m64k16 register fragment of step kk.
+  auto convert_p = [&] {
+#pragma unroll
+    for (int kk = 0; kk < kPSteps; ++kk)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) p[kk][r] = E::pack(s[8 * kk + 2 * r], s[8 * kk + 2 * r + 1]);
+  };
+  auto rescale_acc = [&](const float (&factor)[2]) {
+#pragma unroll
+    for (int i = 0; i < kORegs; ++i) acc[i] *= factor[(i / 2) & 1];
+  };
+  auto release = [&](uint32_t bar) {
+    if (lane == 0) mbarrier_arrive(bar);
+  };
+
+  // The loop, FlashAttention-3's intra-warpgroup overlap: S(j) = Q·K(j)ᵀ and O += P(j-1)·V(j-1)
+  // go to the tensor cores together; the softmax of S(j) runs while the second is in flight. P(j)
+  // is packed only after that product has landed: its registers are the product's input until then.
+  float rescale[2] = {1.f, 1.f};
+  mbarrier_wait(bar_q, 0);
+  if (end > 0) {
+    mbarrier_wait(full_k(0), 0);
+    fence_proxy_async();
+    take_turn();
+    issue_qk(0);
+    pass_turn(false);
+    wgmma_wait<0>();
+    fence_registers(s);
+    release(empty_k(0));
+    softmax(0, rescale);
+    convert_p();
+
+    for (int j = 1; j < end; ++j) {
+      const int stage = j % kStages, prev = (j - 1) % kStages;
+      mbarrier_wait(full_k(stage), (j / kStages) & 1);
+      mbarrier_wait(full_v(prev), ((j - 1) / kStages) & 1);
+      fence_proxy_async();
+      take_turn();
+      issue_qk(stage);
+      rescale_acc(rescale);
+      issue_pv(prev);
+      pass_turn(false);
+      wgmma_wait<1>();  // S(j) has landed; P(j-1)·V(j-1) may still run
+      fence_registers(s);
+      release(empty_k(stage));
+      softmax(j, rescale);
+      wgmma_wait<0>();
+      fence_registers(acc);
+      release(empty_v(prev));
+      convert_p();
+    }
+
+    const int last = (end - 1) % kStages;
+    mbarrier_wait(full_v(last), ((end - 1) / kStages) & 1);
+    fence_proxy_async();
+    take_turn();
+    rescale_acc(rescale);
+    issue_pv(last);
+    pass_turn(true);
+    wgmma_wait<0>();
+    fence_registers(acc);
+    release(empty_v(last));
+  } else if constexpr (kPingPong) {
+    take_turn();
+    pass_turn(true);
+  }
+
+  // O = acc / row sum (0 for a row with every key masked); lse = ln Σ exp(scale · s), -inf there.
+  T* ob = o + bh * seq_q * kD;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float sum = row_sum[h];
+    sum += __shfl_xor_sync(0xffffffff, sum, 1);
+    sum += __shfl_xor_sync(0xffffffff, sum, 2);
+    const float inv = sum == 0.f ? 0.f : 1.f / sum;
+    const int row = row_base + h * 8;
+    if (row >= seq_q) continue;
+    if (lse != nullptr && lane % 4 == 0)
+      lse[bh * seq_q + row] = sum == 0.f ? kNegInf : (row_max[h] + __log2f(sum)) * kLn2;
+    T* out = ob + static_cast<int64_t>(row) * kD + (lane % 4) * 2;
+#pragma unroll
+    for (int n = 0; n < kD / 8; ++n)
+      *reinterpret_cast<uint32_t*>(out + n * 8) = E::pack(acc[4 * n + 2 * h] * inv, acc[4 * n + 2 * h + 1] * inv);
+  }
+}
+
+}  // namespace sm90
+}  // namespace flashmlir
