@@ -34,7 +34,7 @@ for step in "$@"; do
               done ;;
     profile) ncu --section WarpStateStats --section ComputeWorkloadAnalysis --section SchedulerStats \
                --section MemoryWorkloadAnalysis --section Occupancy -k regex:flash -s 1 -c 3 \
-               python benchmarks/profile_microkernel.py --sdpa > "$OUT/ncu.txt" 2>&1 || status=1
+               python benchmarks/profile_microkernel.py --arch sm_80 --sdpa flash > "$OUT/ncu.txt" 2>&1 || status=1
              grep -E "^  [a-z_]+flash|Warp Cycles Per Issued|Issue Slots Busy|No Eligible|Stall|Registers|Achieved Occ|Mem Busy|L1/TEX Hit|L2 Hit|Max Bandwidth|Executed Ipc A" "$OUT/ncu.txt" | head -60
              cuobjdump -sass "$(python -c 'from flashmlir.compiler import microkernels as m; print(m.select_attention_forward("sm_80","f16",128).object_path)')" \
                > "$OUT/sass_d128.txt" 2>&1

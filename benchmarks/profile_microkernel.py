@@ -1,6 +1,6 @@
 """One launch of a library attention kernel (and optionally SDPA's flash kernel), for profilers.
 
-    ncu --section WarpStateStats -k regex:flash python benchmarks/profile_microkernel.py --sdpa
+    ncu --section WarpStateStats -k regex:flash python benchmarks/profile_microkernel.py --sdpa flash
     compute-sanitizer --tool racecheck python benchmarks/profile_microkernel.py --seq 300
 
 Shapes as benchmarks/attention.py (B·S = 16k tokens, H·D = 2048) unless --batch/--heads say
@@ -26,19 +26,22 @@ def main() -> None:
     p.add_argument("--heads", type=int)
     p.add_argument("--dtype", choices=["f16", "bf16"], default="f16")
     p.add_argument("--causal", action="store_true")
-    p.add_argument("--sdpa", action="store_true", help="also run SDPA's flash backend")
+    p.add_argument("--arch", default="sm_90", help="the target whose kernel is chosen (sm_90: the Hopper one)")
+    p.add_argument("--sdpa", choices=["flash", "cudnn", "efficient"], help="also run this SDPA backend")
     args = p.parse_args()
     dtype = {"f16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     batch = args.batch or max(1, 16384 // args.seq)
     heads = args.heads or 2048 // args.head_dim
     q, k, v = (torch.randn(batch, heads, args.seq, args.head_dim, device="cuda", dtype=dtype) for _ in range(3))
-    kernel = select_attention_forward("sm_80", args.dtype, args.head_dim)
+    kernel = select_attention_forward(args.arch, args.dtype, args.head_dim)
     for _ in range(2):
         attention_forward(kernel, q, k, v, causal=args.causal)
     if args.sdpa:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                   "efficient": SDPBackend.EFFICIENT_ATTENTION}[args.sdpa]
+        with sdpa_kernel(backend):
             for _ in range(2):
                 F.scaled_dot_product_attention(q, k, v, is_causal=args.causal)
     torch.cuda.synchronize()

@@ -68,6 +68,14 @@ __device__ __forceinline__ void fence_registers(float (&r)[N]) {
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
 }
 
+// ptxas schedules within a basic block and moves a wgmma wait up freely there (it sees no cost in
+// waiting early): it pulled the wait for P·V ahead of the softmax that was meant to run under it.
+// A branch it cannot fold ends the block. `x` is an exponential, never negative; were it, a
+// nanosleep of 0 would change nothing.
+__device__ __forceinline__ void schedule_barrier(float x) {
+  if (x < 0.f) __nanosleep(0);
+}
+
 template <int kRegisters>
 __device__ __forceinline__ void release_registers() {
   asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegisters));
@@ -85,13 +93,27 @@ __device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
-// A wgmma shared-memory operand with the 128-byte swizzle. K-major operands step 8-row groups by
-// `stride` (1024 bytes here) and ignore `leading`; MN-major ones step 64-element panels by
-// `leading` and 8-row (k) groups by `stride`.
-__device__ __forceinline__ uint64_t swizzled_operand(uint32_t address, uint32_t leading, uint32_t stride) {
-  constexpr uint64_t kSwizzle128B = 1;
-  return static_cast<uint64_t>((address & 0x3ffff) >> 4) | (static_cast<uint64_t>(leading >> 4) << 16) |
-         (static_cast<uint64_t>(stride >> 4) << 32) | (kSwizzle128B << 62);
+// A wgmma shared-memory operand with the 128-byte swizzle, as its descriptor's two words. The high
+// word (8-row groups 1024 bytes apart, the swizzle mode) is the same for every operand here; the
+// low one holds the start address and the leading offset in 16-byte units, so stepping an operand
+// through a tile is a 32-bit add. K-major operands ignore `leading`; MN-major ones step 64-element
+// panels by it.
+constexpr uint32_t kOperandHigh = (1024 >> 4) | (1u << 30);  // stride 1024 B; mode 1: 128-byte swizzle
+__device__ __forceinline__ uint32_t operand_low(uint32_t address, uint32_t leading) {
+  return ((address & 0x3ffff) >> 4) | ((leading >> 4) << 16);
+}
+__device__ __forceinline__ uint64_t operand(uint32_t low) {
+  return (static_cast<uint64_t>(kOperandHigh) << 32) | low;
+}
+
+// Reduce v[0..N) with `op` pairwise, as a tree (N a power of two, or any N: the odd one waits).
+template <int N, typename Op>
+__device__ __forceinline__ float tree_reduce(float (&v)[N], Op op) {
+#pragma unroll
+  for (int width = 1; width < N; width *= 2)
+#pragma unroll
+    for (int i = 0; i + width < N; i += 2 * width) v[i] = op(v[i], v[i + width]);
+  return v[0];
 }
 
 // ---- configuration --------------------------------------------------------------------------------
@@ -100,8 +122,12 @@ template <typename T, int kD, int kBlockN, int kStages>
 struct Sm90Config {
   static constexpr int kBlockM = 128;           // two consumers × 64 rows (one wgmma M)
   static constexpr int kThreads = 3 * 128;      // producer + two consumers
-  static constexpr int kProducerRegisters = 40;  // 128 · 40 + 256 · 232 ≤ 64 K registers
-  static constexpr int kConsumerRegisters = 232;
+#ifndef FLASHMLIR_PRODUCER_REGISTERS
+#define FLASHMLIR_PRODUCER_REGISTERS 24
+#endif
+  // Registers per thread after setmaxnreg: 128 · producer + 256 · consumer ≤ 64 K.
+  static constexpr int kProducerRegisters = FLASHMLIR_PRODUCER_REGISTERS;
+  static constexpr int kConsumerRegisters = kProducerRegisters <= 24 ? 240 : kProducerRegisters <= 40 ? 232 : 224;
   static constexpr int kPanelRowBytes = 128;    // 64 elements of 16 bits: one swizzle row
   static constexpr int kTileBytesQ = kBlockM * kD * 2;
   static constexpr int kTileBytesKV = kBlockN * kD * 2;
@@ -229,25 +255,31 @@ __device__ __forceinline__ void attention_fwd_sm90(const T* __restrict__ q, cons
   float s[kSRegs];
 #pragma unroll
   for (int i = 0; i < kSRegs; ++i) s[i] = 0.f;
-  uint32_t p[kPSteps][4];
+  using Fragments = uint32_t[kPSteps][4];
+  Fragments p_even, p_odd;  // P of even and odd key tiles: one is read by a product in flight while the other is written
 
-  const uint32_t q_rows = tile_q + consumer * 64 * Cfg::kPanelRowBytes;
+  // Operands: this consumer's 64 rows of Q, and the stages of K and V (k16 steps: 32 bytes along a
+  // panel, panels kRows · 128 bytes apart; P·V steps 16 keys, 2048 bytes).
+  const uint32_t q_low = operand_low(tile_q + consumer * 64 * Cfg::kPanelRowBytes, 16);
+  const uint32_t k_low = operand_low(tile_k(0), 16);
+  const uint32_t v_low = operand_low(tile_v(0), kBlockN * 128);
+  constexpr uint32_t kStageStep = Cfg::kTileBytesKV >> 4;
   auto issue_qk = [&](int stage) {
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kD / 16; ++kk) {
-      const uint32_t column = (kk % 4) * 32;  // 16 elements of the 64-element panel
-      const uint64_t a = swizzled_operand(q_rows + (kk / 4) * kBlockM * 128 + column, 16, 1024);
-      const uint64_t b = swizzled_operand(tile_k(stage) + (kk / 4) * kBlockN * 128 + column, 16, 1024);
+      const uint32_t column = ((kk % 4) * 32) >> 4;  // 16 elements of the 64-element panel
+      const uint64_t a = operand(q_low + (((kk / 4) * kBlockM * 128) >> 4) + column);
+      const uint64_t b = operand(k_low + stage * kStageStep + (((kk / 4) * kBlockN * 128) >> 4) + column);
       Wgmma<T, kBlockN>::ss(s, a, b, kk > 0);
     }
     wgmma_commit();
   };
-  auto issue_pv = [&](int stage) {
+  auto issue_pv = [&](int stage, const Fragments& p) {
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kPSteps; ++kk) {
-      const uint64_t b = swizzled_operand(tile_v(stage) + kk * 16 * 128, kBlockN * 128, 1024);
+      const uint64_t b = operand(v_low + stage * kStageStep + kk * (2048 >> 4));
       Wgmma<T, kD>::rs(acc, p[kk], b);
     }
     wgmma_commit();
@@ -266,12 +298,14 @@ __device__ __forceinline__ void attention_fwd_sm90(const T* __restrict__ q, cons
         if (key >= seq_k || (causal && key > row)) s[i] = kNegInf;
       }
     }
+    // Row maxima and sums as trees, not chains: more independent instructions in flight.
     float mx[2], shift[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      mx[h] = fmaxf(s[2 * h], s[2 * h + 1]);
+      float m[kBlockN / 8];
 #pragma unroll
-      for (int n = 1; n < kBlockN / 8; ++n) mx[h] = fmaxf(mx[h], fmaxf(s[4 * n + 2 * h], s[4 * n + 2 * h + 1]));
+      for (int n = 0; n < kBlockN / 8; ++n) m[n] = fmaxf(s[4 * n + 2 * h], s[4 * n + 2 * h + 1]);
+      mx[h] = tree_reduce(m, [](float a, float b) { return fmaxf(a, b); });
     }
 #pragma unroll
     for (int lane_mask = 1; lane_mask <= 2; lane_mask *= 2)
@@ -286,19 +320,19 @@ __device__ __forceinline__ void attention_fwd_sm90(const T* __restrict__ q, cons
     }
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      float sum[2] = {0.f, 0.f};  // two partial sums: half the length of the add chain
+      float sum[kBlockN / 8];
 #pragma unroll
       for (int n = 0; n < kBlockN / 8; ++n) {
         s[4 * n + 2 * h] = fast_exp2(fmaf(s[4 * n + 2 * h], scale_log2, -shift[h]));
         s[4 * n + 2 * h + 1] = fast_exp2(fmaf(s[4 * n + 2 * h + 1], scale_log2, -shift[h]));
-        sum[n & 1] += s[4 * n + 2 * h] + s[4 * n + 2 * h + 1];
+        sum[n] = s[4 * n + 2 * h] + s[4 * n + 2 * h + 1];
       }
-      row_sum[h] = row_sum[h] * rescale[h] + (sum[0] + sum[1]);
+      row_sum[h] = fmaf(row_sum[h], rescale[h], tree_reduce(sum, [](float a, float b) { return a + b; }));
     }
   };
   // P as the A fragments of P·V: S's accumulators of key columns [16 kk, 16 kk + 16) are the
   // m64k16 register fragment of step kk.
-  auto convert_p = [&] {
+  auto convert_p = [&](Fragments& p) {
 #pragma unroll
     for (int kk = 0; kk < kPSteps; ++kk)
 #pragma unroll
@@ -314,8 +348,32 @@ __device__ __forceinline__ void attention_fwd_sm90(const T* __restrict__ q, cons
 
   // The loop, FlashAttention-3's intra-warpgroup overlap: S(j) = Q·K(j)ᵀ and O += P(j-1)·V(j-1)
   // go to the tensor cores together; the softmax of S(j) runs while the second is in flight. P(j)
-  // is packed only after that product has landed: its registers are the product's input until then.
+  // goes to the other of two register sets than P(j-1), so that packing it need not wait for that
+  // product: with one set, ptxas pulls the wait up to the first pack, ahead of the softmax.
   float rescale[2] = {1.f, 1.f};
+  // Tile j: issue both products, then the softmax of S(j) into p_next while P(j-1)·V(j-1) runs.
+  auto step = [&](int j, const Fragments& p_prev, Fragments& p_next) {
+    const int stage = j % kStages, prev = (j - 1) % kStages;
+    mbarrier_wait(full_k(stage), (j / kStages) & 1);
+    mbarrier_wait(full_v(prev), ((j - 1) / kStages) & 1);
+    fence_proxy_async();
+    take_turn();
+    issue_qk(stage);
+    // Once the row maxima settle the factors are exactly 1 (exp2 of 0): skip the 64 multiplies.
+    if (__any_sync(0xffffffff, rescale[0] != 1.f || rescale[1] != 1.f)) rescale_acc(rescale);
+    issue_pv(prev, p_prev);
+    pass_turn(false);
+    wgmma_wait<1>();  // S(j) has landed; P(j-1)·V(j-1) may still run
+    fence_registers(s);
+    release(empty_k(stage));
+    softmax(j, rescale);
+    convert_p(p_next);
+    schedule_barrier(rescale[0]);
+    wgmma_wait<0>();
+    fence_registers(acc);
+    release(empty_v(prev));
+  };
+
   mbarrier_wait(bar_q, 0);
   if (end > 0) {
     mbarrier_wait(full_k(0), 0);
@@ -327,38 +385,33 @@ __device__ __forceinline__ void attention_fwd_sm90(const T* __restrict__ q, cons
     fence_registers(s);
     release(empty_k(0));
     softmax(0, rescale);
-    convert_p();
+    convert_p(p_even);
 
-    for (int j = 1; j < end; ++j) {
-      const int stage = j % kStages, prev = (j - 1) % kStages;
-      mbarrier_wait(full_k(stage), (j / kStages) & 1);
-      mbarrier_wait(full_v(prev), ((j - 1) / kStages) & 1);
+    // The last product, O += P(end-1)·V(end-1), with the register set P(end-1) is in.
+    auto finish = [&](const Fragments& p_last) {
+      const int last = (end - 1) % kStages;
+      mbarrier_wait(full_v(last), ((end - 1) / kStages) & 1);
       fence_proxy_async();
       take_turn();
-      issue_qk(stage);
       rescale_acc(rescale);
-      issue_pv(prev);
-      pass_turn(false);
-      wgmma_wait<1>();  // S(j) has landed; P(j-1)·V(j-1) may still run
-      fence_registers(s);
-      release(empty_k(stage));
-      softmax(j, rescale);
+      issue_pv(last, p_last);
+      pass_turn(true);
       wgmma_wait<0>();
       fence_registers(acc);
-      release(empty_v(prev));
-      convert_p();
+      release(empty_v(last));
+    };
+    for (int j = 1;; j += 2) {
+      if (j >= end) {
+        finish(p_even);
+        break;
+      }
+      step(j, p_even, p_odd);
+      if (j + 1 >= end) {
+        finish(p_odd);
+        break;
+      }
+      step(j + 1, p_odd, p_even);
     }
-
-    const int last = (end - 1) % kStages;
-    mbarrier_wait(full_v(last), ((end - 1) / kStages) & 1);
-    fence_proxy_async();
-    take_turn();
-    rescale_acc(rescale);
-    issue_pv(last);
-    pass_turn(true);
-    wgmma_wait<0>();
-    fence_registers(acc);
-    release(empty_v(last));
   } else if constexpr (kPingPong) {
     take_turn();
     pass_turn(true);
