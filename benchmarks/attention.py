@@ -170,17 +170,20 @@ def dense_gemm_tflops() -> float:
     return 2 * 8192**3 / ms / 1e9
 
 
-def table(rows: list[dict], columns: list[str]) -> str:
-    head = "| hdim | seq | causal | dtype | " + " | ".join(columns) + " | best flashmlir / best SDPA |"
-    lines = [head, "|" + "---:|" * (len(columns) + 5)]
+def table(rows: list[dict], columns: list[str], gemm: float) -> str:
+    head = ("| hdim | seq | causal | dtype | " + " | ".join(columns)
+            + " | best flashmlir / best SDPA | best flashmlir / cuDNN | best flashmlir / GEMM |")
+    lines = [head, "|" + "---:|" * (len(columns) + 7)]
     for r in rows:
         t = r["tflops"]
         cells = [f"{t[c]:.0f}" if c in t else "-" for c in columns]
         ours = max((v for c, v in t.items() if c.startswith("flashmlir")), default=0.0)
         sdpa = max((v for c, v in t.items() if c.startswith("sdpa")), default=0.0)
+        cudnn = t.get("sdpa-cudnn", 0.0)
         ratio = f"{ours / sdpa:.2f}x" if ours and sdpa else "-"
+        vs_cudnn = f"{ours / cudnn:.2f}x" if ours and cudnn else "-"
         lines.append(f"| {r['head_dim']} | {r['seq']} | {'yes' if r['causal'] else 'no'} | {r['dtype']} | "
-                     + " | ".join(cells) + f" | {ratio} |")
+                     + " | ".join(cells) + f" | {ratio} | {vs_cudnn} | {ours / gemm:.0%} |")
     return "\n".join(lines)
 
 
@@ -239,7 +242,7 @@ def main() -> None:
     text = (f"# Attention forward, {name}, {time.strftime('%Y-%m-%d')}\n\n"
             f"TFLOP/s (B·S = 16k tokens, H·D = 2048). Dense bf16 GEMM 8192³ in the same run: {gemm:.0f} TFLOP/s. "
             f"torch {torch.__version__}. flashmlir-sm_70 is Volta code run through the driver's PTX JIT "
-            "(a sanity figure, not Volta speed), fp16 only; iree-stock is fp16 only.\n\n" + table(rows, columns))
+            "(a sanity figure, not Volta speed), fp16 only; iree-stock is fp16 only.\n\n" + table(rows, columns, gemm))
     notes = [f"- {r['head_dim']}/{r['seq']}/{'causal' if r['causal'] else 'full'}/{r['dtype']} {k}: {v}"
              for r in rows for k, v in r["notes"].items() if "rel.err" not in k]
     if notes:

@@ -184,8 +184,10 @@ def select_attention_forward(arch: str, element: str, head_dim: int) -> CudaAtte
         have = sorted({(k.element, k.head_dim) for k in runnable})
         offer = ", ".join(f"{e} d{d}" for e, d in have)
         raise NoKernel(f"no {arch} attention microkernel for {element} head dim {head_dim} (have: {offer})")
-    # The newest family the target can run.
-    kernel = max(matching, key=lambda k: _arch_number(k.min_arch))
+    # The newest family the target can run whose object was built (an older family's kernel is still
+    # right on a newer GPU, only slower); if none was built, say why for the newest.
+    matching.sort(key=lambda k: _arch_number(k.min_arch), reverse=True)
+    kernel = next((k for k in matching if k.object_path.is_file()), matching[0])
     if not kernel.object_path.is_file():
         if kernel.min_arch == "sm_70":
             raise NoKernel(f"microkernel {kernel.name} was not built ({kernel.object_path} is missing: Volta "

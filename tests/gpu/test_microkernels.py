@@ -66,19 +66,50 @@ def _run(element, d, causal, b, hq, hkv, sq, sk, scale=None, arch="sm_80"):
     assert (lse.double() - ref_lse).abs().max().item() < 1e-3
 
 
+# sm_80: the mma.sync kernel (FlashAttention-2's partitioning); sm_90: the Hopper one (WGMMA,
+# warp-specialized). Both run on an H100; each target picks its own.
+ARCHS = ["sm_80", "sm_90"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("element", ["f16", "bf16"])
 @pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("causal", [False, True])
-def test_kernels(element, d, causal):
-    _run(element, d, causal, b=2, hq=3, hkv=3, sq=1000, sk=1000)
+def test_kernels(element, d, causal, arch):
+    _run(element, d, causal, b=2, hq=3, hkv=3, sq=1000, sk=1000, arch=arch)
 
 
 @pytest.mark.parametrize("sq, sk, causal", [
     (1, 1, False), (1, 77, False), (77, 1, True), (63, 65, True), (128, 64, True), (129, 4099, False),
     (4099, 129, True), (2048, 2048, True),
 ])
-def test_ragged_and_unequal_lengths(sq, sk, causal):
-    _run("f16", 128, causal, b=1, hq=2, hkv=2, sq=sq, sk=sk)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_ragged_and_unequal_lengths(sq, sk, causal, arch):
+    _run("f16", 128, causal, b=1, hq=2, hkv=2, sq=sq, sk=sk, arch=arch)
+
+
+@pytest.mark.parametrize("d", [64, 256])
+@pytest.mark.parametrize("sq, sk, causal", [(1, 1, False), (77, 1, True), (63, 65, True), (129, 4099, False),
+                                            (4099, 129, True), (1000, 1000, True)])
+def test_hopper_ragged_other_head_dims(d, sq, sk, causal):
+    _run("bf16", d, causal, b=1, hq=2, hkv=1, sq=sq, sk=sk, arch="sm_90")
+
+
+def test_hopper_kernel_is_sm90a_wgmma():
+    """What the library holds for sm_90 is sm_90a code: warpgroup MMAs (HGMMA), the register hand-over
+    between producer and consumers (USETMAXREG)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("cuobjdump") is None:
+        pytest.skip("no cuobjdump")
+    kernel = _kernel("f16", 128, "sm_90")
+    assert kernel.family == "attention_fwd_sm90"
+    sass = subprocess.run(["cuobjdump", "-sass", str(kernel.object_path)], capture_output=True, text=True,
+                          check=True).stdout
+    assert "arch = sm_90a" in sass
+    assert "HGMMA.64x128x16.F32" in sass
+    assert "USETMAXREG.DEALLOC" in sass and "USETMAXREG.TRY_ALLOC" in sass
 
 
 @pytest.mark.parametrize("d", [64, 128])
@@ -95,20 +126,22 @@ def test_volta_ragged_gqa_and_large_scores(sq, sk, causal):
     _run("f16", 64, causal, b=1, hq=2, hkv=1, sq=sq, sk=sk, scale=3.0, arch="sm_70")
 
 
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("hq, hkv", [(8, 2), (8, 1)])
-def test_gqa_reads_shared_kv_heads(hq, hkv):
-    _run("bf16", 64, True, b=2, hq=hq, hkv=hkv, sq=300, sk=300)
+def test_gqa_reads_shared_kv_heads(hq, hkv, arch):
+    _run("bf16", 64, True, b=2, hq=hq, hkv=hkv, sq=300, sk=300, arch=arch)
 
 
-def test_large_scores_do_not_overflow():
+@pytest.mark.parametrize("arch", ARCHS)
+def test_large_scores_do_not_overflow(arch):
     """Scores of ±hundreds: the running max keeps exp2 in range (a naive softmax gives inf/NaN)."""
-    _run("f16", 64, False, b=1, hq=2, hkv=2, sq=256, sk=256, scale=3.0)
+    _run("f16", 64, False, b=1, hq=2, hkv=2, sq=256, sk=256, scale=3.0, arch=arch)
 
 
-@pytest.mark.parametrize("arch", ["sm_80", "sm_70"])
+@pytest.mark.parametrize("arch", ["sm_90", "sm_80", "sm_70"])
 def test_through_iree_the_dispatch_is_the_microkernel(arch):
-    """An SDPA module for sm_80 (sm_70) compiles to our sm_80 (Volta) kernel, one extern dispatch,
-    and is right."""
+    """An SDPA module for sm_90 (sm_80, sm_70) compiles to our Hopper (sm_80, Volta) kernel, one
+    extern dispatch, and is right."""
     from flashmlir.compiler import iree_driver
     from flashmlir.compiler.mlir_io import parse_module
     from flashmlir.compiler.pipeline import compile_module
@@ -116,7 +149,7 @@ def test_through_iree_the_dispatch_is_the_microkernel(arch):
     from flashmlir.runtime.iree_module import IreeModule
 
     kernel = _kernel("f16", 128, arch)
-    assert kernel.min_arch == arch
+    assert kernel.min_arch.rstrip("a") == arch
     shape, kv = "[2,8,777,128]", "[2,2,777,128]"
     text = f"""
 func.func @main(%q: !torch.vtensor<{shape},f16>, %k: !torch.vtensor<{kv},f16>, %v: !torch.vtensor<{kv},f16>) -> !torch.vtensor<{shape},f16> {{

@@ -122,11 +122,13 @@ template <typename T, int kD, int kBlockN, int kStages>
 struct Sm90Config {
   static constexpr int kBlockM = 128;           // two consumers × 64 rows (one wgmma M)
   static constexpr int kThreads = 3 * 128;      // producer + two consumers
-#ifndef FLASHMLIR_PRODUCER_REGISTERS
-#define FLASHMLIR_PRODUCER_REGISTERS 24
-#endif
-  // Registers per thread after setmaxnreg: 128 · producer + 256 · consumer ≤ 64 K.
+  // Registers per thread after setmaxnreg: 128 · producer + 256 · consumer ≤ 64 K. The least that
+  // spills neither role (ptxas -v): head dim 256 consumers need 240 (O alone is 128).
+#ifdef FLASHMLIR_PRODUCER_REGISTERS
   static constexpr int kProducerRegisters = FLASHMLIR_PRODUCER_REGISTERS;
+#else
+  static constexpr int kProducerRegisters = kD == 128 ? 32 : 24;
+#endif
   static constexpr int kConsumerRegisters = kProducerRegisters <= 24 ? 240 : kProducerRegisters <= 40 ? 232 : 224;
   static constexpr int kPanelRowBytes = 128;    // 64 elements of 16 bits: one swizzle row
   static constexpr int kTileBytesQ = kBlockM * kD * 2;
@@ -143,22 +145,35 @@ struct Sm90Config {
 
 // Copy rows [row0, row0 + kRows) of a [rows, kD] matrix into a swizzled tile (zero past `rows`),
 // by the 128 producer threads. Each thread owns one 16-byte column chunk; its rows step by
-// 128 / (kD / 8), so its swizzled shared offset steps by a constant.
+// 128 / (kD / 8). The producer shares the schedulers with the consumers, so its instructions are
+// counted: a whole tile is one pointer step and one copy per chunk; only a sequence's ragged last
+// tile checks rows.
 template <typename T, int kRows, int kD>
 __device__ __forceinline__ void load_tile(uint32_t tile, const T* base, int row0, int rows, int thread) {
   constexpr int kChunks = kD / 8, kRowStep = 128 / kChunks;
   static_assert(kRows % kRowStep == 0, "tile rows must be a multiple of the producer's row step");
   const int chunk = thread % kChunks, panel = chunk / 8, c = chunk % 8;
   const int first = thread / kChunks;
-  const uint32_t dst = tile + panel * kRows * 128 + first * 128 + ((c ^ (first & 7)) << 4);
-#pragma unroll 4  // fully unrolled, the producer needs more than the registers it keeps
+  auto shared_offset = [&](int r) { return tile + panel * kRows * 128 + r * 128 + ((c ^ (r & 7)) << 4); };
+  const T* src = base + static_cast<int64_t>(row0 + first) * kD + chunk * 8;
+  constexpr int kUnroll = kD >= 256 ? 4 : 8;  // copies in flight per thread that fit the producer's 24 registers
+  if (row0 + kRows <= rows) {
+    if constexpr (kRowStep % 8 == 0) {  // the swizzle phase of this thread's rows never changes
+      const uint32_t dst = shared_offset(first);
+#pragma unroll kUnroll
+      for (int it = 0; it < kRows / kRowStep; ++it) cp_async_16(dst + it * kRowStep * 128, src + it * kRowStep * kD, 16);
+    } else {
+#pragma unroll kUnroll
+      for (int it = 0; it < kRows / kRowStep; ++it)
+        cp_async_16(shared_offset(first + it * kRowStep), src + it * kRowStep * kD, 16);
+    }
+    return;
+  }
+#pragma unroll 4
   for (int it = 0; it < kRows / kRowStep; ++it) {
-    const int r = first + it * kRowStep;  // r % 8 == first % 8 unless kRowStep < 8
+    const int r = first + it * kRowStep;
     const bool valid = row0 + r < rows;
-    const T* src = base + static_cast<int64_t>(valid ? row0 + r : 0) * kD + chunk * 8;
-    const uint32_t at = kRowStep % 8 == 0 ? dst + it * kRowStep * 128
-                                          : tile + panel * kRows * 128 + r * 128 + ((c ^ (r & 7)) << 4);
-    cp_async_16(at, src, valid ? 16 : 0);
+    cp_async_16(shared_offset(r), valid ? src + it * kRowStep * kD : base, valid ? 16 : 0);
   }
 }
 

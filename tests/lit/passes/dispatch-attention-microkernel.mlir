@@ -10,6 +10,32 @@
 // RUN: env FLASHMLIR_MICROKERNEL_DIR=%t flashmlir-opt --split-input-file --flashmlir-dispatch-attention-microkernel=target=sm_70 %s | filecheck %s --check-prefix=SM70
 // RUN: env FLASHMLIR_MICROKERNEL_DIR=%t flashmlir-opt --split-input-file --flashmlir-dispatch-attention-microkernel=target=sm_70 --debug %s 2>&1 >/dev/null | filecheck %s --check-prefix=VOLTADECLINE
 // RUN: env FLASHMLIR_MICROKERNEL_DIR=%t/none flashmlir-opt --split-input-file --flashmlir-dispatch-attention-microkernel=target=sm_80 --debug %s 2>&1 >/dev/null | filecheck %s --check-prefix=NOLIB
+// With the Hopper kernels built as well (the sm_90 run above had only sm_80 objects: it falls back to them):
+// RUN: rm -rf %t90 && mkdir -p %t90/cuda && cp %t/kernels.json %t/cuda/* %t90/ 2>/dev/null; mv %t90/*.fatbin %t90/*.ptx %t90/cuda/
+// RUN: touch %t90/cuda/attention_fwd_sm90_f16_d64.fatbin %t90/cuda/attention_fwd_sm90_f16_d128.fatbin %t90/cuda/attention_fwd_sm90_bf16_d64.fatbin
+// RUN: env FLASHMLIR_MICROKERNEL_DIR=%t90 flashmlir-opt --split-input-file --flashmlir-dispatch-attention-microkernel=target=sm_90 %s | filecheck %s --check-prefix=HOPPER
+// RUN: env FLASHMLIR_MICROKERNEL_DIR=%t90 flashmlir-opt --split-input-file --flashmlir-dispatch-attention-microkernel=target=sm_90 --debug %s 2>&1 >/dev/null | filecheck %s --check-prefix=HOPPERWHY
+// RUN: env FLASHMLIR_MICROKERNEL_DIR=%t90 flashmlir-opt --split-input-file --flashmlir-dispatch-attention-microkernel=target=sm_80 %s | filecheck %s
+
+// sm_90: the warp-specialized kernel: 3 warpgroups (384 threads), 128-row blocks, so the same grid
+// (8, 32); shared memory Q + 3 stages × (K, V) of 128 keys + 13 mbarriers + 1024 bytes of alignment.
+// HOPPER-LABEL: func.func @mha_f16_d128
+// HOPPER:         hal.dispatch.extern "flashmlir_attention_fwd_sm90_f16_d128"(%c1_i32, %c1000_i32, %c1000_i32_0, %{{.+}}, %c0_i32, %arg0, %arg1, %arg2)
+// HOPPER-DAG:       arith.constant 8 : index
+// HOPPER-DAG:       arith.constant 32 : index
+// HOPPER:           ordinal(0) = [#hal.executable.object<{path = "{{.+}}/cuda/attention_fwd_sm90_f16_d128.fatbin"}>]
+// HOPPER-NEXT:    }) <workgroup_size = [384 : index, 1 : index, 1 : index], workgroup_local_memory = 230504>
+// HOPPER-LABEL: func.func @causal_f16_d64
+// HOPPER:         hal.dispatch.extern "flashmlir_attention_fwd_sm90_f16_d64"(%{{.+}}, %{{.+}}, %{{.+}}, %{{.+}}, %c1_i32{{(_[0-9]+)?}}, %arg0, %arg1, %arg2)
+// HOPPER:         workgroup_local_memory = 115816>
+// HOPPER-LABEL: func.func @gqa_bf16_d64
+// HOPPER:         hal.dispatch.extern "flashmlir_attention_fwd_sm90_bf16_d64"(%c4_i32,
+// HOPPER-LABEL: func.func @padding_mask
+// HOPPER-NOT:     hal.dispatch.extern
+// HOPPERWHY:      declined iree_linalg_ext.attention {{.*}}an explicit mask
+// HOPPERWHY:      declined iree_linalg_ext.attention {{.*}}microkernel flashmlir_attention_fwd_sm90_bf16_d128 was not built
+// HOPPERWHY:      declined iree_linalg_ext.attention {{.*}}no sm_90 attention microkernel for f32 head dim 64 (have: bf16 d64, bf16 d128, bf16 d256, f16 d64, f16 d128, f16 d256)
+// HOPPERWHY:      declined iree_linalg_ext.attention {{.*}}no sm_90 attention microkernel for f16 head dim 96
 
 // sm_70 (Volta): f16 head dim 128 takes the Volta kernel, whose image is compute_70 PTX; its grid is
 // (⌈1000/64⌉, B·H) = (16, 32) and its shared memory Q, K, V plus per-warp S, P and row factors.
