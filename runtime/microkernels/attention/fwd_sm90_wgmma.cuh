@@ -140,7 +140,8 @@ struct Sm90Config {
   // The tiles start on a 1024-byte boundary (the swizzle's period): slack to align the base.
   static constexpr int kSharedBytes = kOffsetBarriers + 8 * kBarriers + 1024;
   static_assert(kD % 64 == 0 && kBlockN % 16 == 0 && kTileBytesKV % 1024 == 0, "unsupported tile shape");
-  static_assert(kD / 2 + kBlockN / 2 + kBlockN / 4 <= 200, "too many accumulators for the consumers");
+  // Per consumer thread: O (kD / 2), S (kBlockN / 2) and two sets of P (kBlockN / 4 each).
+  static_assert(kD / 2 + kBlockN / 2 + kBlockN / 2 <= 200, "too many accumulators for the consumers");
 };
 
 // Copy rows [row0, row0 + kRows) of a [rows, kD] matrix into a swizzled tile (zero past `rows`),
