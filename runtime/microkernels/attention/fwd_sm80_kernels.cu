@@ -9,21 +9,11 @@
 //          flashmlir_attention_fwd_sm80_<f16|bf16>_d<D>_lse  (q, k, v, o, lse, constants)
 // constants group (Hq / Hkv), seq_q, seq_k, scale (f32 bits), causal (0 or 1)
 #include "fwd_sm80_mma_sync.cuh"
+#include "kernel_entry.cuh"
 
-#ifndef FLASHMLIR_ELEMENT
-#define FLASHMLIR_ELEMENT half
-#endif
-#ifndef FLASHMLIR_HEAD_DIM
-#define FLASHMLIR_HEAD_DIM 128
-#endif
-#ifndef FLASHMLIR_ELEMENT_NAME
-#define FLASHMLIR_ELEMENT_NAME f16
-#endif
 
-#define FLASHMLIR_CAT_(a, b, c, d) a##b##c##d
-#define FLASHMLIR_CAT(a, b, c, d) FLASHMLIR_CAT_(a, b, c, d)
-#define FLASHMLIR_KERNEL FLASHMLIR_CAT(flashmlir_attention_fwd_sm80_, FLASHMLIR_ELEMENT_NAME, _d, FLASHMLIR_HEAD_DIM)
-#define FLASHMLIR_KERNEL_LSE FLASHMLIR_CAT(FLASHMLIR_KERNEL, _lse, , )
+#define FLASHMLIR_KERNEL FLASHMLIR_KERNEL_NAME(sm80)
+#define FLASHMLIR_KERNEL_LSE FLASHMLIR_KERNEL_NAME_LSE(sm80)
 
 namespace {
 using Element = FLASHMLIR_ELEMENT;

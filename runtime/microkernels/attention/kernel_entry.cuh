@@ -1,0 +1,22 @@
+// What the CUDA entry-point files share: the element type and head dim the build passes
+// (-DFLASHMLIR_ELEMENT, -DFLASHMLIR_ELEMENT_NAME, -DFLASHMLIR_HEAD_DIM; defaults for a build by hand)
+// and the exported names, flashmlir_attention_fwd_<family>_<element>_d<D>[_lse], which the catalog
+// (compiler/microkernels.py `CudaAttentionKernel.name`) spells the same way.
+#pragma once
+
+#ifndef FLASHMLIR_ELEMENT
+#define FLASHMLIR_ELEMENT half
+#endif
+#ifndef FLASHMLIR_HEAD_DIM
+#define FLASHMLIR_HEAD_DIM 128
+#endif
+#ifndef FLASHMLIR_ELEMENT_NAME
+#define FLASHMLIR_ELEMENT_NAME f16
+#endif
+
+#define FLASHMLIR_CAT_(a, b, c, d) a##b##c##d
+#define FLASHMLIR_CAT(a, b, c, d) FLASHMLIR_CAT_(a, b, c, d)
+// FLASHMLIR_KERNEL_NAME(sm80) → flashmlir_attention_fwd_sm80_f16_d128 (for the defaults).
+#define FLASHMLIR_KERNEL_NAME(family) \
+  FLASHMLIR_CAT(flashmlir_attention_fwd_##family##_, FLASHMLIR_ELEMENT_NAME, _d, FLASHMLIR_HEAD_DIM)
+#define FLASHMLIR_KERNEL_NAME_LSE(family) FLASHMLIR_CAT(FLASHMLIR_KERNEL_NAME(family), _lse, , )
