@@ -4,7 +4,8 @@
 # Steps: install (builds the microkernels with nvcc), kernels (their direct tests), volta (the sm_70
 # kernel's tests, through the driver's PTX JIT),
 # sweep (tile sweep table), gpu-tests (the whole GPU suite), bench (attention grid, hdim 64/128),
-# sanitize (compute-sanitizer memcheck + racecheck on a kernel), profile (ncu vs SDPA flash, SASS mix).
+# sanitize (compute-sanitizer memcheck + racecheck on a kernel), profile (ncu vs SDPA flash, SASS mix),
+# backward (the backward kernels' direct tests and their table beside SDPA's backward).
 # Logs and tables go to $OUT (at most 8 files come back).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -23,6 +24,9 @@ for step in "$@"; do
     volta) python -m pytest -q -p no:cacheprovider tests/gpu/test_microkernels.py -k "volta or sm_70" 2>&1 | tail -15 || status=1
            grep -ohE "wmma\.mma\.sync[a-z0-9._]*" "$(python -c 'from flashmlir.compiler import microkernels as m; print(m.library_dir())')"/cuda/*sm70*.ptx | sort | uniq -c ;;
     kernels) python -m pytest -q -p no:cacheprovider tests/gpu/test_microkernels.py 2>&1 | tail -30 || status=1 ;;
+    backward) python -m pytest -q -p no:cacheprovider tests/gpu/test_backward_microkernels.py 2>&1 | tail -30 || status=1
+              python benchmarks/attention_backward.py ${BWD_ARGS:-} --markdown "$OUT/backward.md" \
+                --json "$OUT/backward.json" 2>&1 | grep -v '^{' || status=1 ;;
     sweep) python benchmarks/microkernel_sweep.py --markdown "$OUT/sweep.md" --json "$OUT/sweep.json" \
              2>&1 | grep -v '^{' || status=1 ;;
     gpu-tests) python -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/gpu-tests.log" | tail -40 || status=1 ;;

@@ -70,6 +70,48 @@ class CudaAttentionKernel:
         return (-(-seq_q // self.block_m), batch_heads, 1)
 
 
+@dataclass(frozen=True)
+class CudaAttentionBackwardKernel:
+    """One CUDA backward attention instance: two kernels, `dq` (dQ and Δ = rowsum(dO∘O)) then `dkdv`.
+
+    Each keeps 16·warps rows per block resident (dq: query rows, dkdv: keys) and streams tiles of the
+    other side: dq `block_n` keys, dkdv `block_m` queries (bwd_sm80_mma_sync.cuh).
+    """
+
+    family: str  # "attention_bwd_sm80"
+    element: str
+    head_dim: int
+    block_m: int  # queries per tile streamed by dkdv
+    block_n: int  # keys per tile streamed by dq
+    warps: int
+    min_arch: str
+    object_path: Path
+
+    def name(self, part: str) -> str:
+        """The exported symbol of `part` ("dq" or "dkdv")."""
+        return f"flashmlir_{self.family}_{self.element}_d{self.head_dim}_{part}"
+
+    @property
+    def threads(self) -> int:
+        return self.warps * 32
+
+    @property
+    def rows(self) -> int:
+        return 16 * self.warps
+
+    def shared_bytes(self, part: str) -> int:
+        """Dynamic shared memory of `part`, as `BwdConfig` lays it out."""
+        e = ELEMENT_BYTES[self.element]
+        resident = 2 * self.rows * self.head_dim * e  # Q and dO (dq), K and V (dkdv)
+        if part == "dq":
+            return resident + 4 * self.block_n * self.head_dim * e  # two stages of K, V
+        return resident + 2 * (2 * self.block_m * self.head_dim * e + 2 * self.block_m * 4)  # Q, dO, lse, Δ
+
+    def grid(self, part: str, seq: int, batch_heads: int) -> tuple[int, int, int]:
+        """dq: seq = Sq, batch_heads = B·Hq; dkdv: seq = Sk, batch_heads = B·Hkv."""
+        return (-(-seq // self.rows), batch_heads, 1)
+
+
 # Workgroups per IREE worker thread for the CPU kernels: fewer than IREE's 8-tile reservation,
 # enough that a thread held up by the OS leaves the others a share to take.
 CPU_WORKGROUPS_PER_THREAD = 4
@@ -109,9 +151,10 @@ class CpuAttentionKernel:
 class Library:
     cuda: tuple[CudaAttentionKernel, ...] = ()
     cpu: tuple[CpuAttentionKernel, ...] = ()
+    cuda_backward: tuple[CudaAttentionBackwardKernel, ...] = ()
 
     def objects(self) -> list[Path]:
-        return [k.object_path for k in (*self.cuda, *self.cpu)]
+        return [k.object_path for k in (*self.cuda, *self.cpu, *self.cuda_backward)]
 
 
 # What the build makes of a CUDA entry (runtime/microkernels/CMakeLists.txt): a fatbin from nvcc, or
@@ -123,7 +166,7 @@ def _arch_number(arch: str) -> int:
     return int(arch.removeprefix("sm_").rstrip("a"))
 
 
-def runs_on(kernel: CudaAttentionKernel, arch: str) -> bool:
+def runs_on(kernel: CudaAttentionKernel | CudaAttentionBackwardKernel, arch: str) -> bool:
     """Whether the kernel's image runs on `arch`: an architecture-specific build ("sm_90a": wgmma,
     setmaxnreg) only there, any other from its minimum architecture on."""
     if kernel.min_arch.endswith("a"):
@@ -150,17 +193,24 @@ def _load(directory: Path | None) -> Library:
     if directory is None or not (directory / CATALOG).is_file():
         return Library()
     catalog = json.loads((directory / CATALOG).read_text())
+
+    def cuda_object(e: dict) -> Path:
+        return directory / "cuda" / f"{e['family']}_{e['element']}_d{e['head_dim']}.{_CUDA_FORMAT[e['min_arch']]}"
+
+    entries = catalog.get("cuda", [])
     cuda = tuple(
         CudaAttentionKernel(e["family"], e["element"], e["head_dim"], e["block_m"], e["block_n"], e["warps"],
-                            e["min_arch"],
-                            directory / "cuda" / f"{e['family']}_{e['element']}_d{e['head_dim']}.{_CUDA_FORMAT[e['min_arch']]}",
-                            e.get("stages", 2), e.get("pingpong", False))
-        for e in catalog.get("cuda", []))
+                            e["min_arch"], cuda_object(e), e.get("stages", 2), e.get("pingpong", False))
+        for e in entries if e["family"].startswith("attention_fwd"))
+    cuda_backward = tuple(
+        CudaAttentionBackwardKernel(e["family"], e["element"], e["head_dim"], e["block_m"], e["block_n"],
+                                    e["warps"], e["min_arch"], cuda_object(e))
+        for e in entries if e["family"].startswith("attention_bwd"))
     cpu = tuple(
         CpuAttentionKernel(e["family"], e["isa"], e["element"], tuple(e["head_dims"]), e["row_vectors"],
                            frozenset(e["requires"]), directory / "cpu" / f"{e['family']}_{e['isa']}.o")
         for e in catalog.get("cpu", []))
-    return Library(cuda, cpu)
+    return Library(cuda, cpu, cuda_backward)
 
 
 def library() -> Library:
@@ -195,6 +245,25 @@ def select_attention_forward(arch: str, element: str, head_dim: int) -> CudaAtte
                            "reinstall flashmlir)")
         raise NoKernel(f"microkernel {kernel.name} was not built ({kernel.object_path} is missing: nvcc was "
                        "not found when flashmlir was installed; put nvcc on PATH and reinstall)")
+    return kernel
+
+
+def select_attention_backward(arch: str, element: str, head_dim: int) -> CudaAttentionBackwardKernel:
+    """The CUDA backward kernels for `arch`, or NoKernel with the reason."""
+    kernels = [k for k in library().cuda_backward if runs_on(k, arch)]
+    if not kernels:
+        raise NoKernel(f"no attention backward microkernel for {arch} (the library has "
+                       f"{'none' if not library().cuda_backward else 'none that runs there'})")
+    matching = [k for k in kernels if k.element == element and k.head_dim == head_dim]
+    if not matching:
+        offer = ", ".join(f"{e} d{d}" for e, d in sorted({(k.element, k.head_dim) for k in kernels}))
+        raise NoKernel(f"no {arch} attention backward microkernel for {element} head dim {head_dim} (have: {offer})")
+    matching.sort(key=lambda k: _arch_number(k.min_arch), reverse=True)
+    kernel = next((k for k in matching if k.object_path.is_file()), matching[0])
+    if not kernel.object_path.is_file():
+        raise NoKernel(f"microkernel {kernel.family}_{kernel.element}_d{kernel.head_dim} was not built "
+                       f"({kernel.object_path} is missing: nvcc was not found when flashmlir was installed; "
+                       "put nvcc on PATH and reinstall)")
     return kernel
 
 

@@ -6,6 +6,7 @@
     ..-match-attention         flashmlir-match-attention
     ..-lower-attention         flashmlir-lower-attention
     ..-dispatch-microkernels   flashmlir-dispatch-attention-microkernel (CPU and CUDA targets)
+    ..-dispatch-training       flashmlir-dispatch-attention-training (CUDA; graphs with training ops)
     ..-tile-attention          flashmlir-tile-attention{target=…}, canonicalize, cse
     iree-*               IREE: torch input conversion, dispatch formation, codegen, VM
 
@@ -45,12 +46,16 @@ def flashmlir_stages(target: Target, bind_result_storage: bool = False) -> tuple
     binding = (Stage("bind-result-storage", "flashmlir-bind-result-storage"),) if bind_result_storage else ()
     use_microkernels = target.kind in ("cpu", "cuda") and config.microkernels_enabled()
     dispatch = (Stage("dispatch-microkernels", "flashmlir-dispatch-attention-microkernel"),) if use_microkernels else ()
+    # Training ops have no other lowering: the pass runs wherever they may appear (it says why it
+    # cannot serve one); the frontend emits them only where the kernels exist.
+    training = (Stage("dispatch-training", "flashmlir-dispatch-attention-training"),) if target.kind == "cuda" else ()
     return (
         Stage("erase-device-placement", "flashmlir-erase-device-placement"),
         *binding,
         Stage("match-attention", "flashmlir-match-attention"),
         Stage("lower-attention", "flashmlir-lower-attention"),
         *dispatch,
+        *training,
         Stage("tile-attention", f"flashmlir-tile-attention{{target={target.name}}},canonicalize,cse"),
     )
 
@@ -79,8 +84,9 @@ class CompileReport:
 
     @property
     def attention_microkernels(self) -> int:
-        """Attention ops that run as our microkernels."""
-        return self.rewrites("flashmlir-dispatch-attention-microkernel")
+        """Attention ops that run as our microkernels (training ops included)."""
+        return (self.rewrites("flashmlir-dispatch-attention-microkernel")
+                + self.rewrites("flashmlir-dispatch-attention-training"))
 
     @property
     def attention_tiled(self) -> int:

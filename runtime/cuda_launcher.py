@@ -96,3 +96,25 @@ def attention_forward(kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     fn(kernel.grid(sq, b * hq), (kernel.threads, 1, 1), kernel.shared_bytes, q, k, v, *outputs,
        hq // hkv, sq, sk, f32_bits(scale), int(causal))
     return outputs if with_lse else o
+
+
+def attention_backward(kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                       d_o: torch.Tensor, lse: torch.Tensor, *, causal: bool, scale: float | None = None):
+    """Run a library backward kernel pair (a `CudaAttentionBackwardKernel`) on [B, H, S, D] tensors as
+    the two IREE dispatches would: dq (which also writes Δ) then dkdv. lse is the forward's, float32
+    [B, Hq, Sq]. Returns dq, dk, dv."""
+    b, hq, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    scale = d ** -0.5 if scale is None else scale
+    device = q.device.index or 0
+    constants = (hq // hkv, sq, sk, f32_bits(scale), int(causal))
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    delta = torch.empty(b, hq, sq, device=q.device, dtype=torch.float32)
+    block = (kernel.threads, 1, 1)
+    dq_fn = _loaded(str(kernel.object_path), kernel.name("dq"), device)
+    dq_fn(kernel.grid("dq", sq, b * hq), block, kernel.shared_bytes("dq"), q, k, v, o, d_o, lse, dq, delta,
+          *constants)
+    dkdv_fn = _loaded(str(kernel.object_path), kernel.name("dkdv"), device)
+    dkdv_fn(kernel.grid("dkdv", sk, b * hkv), block, kernel.shared_bytes("dkdv"), q, k, v, d_o, lse, delta, dk, dv,
+            *constants)
+    return dq, dk, dv

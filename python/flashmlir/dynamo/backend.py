@@ -24,6 +24,7 @@ from flashmlir import config
 from flashmlir.compiler.targets import Target, check_runs_on, get_target, target_for_device
 from flashmlir.errors import FlashmlirError, UnsupportedError
 from flashmlir.frontend.matcher import AttentionSite, MatchResult, NearMiss
+from flashmlir.frontend.training_ops import needs_gradients, rewrite_for_training
 from flashmlir.log import logger, warn_once
 
 
@@ -154,6 +155,10 @@ class GraphCompiler:
             target = _target_for(self.options, example_inputs)
         except FlashmlirError as e:
             return self._count_runs(self._fallback(str(e), aten.forward))
+        if needs_gradients(example_inputs) and self.match.sites:
+            rewritten, reasons = rewrite_for_training(aten, _training_check(target))
+            logger.info("%s: %d attention site(s) get flash backward kernels%s", self.name, rewritten,
+                        "".join(f"; not {r}" for r in reasons))
         return self._count_runs(self._aot(aten, example_inputs, target))
 
     def _aot(self, aten: fx.GraphModule, example_inputs: Sequence[Any], target: Target) -> Callable:
@@ -183,6 +188,31 @@ class GraphCompiler:
             decompositions=_aot_decompositions(),
         )
         return backend(aten, example_inputs)
+
+
+_KERNEL_ELEMENTS = {torch.float16: "f16", torch.bfloat16: "bf16"}
+
+
+def _training_check(target: Target) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], str | None]:
+    """Whether `target`'s microkernel library has the forward-with-lse and backward kernels for a site."""
+    from flashmlir.compiler import microkernels
+
+    def check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool) -> str | None:
+        if target.gpu is None:
+            return f"no backward kernels for {target.name} yet (the op's textbook backward runs instead)"
+        if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _KERNEL_ELEMENTS:
+            return f"dtypes {q.dtype}/{k.dtype}/{v.dtype} (the backward kernels take float16 or bfloat16)"
+        if v.shape[-1] != q.shape[-1]:
+            return f"value head dim {v.shape[-1]} differs from the query head dim {q.shape[-1]}"
+        element, head_dim = _KERNEL_ELEMENTS[q.dtype], q.shape[-1]
+        try:
+            microkernels.select_attention_forward(target.gpu.arch, element, head_dim)
+            microkernels.select_attention_backward(target.gpu.arch, element, head_dim)
+        except microkernels.NoKernel as why:
+            return str(why)
+        return None
+
+    return check
 
 
 def _reason(error: Exception) -> str:

@@ -26,7 +26,7 @@
 // ragged-tail tiles are masked, tiles right of the diagonal are never loaded.
 #pragma once
 
-#include "fwd_sm80_mma_sync.cuh"  // kLog2e, fast_exp2, cp_async_16, smem_address, Element<T>::pack
+#include "mma_sm80.cuh"  // kLog2e, fast_exp2, cp_async_16, smem_address, Element<T>::pack
 #include "wgmma_sm90.cuh"
 
 namespace flashmlir {

@@ -1,7 +1,7 @@
 // What the CUDA entry-point files share: the element type and head dim the build passes
 // (-DFLASHMLIR_ELEMENT, -DFLASHMLIR_ELEMENT_NAME, -DFLASHMLIR_HEAD_DIM; defaults for a build by hand)
-// and the exported names, flashmlir_attention_fwd_<family>_<element>_d<D>[_lse], which the catalog
-// (compiler/microkernels.py `CudaAttentionKernel.name`) spells the same way.
+// and the exported names, flashmlir_attention_<fwd|bwd>_<family>_<element>_d<D>[_part], which the
+// catalog (compiler/microkernels.py `CudaAttentionKernel.name`) spells the same way.
 #pragma once
 
 #ifndef FLASHMLIR_ELEMENT
@@ -20,3 +20,7 @@
 #define FLASHMLIR_KERNEL_NAME(family) \
   FLASHMLIR_CAT(flashmlir_attention_fwd_##family##_, FLASHMLIR_ELEMENT_NAME, _d, FLASHMLIR_HEAD_DIM)
 #define FLASHMLIR_KERNEL_NAME_LSE(family) FLASHMLIR_CAT(FLASHMLIR_KERNEL_NAME(family), _lse, , )
+// FLASHMLIR_BWD_KERNEL_NAME(sm80, _dq) → flashmlir_attention_bwd_sm80_f16_d128_dq (for the defaults).
+#define FLASHMLIR_BWD_KERNEL_NAME(family, part)                                                    \
+  FLASHMLIR_CAT(FLASHMLIR_CAT(flashmlir_attention_bwd_##family##_, FLASHMLIR_ELEMENT_NAME, _d, FLASHMLIR_HEAD_DIM), \
+                part, , )

@@ -1,0 +1,181 @@
+"""The ops a training graph gets where flash backward kernels serve an attention site.
+
+    attention_forward(q, k, v, is_causal, scale)                      -> (out, lse)
+    attention_backward(grad_out, q, k, v, out, lse, is_causal, scale) -> (dq, dk, dv)
+
+`lse` = ln Σ_j exp(scale · q·k_j) per query row, float32 [*, Hq, Sq] (float64 for float64 inputs;
+-inf for a row with no key):
+the forward writes it so that the backward recomputes P = exp(scale · S − lse) tile by tile, with
+no S×S matrix kept between them (FlashAttention's recomputation). Shapes and GQA as
+`flashmlir::attention`; no mask, no dropout (sites with either keep `flashmlir::attention` and its
+textbook backward).
+
+Why separate ops: `flashmlir::attention`'s autograd formula only sees its inputs and output, and
+the lse exists only inside the forward. Where the target's library has backward kernels for a
+site (`rewrite_for_training`, run before aot_autograd on graphs that need gradients),
+`attention(...)` becomes `attention_forward(...)[0]`, whose autograd formula saves (q, k, v, out,
+lse) and calls `attention_backward`; our passes turn both into kernel calls. The eager
+implementations below are the same math in float32, used when a graph falls back.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+
+import torch
+import torch.fx as fx
+
+from flashmlir.frontend.attention_op import (
+    _expand_kv,
+    attention_overload,
+    attention_probabilities,
+    default_scale,
+)
+
+FORWARD_OP_NAME = "flashmlir::attention_forward"
+BACKWARD_OP_NAME = "flashmlir::attention_backward"
+
+
+def _scores(q: torch.Tensor, k: torch.Tensor, is_causal: bool, scale: float | None) -> torch.Tensor:
+    """scale · q·kᵀ in float32 (float64 for float64 inputs), causal (top-left) entries -inf, k expanded."""
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    s = default_scale(q.shape[-1]) if scale is None else scale
+    scores = torch.matmul(q.to(compute), k.to(compute).transpose(-2, -1)) * s
+    if is_causal:
+        keep = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~keep, float("-inf"))
+    return scores
+
+
+def _lse_dtype(q: torch.Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op(FORWARD_OP_NAME, mutates_args=())
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False,
+                      scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    groups = q.shape[-3] // k.shape[-3]
+    k, v = _expand_kv(k, groups), _expand_kv(v, groups)
+    p = attention_probabilities(q, k, None, is_causal, scale)
+    lse = torch.logsumexp(_scores(q, k, is_causal, scale), dim=-1)
+    out = torch.matmul(p, v.to(p.dtype)).to(q.dtype)
+    return out, lse.to(_lse_dtype(q))
+
+
+@attention_forward.register_fake
+def _forward_fake(q, k, v, is_causal=False, scale=None):
+    return q.new_empty((*q.shape[:-1], v.shape[-1])), q.new_empty(q.shape[:-1], dtype=_lse_dtype(q))
+
+
+@torch.library.custom_op(BACKWARD_OP_NAME, mutates_args=())
+def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       out: torch.Tensor, lse: torch.Tensor, is_causal: bool = False,
+                       scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dQ, dK, dV from the saved lse: P = exp(s·S − lse), Δ = rowsum(dO ∘ O), dS = P ∘ (dO·Vᵀ − Δ),
+    dV = Pᵀ·dO, dQ = s·dS·K, dK = s·dSᵀ·Q; GQA sums dK, dV over each group of query heads."""
+    groups = q.shape[-3] // k.shape[-3]
+    ke, ve = _expand_kv(k, groups), _expand_kv(v, groups)
+    scores = _scores(q, ke, is_causal, scale)
+    compute = scores.dtype
+    finite_lse = torch.where(torch.isinf(lse), torch.full_like(lse, float("inf")), lse).to(compute)
+    p = torch.exp(scores - finite_lse.unsqueeze(-1))
+    do = grad_out.to(compute)
+    delta = (do * out.to(compute)).sum(dim=-1, keepdim=True)
+    dv = torch.matmul(p.transpose(-2, -1), do)
+    ds = p * (torch.matmul(do, ve.to(compute).transpose(-2, -1)) - delta)
+    s = default_scale(q.shape[-1]) if scale is None else scale
+    dq = torch.matmul(ds, ke.to(compute)) * s
+    dk = torch.matmul(ds.transpose(-2, -1), q.to(compute)) * s
+    if groups > 1:
+        dk = dk.unflatten(-3, (k.shape[-3], groups)).sum(dim=-3)
+        dv = dv.unflatten(-3, (v.shape[-3], groups)).sum(dim=-3)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+@attention_backward.register_fake
+def _backward_fake(grad_out, q, k, v, out, lse, is_causal=False, scale=None):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, is_causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.is_causal, ctx.scale = is_causal, scale
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    # lse is internal to the pair: nothing downstream differentiates it.
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = torch.ops.flashmlir.attention_backward(grad_out.contiguous(), q, k, v, out, lse, ctx.is_causal,
+                                                         ctx.scale)
+    return dq, dk, dv, None, None
+
+
+attention_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def forward_overload():
+    return torch.ops.flashmlir.attention_forward.default
+
+
+def backward_overload():
+    return torch.ops.flashmlir.attention_backward.default
+
+
+def needs_gradients(example_inputs) -> bool:
+    """Whether aot_autograd will trace a backward for a graph called with these inputs."""
+    return torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs)
+
+
+# What decides, per site: (q, k, v fake tensors, is_causal) -> None if the target's kernels serve it,
+# else the reason they do not.
+SiteCheck = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], str | None]
+
+
+def rewrite_for_training(gm: fx.GraphModule, check: SiteCheck) -> tuple[int, list[str]]:
+    """Replace each `flashmlir::attention` site that `check` accepts by `attention_forward(...)[0]`.
+
+    Returns how many sites were rewritten and why the others were not. Sites with a mask or dropout
+    are never rewritten (the training ops take neither).
+    """
+    rewritten, reasons = 0, []
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target != attention_overload():
+            continue
+        args = _bound_args(node)
+        if args["attn_mask"] is not None or args["dropout_p"] not in (0, 0.0):
+            reasons.append(f"{node.name}: a mask or dropout (the backward kernels take neither)")
+            continue
+        q, k, v = (a.meta.get("val") if isinstance(a, fx.Node) else None for a in (args["q"], args["k"], args["v"]))
+        if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
+            reasons.append(f"{node.name}: operand shapes unknown")
+            continue
+        why = check(q, k, v, bool(args["is_causal"]))
+        if why is not None:
+            reasons.append(f"{node.name}: {why}")
+            continue
+        with gm.graph.inserting_before(node):
+            pair = gm.graph.call_function(forward_overload(), (args["q"], args["k"], args["v"]),
+                                          {"is_causal": bool(args["is_causal"]), "scale": args["scale"]})
+            out = gm.graph.call_function(operator.getitem, (pair, 0))
+        out.meta = dict(node.meta)
+        node.replace_all_uses_with(out)
+        gm.graph.erase_node(node)
+        rewritten += 1
+    if rewritten:
+        gm.graph.lint()
+        gm.recompile()
+    return rewritten, reasons
+
+
+_PARAMETERS = ("q", "k", "v", "attn_mask", "dropout_p", "is_causal", "scale", "dropout_seed")
+_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "dropout_seed": None}
+
+
+def _bound_args(node: fx.Node) -> dict:
+    bound = dict(_DEFAULTS)
+    bound.update(zip(_PARAMETERS, node.args, strict=False))
+    bound.update(node.kwargs)
+    return bound

@@ -1,0 +1,49 @@
+// The training ops (forward with lse, backward) become calls of the library's CUDA kernels.
+// A library with the real catalog and stand-in objects (f16 d64 forward and backward only):
+// RUN: rm -rf %t && mkdir -p %t/cuda && cp %S/../../../runtime/microkernels/kernels.json %t/
+// RUN: touch %t/cuda/attention_fwd_sm80_f16_d64.fatbin %t/cuda/attention_bwd_sm80_f16_d64.fatbin
+// RUN: env FLASHMLIR_MICROKERNEL_DIR=%t flashmlir-opt --split-input-file --flashmlir-dispatch-attention-training=target=sm_80 %s | filecheck %s
+// With the Hopper forward built too, sm_90 takes it for the forward (the backward stays the sm_80 one):
+// RUN: touch %t/cuda/attention_fwd_sm90_f16_d64.fatbin
+// RUN: env FLASHMLIR_MICROKERNEL_DIR=%t flashmlir-opt --split-input-file --flashmlir-dispatch-attention-training=target=sm_90 %s | filecheck %s --check-prefix=HOPPER
+// What it cannot serve is an error naming the op and the reason (nothing else lowers these ops):
+// RUN: rm %t/cuda/attention_bwd_sm80_f16_d64.fatbin
+// RUN: env FLASHMLIR_MICROKERNEL_DIR=%t not flashmlir-opt --flashmlir-dispatch-attention-training=target=sm_80 %s 2>&1 | filecheck %s --check-prefix=NOTBUILT
+// RUN: env FLASHMLIR_MICROKERNEL_DIR=%t not flashmlir-opt --flashmlir-dispatch-attention-training=target=cpu %s 2>&1 | filecheck %s --check-prefix=CPU
+
+// GQA (8 query heads on 2 K/V heads), causal, seq 100, default scale 1/8 (bits 0x3E000000 = 1040187392).
+// The forward is the forward kernel's lse variant: grid (⌈100/128⌉, 2·8), O and lse [2, 8, 100] f32.
+// CHECK-LABEL: func.func @train_gqa_causal
+// CHECK:       hal.dispatch.extern "flashmlir_attention_fwd_sm80_f16_d64_lse"(%c4_i32, %c100_i32, %c100_i32{{[_0-9]*}}, %c1040187392_i32, %c1_i32, %{{[^)]+}})
+// CHECK-SAME:    -> (tensor<2x8x100x64xf16>, tensor<2x8x100xf32>)
+// CHECK:         hal.return %c1, %c16, %c1{{.*}} : index, index, index
+// CHECK:       workgroup_size = [128 : index, 1 : index, 1 : index], workgroup_local_memory = 81920>
+// The backward: dq (Q, K, V, O, dO, lse → dQ, Δ) over (⌈100/64⌉, 2·8) blocks, then dkdv
+// (Q, K, V, dO, lse, Δ → dK, dV) over (⌈100/64⌉, 2·2): Δ flows from the first to the second.
+// CHECK:       %[[DQ:[0-9]+]]:2 = hal.dispatch.extern "flashmlir_attention_bwd_sm80_f16_d64_dq"(%c4_i32{{[_0-9]*}}, %{{[^,]+}}, %{{[^,]+}}, %c1040187392_i32{{[_0-9]*}}, %c1_i32{{[_0-9]*}}, %{{[^)]+}})
+// CHECK-SAME:    -> (tensor<2x8x100x64xf16>, tensor<2x8x100xf32>)
+// CHECK:         hal.return %c2, %c16, %c1 : index, index, index
+// CHECK:       path = "{{.+}}/cuda/attention_bwd_sm80_f16_d64.fatbin"
+// CHECK:       workgroup_local_memory = 49152>
+// CHECK:       hal.dispatch.extern "flashmlir_attention_bwd_sm80_f16_d64_dkdv"({{.+}}, %[[DQ]]#1)
+// CHECK-SAME:    -> (tensor<2x2x100x64xf16>, tensor<2x2x100x64xf16>)
+// CHECK:         hal.return %c2, %c4, %c1 : index, index, index
+// CHECK:       workgroup_local_memory = 50176>
+// CHECK-NOT:   torch.operator
+// CHECK:       return
+
+// HOPPER-LABEL: func.func @train_gqa_causal
+// HOPPER:       hal.dispatch.extern "flashmlir_attention_fwd_sm90_f16_d64_lse"
+// HOPPER:       workgroup_size = [384 : index, 1 : index, 1 : index], workgroup_local_memory = 83016>
+// HOPPER:       hal.dispatch.extern "flashmlir_attention_bwd_sm80_f16_d64_dq"
+// HOPPER:       hal.dispatch.extern "flashmlir_attention_bwd_sm80_f16_d64_dkdv"
+
+// NOTBUILT: torch.operator {{.*}}microkernel attention_bwd_sm80_f16_d64 was not built
+// CPU: the training ops need a CUDA target's kernels (target: cpu)
+func.func @train_gqa_causal(%q: !torch.vtensor<[2,8,100,64],f16>, %k: !torch.vtensor<[2,2,100,64],f16>, %v: !torch.vtensor<[2,2,100,64],f16>, %do: !torch.vtensor<[2,8,100,64],f16>) -> (!torch.vtensor<[2,8,100,64],f16>, !torch.vtensor<[2,8,100,64],f16>, !torch.vtensor<[2,2,100,64],f16>, !torch.vtensor<[2,2,100,64],f16>) {
+  %true = torch.constant.bool true
+  %none = torch.constant.none
+  %0:2 = torch.operator "torch.flashmlir.attention_forward"(%q, %k, %v, %true, %none) : (!torch.vtensor<[2,8,100,64],f16>, !torch.vtensor<[2,2,100,64],f16>, !torch.vtensor<[2,2,100,64],f16>, !torch.bool, !torch.none) -> (!torch.vtensor<[2,8,100,64],f16>, !torch.vtensor<[2,8,100],f32>)
+  %1:3 = torch.operator "torch.flashmlir.attention_backward"(%do, %q, %k, %v, %0#0, %0#1, %true, %none) : (!torch.vtensor<[2,8,100,64],f16>, !torch.vtensor<[2,8,100,64],f16>, !torch.vtensor<[2,2,100,64],f16>, !torch.vtensor<[2,2,100,64],f16>, !torch.vtensor<[2,8,100,64],f16>, !torch.vtensor<[2,8,100],f32>, !torch.bool, !torch.none) -> (!torch.vtensor<[2,8,100,64],f16>, !torch.vtensor<[2,2,100,64],f16>, !torch.vtensor<[2,2,100,64],f16>)
+  return %0#0, %1#0, %1#1, %1#2 : !torch.vtensor<[2,8,100,64],f16>, !torch.vtensor<[2,8,100,64],f16>, !torch.vtensor<[2,2,100,64],f16>, !torch.vtensor<[2,2,100,64],f16>
+}

@@ -1,0 +1,111 @@
+"""The training ops (forward with lse, backward from lse) and the graph rewrite that introduces them."""
+
+import pytest
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from flashmlir.frontend.attention_op import attention_overload
+from flashmlir.frontend.training_ops import backward_overload, forward_overload, rewrite_for_training
+from tests.helpers import attention64, rel_err
+
+CASES = {
+    "mha": dict(q=(2, 4, 33, 16), kv=(2, 4, 40, 16)),
+    "gqa": dict(q=(2, 8, 24, 16), kv=(2, 2, 24, 16)),
+    "rank3": dict(q=(6, 20, 8), kv=(6, 20, 8)),
+    "longer_queries": dict(q=(1, 2, 37, 16), kv=(1, 2, 5, 16)),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_forward_returns_output_and_lse(case, causal):
+    c = CASES[case]
+    q, k, v = torch.randn(c["q"]), torch.randn(c["kv"]), torch.randn(c["kv"])
+    out, lse = torch.ops.flashmlir.attention_forward(q, k, v, causal, 0.3)
+    assert rel_err(out, attention64(q, k, v, None, causal, 0.3)) < 1e-6
+    g = q.shape[-3] // k.shape[-3]
+    s = (q.double() @ k.double().repeat_interleave(g, -3).transpose(-2, -1)) * 0.3
+    if causal:
+        s = s.masked_fill(~torch.ones(s.shape[-2:], dtype=torch.bool).tril(), float("-inf"))
+    assert lse.dtype == torch.float32 and lse.shape == q.shape[:-1]
+    assert (lse.double() - torch.logsumexp(s, -1)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_gradients_match_float64_autograd(case, causal):
+    """attention_forward's autograd formula (attention_backward from the saved lse) is exact."""
+    c = CASES[case]
+    q, k, v = (torch.randn(s, dtype=torch.float64, requires_grad=True) for s in (c["q"], c["kv"], c["kv"]))
+    grad = torch.randn(c["q"], dtype=torch.float64)
+    out, _ = torch.ops.flashmlir.attention_forward(q, k, v, causal, None)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(attention64(q, k, v, None, causal), (q, k, v), grad)
+    for g, w in zip(got, want, strict=True):
+        assert rel_err(g, w) < 1e-10
+
+
+def test_backward_op_in_float32_matches_float64():
+    q, k, v = torch.randn(1, 4, 50, 32), torch.randn(1, 2, 70, 32), torch.randn(1, 2, 70, 32)
+    out, lse = torch.ops.flashmlir.attention_forward(q, k, v, True, None)
+    d_o = torch.randn_like(out)
+    got = torch.ops.flashmlir.attention_backward(d_o, q, k, v, out, lse, True, None)
+    q64, k64, v64 = (x.double().requires_grad_() for x in (q, k, v))
+    want = torch.autograd.grad(attention64(q64, k64, v64, None, True), (q64, k64, v64), d_o.double())
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == torch.float32 and rel_err(g, w) < 1e-5
+
+
+def _graph(with_mask: bool):
+    def f(q, k, v, m):
+        a = torch.ops.flashmlir.attention(q, k, v, None, 0.0, True, None)
+        b = torch.ops.flashmlir.attention(q, k, v, m if with_mask else None, 0.0, False, 0.5)
+        return a + b
+
+    q = torch.randn(1, 2, 8, 16)
+    return make_fx(f, tracing_mode="fake")(q, q, q, torch.zeros(8, 8))
+
+
+def _targets(gm):
+    return [n.target for n in gm.graph.nodes if n.op == "call_function"]
+
+
+def test_rewrite_replaces_sites_the_check_accepts():
+    gm = _graph(with_mask=True)
+    seen = []
+    rewritten, reasons = rewrite_for_training(gm, lambda q, k, v, causal: seen.append(causal))
+    assert rewritten == 1 and seen == [True]  # the masked site is not even asked about
+    assert _targets(gm).count(forward_overload()) == 1 and _targets(gm).count(attention_overload()) == 1
+    assert "mask or dropout" in reasons[0]
+    q = torch.randn(1, 2, 8, 16)
+    assert rel_err(gm(q, q, q, torch.zeros(8, 8)), attention64(q, q, q, None, True)
+                   + attention64(q, q, q, torch.zeros(8, 8), False, 0.5)) < 1e-6
+
+
+def test_rewrite_keeps_sites_the_check_refuses():
+    gm = _graph(with_mask=False)
+    rewritten, reasons = rewrite_for_training(gm, lambda q, k, v, causal: "no kernel for this")
+    assert rewritten == 0 and len(reasons) == 2 and all("no kernel for this" in r for r in reasons)
+    assert forward_overload() not in _targets(gm)
+
+
+def test_training_graph_calls_the_backward_op():
+    """aot_autograd's backward graph for a rewritten site holds attention_backward, fed the saved lse."""
+    from functorch.compile import aot_function, make_boxed_func
+
+    graphs = {}
+
+    def keep(name):
+        def compiler(gm, _):
+            graphs[name] = gm
+            return make_boxed_func(gm.forward)
+        return compiler
+
+    def f(q, k, v):
+        return torch.ops.flashmlir.attention_forward(q, k, v, True, None)[0]
+
+    q, k, v = (torch.randn(1, 2, 8, 16, requires_grad=True) for _ in range(3))
+    aot_function(f, keep("forward"), keep("backward"))(q, k, v).sum().backward()
+    assert forward_overload() in _targets(graphs["forward"])
+    assert backward_overload() in _targets(graphs["backward"])
+    assert q.grad is not None and k.grad is not None and v.grad is not None
