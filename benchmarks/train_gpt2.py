@@ -9,7 +9,9 @@ random stream, the same for every variant) with AdamW under bf16 autocast. Varia
 - eager: attention written out (q·kᵀ, causal mask, softmax, ·v), as in GPT-2's original code;
 - eager-sdpa: the same model calling F.scaled_dot_product_attention(is_causal=True);
 - inductor: the eager model under torch.compile's default backend;
-- flashmlir: the eager model under torch.compile(backend="flashmlir").
+- flashmlir: the eager model under torch.compile(backend="flashmlir") with its default (on CUDA,
+  attention as flashmlir's kernels, the rest of the graph compiled by Inductor);
+- flashmlir-iree: the same with options={"rest": "iree"} (IREE compiles the whole graph).
 Each variant starts from the same weights; its first `--loss-steps` losses are compared with eager's
 (the table gives the largest difference), then steps are timed (tokens/s, CUDA-synchronized wall
 time after warm-up; the first step, which compiles, is reported separately).
@@ -101,7 +103,7 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.view(-1, logits.shape[-1]).float(), targets.view(-1))
 
 
-VARIANTS = ("eager", "eager-sdpa", "inductor", "flashmlir")
+VARIANTS = ("eager", "eager-sdpa", "inductor", "flashmlir", "flashmlir-iree")
 
 
 def _model(variant: str, config: GPTConfig, device: str, state: dict) -> nn.Module:
@@ -111,6 +113,8 @@ def _model(variant: str, config: GPTConfig, device: str, state: dict) -> nn.Modu
         return torch.compile(model)
     if variant == "flashmlir":
         return torch.compile(model, backend="flashmlir")
+    if variant == "flashmlir-iree":
+        return torch.compile(model, backend="flashmlir", options={"rest": "iree"})
     return model
 
 

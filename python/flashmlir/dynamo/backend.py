@@ -55,14 +55,30 @@ class BackendOptions:
 
     target: str = "auto"  # "auto" (from the tensors' device) or a name from the target table
     compile: bool = True  # False: match and rewrite only, run the rewritten graph eagerly
+    # What compiles the graph around attention: "iree" (the whole graph, attention by our passes),
+    # "inductor" (attention as the library's kernels for the device, called from the graph Inductor
+    # compiles; CUDA only), or "auto": inductor on CUDA, iree on the CPU — the measured default
+    # (benchmarks/results/h100-2026-11-24-train-gpt2.md; on the CPU our kernels exist only inside
+    # IREE). A target named explicitly means IREE code for that target: auto is then "iree".
+    rest: str = "auto"
 
     @classmethod
     def from_mapping(cls, options: dict[str, Any] | None) -> BackendOptions:
         options = dict(options or {})
-        unknown = set(options) - {"target", "compile"}
+        unknown = set(options) - {"target", "compile", "rest"}
         if unknown:
-            raise FlashmlirError(f"unknown flashmlir backend options {sorted(unknown)} (known: target, compile)")
+            raise FlashmlirError(f"unknown flashmlir backend options {sorted(unknown)} (known: target, compile, rest)")
+        if options.get("rest", "auto") not in ("auto", "iree", "inductor"):
+            raise FlashmlirError(f"backend option rest={options['rest']!r}: expected 'auto', 'iree' or 'inductor'")
         return cls(**options)
+
+    def rest_for(self, target: Target) -> str:
+        if self.rest == "auto":
+            return "inductor" if target.kind == "cuda" and self.target == "auto" else "iree"
+        if self.rest == "inductor" and target.kind != "cuda":
+            raise UnsupportedError(f"rest='inductor' needs a CUDA target (the graph's is {target.name}): our "
+                                   "CPU kernels run only inside IREE executables")
+        return self.rest
 
 
 def _target_for(options: BackendOptions, example_inputs: Sequence[Any]) -> Target:
@@ -153,13 +169,28 @@ class GraphCompiler:
             return self._count_runs(aten.forward)
         try:
             target = _target_for(self.options, example_inputs)
+            rest = self.options.rest_for(target)
         except FlashmlirError as e:
             return self._count_runs(self._fallback(str(e), aten.forward))
         if needs_gradients(example_inputs) and self.match.sites:
             rewritten, reasons = rewrite_for_training(aten, _training_check(target))
             logger.info("%s: %d attention site(s) get flash backward kernels%s", self.name, rewritten,
                         "".join(f"; not {r}" for r in reasons))
+        if rest == "inductor":
+            return self._count_runs(self._inductor(aten, example_inputs))
         return self._count_runs(self._aot(aten, example_inputs, target))
+
+    def _inductor(self, aten: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        """Inductor compiles the graph; our ops in it run the library's kernels (runtime.torch_kernels)."""
+        from torch._inductor.compile_fx import compile_fx
+
+        from flashmlir.runtime import torch_kernels  # noqa: F401 - registers the ops' CUDA kernels
+
+        logger.info("%s: Inductor compiles the graph around %d attention site(s)", self.name, len(self.match.sites))
+        try:
+            return compile_fx(aten, list(example_inputs))
+        except Exception as e:  # noqa: BLE001 - fall back on anything, say why
+            return self._fallback(f"Inductor could not compile the graph: {type(e).__name__}: {e}", aten.forward)
 
     def _aot(self, aten: fx.GraphModule, example_inputs: Sequence[Any], target: Target) -> Callable:
         from functorch.compile import make_boxed_func

@@ -55,6 +55,12 @@ def _lse_dtype(q: torch.Tensor) -> torch.dtype:
 @torch.library.custom_op(FORWARD_OP_NAME, mutates_args=())
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False,
                       scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return reference_forward(q, k, v, is_causal, scale)
+
+
+def reference_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool,
+                      scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """attention_forward's meaning, written plainly; its implementation where no kernel serves it."""
     groups = q.shape[-3] // k.shape[-3]
     k, v = _expand_kv(k, groups), _expand_kv(v, groups)
     p = attention_probabilities(q, k, None, is_causal, scale)
@@ -72,6 +78,12 @@ def _forward_fake(q, k, v, is_causal=False, scale=None):
 def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        out: torch.Tensor, lse: torch.Tensor, is_causal: bool = False,
                        scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return reference_backward(grad_out, q, k, v, out, lse, is_causal, scale)
+
+
+def reference_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       out: torch.Tensor, lse: torch.Tensor, is_causal: bool,
+                       scale: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dQ, dK, dV from the saved lse: P = exp(s·S − lse), Δ = rowsum(dO ∘ O), dS = P ∘ (dO·Vᵀ − Δ),
     dV = Pᵀ·dO, dQ = s·dS·K, dK = s·dSᵀ·Q; GQA sums dK, dV over each group of query heads."""
     groups = q.shape[-3] // k.shape[-3]
