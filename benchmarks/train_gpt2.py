@@ -11,7 +11,11 @@ random stream, the same for every variant) with AdamW under bf16 autocast. Varia
 - inductor: the eager model under torch.compile's default backend;
 - flashmlir: the eager model under torch.compile(backend="flashmlir") with its default (on CUDA,
   attention as flashmlir's kernels, the rest of the graph compiled by Inductor);
-- flashmlir-iree: the same with options={"rest": "iree"} (IREE compiles the whole graph).
+- flashmlir-iree: the same with options={"rest": "iree"} (IREE compiles the whole graph);
+- flashmlir-sdpa: the eager-sdpa model under torch.compile(backend="flashmlir").
+The eager model's causal mask is a registered buffer (GPT-2's `bias`), which the matcher cannot
+prove causal, so flashmlir takes it as an explicit mask: there the kernels do not apply (the op's
+reference implementation runs); with SDPA's is_causal the forward and backward kernels do.
 Each variant starts from the same weights; its first `--loss-steps` losses are compared with eager's
 (the table gives the largest difference), then steps are timed (tokens/s, CUDA-synchronized wall
 time after warm-up; the first step, which compiles, is reported separately).
@@ -103,15 +107,15 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.view(-1, logits.shape[-1]).float(), targets.view(-1))
 
 
-VARIANTS = ("eager", "eager-sdpa", "inductor", "flashmlir", "flashmlir-iree")
+VARIANTS = ("eager", "eager-sdpa", "inductor", "flashmlir", "flashmlir-iree", "flashmlir-sdpa")
 
 
 def _model(variant: str, config: GPTConfig, device: str, state: dict) -> nn.Module:
-    model = GPT(config, sdpa=variant == "eager-sdpa").to(device)
+    model = GPT(config, sdpa=variant in ("eager-sdpa", "flashmlir-sdpa")).to(device)
     model.load_state_dict(state)
     if variant == "inductor":
         return torch.compile(model)
-    if variant == "flashmlir":
+    if variant in ("flashmlir", "flashmlir-sdpa"):
         return torch.compile(model, backend="flashmlir")
     if variant == "flashmlir-iree":
         return torch.compile(model, backend="flashmlir", options={"rest": "iree"})
