@@ -27,9 +27,9 @@ import torch
 import torch.fx as fx
 
 from flashmlir.frontend.attention_op import (
+    _combined_bias,
     _expand_kv,
     attention_overload,
-    attention_probabilities,
     default_scale,
 )
 
@@ -42,10 +42,14 @@ def _scores(q: torch.Tensor, k: torch.Tensor, is_causal: bool, scale: float | No
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     s = default_scale(q.shape[-1]) if scale is None else scale
     scores = torch.matmul(q.to(compute), k.to(compute).transpose(-2, -1)) * s
-    if is_causal:
-        keep = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
-        scores = scores.masked_fill(~keep, float("-inf"))
-    return scores
+    bias = _combined_bias(q, k.shape[-2], None, is_causal, compute)
+    return scores if bias is None else scores + bias
+
+
+def _probabilities(scores: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """exp(scores − lse); 0 for a row that attended to nothing (lse = -inf), as SDPA gives."""
+    finite = torch.where(torch.isinf(lse), torch.full_like(lse, float("inf")), lse).to(scores.dtype)
+    return torch.exp(scores - finite.unsqueeze(-1))
 
 
 def _lse_dtype(q: torch.Tensor) -> torch.dtype:
@@ -63,8 +67,9 @@ def reference_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_caus
     """attention_forward's meaning, written plainly; its implementation where no kernel serves it."""
     groups = q.shape[-3] // k.shape[-3]
     k, v = _expand_kv(k, groups), _expand_kv(v, groups)
-    p = attention_probabilities(q, k, None, is_causal, scale)
-    lse = torch.logsumexp(_scores(q, k, is_causal, scale), dim=-1)
+    scores = _scores(q, k, is_causal, scale)
+    lse = torch.logsumexp(scores, dim=-1)
+    p = _probabilities(scores, lse)
     out = torch.matmul(p, v.to(p.dtype)).to(q.dtype)
     return out, lse.to(_lse_dtype(q))
 
@@ -90,8 +95,7 @@ def reference_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     ke, ve = _expand_kv(k, groups), _expand_kv(v, groups)
     scores = _scores(q, ke, is_causal, scale)
     compute = scores.dtype
-    finite_lse = torch.where(torch.isinf(lse), torch.full_like(lse, float("inf")), lse).to(compute)
-    p = torch.exp(scores - finite_lse.unsqueeze(-1))
+    p = _probabilities(scores, lse)
     do = grad_out.to(compute)
     delta = (do * out.to(compute)).sum(dim=-1, keepdim=True)
     dv = torch.matmul(p.transpose(-2, -1), do)
