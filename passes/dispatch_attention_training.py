@@ -85,7 +85,7 @@ def _f32_bits(x: float) -> int:
     return struct.unpack("<i", struct.pack("<f", x))[0]
 
 
-def _site(op: ir.Operation, q: ir.Value, k: ir.Value, v: ir.Value, causal: ir.Value, scale: ir.Value) -> _Site:
+def _site(q: ir.Value, k: ir.Value, v: ir.Value, causal: ir.Value, scale: ir.Value) -> _Site:
     types = [torch_tensor_type(x.type) for x in (q, k, v)]
     if any(t is None or not t.is_static for t in types):
         raise UnsupportedError("q, k, v must have static shapes")
@@ -197,10 +197,10 @@ def _rewrite(op: ir.Operation, name: str, arch: str) -> None:
     operands = list(op.operands)
     if name == FORWARD_OPERATOR:
         q, k, v, causal, scale = operands
-        splice_function(op, _forward_function(_site(op, q, k, v, causal, scale), arch), [q, k, v])
+        splice_function(op, _forward_function(_site(q, k, v, causal, scale), arch), [q, k, v])
     else:
         d_o, q, k, v, o, lse, causal, scale = operands
-        splice_function(op, _backward_function(_site(op, q, k, v, causal, scale), arch), [d_o, q, k, v, o, lse])
+        splice_function(op, _backward_function(_site(q, k, v, causal, scale), arch), [d_o, q, k, v, o, lse])
 
 
 def run(module: ir.Operation, options: Options) -> PassResult:

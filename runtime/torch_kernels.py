@@ -6,7 +6,8 @@ everything else, calling these ops as opaque kernels. Each runs the catalog's ke
 device (the same image, launch geometry and constants the IREE dispatch uses) on torch's current
 stream, so it is ordered with Inductor's kernels without any host synchronization; a call the
 kernels cannot serve (a mask, dropout, a dtype or head dim the library lacks) runs the op's
-reference implementation instead. Importing this module registers the implementations.
+reference implementation instead. `register()` installs the implementations (once);
+`kernel_problem` is also what decides, before aot_autograd, which sites get the training ops.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from flashmlir.frontend.training_ops import (
 )
 from flashmlir.runtime import cuda_launcher
 
-_ELEMENTS = {torch.float16: "f16", torch.bfloat16: "bf16"}
-_MAX_GRID_Y = 65535
+ELEMENTS = {torch.float16: "f16", torch.bfloat16: "bf16"}
+_MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y, which carries batch × heads
 
 
 @functools.cache
@@ -35,21 +36,38 @@ def _arch(index: int) -> str:
     return target_for_device("cuda", torch.cuda.get_device_capability(index)).gpu.arch
 
 
-def _problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
-    """Why the kernels cannot take these operands, else None."""
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _ELEMENTS:
-        return f"dtype {q.dtype}"
-    if v.shape[-1] != q.shape[-1] or q.dim() < 3:
-        return "shape"
-    if q.numel() == 0 or k.numel() == 0 or q[..., 0, 0].numel() > _MAX_GRID_Y:
-        return "empty or too many heads"
+@functools.cache
+def _kernels(arch: str, element: str, head_dim: int, backward: bool):
+    """The forward kernel and (if asked) the backward pair; NoKernel says why not. Cached: selection
+    reads the catalog and checks the objects exist, which a call of the op must not redo."""
+    forward = microkernels.select_attention_forward(arch, element, head_dim)
+    return forward, (microkernels.select_attention_backward(arch, element, head_dim) if backward else None)
+
+
+def kernel_problem(arch: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backward: bool) -> str | None:
+    """Why the library's kernels for `arch` cannot take these operands (the forward kernel, and the
+    backward pair if `backward`), else None."""
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in ELEMENTS:
+        return f"dtypes {q.dtype}/{k.dtype}/{v.dtype} (the kernels take float16 or bfloat16)"
+    if q.dim() < 3 or v.shape[-1] != q.shape[-1]:
+        return f"value head dim {v.shape[-1]} differs from the query head dim {q.shape[-1]}"
+    if q.numel() == 0 or k.numel() == 0:
+        return "empty operands"
+    if q[..., 0, 0].numel() > _MAX_GRID_Y:
+        return f"batch × heads = {q[..., 0, 0].numel()} exceeds the grid's y limit {_MAX_GRID_Y}"
+    try:
+        _kernels(arch, ELEMENTS[q.dtype], q.shape[-1], backward)
+    except microkernels.NoKernel as why:
+        return str(why)
     return None
 
 
-def _kernels(q: torch.Tensor, backward: bool):
-    arch, element, d = _arch(q.device.index or 0), _ELEMENTS[q.dtype], q.shape[-1]
-    forward = microkernels.select_attention_forward(arch, element, d)
-    return forward, (microkernels.select_attention_backward(arch, element, d) if backward else None)
+def _served(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backward: bool):
+    """The kernels for a call on the device, or None where the reference must run."""
+    arch = _arch(q.device.index or 0)
+    if kernel_problem(arch, q, k, v, backward) is not None:
+        return None
+    return _kernels(arch, ELEMENTS[q.dtype], q.shape[-1], backward)
 
 
 def _heads(x: torch.Tensor) -> torch.Tensor:
@@ -57,8 +75,7 @@ def _heads(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, *x.shape[-3:]).contiguous()
 
 
-def _forward(q, k, v, is_causal, scale, with_lse):
-    forward, _ = _kernels(q, backward=False)
+def _forward(forward, q, k, v, is_causal, scale, with_lse):
     result = cuda_launcher.attention_forward(forward, _heads(q), _heads(k), _heads(v), causal=is_causal,
                                              scale=scale, with_lse=with_lse)
     if with_lse:
@@ -67,37 +84,34 @@ def _forward(q, k, v, is_causal, scale, with_lse):
     return result.view(q.shape)
 
 
-@attention.register_kernel("cuda")
 def _attention_cuda(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, dropout_seed=None):
     check_arguments(q, k, v, attn_mask)
-    if attn_mask is not None or dropout_p > 0.0 or _problem(q, k, v) is not None:
+    kernels = None if attn_mask is not None or dropout_p > 0.0 else _served(q, k, v, backward=False)
+    if kernels is None:
         return reference_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, dropout_seed)
-    try:
-        return _forward(q, k, v, is_causal, scale, with_lse=False)
-    except microkernels.NoKernel:
-        return reference_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, dropout_seed)
+    return _forward(kernels[0], q, k, v, is_causal, scale, with_lse=False)
 
 
-@attention_forward.register_kernel("cuda")
 def _attention_forward_cuda(q, k, v, is_causal=False, scale=None):
-    if _problem(q, k, v) is None:
-        try:
-            return _forward(q, k, v, is_causal, scale, with_lse=True)
-        except microkernels.NoKernel:
-            pass
-    return reference_forward(q, k, v, is_causal, scale)
+    kernels = _served(q, k, v, backward=False)
+    if kernels is None:
+        return reference_forward(q, k, v, is_causal, scale)
+    return _forward(kernels[0], q, k, v, is_causal, scale, with_lse=True)
 
 
-@attention_backward.register_kernel("cuda")
 def _attention_backward_cuda(grad_out, q, k, v, out, lse, is_causal=False, scale=None):
-    if _problem(q, k, v) is None:
-        try:
-            _, backward = _kernels(q, backward=True)
-        except microkernels.NoKernel:
-            backward = None
-        if backward is not None:
-            dq, dk, dv = cuda_launcher.attention_backward(
-                backward, _heads(q), _heads(k), _heads(v), _heads(out), _heads(grad_out),
-                lse.reshape(-1, *lse.shape[-2:]).contiguous(), causal=is_causal, scale=scale)
-            return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
-    return reference_backward(grad_out, q, k, v, out, lse, is_causal, scale)
+    kernels = _served(q, k, v, backward=True)
+    if kernels is None:
+        return reference_backward(grad_out, q, k, v, out, lse, is_causal, scale)
+    dq, dk, dv = cuda_launcher.attention_backward(
+        kernels[1], _heads(q), _heads(k), _heads(v), _heads(out), _heads(grad_out),
+        lse.reshape(-1, *lse.shape[-2:]).contiguous(), causal=is_causal, scale=scale)
+    return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
+
+
+@functools.cache
+def register() -> None:
+    """Make the library's kernels our ops' implementation on CUDA tensors (idempotent)."""
+    attention.register_kernel("cuda")(_attention_cuda)
+    attention_forward.register_kernel("cuda")(_attention_forward_cuda)
+    attention_backward.register_kernel("cuda")(_attention_backward_cuda)

@@ -184,7 +184,9 @@ class GraphCompiler:
         """Inductor compiles the graph; our ops in it run the library's kernels (runtime.torch_kernels)."""
         from torch._inductor.compile_fx import compile_fx
 
-        from flashmlir.runtime import torch_kernels  # noqa: F401 - registers the ops' CUDA kernels
+        from flashmlir.runtime import torch_kernels
+
+        torch_kernels.register()
 
         logger.info("%s: Inductor compiles the graph around %d attention site(s)", self.name, len(self.match.sites))
         try:
@@ -221,27 +223,14 @@ class GraphCompiler:
         return backend(aten, example_inputs)
 
 
-_KERNEL_ELEMENTS = {torch.float16: "f16", torch.bfloat16: "bf16"}
-
-
 def _training_check(target: Target) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], str | None]:
     """Whether `target`'s microkernel library has the forward-with-lse and backward kernels for a site."""
-    from flashmlir.compiler import microkernels
+    from flashmlir.runtime.torch_kernels import kernel_problem
 
     def check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool) -> str | None:
         if target.gpu is None:
             return f"no backward kernels for {target.name} yet (the op's textbook backward runs instead)"
-        if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _KERNEL_ELEMENTS:
-            return f"dtypes {q.dtype}/{k.dtype}/{v.dtype} (the backward kernels take float16 or bfloat16)"
-        if v.shape[-1] != q.shape[-1]:
-            return f"value head dim {v.shape[-1]} differs from the query head dim {q.shape[-1]}"
-        element, head_dim = _KERNEL_ELEMENTS[q.dtype], q.shape[-1]
-        try:
-            microkernels.select_attention_forward(target.gpu.arch, element, head_dim)
-            microkernels.select_attention_backward(target.gpu.arch, element, head_dim)
-        except microkernels.NoKernel as why:
-            return str(why)
-        return None
+        return kernel_problem(target.gpu.arch, q, k, v, backward=True)
 
     return check
 
