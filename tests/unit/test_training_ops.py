@@ -109,3 +109,16 @@ def test_training_graph_calls_the_backward_op():
     assert forward_overload() in _targets(graphs["forward"])
     assert backward_overload() in _targets(graphs["backward"])
     assert q.grad is not None and k.grad is not None and v.grad is not None
+
+
+@pytest.mark.parametrize("gqa", [1, 2])
+def test_ops_agree_with_their_fakes_on_transposed_views(gqa):
+    """Inductor checks a custom op's outputs against its fake's strides: q/k/v here are the
+    [B, S, H, D]-ordered views a fused QKV projection gives, and the outputs are still dense."""
+    b, s, h, d = 2, 24, 4, 16
+    q = torch.randn(b, s, h, d).transpose(1, 2)
+    k, v = (torch.randn(b, s, h // gqa, d).transpose(1, 2) for _ in range(2))
+    torch.library.opcheck(forward_overload(), (q, k, v, True, None))
+    out, lse = forward_overload()(q, k, v, True, None)
+    grad = torch.randn(b, s, h, d).transpose(1, 2)
+    torch.library.opcheck(backward_overload(), (grad, q, k, v, out, lse, True, None))

@@ -106,12 +106,14 @@ def reference_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     if groups > 1:
         dk = dk.unflatten(-3, (k.shape[-3], groups)).sum(dim=-3)
         dv = dv.unflatten(-3, (v.shape[-3], groups)).sum(dim=-3)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return (dq.to(q.dtype).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous())
 
 
 @attention_backward.register_fake
 def _backward_fake(grad_out, q, k, v, out, lse, is_causal=False, scale=None):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # Row-major whatever the inputs' strides (q is often a transposed view): the kernels write
+    # dense gradients, and Inductor checks a custom op's outputs against these strides.
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
