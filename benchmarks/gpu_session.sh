@@ -5,7 +5,8 @@
 # kernel's tests, through the driver's PTX JIT),
 # sweep (tile sweep table), gpu-tests (the whole GPU suite), bench (attention grid, hdim 64/128),
 # sanitize (compute-sanitizer memcheck + racecheck on a kernel), profile (ncu vs SDPA flash, SASS mix),
-# backward (the backward kernels' direct tests and their table beside SDPA's backward).
+# backward (the backward kernels' direct tests and their table beside SDPA's backward),
+# train (GPT-2 small training steps, benchmarks/train_gpt2.py; TRAIN_ARGS).
 # Logs and tables go to $OUT (at most 8 files come back).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -27,6 +28,8 @@ for step in "$@"; do
     backward) python -m pytest -q -p no:cacheprovider tests/gpu/test_backward_microkernels.py 2>&1 | tail -30 || status=1
               python benchmarks/attention_backward.py ${BWD_ARGS:-} --markdown "$OUT/backward.md" \
                 --json "$OUT/backward.json" 2>&1 | grep -v '^{' || status=1 ;;
+    train) python benchmarks/train_gpt2.py ${TRAIN_ARGS:-} --markdown "$OUT/train-gpt2.md" \
+             --json "$OUT/train-gpt2.json" 2>&1 | grep -v '^{' | grep -v 'leaked\|nanobind' || status=1 ;;
     sweep) python benchmarks/microkernel_sweep.py --markdown "$OUT/sweep.md" --json "$OUT/sweep.json" \
              2>&1 | grep -v '^{' || status=1 ;;
     gpu-tests) python -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/gpu-tests.log" | tail -40 || status=1 ;;

@@ -13,9 +13,9 @@ random stream, the same for every variant) with AdamW under bf16 autocast. Varia
   attention as flashmlir's kernels, the rest of the graph compiled by Inductor);
 - flashmlir-iree: the same with options={"rest": "iree"} (IREE compiles the whole graph);
 - flashmlir-sdpa: the eager-sdpa model under torch.compile(backend="flashmlir").
-The eager model's causal mask is a registered buffer (GPT-2's `bias`), which the matcher cannot
-prove causal, so flashmlir takes it as an explicit mask: there the kernels do not apply (the op's
-reference implementation runs); with SDPA's is_causal the forward and backward kernels do.
+The eager model's causal mask is a registered buffer (GPT-2's `bias`): the backend reads its value
+when it compiles, finds it causal, and gives those sites the flash kernels (the buffer is checked on
+every call; docs/MATCHER.md).
 Each variant starts from the same weights; its first `--loss-steps` losses are compared with eager's
 (the table gives the largest difference), then steps are timed (tokens/s, CUDA-synchronized wall
 time after warm-up; the first step, which compiles, is reported separately).

@@ -127,11 +127,30 @@ def test_two_layer_model_has_two_sites(graph_break):
     with torch.no_grad():
         report = flashmlir.explain(model, x)
         assert len(report.sites) == 2, str(report)
-        assert all(s.mask_kind == "boolean" and s.scale == pytest.approx(0.25) for s in report.sites)
+        # The tril buffer is read at compile time: causal, no S×S mask (checked per call).
+        assert all(s.is_causal and s.mask_kind == "none" and s.scale == pytest.approx(0.25) for s in report.sites)
         assert report.compiled
         out = torch.compile(model, backend="flashmlir")(x)
         ref = model.double()(x.double())
     assert rel_err(out, ref) < 1e-5
+
+
+def test_causal_buffer_is_checked_on_every_call(lenient, caplog):
+    """The compiled graph relies on the tril buffer's value: an equal new buffer keeps it, a changed
+    one runs eagerly (with the changed mask), never the stale causal kernel."""
+    model = Block().eval()
+    x = torch.randn(2, 50, 64)
+    compiled = torch.compile(model, backend="flashmlir")
+    with torch.no_grad():
+        assert rel_err(compiled(x), model.double()(x.double())) < 1e-5
+        model.float()  # new buffer objects, same values
+        caplog.clear()
+        assert rel_err(compiled(x), model.double()(x.double())) < 1e-5
+        assert "running eager" not in caplog.text
+        model.float()
+        model.bias[..., 3, 10:] = 1.0  # row 3 now sees future keys
+        assert rel_err(compiled(x), model.double()(x.double())) < 1e-5
+        assert "no longer holds the value" in caplog.text
 
 
 def test_training_step_gradients_match_float64():

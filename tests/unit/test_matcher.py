@@ -44,6 +44,28 @@ def test_div_scale_masked_fill_and_rank3_bmm():
     assert site.scale == pytest.approx(0.25) and site.mask_kind == "boolean"
 
 
+def test_known_input_mask_becomes_causal_and_is_listed():
+    """A mask computed from a graph input is evaluated only when its value is given (`known`)."""
+    def fn(q, k, v, tril):
+        s = (q @ k.transpose(-2, -1)) * 0.25
+        return F.softmax(s.masked_fill(tril[:, :, :16, :16] == 0, float("-inf")), dim=-1) @ v
+
+    q, k, v = _qkv(1, 2, 16, 16)
+    tril = torch.ones(32, 32).tril().view(1, 1, 32, 32)
+    gm = _graph(fn, q, k, v, tril)
+    buffer = list(gm.graph.find_nodes(op="placeholder"))[3]
+    (site,) = find_attention(gm).sites
+    assert (site.is_causal, site.mask_kind, site.assumes) == (False, "boolean", ())
+    result = find_attention(gm, {buffer: tril})
+    (site,) = result.sites
+    assert (site.is_causal, site.mask_kind, site.assumes) == (True, "none", (buffer,))
+    assert result.assumed_inputs() == [buffer]
+    not_causal = tril.clone()
+    not_causal[..., 0, 1] = 1
+    (site,) = find_attention(gm, {buffer: not_causal}).sites
+    assert (site.is_causal, site.mask_kind, site.assumes) == (False, "boolean", ())
+
+
 def test_sdpa_causal_gqa_and_default_scale():
     def fn(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)

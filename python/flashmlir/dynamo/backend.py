@@ -153,32 +153,38 @@ class GraphCompiler:
         return run
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        from flashmlir.dynamo.assumed_inputs import AssumedInputs, module_buffers
         from flashmlir.frontend.capture import trace_pre_dispatch
         from flashmlir.frontend.matcher import find_attention, replace_attention
 
         try:
             aten = trace_pre_dispatch(gm, example_inputs)
-            self.match = find_attention(aten)
+            self.match = find_attention(aten, module_buffers(gm, aten, example_inputs))
+            assumed = AssumedInputs(gm, aten, self.match.assumed_inputs(), example_inputs)
             replace_attention(aten, self.match.sites)
         except Exception as e:  # noqa: BLE001 - any failure here means: not ours to compile
             return self._count_runs(self._fallback(f"could not trace the graph: {type(e).__name__}: {e}",
                                                    gm.forward))
         for miss in self.match.near_misses:
             logger.info("%s: not attention we compile at %s: %s", self.name, miss.location, miss.reason)
+        return self._count_runs(assumed.guard(self._compile(aten, example_inputs), gm.forward, self.name))
+
+    def _compile(self, aten: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        """What runs the rewritten graph: compiled as the options say, or it run eagerly."""
         if not self.options.compile:
-            return self._count_runs(aten.forward)
+            return aten.forward
         try:
             target = _target_for(self.options, example_inputs)
             rest = self.options.rest_for(target)
         except FlashmlirError as e:
-            return self._count_runs(self._fallback(str(e), aten.forward))
+            return self._fallback(str(e), aten.forward)
         if needs_gradients(example_inputs) and self.match.sites:
             rewritten, reasons = rewrite_for_training(aten, _training_check(target))
             logger.info("%s: %d attention site(s) get flash backward kernels%s", self.name, rewritten,
                         "".join(f"; not {r}" for r in reasons))
         if rest == "inductor":
-            return self._count_runs(self._inductor(aten, example_inputs))
-        return self._count_runs(self._aot(aten, example_inputs, target))
+            return self._inductor(aten, example_inputs)
+        return self._aot(aten, example_inputs, target)
 
     def _inductor(self, aten: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         """Inductor compiles the graph; our ops in it run the library's kernels (runtime.torch_kernels)."""

@@ -8,14 +8,17 @@ a causal buffer and adds a padding mask). Each is one of
     drop       a masked_fill(-inf) condition, True where it may not
 
 `recover_causal` evaluates every mask that depends on no graph input (built from `arange`,
-comparisons and constants, as transformers' masking utilities build the causal mask) and, when
-it is exactly the top-left causal pattern, turns it into `is_causal` so kernels skip masked
-blocks instead of reading an S×S mask. Only an exact match counts: a mask that mixes causality with
-padding stays a mask, since folding it would change rows whose every key is masked.
+comparisons and constants, as transformers' masking utilities build the causal mask) or only on
+inputs whose values the caller vouches for (`known`: a module's buffers, such as GPT-2's `tril`
+mask; the caller must check them on every call, `dynamo/assumed_inputs.py`) and, when it is
+exactly the top-left causal pattern, turns it into `is_causal` so kernels skip masked blocks instead
+of reading an S×S mask. Only an exact match counts: a mask that mixes causality with padding stays
+a mask, since folding it would change rows whose every key is masked.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -34,8 +37,8 @@ class Mask:
     kind: str  # "additive" | "keep" | "drop"
 
 
-def _constant_ancestors(node: fx.Node) -> list[fx.Node] | None:
-    """`node`'s ancestors in topological order if none is a graph input, else None."""
+def _constant_ancestors(node: fx.Node, known: Mapping[fx.Node, torch.Tensor]) -> list[fx.Node] | None:
+    """`node`'s ancestors in topological order if none is a graph input outside `known`, else None."""
     seen: set[fx.Node] = set()
     order: list[fx.Node] = []
 
@@ -43,7 +46,7 @@ def _constant_ancestors(node: fx.Node) -> list[fx.Node] | None:
         if n in seen:
             return True
         seen.add(n)
-        if n.op == "placeholder":
+        if n.op == "placeholder" and n not in known:
             return False
         for arg in n.all_input_nodes:
             if not visit(arg):
@@ -54,17 +57,22 @@ def _constant_ancestors(node: fx.Node) -> list[fx.Node] | None:
     return order if visit(node) else None
 
 
-def static_value(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
-    """The value of `node` if it is computed from constants alone (and small enough), else None."""
+def static_value(gm: fx.GraphModule, node: fx.Node,
+                 known: Mapping[fx.Node, torch.Tensor] | None = None) -> torch.Tensor | None:
+    """The value of `node` if it is computed from constants and `known` inputs alone (and small
+    enough), else None."""
     val = node.meta.get("val")
     if not isinstance(val, torch.Tensor) or val.numel() > MAX_EVALUATED_ELEMENTS:
         return None
-    order = _constant_ancestors(node)
+    order = _constant_ancestors(node, known or {})
     if order is None:
         return None
     env: dict[fx.Node, object] = {}
     with unset_fake_temporarily():  # dynamo may be tracing with fake tensors around us
         for n in order:
+            if n.op == "placeholder":
+                env[n] = known[n]
+                continue
             if n.op == "get_attr":
                 env[n] = getattr(gm, n.target)
                 continue
@@ -108,16 +116,21 @@ def is_no_op(value: torch.Tensor, kind: str) -> bool:
     return allowed is not None and bool(allowed.all())
 
 
-def recover_causal(gm: fx.GraphModule, masks: list[Mask]) -> tuple[bool, list[Mask]]:
-    """(is_causal, the masks still needed): constant masks that are causal or no-ops go away."""
-    causal, rest = False, []
+def recover_causal(gm: fx.GraphModule, masks: list[Mask], known: Mapping[fx.Node, torch.Tensor] | None = None,
+                   ) -> tuple[bool, list[Mask], tuple[fx.Node, ...]]:
+    """(is_causal, the masks still needed, the `known` inputs whose values that relies on):
+    constant masks that are causal or no-ops go away."""
+    known = known or {}
+    causal, rest, assumed = False, [], []
     for mask in masks:
-        value = static_value(gm, mask.node)
+        value = static_value(gm, mask.node, known)
         if value is not None and is_causal_pattern(value, mask.kind):
             causal = True
         elif value is None or not is_no_op(value, mask.kind):
             rest.append(mask)
-    return causal, rest
+            continue
+        assumed += [n for n in _constant_ancestors(mask.node, known) if n.op == "placeholder" and n not in assumed]
+    return causal, rest, tuple(assumed)
 
 
 def combine(graph: fx.Graph, masks: list[Mask]) -> fx.Node | None:

@@ -17,7 +17,7 @@ Around both: K and V repeated per query head (`repeat_kv`) are peeled back to GQ
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +29,7 @@ from flashmlir.frontend.layout import einsum_role, last_two_transposed, normaliz
 from flashmlir.frontend.masks import Mask, combine, describe, recover_causal, static_value
 
 aten = torch.ops.aten
+Known = Mapping[fx.Node, torch.Tensor]
 
 SOFTMAX_OPS = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
 MATMUL_OPS = {aten.matmul.default, aten.bmm.default}
@@ -66,6 +67,8 @@ class AttentionSite:
     v: fx.Node = field(repr=False, compare=False, default=None)
     masks: list[Mask] = field(repr=False, compare=False, default_factory=list)
     output: fx.Node = field(repr=False, compare=False, default=None)
+    # Graph inputs whose values the rewrite relies on (a causal mask buffer folded into is_causal).
+    assumes: tuple[fx.Node, ...] = field(repr=False, compare=False, default=())
 
 
 @dataclass
@@ -81,6 +84,10 @@ class NearMiss:
 class MatchResult:
     sites: list[AttentionSite] = field(default_factory=list)
     near_misses: list[NearMiss] = field(default_factory=list)
+
+    def assumed_inputs(self) -> list[fx.Node]:
+        """The graph inputs whose values some site's rewrite relies on, in graph order."""
+        return list(dict.fromkeys(n for site in self.sites for n in site.assumes))
 
 
 class _Decline(Exception):
@@ -172,7 +179,7 @@ def _check_qkv(q: fx.Node, k: fx.Node, v: fx.Node) -> int:
     return qs[-3] // ks[-3]
 
 
-def _match_sdpa(gm: fx.GraphModule, node: fx.Node) -> AttentionSite:
+def _match_sdpa(gm: fx.GraphModule, node: fx.Node, known: Known) -> AttentionSite:
     q, k, v = node.args[:3]
     mask = _arg(node, 3, "attn_mask", None)
     dropout_p = float(_arg(node, 4, "dropout_p", 0.0))
@@ -186,7 +193,7 @@ def _match_sdpa(gm: fx.GraphModule, node: fx.Node) -> AttentionSite:
     dtype = _check_dtypes(q, k, v)
     groups = _check_qkv(q, k, v)
     masks = [] if mask is None else [Mask(mask, "keep" if _val(mask).dtype == torch.bool else "additive")]
-    recovered, masks = recover_causal(gm, masks)
+    recovered, masks, assumes = recover_causal(gm, masks, known)
     qs, ks, vs = _shape(q), _shape(k), _shape(v)
     mask_kind, mask_shape = _check_masks(masks, (*qs[:-1], ks[-2]))
     return AttentionSite(
@@ -194,7 +201,7 @@ def _match_sdpa(gm: fx.GraphModule, node: fx.Node) -> AttentionSite:
         mask_kind=mask_kind, mask_shape=mask_shape,
         scale=default_scale(qs[-1]) if scale is None else float(scale),
         gqa_groups=groups, dropout_p=dropout_p, location=location_of(node),
-        q=q, k=k, v=v, masks=masks, output=node,
+        q=q, k=k, v=v, masks=masks, output=node, assumes=assumes,
     )
 
 
@@ -310,7 +317,7 @@ def _op_name(node: fx.Node) -> str:
     return getattr(target, "__name__", None) or str(target)
 
 
-def _match_softmax(gm: fx.GraphModule, softmax: fx.Node) -> AttentionSite:
+def _match_softmax(gm: fx.GraphModule, softmax: fx.Node, known: Known) -> AttentionSite:
     x = softmax.args[0]
     rank = len(_shape(x))
     dim = normalize_dim(int(softmax.args[1]), rank)
@@ -332,24 +339,29 @@ def _match_softmax(gm: fx.GraphModule, softmax: fx.Node) -> AttentionSite:
     qs, ks, vs = _shape(q), _shape(k), _shape(v)
     if _val(pv).dtype != _val(q).dtype:
         raise _Decline(f"output dtype {_val(pv).dtype} differs from q's {_val(q).dtype}")
-    is_causal, masks = recover_causal(gm, masks)
+    is_causal, masks, assumes = recover_causal(gm, masks, known)
     mask_kind, mask_shape = _check_masks(masks, (*qs[:-1], ks[-2]))
     return AttentionSite(
         family="matmul-softmax-matmul", q_shape=qs, k_shape=ks, v_shape=vs, dtype=dtype,
         is_causal=is_causal, mask_kind=mask_kind, mask_shape=mask_shape, scale=scale,
         gqa_groups=groups, dropout_p=dropout_p, location=location_of(softmax),
-        q=q, k=k, v=v, masks=masks, output=pv,
+        q=q, k=k, v=v, masks=masks, output=pv, assumes=assumes,
     )
 
 
-_MATCHERS: list[tuple[set, str, Callable[[fx.GraphModule, fx.Node], AttentionSite]]] = [
+_MATCHERS: list[tuple[set, str, Callable[[fx.GraphModule, fx.Node, Known], AttentionSite]]] = [
     (SDPA_OPS, "sdpa", _match_sdpa),
     (SOFTMAX_OPS, "matmul-softmax-matmul", _match_softmax),
 ]
 
 
-def find_attention(gm: fx.GraphModule) -> MatchResult:
-    """Every attention site and near miss in `gm`, in graph order. Does not change the graph."""
+def find_attention(gm: fx.GraphModule, known: Known | None = None) -> MatchResult:
+    """Every attention site and near miss in `gm`, in graph order. Does not change the graph.
+
+    `known`: placeholders whose values (given) a mask may be evaluated from; a site that relies
+    on one lists it in `assumes`, and the caller must check it on every call.
+    """
+    known = known or {}
     result = MatchResult()
     for node in gm.graph.nodes:
         if node.op != "call_function":
@@ -357,7 +369,7 @@ def find_attention(gm: fx.GraphModule) -> MatchResult:
         for targets, family, match in _MATCHERS:
             if node.target in targets:
                 try:
-                    result.sites.append(match(gm, node))
+                    result.sites.append(match(gm, node, known))
                 except _Decline as why:
                     result.near_misses.append(NearMiss(family, location_of(node), str(why)))
     return result
