@@ -119,10 +119,11 @@ CPU_WORKGROUPS_PER_THREAD = 4
 
 @dataclass(frozen=True)
 class CpuAttentionKernel:
-    """The CPU forward attention kernels of one instruction set: one function per head dim. The
-    work is items of `rows` query rows of one (batch, head); each IREE workgroup takes a share."""
+    """The CPU attention kernels of one family and instruction set: functions per head dim. The
+    work is items of `rows` query rows (backward dK/dV: keys) of one (batch, head); each IREE
+    workgroup takes a share."""
 
-    family: str  # "attention_fwd_cpu"
+    family: str  # "attention_fwd_cpu", "attention_bwd_cpu"
     isa: str  # "avx512"
     element: str  # "f32"
     head_dims: tuple[int, ...]
@@ -152,9 +153,10 @@ class Library:
     cuda: tuple[CudaAttentionKernel, ...] = ()
     cpu: tuple[CpuAttentionKernel, ...] = ()
     cuda_backward: tuple[CudaAttentionBackwardKernel, ...] = ()
+    cpu_backward: tuple[CpuAttentionKernel, ...] = ()
 
     def objects(self) -> list[Path]:
-        return [k.object_path for k in (*self.cuda, *self.cpu, *self.cuda_backward)]
+        return [k.object_path for k in (*self.cuda, *self.cpu, *self.cuda_backward, *self.cpu_backward)]
 
 
 # What the build makes of a CUDA entry (runtime/microkernels/CMakeLists.txt): a fatbin from nvcc, or
@@ -206,11 +208,13 @@ def _load(directory: Path | None) -> Library:
         CudaAttentionBackwardKernel(e["family"], e["element"], e["head_dim"], e["block_m"], e["block_n"],
                                     e["warps"], e["min_arch"], cuda_object(e))
         for e in entries if e["family"].startswith("attention_bwd"))
-    cpu = tuple(
+    cpu_entries = [
         CpuAttentionKernel(e["family"], e["isa"], e["element"], tuple(e["head_dims"]), e["row_vectors"],
                            frozenset(e["requires"]), directory / "cpu" / f"{e['family']}_{e['isa']}.o")
-        for e in catalog.get("cpu", []))
-    return Library(cuda, cpu, cuda_backward)
+        for e in catalog.get("cpu", [])]
+    cpu = tuple(k for k in cpu_entries if k.family.startswith("attention_fwd"))
+    cpu_backward = tuple(k for k in cpu_entries if k.family.startswith("attention_bwd"))
+    return Library(cuda, cpu, cuda_backward, cpu_backward)
 
 
 def library() -> Library:
@@ -269,17 +273,26 @@ def select_attention_backward(arch: str, element: str, head_dim: int) -> CudaAtt
 
 def select_cpu_attention_forward(features: frozenset[str], element: str, head_dim: int) -> CpuAttentionKernel:
     """The CPU kernel for a host with `features` (its /proc/cpuinfo flags), or NoKernel with the reason."""
-    kernels = library().cpu
+    return _select_cpu(library().cpu, "attention", features, element, head_dim)
+
+
+def select_cpu_attention_backward(features: frozenset[str], element: str, head_dim: int) -> CpuAttentionKernel:
+    """The CPU backward kernels (dq, dkdv) for a host with `features`, or NoKernel with the reason."""
+    return _select_cpu(library().cpu_backward, "attention backward", features, element, head_dim)
+
+
+def _select_cpu(kernels: tuple[CpuAttentionKernel, ...], what: str, features: frozenset[str], element: str,
+                head_dim: int) -> CpuAttentionKernel:
     if not kernels:
-        raise NoKernel("the microkernel library has no CPU kernels (not installed)")
+        raise NoKernel(f"the microkernel library has no CPU {what} kernels (not installed)")
     runnable = [k for k in kernels if k.requires <= features]
     if not runnable:
         need = " or ".join("+".join(sorted(k.requires)) for k in kernels)
-        raise NoKernel(f"no CPU attention microkernel for this CPU (they need {need})")
+        raise NoKernel(f"no CPU {what} microkernel for this CPU (they need {need})")
     matching = [k for k in runnable if k.element == element and head_dim in k.head_dims]
     if not matching:
         offer = ", ".join(f"{k.element} d{'/'.join(map(str, k.head_dims))}" for k in runnable)
-        raise NoKernel(f"no CPU attention microkernel for {element} head dim {head_dim} (have: {offer})")
+        raise NoKernel(f"no CPU {what} microkernel for {element} head dim {head_dim} (have: {offer})")
     kernel = matching[0]
     if not kernel.object_path.is_file():
         raise NoKernel(f"CPU microkernel {kernel.family}_{kernel.isa} was not built ({kernel.object_path} is "

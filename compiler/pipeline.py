@@ -6,7 +6,7 @@
     ..-match-attention         flashmlir-match-attention
     ..-lower-attention         flashmlir-lower-attention
     ..-dispatch-microkernels   flashmlir-dispatch-attention-microkernel (CPU and CUDA targets)
-    ..-dispatch-training       flashmlir-dispatch-attention-training (CUDA; graphs with training ops)
+    ..-dispatch-training       flashmlir-dispatch-attention-training (CPU and CUDA; graphs with training ops)
     ..-tile-attention          flashmlir-tile-attention{target=…}, canonicalize, cse
     iree-*               IREE: torch input conversion, dispatch formation, codegen, VM
 
@@ -48,7 +48,8 @@ def flashmlir_stages(target: Target, bind_result_storage: bool = False) -> tuple
     dispatch = (Stage("dispatch-microkernels", "flashmlir-dispatch-attention-microkernel"),) if use_microkernels else ()
     # Training ops have no other lowering: the pass runs wherever they may appear (it says why it
     # cannot serve one); the frontend emits them only where the kernels exist.
-    training = (Stage("dispatch-training", "flashmlir-dispatch-attention-training"),) if target.kind == "cuda" else ()
+    training = ((Stage("dispatch-training", "flashmlir-dispatch-attention-training"),)
+                if target.kind in ("cpu", "cuda") else ())
     return (
         Stage("erase-device-placement", "flashmlir-erase-device-placement"),
         *binding,

@@ -47,8 +47,9 @@ from flashmlir.compiler.microkernels import (
 )
 from flashmlir.compiler.targets import get_target
 from flashmlir.passes.attention_ir import Attention, NotCanonical, analyze, float_constant, replaced_inputs
+from flashmlir.passes.cpu_dispatch import Binding, CpuCall, cpu_executable, free_symbol, insert_executable
 from flashmlir.passes.framework import PassResult, PassSpec
-from flashmlir.passes.ir_utils import erase_unused, f32_literal, splice_function, walk_ops
+from flashmlir.passes.ir_utils import erase_unused, splice_function, walk_ops
 
 MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y, which carries batch × query heads
 
@@ -149,44 +150,13 @@ def _cuda_function(attn: Attention, launch: _Launch) -> str:
 
 def _cpu_executable(symbol: str, attn: Attention, site: _Site, kernel: CpuAttentionKernel, threads: int) -> str:
     """The stream.executable whose one export calls the kernel for this op's shapes."""
-    fn = kernel.name(site.head_dim)
-    workgroups = kernel.workgroups(attn.sq, site.batch_heads, threads)
-    sizes = {"q": math.prod(attn.q.shape), "k": math.prod(attn.k.shape), "v": math.prod(attn.v.shape),
-             "o": math.prod(attn.out.shape)}
-    elem = site.element
-    views = "\n".join(f"      %{n}m = stream.binding.subspan %{n}[%c0] : !stream.binding -> memref<{size}x{elem}>"
-                      for n, size in sizes.items())
-    q, k, v, o = (f"memref<{size}x{elem}>" for size in sizes.values())
-    return f"""stream.executable private @{symbol} attributes {{
-  hal.executable.objects = #hal.executable.objects<{{
-    #hal.executable.target<"llvm-cpu", "embedded-elf-x86_64"> = [#hal.executable.object<{{path = "{kernel.object_path}"}}>]
-  }}>
-}} {{
-  stream.executable.export public @attention workgroups() -> (index, index, index) {{
-    %x = arith.constant {workgroups} : index
-    %one = arith.constant 1 : index
-    stream.return %x, %one, %one : index, index, index
-  }}
-  builtin.module {{
-    func.func private @{fn}({q}, {k}, {v}, {o}, index, index, index, index, f32, index, index, index)
-        attributes {{hal.import.static}}
-    func.func @attention(%q: !stream.binding, %k: !stream.binding, %v: !stream.binding, %o: !stream.binding) {{
-      %c0 = arith.constant 0 : index
-{views}
-      %group = arith.constant {site.group} : index
-      %seq_q = arith.constant {attn.sq} : index
-      %seq_k = arith.constant {attn.sk} : index
-      %scale = arith.constant {f32_literal(site.scale)} : f32
-      %causal = arith.constant {int(site.causal)} : index
-      %batch_heads = arith.constant {site.batch_heads} : index
-      %workgroup = hal.interface.workgroup.id[0] : index
-      %workgroups = arith.constant {workgroups} : index
-      func.call @{fn}(%qm, %km, %vm, %om, %group, %batch_heads, %seq_q, %seq_k, %scale, %causal, %workgroup,
-                      %workgroups) : ({q}, {k}, {v}, {o}, index, index, index, index, f32, index, index, index) -> ()
-      return
-    }}
-  }}
-}}"""
+    bindings = tuple(Binding(n, math.prod(t.shape), site.element)
+                     for n, t in (("q", attn.q), ("k", attn.k), ("v", attn.v), ("o", attn.out)))
+    constants = (("group", site.group), ("batch_heads", site.batch_heads), ("seq_q", attn.sq), ("seq_k", attn.sk),
+                 ("scale", float(site.scale)), ("causal", int(site.causal)))
+    call = CpuCall("attention", kernel.name(site.head_dim), bindings, constants,
+                   kernel.workgroups(attn.sq, site.batch_heads, threads))
+    return cpu_executable(symbol, str(kernel.object_path), [call])
 
 
 def _cpu_call(symbol: str, attn: Attention) -> str:
@@ -197,30 +167,11 @@ def _cpu_call(symbol: str, attn: Attention) -> str:
 }}"""
 
 
-def _enclosing_top_level_op(op: ir.Operation, module: ir.Operation) -> ir.Operation:
-    """The op of `module`'s body that contains `op` (the function it is in)."""
-    while op.parent is not None and op.parent.operation != module:
-        op = op.parent.operation
-    return op
-
-
-def _free_symbol(module: ir.Operation, prefix: str, taken: set[str]) -> str:
-    names = {ir.StringAttr(o.attributes["sym_name"]).value for o in module.regions[0].blocks[0].operations
-             if "sym_name" in o.attributes}
-    i = 0
-    while f"{prefix}{i}" in names or f"{prefix}{i}" in taken:
-        i += 1
-    taken.add(f"{prefix}{i}")
-    return f"{prefix}{i}"
-
-
 def _rewrite_cpu(module: ir.Operation, attn: Attention, site: _Site, features: frozenset[str], threads: int,
                  taken: set[str]) -> None:
     kernel = select_cpu_attention_forward(features, site.element, site.head_dim)
-    symbol = _free_symbol(module, "flashmlir_attention_cpu_", taken)
-    with attn.op.context, attn.op.location:
-        parsed = ir.Module.parse(_cpu_executable(symbol, attn, site, kernel, threads))  # owns the op until moved
-        parsed.body.operations[0].move_before(_enclosing_top_level_op(attn.op, module))
+    symbol = free_symbol(module, "flashmlir_attention_cpu_", taken)
+    insert_executable(module, attn.op, _cpu_executable(symbol, attn, site, kernel, threads))
     splice_function(attn.op, _cpu_call(symbol, attn), [attn.q.value, attn.k.value, attn.v.value])
 
 

@@ -1,4 +1,6 @@
-"""flashmlir-dispatch-attention-training: the training ops ⇒ calls of the library's CUDA kernels.
+"""flashmlir-dispatch-attention-training: the training ops ⇒ calls of the library's kernels.
+
+CUDA:
 
     %o, %lse = torch.operator "torch.flashmlir.attention_forward"(%q, %k, %v, %causal, %scale)
       ⇒ %o, %lse = hal.dispatch.extern "flashmlir_attention_fwd_<family>_<e>_d<D>_lse"
@@ -10,9 +12,18 @@
         %dk, %dv = hal.dispatch.extern "flashmlir_attention_bwd_sm80_<e>_d<D>_dkdv"
                        (constants, Q, K, V, dO, lse, Δ)                grid (⌈Sk / rows⌉, B·Hkv)
 
+CPU (f32):
+    %o, %lse       = flow.dispatch @flashmlir_attention_training_cpu_<n>::@forward(Q, K, V)
+    %dq, %Δ        = flow.dispatch @…::@dq(Q, K, V, O, dO, lse)
+    %dk, %dv       = flow.dispatch @…::@dkdv(Q, K, V, dO, lse, Δ)
+  with one stream.executable linking the library's forward object (its `_lse` function) and
+  backward object (`_dq`, `_dkdv`), a 1-d grid of a few workgroups per thread for each
+  (passes/cpu_dispatch.py; runtime/microkernels/attention/bwd_cpu_avx512.c).
+
 Q, K, V, O, dO are dense [*, H, S, D] (what IREE makes of the torch value tensors), lse and
-Δ = rowsum(dO ∘ O) float32 [*, Hq, S]: exactly the kernels' ABI (bwd_sm80_kernels.cu), so no layout
-work is needed here. Δ travels from the first dispatch to the second as a tensor: IREE orders them.
+Δ = rowsum(dO ∘ O) float32 [*, Hq, S]: exactly the kernels' ABI (bwd_sm80_kernels.cu,
+bwd_cpu_avx512.c), so no layout work is needed here. Δ travels from the first dispatch to the
+second as a tensor: IREE orders them.
 
 The frontend puts these ops in a graph only where the target's library has both kernels
 (flashmlir.frontend.training_ops.rewrite_for_training), and nothing else lowers them: an op this
@@ -27,9 +38,16 @@ from dataclasses import dataclass
 
 from iree.compiler import ir
 
-from flashmlir.compiler.microkernels import NoKernel, select_attention_backward, select_attention_forward
-from flashmlir.compiler.targets import get_target
+from flashmlir.compiler.microkernels import (
+    NoKernel,
+    select_attention_backward,
+    select_attention_forward,
+    select_cpu_attention_backward,
+    select_cpu_attention_forward,
+)
+from flashmlir.compiler.targets import Target, get_target
 from flashmlir.errors import UnsupportedError
+from flashmlir.passes.cpu_dispatch import Binding, CpuCall, cpu_executable, free_symbol, insert_executable
 from flashmlir.passes.framework import PassResult, PassSpec, describe_op
 from flashmlir.passes.ir_utils import (
     TorchTensorType,
@@ -41,7 +59,7 @@ from flashmlir.passes.ir_utils import (
 
 FORWARD_OPERATOR = "torch.flashmlir.attention_forward"
 BACKWARD_OPERATOR = "torch.flashmlir.attention_backward"
-ELEMENTS = {"f16", "bf16"}
+CUDA_ELEMENTS = {"f16", "bf16"}
 READ_ONLY = "#hal.pipeline.binding<storage_buffer, ReadOnly>"
 WRITTEN = "#hal.pipeline.binding<storage_buffer>"
 
@@ -49,6 +67,16 @@ WRITTEN = "#hal.pipeline.binding<storage_buffer>"
 @dataclass(frozen=True)
 class Options:
     target: str = ""  # empty: the module's `flashmlir.target` attribute
+    # CPU: the feature flags (as /proc/cpuinfo spells them, comma-separated) of the CPU to compile
+    # for, and the worker threads IREE will run on; empty / 0: the host's.
+    cpu_features: str = ""
+    cpu_threads: int = 0
+
+
+@dataclass(frozen=True)
+class _Cpu:
+    features: frozenset[str]
+    threads: int
 
 
 @dataclass(frozen=True)
@@ -90,8 +118,8 @@ def _site(q: ir.Value, k: ir.Value, v: ir.Value, causal: ir.Value, scale: ir.Val
     if any(t is None or not t.is_static for t in types):
         raise UnsupportedError("q, k, v must have static shapes")
     qt, kt, vt = types
-    if {qt.dtype, kt.dtype, vt.dtype} - ELEMENTS or len({qt.dtype, kt.dtype, vt.dtype}) != 1:
-        raise UnsupportedError(f"dtypes {qt.dtype}/{kt.dtype}/{vt.dtype}: the kernels take f16 or bf16")
+    if len({qt.dtype, kt.dtype, vt.dtype}) != 1:
+        raise UnsupportedError(f"dtypes {qt.dtype}/{kt.dtype}/{vt.dtype}: the kernels take one element type")
     if qt.rank < 3 or qt.shape[:-3] != kt.shape[:-3] or qt.shape[-3] % kt.shape[-3] or vt.shape != kt.shape:
         raise UnsupportedError(f"shapes q {qt.shape}, k {kt.shape}, v {vt.shape} do not fit together")
     if qt.shape[-1] != kt.shape[-1]:
@@ -146,6 +174,8 @@ def _stats_type(site: _Site) -> TorchTensorType:
 
 
 def _forward_function(site: _Site, arch: str) -> str:
+    if site.element not in CUDA_ELEMENTS:
+        raise UnsupportedError(f"dtype {site.element}: the CUDA kernels take f16 or bf16")
     kernel = select_attention_forward(arch, site.element, site.head_dim)
     q, k, v, stats = site.q, site.k, site.v, _stats_type(site)
     bh = math.prod(q.shape[:-2])
@@ -193,14 +223,94 @@ def _backward_function(site: _Site, arch: str) -> str:
 }}"""
 
 
-def _rewrite(op: ir.Operation, name: str, arch: str) -> None:
+def _cpu_calls(site: _Site, cpu: _Cpu, forward: bool) -> tuple[str, list[CpuCall]]:
+    """(object path, calls) of the CPU training kernels for `site`: the forward with lse, or dq then dkdv."""
+    select = select_cpu_attention_forward if forward else select_cpu_attention_backward
+    kernel = select(cpu.features, site.element, site.head_dim)
+    q, k, stats = site.q, site.k, _stats_type(site)
+    sq, sk = q.shape[-2], k.shape[-2]
+    bh, bh_kv = math.prod(q.shape[:-2]), math.prod(k.shape[:-2])
+    constants = (("group", site.group), ("batch_heads", bh), ("seq_q", sq), ("seq_k", sk),
+                 ("scale", float(site.scale)), ("causal", int(site.causal)))
+
+    def bind(name: str, t: TorchTensorType) -> Binding:
+        return Binding(name, math.prod(t.shape), t.dtype)
+
+    fn = kernel.name(site.head_dim)
+    if forward:
+        bindings = tuple(bind(n, t) for n, t in (("q", q), ("k", k), ("v", site.v), ("o", q), ("lse", stats)))
+        return str(kernel.object_path), [CpuCall("forward", f"{fn}_lse", bindings, constants,
+                                                 kernel.workgroups(sq, bh, cpu.threads))]
+    dq = tuple(bind(n, t) for n, t in (("q", q), ("k", k), ("v", site.v), ("o", q), ("do", q), ("lse", stats),
+                                       ("dq", q), ("delta", stats)))
+    dkdv = tuple(bind(n, t) for n, t in (("q", q), ("k", k), ("v", site.v), ("do", q), ("lse", stats),
+                                         ("delta", stats), ("dk", k), ("dv", site.v)))
+    return str(kernel.object_path), [
+        CpuCall("dq", f"{fn}_dq", dq, constants, kernel.workgroups(sq, bh, cpu.threads)),
+        CpuCall("dkdv", f"{fn}_dkdv", dkdv, constants, kernel.workgroups(sk, bh_kv, cpu.threads)),
+    ]
+
+
+def _dispatch(results: str, symbol: str, export: str, operands: list[tuple[str, str]], outputs: list[str]) -> str:
+    names = ", ".join(n for n, _ in operands)
+    types = ", ".join(t for _, t in operands)
+    return f"  {results} = flow.dispatch @{symbol}::@{export}({names}) : ({types}) -> ({', '.join(outputs)})"
+
+
+def _cpu_forward_function(site: _Site, symbol: str) -> str:
+    q, k, v, stats = site.q, site.k, site.v, _stats_type(site)
+    lines = [_to_builtin(n, t) for n, t in (("q", q), ("k", k), ("v", v))]
+    call = _dispatch("%o, %lse", symbol, "forward", [("%bq", q.builtin()), ("%bk", k.builtin()), ("%bv", v.builtin())],
+                     [q.builtin(), stats.builtin()])
+    return f"""func.func @forward(%q: {q.torch()}, %k: {k.torch()}, %v: {v.torch()}) -> ({q.torch()}, {stats.torch()}) {{
+{chr(10).join(lines)}
+{call}
+{_from_builtin("o", q)}
+{_from_builtin("lse", stats)}
+  return %to, %tlse : {q.torch()}, {stats.torch()}
+}}"""
+
+
+def _cpu_backward_function(site: _Site, symbol: str) -> str:
+    q, k, v, stats = site.q, site.k, site.v, _stats_type(site)
+    args = (("do", q), ("q", q), ("k", k), ("v", v), ("o", q), ("lse", stats))
+    lines = [_to_builtin(n, t) for n, t in args]
+    signature = ", ".join(f"%{n}: {t.torch()}" for n, t in args)
+    dq = _dispatch("%dq, %delta", symbol, "dq",
+                   [(f"%b{n}", t.builtin()) for n, t in (("q", q), ("k", k), ("v", v), ("o", q), ("do", q),
+                                                         ("lse", stats))], [q.builtin(), stats.builtin()])
+    dkdv = _dispatch("%dk, %dv", symbol, "dkdv",
+                     [(f"%b{n}", t.builtin()) for n, t in (("q", q), ("k", k), ("v", v), ("do", q), ("lse", stats))]
+                     + [("%delta", stats.builtin())], [k.builtin(), v.builtin()])
+    return f"""func.func @backward({signature}) -> ({q.torch()}, {k.torch()}, {v.torch()}) {{
+{chr(10).join(lines)}
+{dq}
+{dkdv}
+{_from_builtin("dq", q)}
+{_from_builtin("dk", k)}
+{_from_builtin("dv", v)}
+  return %tdq, %tdk, %tdv : {q.torch()}, {k.torch()}, {v.torch()}
+}}"""
+
+
+def _rewrite(module: ir.Operation, op: ir.Operation, name: str, target: Target, cpu: _Cpu, taken: set[str]) -> None:
     operands = list(op.operands)
-    if name == FORWARD_OPERATOR:
+    forward = name == FORWARD_OPERATOR
+    if forward:
         q, k, v, causal, scale = operands
-        splice_function(op, _forward_function(_site(q, k, v, causal, scale), arch), [q, k, v])
+        inputs = [q, k, v]
     else:
         d_o, q, k, v, o, lse, causal, scale = operands
-        splice_function(op, _backward_function(_site(q, k, v, causal, scale), arch), [d_o, q, k, v, o, lse])
+        inputs = [d_o, q, k, v, o, lse]
+    site = _site(q, k, v, causal, scale)
+    if target.gpu is not None:
+        text = _forward_function(site, target.gpu.arch) if forward else _backward_function(site, target.gpu.arch)
+    else:
+        path, calls = _cpu_calls(site, cpu, forward)
+        symbol = free_symbol(module, "flashmlir_attention_training_cpu_", taken)
+        insert_executable(module, op, cpu_executable(symbol, path, calls))
+        text = _cpu_forward_function(site, symbol) if forward else _cpu_backward_function(site, symbol)
+    splice_function(op, text, inputs)
 
 
 def run(module: ir.Operation, options: Options) -> PassResult:
@@ -212,12 +322,18 @@ def run(module: ir.Operation, options: Options) -> PassResult:
     if not ops:
         return result
     target = get_target(name) if name else None
+    taken: set[str] = set()
+    cpu = None
+    if target is not None:
+        cpu = _Cpu(frozenset(options.cpu_features.split(",")) if options.cpu_features else target.cpu_features,
+                   options.cpu_threads or target.cpu_threads)
     for op, op_name in ops:
         where = describe_op(op)
-        if target is None or target.gpu is None:
-            raise UnsupportedError(f"{where}: the training ops need a CUDA target's kernels (target: {name or 'none'})")
+        if target is None or (target.gpu is None and target.kind != "cpu"):
+            raise UnsupportedError(f"{where}: the training ops need a CUDA or CPU target's kernels "
+                                   f"(target: {name or 'none'})")
         try:
-            _rewrite(op, op_name, target.gpu.arch)
+            _rewrite(module, op, op_name, target, cpu, taken)
         except (UnsupportedError, NoKernel) as why:
             raise UnsupportedError(f"{where}: {why}") from why
         result.rewritten += 1
@@ -227,7 +343,7 @@ def run(module: ir.Operation, options: Options) -> PassResult:
 PASS = PassSpec(
     name="flashmlir-dispatch-attention-training",
     summary="Replace the training ops (attention forward with lse, attention backward) with calls of the "
-            "microkernel library's CUDA kernels (hal.dispatch.extern)",
+            "microkernel library's kernels (CUDA: hal.dispatch.extern; CPU: an executable linking the objects)",
     options_type=Options,
     run=run,
 )

@@ -66,8 +66,9 @@ def test_torch_export_program_compiles_with_dump_ir(tmp_path):
     dumps = tmp_path / "ir"
     assert compile_tool.main([str(tmp_path / "model.pt2"), "--dump-ir", str(dumps), "-q"]) == 0
     names = sorted(p.name for p in dumps.iterdir())
-    assert names[:6] == ["00-input.mlir", "01-erase-device-placement.mlir", "02-match-attention.mlir",
-                         "03-lower-attention.mlir", "04-dispatch-microkernels.mlir", "05-tile-attention.mlir"]
+    assert names[:7] == ["00-input.mlir", "01-erase-device-placement.mlir", "02-match-attention.mlir",
+                         "03-lower-attention.mlir", "04-dispatch-microkernels.mlir", "05-dispatch-training.mlir",
+                         "06-tile-attention.mlir"]
     assert any("iree-flow" in n for n in names)
     assert (dumps / "02-match-attention.mlir").read_text().count('"torch.flashmlir.attention"') == 2
     (out,) = IreeModule((tmp_path / "model.vmfb").read_bytes())(*inputs)
@@ -143,8 +144,8 @@ def test_save_temps_keeps_every_stage(tmp_path, monkeypatch):
         torch.compile(F.scaled_dot_product_attention, backend="flashmlir")(q, k, v)
     (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     names = sorted(p.name for p in folder.iterdir())
-    assert names[:7] == ["00-input.mlir", "01-erase-device-placement.mlir", "02-bind-result-storage.mlir",
+    assert names[:8] == ["00-input.mlir", "01-erase-device-placement.mlir", "02-bind-result-storage.mlir",
                          "03-match-attention.mlir", "04-lower-attention.mlir", "05-dispatch-microkernels.mlir",
-                         "06-tile-attention.mlir"]
+                         "06-dispatch-training.mlir", "07-tile-attention.mlir"]
     # Head dim 8 has no microkernel: the tile pass writes the flash loop nest.
-    assert "flow.dispatch.workgroups" in (folder / "06-tile-attention.mlir").read_text()
+    assert "flow.dispatch.workgroups" in (folder / "07-tile-attention.mlir").read_text()

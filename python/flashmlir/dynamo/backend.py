@@ -234,11 +234,33 @@ def _training_check(target: Target) -> Callable[[torch.Tensor, torch.Tensor, tor
     from flashmlir.runtime.torch_kernels import kernel_problem
 
     def check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool) -> str | None:
-        if target.gpu is None:
-            return f"no backward kernels for {target.name} yet (the op's textbook backward runs instead)"
-        return kernel_problem(target.gpu.arch, q, k, v, backward=True)
+        if target.gpu is not None:
+            return kernel_problem(target.gpu.arch, q, k, v, backward=True)
+        if target.kind == "cpu":
+            return _cpu_training_problem(target, q, k, v)
+        return f"no backward kernels for {target.name} (the op's textbook backward runs instead)"
 
     return check
+
+
+def _cpu_training_problem(target: Target, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """Why the CPU library's training kernels cannot take these operands, else None."""
+    from flashmlir.compiler import microkernels
+
+    if not config.microkernels_enabled():
+        return "microkernels are off (FLASHMLIR_MICROKERNELS=0)"
+    if not q.dtype == k.dtype == v.dtype == torch.float32:
+        return f"dtypes {q.dtype}/{k.dtype}/{v.dtype} (the CPU kernels take float32)"
+    if q.dim() < 3 or v.shape[-1] != q.shape[-1]:
+        return f"value head dim {v.shape[-1]} differs from the query head dim {q.shape[-1]}"
+    if q.numel() == 0 or k.numel() == 0:
+        return "empty operands"
+    try:
+        microkernels.select_cpu_attention_forward(target.cpu_features, "f32", q.shape[-1])
+        microkernels.select_cpu_attention_backward(target.cpu_features, "f32", q.shape[-1])
+    except microkernels.NoKernel as why:
+        return str(why)
+    return None
 
 
 def _reason(error: Exception) -> str:

@@ -20,6 +20,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "cpu_avx512_math.h"
+
 #define FLASHMLIR_EXPORT __attribute__((visibility("default")))
 
 #ifndef FLASHMLIR_ROW_VECTORS
@@ -44,25 +46,6 @@ enum {
   kDimTile = FLASHMLIR_DIM_TILE,            // head-dim entries per register tile of Oᵀ
 };
 
-static const float kLog2e = 1.4426950408889634f;
-
-// 2^x for x ≤ 0 (or -inf): round to nearest n, a degree-6 polynomial for 2^(x - n) on
-// [-1/2, 1/2] (relative error < 1.2e-7), scaled by 2^n with vscalefps. Below 2^-126 gives 0.
-static inline __m512 exp2_nonpositive(__m512 x) {
-  const __m512 clamped = _mm512_max_ps(x, _mm512_set1_ps(-127.f));
-  const __m512 n = _mm512_roundscale_ps(clamped, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(clamped, n);
-  __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  const __mmask16 normal = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.f), _CMP_GE_OQ);
-  return _mm512_maskz_mov_ps(normal, _mm512_scalef_ps(p, n));
-}
-
 // Oᵀ[d : d + width] = α · Oᵀ[d : d + width] + Σ_j V[j, d : d + width] · Pᵀ[j] (width ≤ kDimTile,
 // a constant after inlining: the accumulators stay in registers across the key loop).
 static inline __attribute__((always_inline)) void pv_tile(float* restrict ot, const float* restrict st,
@@ -84,10 +67,11 @@ static inline __attribute__((always_inline)) void pv_tile(float* restrict ot, co
     for (int r = 0; r < kRowVectors; ++r) _mm512_store_ps(ot + (d + t) * kRows + r * kLanes, acc[t][r]);
 }
 
-// One item: rows [q0, q0 + kRows) of query head `bh` (batch-major), every key it attends.
+// One item: rows [q0, q0 + kRows) of query head `bh` (batch-major), every key it attends; with
+// `lse` (may be null) also ln Σ_j exp(scale · q·k_j) per row, -inf for a row with no key.
 static inline __attribute__((always_inline)) void attention_rows(
     const float* restrict q, const float* restrict k, const float* restrict v, float* restrict o,
-    const size_t d_model, size_t group, size_t seq_q, size_t seq_k, float scale, int causal,
+    float* restrict lse, const size_t d_model, size_t group, size_t seq_q, size_t seq_k, float scale, int causal,
     size_t q_block, size_t bh) {
   const size_t D = d_model;
   const size_t q0 = q_block * kRows;
@@ -196,6 +180,17 @@ static inline __attribute__((always_inline)) void attention_rows(
   }
   for (size_t i = 0; i < rows; ++i)
     for (size_t d = 0; d < D; ++d) ob[i * D + d] = ot[d * kRows + i] * inv[i];
+  if (lse) {  // (max + log2 Σ) in the exp2 domain, back to natural log
+    float row_lse[kRows] __attribute__((aligned(64)));
+    for (int r = 0; r < kRowVectors; ++r) {
+      const __mmask16 nonzero = _mm512_cmp_ps_mask(row_sum[r], _mm512_setzero_ps(), _CMP_NEQ_OQ);
+      const __m512 safe = _mm512_mask_mov_ps(_mm512_set1_ps(1.f), nonzero, row_sum[r]);
+      const __m512 l2 = _mm512_add_ps(row_max[r], log2_positive(safe));
+      _mm512_store_ps(row_lse + r * kLanes, _mm512_mask_mov_ps(_mm512_set1_ps(-__builtin_inff()), nonzero,
+                                                               _mm512_mul_ps(l2, _mm512_set1_ps(kLn2))));
+    }
+    for (size_t i = 0; i < rows; ++i) lse[bh * seq_q + q0 + i] = row_lse[i];
+  }
 }
 
 // Cost of item `block` of a head, in key blocks, plus one for its fixed work (packing Qᵀ, writing O).
@@ -210,7 +205,7 @@ static inline size_t item_cost(size_t block, size_t seq_q, size_t seq_k, int cau
 // wg-th of wg_count equal parts of the total. Consecutive items share K and V in cache.
 static inline __attribute__((always_inline)) void work_share(
     const float* restrict q, const float* restrict k, const float* restrict v, float* restrict o,
-    const size_t D, size_t group, size_t batch_heads, size_t seq_q, size_t seq_k, float scale, int causal,
+    float* restrict lse, const size_t D, size_t group, size_t batch_heads, size_t seq_q, size_t seq_k, float scale, int causal,
     size_t wg, size_t wg_count) {
   const size_t blocks = (seq_q + kRows - 1) / kRows;
   size_t head_cost = 0;
@@ -225,7 +220,7 @@ static inline __attribute__((always_inline)) void work_share(
       const size_t cost = item_cost(b, seq_q, seq_k, causal);
       const size_t owner = (2 * prefix + cost) * wg_count / (2 * total);
       if (owner > wg) return;
-      if (owner == wg) attention_rows(q, k, v, o, D, group, seq_q, seq_k, scale, causal, b, bh);
+      if (owner == wg) attention_rows(q, k, v, o, lse, D, group, seq_q, seq_k, scale, causal, b, bh);
       prefix += cost;
     }
   }
@@ -242,8 +237,16 @@ static inline __attribute__((always_inline)) void work_share(
       FLASHMLIR_MEMREF(const float, q), FLASHMLIR_MEMREF(const float, k), FLASHMLIR_MEMREF(const float, v), \
       FLASHMLIR_MEMREF(float, o), size_t group, size_t batch_heads, size_t seq_q, size_t seq_k, float scale, \
       size_t causal, size_t workgroup, size_t workgroup_count) {                                         \
-    work_share(q + q_offset, k + k_offset, v + v_offset, o + o_offset, D, group, batch_heads, seq_q, seq_k, \
-               scale, causal != 0, workgroup, workgroup_count);                                          \
+    work_share(q + q_offset, k + k_offset, v + v_offset, o + o_offset, (float*)0, D, group, batch_heads,   \
+               seq_q, seq_k, scale, causal != 0, workgroup, workgroup_count);                            \
+  }                                                                                                     \
+  /* The training forward: also the rows' log-sum-exp, float32 [batch_heads, seq_q]. */                  \
+  FLASHMLIR_EXPORT void flashmlir_attention_fwd_cpu_f32_d##D##_lse(                                     \
+      FLASHMLIR_MEMREF(const float, q), FLASHMLIR_MEMREF(const float, k), FLASHMLIR_MEMREF(const float, v), \
+      FLASHMLIR_MEMREF(float, o), FLASHMLIR_MEMREF(float, lse), size_t group, size_t batch_heads,          \
+      size_t seq_q, size_t seq_k, float scale, size_t causal, size_t workgroup, size_t workgroup_count) {   \
+    work_share(q + q_offset, k + k_offset, v + v_offset, o + o_offset, lse + lse_offset, D, group,          \
+               batch_heads, seq_q, seq_k, scale, causal != 0, workgroup, workgroup_count);                 \
   }
 
 FLASHMLIR_DEFINE_CPU_KERNEL(32)

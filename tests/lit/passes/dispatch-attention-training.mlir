@@ -9,7 +9,7 @@
 // What it cannot serve is an error naming the op and the reason (nothing else lowers these ops):
 // RUN: rm %t/cuda/attention_bwd_sm80_f16_d64.fatbin
 // RUN: env FLASHMLIR_MICROKERNEL_DIR=%t not flashmlir-opt --flashmlir-dispatch-attention-training=target=sm_80 %s 2>&1 | filecheck %s --check-prefix=NOTBUILT
-// RUN: env FLASHMLIR_MICROKERNEL_DIR=%t not flashmlir-opt --flashmlir-dispatch-attention-training=target=cpu %s 2>&1 | filecheck %s --check-prefix=CPU
+// RUN: env FLASHMLIR_MICROKERNEL_DIR=%t not flashmlir-opt --flashmlir-dispatch-attention-training='target=cpu cpu-features=avx512f,avx512bw,avx512cd,avx512dq,avx512vl' %s 2>&1 | filecheck %s --check-prefix=CPU
 
 // GQA (8 query heads on 2 K/V heads), causal, seq 100, default scale 1/8 (bits 0x3E000000 = 1040187392).
 // The forward is the forward kernel's lse variant: grid (⌈100/128⌉, 2·8), O and lse [2, 8, 100] f32.
@@ -39,7 +39,7 @@
 // HOPPER:       hal.dispatch.extern "flashmlir_attention_bwd_sm80_f16_d64_dkdv"
 
 // NOTBUILT: torch.operator {{.*}}microkernel attention_bwd_sm80_f16_d64 was not built
-// CPU: the training ops need a CUDA target's kernels (target: cpu)
+// CPU: torch.operator {{.*}}no CPU attention microkernel for f16 head dim 64 (have: f32 d32/64/128)
 func.func @train_gqa_causal(%q: !torch.vtensor<[2,8,100,64],f16>, %k: !torch.vtensor<[2,2,100,64],f16>, %v: !torch.vtensor<[2,2,100,64],f16>, %do: !torch.vtensor<[2,8,100,64],f16>) -> (!torch.vtensor<[2,8,100,64],f16>, !torch.vtensor<[2,8,100,64],f16>, !torch.vtensor<[2,2,100,64],f16>, !torch.vtensor<[2,2,100,64],f16>) {
   %true = torch.constant.bool true
   %none = torch.constant.none
