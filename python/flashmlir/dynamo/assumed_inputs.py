@@ -78,9 +78,6 @@ class AssumedInputs:
             x = example_inputs[i]
             self.expected[i] = _Expected(names[i], x.detach().clone(), weakref.ref(x), _version(x))
 
-    def __bool__(self) -> bool:
-        return bool(self.expected)
-
     def mismatch(self, args: Sequence[Any]) -> str | None:
         """None if every assumed input holds its value, else which one does not."""
         for i, e in self.expected.items():
