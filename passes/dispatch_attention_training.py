@@ -173,124 +173,112 @@ def _stats_type(site: _Site) -> TorchTensorType:
     return TorchTensorType(tuple(site.q.shape[:-1]), "f32")
 
 
-def _forward_function(site: _Site, arch: str) -> str:
-    if site.element not in CUDA_ELEMENTS:
-        raise UnsupportedError(f"dtype {site.element}: the CUDA kernels take f16 or bf16")
-    kernel = select_attention_forward(arch, site.element, site.head_dim)
+# What each kernel reads and writes, by name, in its ABI's order (CUDA and CPU alike).
+FORWARD_IO = (("q", "k", "v"), ("o", "lse"))
+DQ_IO = (("q", "k", "v", "o", "do", "lse"), ("dq", "delta"))
+DKDV_IO = (("q", "k", "v", "do", "lse", "delta"), ("dk", "dv"))
+
+
+def _type_of(site: _Site, name: str) -> TorchTensorType:
+    """The tensor type of a named kernel operand: Q's shape for O, dO, dQ; lse and Δ per query row."""
+    if name in ("lse", "delta"):
+        return _stats_type(site)
+    return {"k": site.k, "dk": site.k, "v": site.v, "dv": site.v}.get(name, site.q)
+
+
+def _ssa(name: str) -> str:
+    """The builtin-tensor SSA name of an operand: the function's arguments are converted (%b…), Δ is
+    the dq call's result."""
+    return "%delta" if name == "delta" else f"%b{name}"
+
+
+def _forward_function(site: _Site, calls: str) -> str:
+    """The function that replaces attention_forward: torch values in, `calls` (binding %o, %lse), out."""
     q, k, v, stats = site.q, site.k, site.v, _stats_type(site)
-    bh = math.prod(q.shape[:-2])
-    extern = _extern("%o, %lse", kernel.name + "_lse", [("%bq", q.builtin()), ("%bk", k.builtin()), ("%bv", v.builtin())],
-                     [q.builtin(), stats.builtin()], kernel.grid(q.shape[-2], bh)[:2], str(kernel.object_path),
-                     kernel.threads, kernel.shared_bytes)
     lines = [_to_builtin(n, t) for n, t in (("q", q), ("k", k), ("v", v))]
     return f"""func.func @forward(%q: {q.torch()}, %k: {k.torch()}, %v: {v.torch()}) -> ({q.torch()}, {stats.torch()}) {{
 {chr(10).join(lines)}
-{site.constants}
-{extern}
+{calls}
 {_from_builtin("o", q)}
 {_from_builtin("lse", stats)}
   return %to, %tlse : {q.torch()}, {stats.torch()}
 }}"""
 
 
-def _backward_function(site: _Site, arch: str) -> str:
-    kernel = select_attention_backward(arch, site.element, site.head_dim)
+def _backward_function(site: _Site, calls: str) -> str:
+    """The function that replaces attention_backward: `calls` bind %dq, %dk, %dv."""
     q, k, v, stats = site.q, site.k, site.v, _stats_type(site)
-    path = str(kernel.object_path)
-    bh, bh_kv = math.prod(q.shape[:-2]), math.prod(k.shape[:-2])
-    dq = _extern("%dq, %delta", kernel.name("dq"),
-                 [("%bq", q.builtin()), ("%bk", k.builtin()), ("%bv", v.builtin()), ("%bo", q.builtin()),
-                  ("%bdo", q.builtin()), ("%blse", stats.builtin())],
-                 [q.builtin(), stats.builtin()], kernel.grid("dq", q.shape[-2], bh)[:2], path, kernel.threads,
-                 kernel.shared_bytes("dq"))
-    dkdv = _extern("%dk, %dv", kernel.name("dkdv"),
-                   [("%bq", q.builtin()), ("%bk", k.builtin()), ("%bv", v.builtin()), ("%bdo", q.builtin()),
-                    ("%blse", stats.builtin()), ("%delta", stats.builtin())],
-                   [k.builtin(), v.builtin()], kernel.grid("dkdv", k.shape[-2], bh_kv)[:2], path, kernel.threads,
-                   kernel.shared_bytes("dkdv"))
     args = (("do", q), ("q", q), ("k", k), ("v", v), ("o", q), ("lse", stats))
     lines = [_to_builtin(n, t) for n, t in args]
     signature = ", ".join(f"%{n}: {t.torch()}" for n, t in args)
     return f"""func.func @backward({signature}) -> ({q.torch()}, {k.torch()}, {v.torch()}) {{
 {chr(10).join(lines)}
-{site.constants}
-{dq}
-{dkdv}
+{calls}
 {_from_builtin("dq", q)}
 {_from_builtin("dk", k)}
 {_from_builtin("dv", v)}
   return %tdq, %tdk, %tdv : {q.torch()}, {k.torch()}, {v.torch()}
 }}"""
+
+
+def _cuda_extern(site: _Site, io: tuple[tuple[str, ...], tuple[str, ...]], name: str, grid: tuple[int, int],
+                 kernel, shared: int) -> str:
+    inputs, outputs = io
+    return _extern(", ".join(f"%{n}" for n in outputs), name,
+                   [(_ssa(n), _type_of(site, n).builtin()) for n in inputs],
+                   [_type_of(site, n).builtin() for n in outputs], grid, str(kernel.object_path), kernel.threads,
+                   shared)
+
+
+def _cuda_forward_calls(site: _Site, arch: str) -> str:
+    if site.element not in CUDA_ELEMENTS:
+        raise UnsupportedError(f"dtype {site.element}: the CUDA kernels take f16 or bf16")
+    kernel = select_attention_forward(arch, site.element, site.head_dim)
+    bh = math.prod(site.q.shape[:-2])
+    extern = _cuda_extern(site, FORWARD_IO, kernel.name + "_lse", kernel.grid(site.q.shape[-2], bh)[:2], kernel,
+                          kernel.shared_bytes)
+    return f"{site.constants}\n{extern}"
+
+
+def _cuda_backward_calls(site: _Site, arch: str) -> str:
+    kernel = select_attention_backward(arch, site.element, site.head_dim)
+    bh, bh_kv = math.prod(site.q.shape[:-2]), math.prod(site.k.shape[:-2])
+    dq = _cuda_extern(site, DQ_IO, kernel.name("dq"), kernel.grid("dq", site.q.shape[-2], bh)[:2], kernel,
+                      kernel.shared_bytes("dq"))
+    dkdv = _cuda_extern(site, DKDV_IO, kernel.name("dkdv"), kernel.grid("dkdv", site.k.shape[-2], bh_kv)[:2], kernel,
+                        kernel.shared_bytes("dkdv"))
+    return f"{site.constants}\n{dq}\n{dkdv}"
 
 
 def _cpu_calls(site: _Site, cpu: _Cpu, forward: bool) -> tuple[str, list[CpuCall]]:
     """(object path, calls) of the CPU training kernels for `site`: the forward with lse, or dq then dkdv."""
     select = select_cpu_attention_forward if forward else select_cpu_attention_backward
     kernel = select(cpu.features, site.element, site.head_dim)
-    q, k, stats = site.q, site.k, _stats_type(site)
-    sq, sk = q.shape[-2], k.shape[-2]
-    bh, bh_kv = math.prod(q.shape[:-2]), math.prod(k.shape[:-2])
+    sq, sk = site.q.shape[-2], site.k.shape[-2]
+    bh, bh_kv = math.prod(site.q.shape[:-2]), math.prod(site.k.shape[:-2])
     constants = (("group", site.group), ("batch_heads", bh), ("seq_q", sq), ("seq_k", sk),
                  ("scale", float(site.scale)), ("causal", int(site.causal)))
 
-    def bind(name: str, t: TorchTensorType) -> Binding:
-        return Binding(name, math.prod(t.shape), t.dtype)
+    def call(export: str, function: str, io: tuple[tuple[str, ...], tuple[str, ...]], workgroups: int) -> CpuCall:
+        bindings = tuple(Binding(n, math.prod(_type_of(site, n).shape), _type_of(site, n).dtype)
+                         for n in (*io[0], *io[1]))
+        return CpuCall(export, function, bindings, constants, workgroups)
 
     fn = kernel.name(site.head_dim)
     if forward:
-        bindings = tuple(bind(n, t) for n, t in (("q", q), ("k", k), ("v", site.v), ("o", q), ("lse", stats)))
-        return str(kernel.object_path), [CpuCall("forward", f"{fn}_lse", bindings, constants,
-                                                 kernel.workgroups(sq, bh, cpu.threads))]
-    dq = tuple(bind(n, t) for n, t in (("q", q), ("k", k), ("v", site.v), ("o", q), ("do", q), ("lse", stats),
-                                       ("dq", q), ("delta", stats)))
-    dkdv = tuple(bind(n, t) for n, t in (("q", q), ("k", k), ("v", site.v), ("do", q), ("lse", stats),
-                                         ("delta", stats), ("dk", k), ("dv", site.v)))
-    return str(kernel.object_path), [
-        CpuCall("dq", f"{fn}_dq", dq, constants, kernel.workgroups(sq, bh, cpu.threads)),
-        CpuCall("dkdv", f"{fn}_dkdv", dkdv, constants, kernel.workgroups(sk, bh_kv, cpu.threads)),
-    ]
+        return str(kernel.object_path), [call("forward", f"{fn}_lse", FORWARD_IO,
+                                              kernel.workgroups(sq, bh, cpu.threads))]
+    return str(kernel.object_path), [call("dq", f"{fn}_dq", DQ_IO, kernel.workgroups(sq, bh, cpu.threads)),
+                                     call("dkdv", f"{fn}_dkdv", DKDV_IO, kernel.workgroups(sk, bh_kv, cpu.threads))]
 
 
-def _dispatch(results: str, symbol: str, export: str, operands: list[tuple[str, str]], outputs: list[str]) -> str:
-    names = ", ".join(n for n, _ in operands)
-    types = ", ".join(t for _, t in operands)
-    return f"  {results} = flow.dispatch @{symbol}::@{export}({names}) : ({types}) -> ({', '.join(outputs)})"
-
-
-def _cpu_forward_function(site: _Site, symbol: str) -> str:
-    q, k, v, stats = site.q, site.k, site.v, _stats_type(site)
-    lines = [_to_builtin(n, t) for n, t in (("q", q), ("k", k), ("v", v))]
-    call = _dispatch("%o, %lse", symbol, "forward", [("%bq", q.builtin()), ("%bk", k.builtin()), ("%bv", v.builtin())],
-                     [q.builtin(), stats.builtin()])
-    return f"""func.func @forward(%q: {q.torch()}, %k: {k.torch()}, %v: {v.torch()}) -> ({q.torch()}, {stats.torch()}) {{
-{chr(10).join(lines)}
-{call}
-{_from_builtin("o", q)}
-{_from_builtin("lse", stats)}
-  return %to, %tlse : {q.torch()}, {stats.torch()}
-}}"""
-
-
-def _cpu_backward_function(site: _Site, symbol: str) -> str:
-    q, k, v, stats = site.q, site.k, site.v, _stats_type(site)
-    args = (("do", q), ("q", q), ("k", k), ("v", v), ("o", q), ("lse", stats))
-    lines = [_to_builtin(n, t) for n, t in args]
-    signature = ", ".join(f"%{n}: {t.torch()}" for n, t in args)
-    dq = _dispatch("%dq, %delta", symbol, "dq",
-                   [(f"%b{n}", t.builtin()) for n, t in (("q", q), ("k", k), ("v", v), ("o", q), ("do", q),
-                                                         ("lse", stats))], [q.builtin(), stats.builtin()])
-    dkdv = _dispatch("%dk, %dv", symbol, "dkdv",
-                     [(f"%b{n}", t.builtin()) for n, t in (("q", q), ("k", k), ("v", v), ("do", q), ("lse", stats))]
-                     + [("%delta", stats.builtin())], [k.builtin(), v.builtin()])
-    return f"""func.func @backward({signature}) -> ({q.torch()}, {k.torch()}, {v.torch()}) {{
-{chr(10).join(lines)}
-{dq}
-{dkdv}
-{_from_builtin("dq", q)}
-{_from_builtin("dk", k)}
-{_from_builtin("dv", v)}
-  return %tdq, %tdk, %tdv : {q.torch()}, {k.torch()}, {v.torch()}
-}}"""
+def _cpu_dispatch(site: _Site, symbol: str, export: str, io: tuple[tuple[str, ...], tuple[str, ...]]) -> str:
+    inputs, outputs = io
+    names = ", ".join(_ssa(n) for n in inputs)
+    types = ", ".join(_type_of(site, n).builtin() for n in inputs)
+    results = ", ".join(_type_of(site, n).builtin() for n in outputs)
+    return (f"  {', '.join(f'%{n}' for n in outputs)} = flow.dispatch @{symbol}::@{export}({names}) : ({types}) "
+            f"-> ({results})")
 
 
 def _rewrite(module: ir.Operation, op: ir.Operation, name: str, target: Target, cpu: _Cpu, taken: set[str]) -> None:
@@ -304,13 +292,14 @@ def _rewrite(module: ir.Operation, op: ir.Operation, name: str, target: Target, 
         inputs = [d_o, q, k, v, o, lse]
     site = _site(q, k, v, causal, scale)
     if target.gpu is not None:
-        text = _forward_function(site, target.gpu.arch) if forward else _backward_function(site, target.gpu.arch)
+        calls = _cuda_forward_calls(site, target.gpu.arch) if forward else _cuda_backward_calls(site, target.gpu.arch)
     else:
-        path, calls = _cpu_calls(site, cpu, forward)
+        path, cpu_calls = _cpu_calls(site, cpu, forward)
         symbol = free_symbol(module, "flashmlir_attention_training_cpu_", taken)
-        insert_executable(module, op, cpu_executable(symbol, path, calls))
-        text = _cpu_forward_function(site, symbol) if forward else _cpu_backward_function(site, symbol)
-    splice_function(op, text, inputs)
+        insert_executable(module, op, cpu_executable(symbol, path, cpu_calls))
+        calls = "\n".join(_cpu_dispatch(site, symbol, c.export, io)
+                          for c, io in zip(cpu_calls, (FORWARD_IO,) if forward else (DQ_IO, DKDV_IO), strict=True))
+    splice_function(op, _forward_function(site, calls) if forward else _backward_function(site, calls), inputs)
 
 
 def run(module: ir.Operation, options: Options) -> PassResult:
