@@ -20,6 +20,7 @@
 #include <stdint.h>
 
 #include "cpu_avx512_math.h"
+#include "cpu_work_share.h"
 
 #define FLASHMLIR_EXPORT __attribute__((visibility("default")))
 
@@ -241,8 +242,7 @@ static inline __attribute__((always_inline)) void dkdv_keys(
 }
 
 // ---------------------------------------------------------------------------------------------
-// Work sharing: item i (head-major, then block) goes to the workgroup whose equal share of the total
-// cost contains the item's cost midpoint.
+// Work sharing (cpu_work_share.h): the cost of an item, in rows or keys visited plus its fixed work.
 
 static inline size_t dq_cost(size_t block, size_t seq_q, size_t seq_k, int causal) {
   const size_t q0 = block * kBlock, rows = seq_q - q0 < kBlock ? seq_q - q0 : kBlock;
@@ -254,24 +254,6 @@ static inline size_t dkdv_cost(size_t block, size_t seq_q, size_t group, int cau
   const size_t first = causal ? block * kBlock : 0;
   return group * (first < seq_q ? seq_q - first : 0) + kTile;
 }
-
-#define FLASHMLIR_SHARE(COST, BLOCKS, HEADS, CALL)                                        \
-  do {                                                                                    \
-    size_t head_cost = 0;                                                                 \
-    for (size_t b = 0; b < (BLOCKS); ++b) head_cost += (COST);                            \
-    const size_t total = head_cost * (HEADS);                                             \
-    size_t prefix = 0;                                                                    \
-    for (size_t h = 0; h < (HEADS); ++h) {                                                \
-      if ((prefix + head_cost) * wg_count < wg * total) { prefix += head_cost; continue; } \
-      for (size_t b = 0; b < (BLOCKS); ++b) {                                             \
-        const size_t cost = (COST);                                                       \
-        const size_t owner = (2 * prefix + cost) * wg_count / (2 * total);                \
-        if (owner > wg) return;                                                           \
-        if (owner == wg) CALL;                                                            \
-        prefix += cost;                                                                   \
-      }                                                                                   \
-    }                                                                                     \
-  } while (0)
 
 static inline __attribute__((always_inline)) void dq_share(
     const float* q, const float* k, const float* v, const float* o, const float* d_o, const float* lse, float* dq,

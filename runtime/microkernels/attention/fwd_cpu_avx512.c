@@ -21,6 +21,7 @@
 #include <stdint.h>
 
 #include "cpu_avx512_math.h"
+#include "cpu_work_share.h"
 
 #define FLASHMLIR_EXPORT __attribute__((visibility("default")))
 
@@ -201,29 +202,14 @@ static inline size_t item_cost(size_t block, size_t seq_q, size_t seq_k, int cau
   return (key_end + kKeys - 1) / kKeys + 1;
 }
 
-// Workgroup `wg` of `wg_count`: the items (batch-head major) whose cost midpoint falls in the
-// wg-th of wg_count equal parts of the total. Consecutive items share K and V in cache.
+// This workgroup's items (cpu_work_share.h).
 static inline __attribute__((always_inline)) void work_share(
     const float* restrict q, const float* restrict k, const float* restrict v, float* restrict o,
     float* restrict lse, const size_t D, size_t group, size_t batch_heads, size_t seq_q, size_t seq_k, float scale, int causal,
     size_t wg, size_t wg_count) {
   const size_t blocks = (seq_q + kRows - 1) / kRows;
-  size_t head_cost = 0;
-  for (size_t b = 0; b < blocks; ++b) head_cost += item_cost(b, seq_q, seq_k, causal);
-  const size_t total = head_cost * batch_heads;
-  for (size_t bh = 0, prefix = 0; bh < batch_heads; ++bh) {
-    if ((prefix + head_cost) * wg_count < wg * total) {  // every item of this head is before ours
-      prefix += head_cost;
-      continue;
-    }
-    for (size_t b = 0; b < blocks; ++b) {
-      const size_t cost = item_cost(b, seq_q, seq_k, causal);
-      const size_t owner = (2 * prefix + cost) * wg_count / (2 * total);
-      if (owner > wg) return;
-      if (owner == wg) attention_rows(q, k, v, o, lse, D, group, seq_q, seq_k, scale, causal, b, bh);
-      prefix += cost;
-    }
-  }
+  FLASHMLIR_SHARE(item_cost(b, seq_q, seq_k, causal), blocks, batch_heads,
+                  attention_rows(q, k, v, o, lse, D, group, seq_q, seq_k, scale, causal, b, h));
 }
 
 // IREE's call. Each binding arrives as MLIR's descriptor of a 1-d memref (allocated pointer,
