@@ -9,11 +9,13 @@
 //
 // S = Q·Kᵀ and O += P·V are mma.sync.m16n8k16 (fp16 or bf16 in, fp32 accumulate). P is converted
 // in registers from S's accumulator layout straight into the A-operand layout of the second MMA.
-// The running max lives in the exp2 domain (scale · log2 e folded in); O and the row sums are
-// rescaled per tile and divided once at the end. Blocks of a causal grid run longest first.
+// The row statistics are online_softmax.cuh's (exp2 domain, scale · log2 e folded in); O and the
+// row sums are rescaled per tile and divided once at the end. Blocks of a causal grid run longest
+// first.
 #pragma once
 
 #include "mma_sm80.cuh"
+#include "online_softmax.cuh"
 
 namespace flashmlir {
 
@@ -163,20 +165,21 @@ __device__ __forceinline__ void attention_fwd_sm80(const T* __restrict__ q, cons
           }
     }
 
-    // Online softmax in the exp2 domain; each row is spread over the 4 threads of a quad. Done in
-    // phases over all of this thread's rows at once, so that the rows' dependency chains (max,
-    // quad shuffles, exp, sum) interleave instead of each waiting out the latencies of its own.
-    // P is packed to 16 bits as soon as it exists, straight into the A-operand layout of P·V:
-    // S's accumulators of key tiles (2i, 2i+1) form the A fragment of key step i. Packing early
-    // ends the fp32 scores' lives before the second MMA (fewer registers live at once).
-    float mx[kMTiles][2], base[kMTiles][2], rescale[kMTiles][2];
+    // Online softmax in the exp2 domain (online_softmax.cuh); each row is spread over the 4 threads
+    // of a quad. Done in phases over all of this thread's rows at once, with trees for the maxima
+    // and sums, so that independent instructions interleave instead of each row's chain waiting out
+    // its own latencies. P is packed to 16 bits as soon as it exists, straight into the A-operand
+    // layout of P·V: S's accumulators of key tiles (2i, 2i+1) form the A fragment of key step i.
+    // Packing early ends the fp32 scores' lives before the second MMA (fewer registers live).
+    float mx[kMTiles][2], shift[kMTiles][2], rescale[kMTiles][2];
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        mx[mt][h] = fmaxf(s[mt][0][2 * h], s[mt][0][2 * h + 1]);
+        float m[kNTiles];
 #pragma unroll
-        for (int n = 1; n < kNTiles; ++n) mx[mt][h] = fmaxf(mx[mt][h], fmaxf(s[mt][n][2 * h], s[mt][n][2 * h + 1]));
+        for (int n = 0; n < kNTiles; ++n) m[n] = fmaxf(s[mt][n][2 * h], s[mt][n][2 * h + 1]);
+        mx[mt][h] = tree_reduce(m, [](float a, float b) { return fmaxf(a, b); });
       }
 #pragma unroll
     for (int lane_mask = 1; lane_mask <= 2; lane_mask *= 2)
@@ -187,12 +190,7 @@ __device__ __forceinline__ void attention_fwd_sm80(const T* __restrict__ q, cons
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const float new_max = fmaxf(row_max[mt][h], mx[mt][h] * scale_log2);
-        base[mt][h] = new_max == kNegInf ? 0.f : new_max;  // a row masked so far stays at 0
-        rescale[mt][h] = fast_exp2(row_max[mt][h] - base[mt][h]);
-        row_max[mt][h] = new_max;
-      }
+      for (int h = 0; h < 2; ++h) advance_shift(row_max[mt][h], mx[mt][h] * scale_log2, shift[mt][h], rescale[mt][h]);
     uint32_t p[kMTiles][kBlockN / 16][4];
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt)
@@ -201,17 +199,12 @@ __device__ __forceinline__ void attention_fwd_sm80(const T* __restrict__ q, cons
         float sum[2] = {0.f, 0.f};  // two partial sums: half the length of the add chain
 #pragma unroll
         for (int n = 0; n < kNTiles; ++n) {
-          const float e0 = fast_exp2(s[mt][n][2 * h] * scale_log2 - base[mt][h]);
-          const float e1 = fast_exp2(s[mt][n][2 * h + 1] * scale_log2 - base[mt][h]);
+          const float e0 = fast_exp2(fmaf(s[mt][n][2 * h], scale_log2, -shift[mt][h]));
+          const float e1 = fast_exp2(fmaf(s[mt][n][2 * h + 1], scale_log2, -shift[mt][h]));
           sum[n & 1] += e0 + e1;
           p[mt][n / 2][(n & 1) * 2 + h] = E::pack(e0, e1);
         }
-        row_sum[mt][h] = row_sum[mt][h] * rescale[mt][h] + (sum[0] + sum[1]);
-#pragma unroll
-        for (int d = 0; d < kDTiles; ++d) {
-          acc[mt][d][2 * h] *= rescale[mt][h];
-          acc[mt][d][2 * h + 1] *= rescale[mt][h];
-        }
+        row_sum[mt][h] = fmaf(row_sum[mt][h], rescale[mt][h], sum[0] + sum[1]);
       }
 
     if (prefetch) {
@@ -220,6 +213,15 @@ __device__ __forceinline__ void attention_fwd_sm80(const T* __restrict__ q, cons
       cp_async_wait<0>();
     }
     __syncthreads();
+
+    // O's rescale. Unlike the sm_90 kernel this one does not skip it when every factor of the warp
+    // is 1: the branch made ptxas spill at head dim 128 and measured no faster.
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+      for (int d = 0; d < kDTiles; ++d)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc[mt][d][c] *= rescale[mt][c >> 1];
 
     // O += P·V.
 #pragma unroll
