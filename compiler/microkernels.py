@@ -24,6 +24,11 @@ CATALOG = "kernels.json"
 ELEMENT_BYTES = {"f16": 2, "bf16": 2}
 
 
+# sm_90 workgroups take several query blocks (the catalog's `rounds`) up to this many query blocks
+# (8k rows): benchmarks/results/h200-2026-11-24-sm90-rounds.md.
+PERSISTENT_MAX_Q_BLOCKS = 64
+
+
 @dataclass(frozen=True)
 class CudaAttentionKernel:
     """One CUDA forward attention kernel: an (element type, head dim) instance with its tile sizes."""
@@ -38,6 +43,12 @@ class CudaAttentionKernel:
     object_path: Path
     stages: int = 2  # shared-memory stages of K and V (sm_90: a ring; sm_80: double buffering)
     pingpong: bool = False  # sm_90: the two consumer warpgroups take turns at the tensor cores
+    rounds: int = 1  # sm_90: 128-row query blocks a workgroup takes one after another
+
+    def __post_init__(self):
+        if self.rounds < 1 or (self.rounds > 1 and (self.family != "attention_fwd_sm90" or self.head_dim >= 256)):
+            raise ValueError(f"{self.family} d{self.head_dim}: rounds={self.rounds}, but only the sm_90 kernel "
+                             "below head dim 256 takes several query blocks per workgroup (fwd_sm90_wgmma.cuh)")
 
     @property
     def name(self) -> str:
@@ -59,15 +70,19 @@ class CudaAttentionKernel:
             per_warp = 16 * ((self.block_n + 4) * 4 + (self.block_n + 8) * 2 + 4)
             return tiles + self.warps * per_warp
         if self.family == "attention_fwd_sm90":
-            # fwd_sm90_wgmma.cuh `Sm90Config`: Q, `stages` K and V tiles, 8-byte mbarriers (Q full;
-            # K, V full and empty per stage), and 1024 bytes to align the tiles to the swizzle period.
+            # fwd_sm90_wgmma.cuh `Sm90Config`: Q, `stages` K and V tiles, 8-byte mbarriers (Q full and
+            # empty; K, V full and empty per stage), and 1024 bytes to align the tiles to the swizzle period.
             tiles = (self.block_m + 2 * self.stages * self.block_n) * self.head_dim * e
-            return tiles + 8 * (1 + 4 * self.stages) + 1024
+            return tiles + 8 * (2 + 4 * self.stages) + 1024
         # fwd_sm80_mma_sync.cuh: the Q tile and two stages of (K, V) tiles.
         return (self.block_m + 4 * self.block_n) * self.head_dim * e
 
     def grid(self, seq_q: int, batch_heads: int) -> tuple[int, int, int]:
-        return (-(-seq_q // self.block_m), batch_heads, 1)
+        q_blocks = -(-seq_q // self.block_m)
+        # Beyond PERSISTENT_MAX_Q_BLOCKS query blocks a workgroup's start-up is a few percent of its
+        # key loop, and one query block per workgroup measured as fast or faster.
+        rounds = self.rounds if q_blocks <= PERSISTENT_MAX_Q_BLOCKS else 1
+        return (-(-q_blocks // rounds), batch_heads, 1)
 
 
 @dataclass(frozen=True)
@@ -202,7 +217,8 @@ def _load(directory: Path | None) -> Library:
     entries = catalog.get("cuda", [])
     cuda = tuple(
         CudaAttentionKernel(e["family"], e["element"], e["head_dim"], e["block_m"], e["block_n"], e["warps"],
-                            e["min_arch"], cuda_object(e), e.get("stages", 2), e.get("pingpong", False))
+                            e["min_arch"], cuda_object(e), e.get("stages", 2), e.get("pingpong", False),
+                            e.get("rounds", 1))
         for e in entries if e["family"].startswith("attention_fwd"))
     cuda_backward = tuple(
         CudaAttentionBackwardKernel(e["family"], e["element"], e["head_dim"], e["block_m"], e["block_n"],

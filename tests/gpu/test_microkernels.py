@@ -9,6 +9,7 @@ The Volta kernel is compute_70 PTX (WMMA m16n16k16): on an H100 the driver JIT-c
 proves it right, not fast.
 """
 
+import dataclasses
 import math
 
 import pytest
@@ -50,11 +51,15 @@ def _check(out, ref, dtype):
     assert worst < 50 * TOLERANCE[dtype], worst
 
 
-def _run(element, d, causal, b, hq, hkv, sq, sk, scale=None, arch="sm_80"):
+def _run(element, d, causal, b, hq, hkv, sq, sk, scale=None, arch="sm_80", rounds=None, key_growth=None):
     kernel = _kernel(element, d, arch)
+    if rounds is not None:
+        kernel = dataclasses.replace(kernel, rounds=rounds)
     dtype = DTYPES[element]
     q = torch.randn(b, hq, sq, d, device="cuda", dtype=dtype)
     k = torch.randn(b, hkv, sk, d, device="cuda", dtype=dtype)
+    if key_growth is not None:  # scores that grow along the keys: the row maxima move at many tiles
+        k = (k.float() * torch.linspace(1.0, key_growth, sk, device="cuda")[:, None]).to(dtype)
     v = torch.randn(b, hkv, sk, d, device="cuda", dtype=dtype)
     scale = d ** -0.5 if scale is None else scale
     out, lse = attention_forward(kernel, q, k, v, causal=causal, scale=scale, with_lse=True)
@@ -93,6 +98,26 @@ def test_ragged_and_unequal_lengths(sq, sk, causal, arch):
                                             (4099, 129, True), (1000, 1000, True)])
 def test_hopper_ragged_other_head_dims(d, sq, sk, causal):
     _run("bf16", d, causal, b=1, hq=2, hkv=1, sq=sq, sk=sk, arch="sm_90")
+
+
+@pytest.mark.parametrize("rounds", [1, 2, 3, 5])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("sq, sk, causal", [(1000, 1000, False), (1000, 1000, True), (129, 4099, False),
+                                            (4099, 129, True), (641, 77, True)])
+def test_hopper_workgroups_take_several_query_blocks(rounds, d, sq, sk, causal):
+    """A workgroup takes `rounds` query blocks one after another (the K/V ring and Q's barriers run on
+    across them; causal ones snake longest first): every count, ragged and uneven ones included,
+    writes every row right."""
+    _run("f16", d, causal, b=2, hq=2, hkv=1, sq=sq, sk=sk, arch="sm_90", rounds=rounds)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_moving_row_maxima(arch, causal):
+    """Scores that grow along the keys move the rows' shift again and again (online_softmax.cuh):
+    O and the lse stay exact while P is bounded by the slack."""
+    _run("f16", 128, causal, b=1, hq=2, hkv=2, sq=700, sk=1500, arch=arch, key_growth=6.0)
+    _run("bf16", 64, causal, b=1, hq=2, hkv=2, sq=700, sk=1500, arch=arch, key_growth=6.0)
 
 
 def test_hopper_kernel_is_sm90a_wgmma():

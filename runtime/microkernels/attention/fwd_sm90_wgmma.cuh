@@ -1,13 +1,15 @@
 // Flash-attention forward for sm_90a (Hopper): warp-specialized, WGMMA, mbarrier pipelines.
 //
-//   grid  (ceil(Sq / 128), B * Hq), causal blocks longest first; with GQA, `group` = Hq / Hkv
-//         consecutive query heads read one K/V head
-//   block three warpgroups. Warpgroup 0 is the producer: it loads Q once and K, V tiles into a
-//         kStages-deep ring of shared-memory stages and gives most of its registers away
-//         (setmaxnreg). Warpgroups 1 and 2 are consumers of 64 query rows each: S = Q·Kᵀ is
+//   grid  (ceil(ceil(Sq / 128) / rounds), B * Hq): block (x, bh) takes `rounds` 128-row query
+//         blocks of head bh one after another (scheduled_q_block; head dim 256: one), causal
+//         ones longest first; with GQA, `group` = Hq / Hkv consecutive query heads read one K/V head
+//   block three warpgroups. Warpgroup 0 is the producer: it loads each query block's Q and its
+//         K, V tiles into a kStages-deep ring of shared-memory stages (the next query block's
+//         while the consumers finish the last) and gives most of its registers away (setmaxnreg). Warpgroups 1 and 2 are consumers of 64 query rows each: S = Q·Kᵀ is
 //         wgmma with both operands in shared memory, O += P·V takes P from registers.
 //   sync  per stage, a "full" mbarrier (the producer's copies landed) and an "empty" one (both
-//         consumers' products that read the stage completed), for K and V separately.
+//         consumers' products that read the stage completed), for K and V separately; Q's pair
+//         likewise, per query block.
 //
 // Within a consumer the softmax of tile j overlaps the tensor cores: S(j) = Q·K(j)ᵀ and
 // O += P(j-1)·V(j-1) are issued together; the softmax of S(j) runs while the second product is
@@ -27,6 +29,7 @@
 #pragma once
 
 #include "mma_sm80.cuh"  // kLog2e, fast_exp2, cp_async_16, smem_address, Element<T>::pack
+#include "online_softmax.cuh"  // tree_reduce, advance_shift
 #include "wgmma_sm90.cuh"
 
 namespace flashmlir {
@@ -106,16 +109,6 @@ __device__ __forceinline__ uint64_t operand(uint32_t low) {
   return (static_cast<uint64_t>(kOperandHigh) << 32) | low;
 }
 
-// Reduce v[0..N) with `op` pairwise, as a tree (N a power of two, or any N: the odd one waits).
-template <int N, typename Op>
-__device__ __forceinline__ float tree_reduce(float (&v)[N], Op op) {
-#pragma unroll
-  for (int width = 1; width < N; width *= 2)
-#pragma unroll
-    for (int i = 0; i + width < N; i += 2 * width) v[i] = op(v[i], v[i + width]);
-  return v[0];
-}
-
 // ---- configuration --------------------------------------------------------------------------------
 
 template <typename T, int kD, int kBlockN, int kStages>
@@ -136,10 +129,14 @@ struct Sm90Config {
   static constexpr int kOffsetK = kTileBytesQ;
   static constexpr int kOffsetV = kOffsetK + kStages * kTileBytesKV;
   static constexpr int kOffsetBarriers = kOffsetV + kStages * kTileBytesKV;
-  static constexpr int kBarriers = 1 + 4 * kStages;  // Q full; K, V full and empty per stage
+  static constexpr int kBarriers = 2 + 4 * kStages;  // Q full and empty; K, V full and empty per stage
   // The tiles start on a 1024-byte boundary (the swizzle's period): slack to align the base.
   static constexpr int kSharedBytes = kOffsetBarriers + 8 * kBarriers + 1024;
   static_assert(kD % 64 == 0 && kBlockN % 16 == 0 && kTileBytesKV % 1024 == 0, "unsupported tile shape");
+  // Whether a block may take several query blocks (scheduled_q_block). At head dim 256 the
+  // consumers have no registers left for the rounds' state: ptxas spilled inside the key loop
+  // (~100 bytes against 8) and the long sequences lost 10%, so there a block takes one.
+  static constexpr bool kPersistent = kD < 256;
   // Per consumer thread: O (kD / 2), S (kBlockN / 2) and two sets of P (kBlockN / 4 each).
   static_assert(kD / 2 + kBlockN / 2 + kBlockN / 2 <= 200, "too many accumulators for the consumers");
 };
@@ -180,6 +177,19 @@ __device__ __forceinline__ void load_tile(uint32_t tile, const T* base, int row0
 
 // ---- the kernel body ----------------------------------------------------------------------------------
 
+// The query blocks block (x, bh) of the grid takes from head bh, one per round: gridDim.x blocks
+// share the head's ⌈Sq / 128⌉ query blocks, so a block runs several in a row and its producer
+// loads the next one's Q, K and V while the consumers finish the last (no cold start per query
+// block: at 8 key tiles a query block that cost ~3 tiles' time). Causal: longest first, snaking
+// (even rounds hand positions out left to right, odd ones right to left) so that each block's
+// sum of lengths evens out. Returns -1 after the block's last.
+__device__ __forceinline__ int scheduled_q_block(int round, int q_blocks, bool causal) {
+  const int blocks = gridDim.x, x = blockIdx.x;
+  const int position = round * blocks + ((round & 1) ? blocks - 1 - x : x);
+  if (position >= q_blocks) return -1;
+  return causal ? q_blocks - 1 - position : position;
+}
+
 template <typename T, int kD, int kBlockN, int kStages, bool kPingPong>
 __device__ __forceinline__ void attention_fwd_sm90(const T* __restrict__ q, const T* __restrict__ k,
                                                    const T* __restrict__ v, T* __restrict__ o,
@@ -202,16 +212,21 @@ __device__ __forceinline__ void attention_fwd_sm90(const T* __restrict__ q, cons
   auto full_v = [&](int stage) { return bar_q + 8 * (1 + kStages + stage); };
   auto empty_k = [&](int stage) { return bar_q + 8 * (1 + 2 * kStages + stage); };
   auto empty_v = [&](int stage) { return bar_q + 8 * (1 + 3 * kStages + stage); };
+  const uint32_t empty_q = bar_q + 8 * (1 + 4 * kStages);
 
-  const int q_block = causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
-  const int q0 = q_block * kBlockM;
   const int64_t bh = blockIdx.y, bh_kv = bh / group;
+  const int q_blocks = (seq_q + kBlockM - 1) / kBlockM;
   const int kv_tiles = (seq_k + kBlockN - 1) / kBlockN;
-  const int end = causal ? min(kv_tiles, (q0 + kBlockM + kBlockN - 1) / kBlockN) : kv_tiles;
+  // Key tiles query block `qb` visits: causal ones stop at the diagonal.
+  auto key_tiles = [&](int qb) { return causal ? min(kv_tiles, (qb * kBlockM + kBlockM + kBlockN - 1) / kBlockN) : kv_tiles; };
+
+  // A grid too narrow for a kernel that takes one query block per block would leave rows unwritten.
+  if (!Cfg::kPersistent && gridDim.x < q_blocks) __trap();
 
   const int warpgroup = threadIdx.x / 128;
   if (threadIdx.x == 0) {
     mbarrier_init(bar_q, 128);
+    mbarrier_init(empty_q, 8);
     for (int s = 0; s < kStages; ++s) {
       mbarrier_init(full_k(s), 128);  // every producer thread's copies
       mbarrier_init(full_v(s), 128);
@@ -222,23 +237,35 @@ __device__ __forceinline__ void attention_fwd_sm90(const T* __restrict__ q, cons
   }
   __syncthreads();
 
+  // The K/V ring runs on across query blocks: `first` counts the tiles of the block's earlier
+  // rounds; tile j of this round sits in stage (first + j) % kStages, in that stage's
+  // ((first + j) / kStages)-th use.
   if (warpgroup == 0) {
-    // Producer: Q once, then K(j) and V(j) into stage j % kStages once both consumers let it go.
+    // Producer: per round Q (once the consumers are done with the last one), then K(j) and V(j)
+    // into their stages once both consumers let them go.
     release_registers<Cfg::kProducerRegisters>();
     const int thread = threadIdx.x;
-    load_tile<T, kBlockM, kD>(tile_q, q + bh * seq_q * kD, q0, seq_q, thread);
-    mbarrier_arrive_on_copies(bar_q);
     const T* kb = k + bh_kv * seq_k * kD;
     const T* vb = v + bh_kv * seq_k * kD;
-    for (int j = 0; j < end; ++j) {
-      const int stage = j % kStages;
-      const uint32_t free_parity = ((j / kStages) & 1) ^ 1;  // the first round finds every stage free
-      mbarrier_wait(empty_k(stage), free_parity);
-      load_tile<T, kBlockN, kD>(tile_k(stage), kb, j * kBlockN, seq_k, thread);
-      mbarrier_arrive_on_copies(full_k(stage));
-      mbarrier_wait(empty_v(stage), free_parity);
-      load_tile<T, kBlockN, kD>(tile_v(stage), vb, j * kBlockN, seq_k, thread);
-      mbarrier_arrive_on_copies(full_v(stage));
+    int first = 0;
+    for (int round = 0; round < (Cfg::kPersistent ? q_blocks : 1); ++round) {
+      const int qb = scheduled_q_block(round, q_blocks, causal);
+      if (qb < 0) break;
+      if (round > 0) mbarrier_wait(empty_q, (round - 1) & 1);
+      load_tile<T, kBlockM, kD>(tile_q, q + bh * seq_q * kD, qb * kBlockM, seq_q, thread);
+      mbarrier_arrive_on_copies(bar_q);
+      const int end = key_tiles(qb);
+      for (int j = 0; j < end; ++j) {
+        const int stage = (first + j) % kStages;
+        const uint32_t free_parity = (((first + j) / kStages) & 1) ^ 1;  // the first use finds every stage free
+        mbarrier_wait(empty_k(stage), free_parity);
+        load_tile<T, kBlockN, kD>(tile_k(stage), kb, j * kBlockN, seq_k, thread);
+        mbarrier_arrive_on_copies(full_k(stage));
+        mbarrier_wait(empty_v(stage), free_parity);
+        load_tile<T, kBlockN, kD>(tile_v(stage), vb, j * kBlockN, seq_k, thread);
+        mbarrier_arrive_on_copies(full_v(stage));
+      }
+      first += end;
     }
     asm volatile("cp.async.wait_all;\n" ::: "memory");
     return;
@@ -248,26 +275,21 @@ __device__ __forceinline__ void attention_fwd_sm90(const T* __restrict__ q, cons
   claim_registers<Cfg::kConsumerRegisters>();
   const int consumer = warpgroup - 1;
   const int thread = threadIdx.x % 128, warp = thread / 32, lane = thread % 32;
-  const int row_base = q0 + consumer * 64 + warp * 16 + lane / 4;  // rows row_base and row_base + 8
   const float scale_log2 = scale * kLog2e;
-  // Ping-pong: consumer c issues its products after barrier 1 + c, then lets the other go.
+  // Ping-pong: consumer c issues its products after barrier 1 + c, then lets the other go; per
+  // query block consumer 0 goes first and consumer 1 passes no turn after its last, so every
+  // arrival on a barrier meets a sync within the round.
   auto take_turn = [&] {
     if constexpr (kPingPong) named_barrier_sync(1 + consumer, 256);
   };
-  // Consumer 1 passes no turn after its last: every arrival on a barrier then meets a sync.
   auto pass_turn = [&](bool last) {
     if constexpr (kPingPong) {
       if (!(last && consumer == 1)) named_barrier_arrive(2 - consumer, 256);
     }
   };
-  if constexpr (kPingPong) {
-    if (consumer == 1) named_barrier_arrive(1, 256);  // consumer 0 goes first
-  }
 
-  float row_max[2] = {kNegInf, kNegInf}, row_sum[2] = {0.f, 0.f};
+  float row_max[2], row_sum[2];
   float acc[kORegs];
-#pragma unroll
-  for (int i = 0; i < kORegs; ++i) acc[i] = 0.f;
   float s[kSRegs];
 #pragma unroll
   for (int i = 0; i < kSRegs; ++i) s[i] = 0.f;
@@ -300,17 +322,19 @@ __device__ __forceinline__ void attention_fwd_sm90(const T* __restrict__ q, cons
     }
     wgmma_commit();
   };
-  // Online softmax of S (key tile j), in place: S becomes exp2(S·scale·log2 e − max) in fp32, the
-  // row statistics advance, and `rescale` is what O must be multiplied by before P(j)·V(j) adds on.
-  auto softmax = [&](int j, float (&rescale)[2]) {
+  // Online softmax of S (key tile j of the query block at row q0), in place: S becomes
+  // exp2(S·scale·log2 e − shift) in fp32, the row statistics advance, and `rescale` is what O must
+  // be multiplied by before P(j)·V(j) adds on.
+  auto softmax = [&](int q0, int j, float (&rescale)[2]) {
     const int key0 = j * kBlockN;
     const bool tail = key0 + kBlockN > seq_k;
     const bool diagonal = causal && key0 + kBlockN - 1 > q0 + consumer * 64 + warp * 16;
     if (tail || diagonal) {
+      const int row0 = q0 + consumer * 64 + warp * 16 + lane / 4;
 #pragma unroll
       for (int i = 0; i < kSRegs; ++i) {
         const int key = key0 + (i / 4) * 8 + (lane % 4) * 2 + (i & 1);
-        const int row = row_base + ((i / 2) & 1) * 8;
+        const int row = row0 + ((i / 2) & 1) * 8;
         if (key >= seq_k || (causal && key > row)) s[i] = kNegInf;
       }
     }
@@ -328,12 +352,7 @@ __device__ __forceinline__ void attention_fwd_sm90(const T* __restrict__ q, cons
 #pragma unroll
       for (int h = 0; h < 2; ++h) mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffff, mx[h], lane_mask));
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const float new_max = fmaxf(row_max[h], mx[h] * scale_log2);
-      shift[h] = new_max == kNegInf ? 0.f : new_max;  // a row masked so far stays at 0
-      rescale[h] = fast_exp2(row_max[h] - shift[h]);
-      row_max[h] = new_max;
-    }
+    for (int h = 0; h < 2; ++h) advance_shift(row_max[h], mx[h] * scale_log2, shift[h], rescale[h]);
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       float sum[kBlockN / 8];
@@ -362,93 +381,117 @@ __device__ __forceinline__ void attention_fwd_sm90(const T* __restrict__ q, cons
     if (lane == 0) mbarrier_arrive(bar);
   };
 
-  // The loop, FlashAttention-3's intra-warpgroup overlap: S(j) = Q·K(j)ᵀ and O += P(j-1)·V(j-1)
-  // go to the tensor cores together; the softmax of S(j) runs while the second is in flight. P(j)
-  // goes to the other of two register sets than P(j-1), so that packing it need not wait for that
-  // product: with one set, ptxas pulls the wait up to the first pack, ahead of the softmax.
-  float rescale[2] = {1.f, 1.f};
-  // Tile j: issue both products, then the softmax of S(j) into p_next while P(j-1)·V(j-1) runs.
-  auto step = [&](int j, const Fragments& p_prev, Fragments& p_next) {
-    const int stage = j % kStages, prev = (j - 1) % kStages;
-    mbarrier_wait(full_k(stage), (j / kStages) & 1);
-    mbarrier_wait(full_v(prev), ((j - 1) / kStages) & 1);
-    fence_proxy_async();
-    take_turn();
-    issue_qk(stage);
-    // Once the row maxima settle the factors are exactly 1 (exp2 of 0): skip the 64 multiplies.
-    if (__any_sync(0xffffffff, rescale[0] != 1.f || rescale[1] != 1.f)) rescale_acc(rescale);
-    issue_pv(prev, p_prev);
-    pass_turn(false);
-    wgmma_wait<1>();  // S(j) has landed; P(j-1)·V(j-1) may still run
-    fence_registers(s);
-    release(empty_k(stage));
-    softmax(j, rescale);
-    convert_p(p_next);
-    schedule_barrier(rescale[0]);
-    wgmma_wait<0>();
-    fence_registers(acc);
-    release(empty_v(prev));
-  };
+  T* ob = o + bh * seq_q * kD;
+  int first = 0;
+  for (int round = 0; round < (Cfg::kPersistent ? q_blocks : 1); ++round) {
+    const int qb = scheduled_q_block(round, q_blocks, causal);
+    if (qb < 0) break;
+    const int q0 = qb * kBlockM, end = key_tiles(qb);
+    const int row_base = q0 + consumer * 64 + warp * 16 + lane / 4;  // rows row_base and row_base + 8
+    if constexpr (kPingPong) {
+      if (consumer == 1) named_barrier_arrive(1, 256);  // consumer 0 goes first
+    }
+    row_max[0] = row_max[1] = kNegInf;
+    row_sum[0] = row_sum[1] = 0.f;
+#pragma unroll
+    for (int i = 0; i < kORegs; ++i) acc[i] = 0.f;
 
-  mbarrier_wait(bar_q, 0);
-  if (end > 0) {
-    mbarrier_wait(full_k(0), 0);
-    fence_proxy_async();
-    take_turn();
-    issue_qk(0);
-    pass_turn(false);
-    wgmma_wait<0>();
-    fence_registers(s);
-    release(empty_k(0));
-    softmax(0, rescale);
-    convert_p(p_even);
-
-    // The last product, O += P(end-1)·V(end-1), with the register set P(end-1) is in.
-    auto finish = [&](const Fragments& p_last) {
-      const int last = (end - 1) % kStages;
-      mbarrier_wait(full_v(last), ((end - 1) / kStages) & 1);
+    // The loop, FlashAttention-3's intra-warpgroup overlap: S(j) = Q·K(j)ᵀ and O += P(j-1)·V(j-1)
+    // go to the tensor cores together; the softmax of S(j) runs while the second is in flight. P(j)
+    // goes to the other of two register sets than P(j-1), so that packing it need not wait for that
+    // product: with one set, ptxas pulls the wait up to the first pack, ahead of the softmax. Q is
+    // let go as soon as the round's last S has landed.
+    float rescale[2] = {1.f, 1.f};
+    // Key tile j: issue both products, then the softmax of S(j) into p_next while P(j-1)·V(j-1) runs.
+    auto step = [&](int j, const Fragments& p_prev, Fragments& p_next) {
+      const int at = first + j;
+      const int stage = at % kStages, prev = (at - 1) % kStages;
+      mbarrier_wait(full_k(stage), (at / kStages) & 1);
+      mbarrier_wait(full_v(prev), ((at - 1) / kStages) & 1);
       fence_proxy_async();
       take_turn();
-      rescale_acc(rescale);
-      issue_pv(last, p_last);
-      pass_turn(true);
+      issue_qk(stage);
+      // Once the shifts settle the factors are exactly 1: skip the multiplies.
+      if (__any_sync(0xffffffff, rescale[0] != 1.f || rescale[1] != 1.f)) rescale_acc(rescale);
+      issue_pv(prev, p_prev);
+      pass_turn(false);
+      wgmma_wait<1>();  // S(j) has landed; P(j-1)·V(j-1) may still run
+      fence_registers(s);
+      release(empty_k(stage));
+      if (j == end - 1) release(empty_q);
+      softmax(q0, j, rescale);
+      convert_p(p_next);
+      schedule_barrier(rescale[0]);
       wgmma_wait<0>();
       fence_registers(acc);
-      release(empty_v(last));
+      release(empty_v(prev));
     };
-    for (int j = 1;; j += 2) {
-      if (j >= end) {
-        finish(p_even);
-        break;
-      }
-      step(j, p_even, p_odd);
-      if (j + 1 >= end) {
-        finish(p_odd);
-        break;
-      }
-      step(j + 1, p_odd, p_even);
-    }
-  } else if constexpr (kPingPong) {
-    take_turn();
-    pass_turn(true);
-  }
 
-  // O = acc / row sum (0 for a row with every key masked); lse = ln Σ exp(scale · s), -inf there.
-  T* ob = o + bh * seq_q * kD;
+    mbarrier_wait(bar_q, round & 1);
+    if (end > 0) {
+      const int stage = first % kStages;
+      mbarrier_wait(full_k(stage), (first / kStages) & 1);
+      fence_proxy_async();
+      take_turn();
+      issue_qk(stage);
+      pass_turn(false);
+      wgmma_wait<0>();
+      fence_registers(s);
+      release(empty_k(stage));
+      if (end == 1) release(empty_q);
+      softmax(q0, 0, rescale);
+      convert_p(p_even);
+
+      // The last product, O += P(end-1)·V(end-1), with the register set P(end-1) is in.
+      auto finish = [&](const Fragments& p_last) {
+        const int at = first + end - 1;
+        mbarrier_wait(full_v(at % kStages), (at / kStages) & 1);
+        fence_proxy_async();
+        take_turn();
+        rescale_acc(rescale);
+        issue_pv(at % kStages, p_last);
+        pass_turn(true);
+        wgmma_wait<0>();
+        fence_registers(acc);
+        release(empty_v(at % kStages));
+      };
+      for (int j = 1;; j += 2) {
+        if (j >= end) {
+          finish(p_even);
+          break;
+        }
+        step(j, p_even, p_odd);
+        if (j + 1 >= end) {
+          finish(p_odd);
+          break;
+        }
+        step(j + 1, p_odd, p_even);
+      }
+    } else {
+      release(empty_q);
+      if constexpr (kPingPong) {
+        take_turn();
+        pass_turn(true);
+      }
+    }
+    first += end;
+
+    // O = acc / row sum (0 for a row with every key masked); lse = ln Σ exp(scale · s), -inf there.
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    float sum = row_sum[h];
-    sum += __shfl_xor_sync(0xffffffff, sum, 1);
-    sum += __shfl_xor_sync(0xffffffff, sum, 2);
-    const float inv = sum == 0.f ? 0.f : 1.f / sum;
-    const int row = row_base + h * 8;
-    if (row >= seq_q) continue;
-    if (lse != nullptr && lane % 4 == 0)
-      lse[bh * seq_q + row] = sum == 0.f ? kNegInf : (row_max[h] + __log2f(sum)) * kLn2;
-    T* out = ob + static_cast<int64_t>(row) * kD + (lane % 4) * 2;
+    for (int h = 0; h < 2; ++h) {
+      float sum = row_sum[h];
+      sum += __shfl_xor_sync(0xffffffff, sum, 1);
+      sum += __shfl_xor_sync(0xffffffff, sum, 2);
+      const float inv = sum == 0.f ? 0.f : 1.f / sum;
+      const int row = row_base + h * 8;
+      if (row >= seq_q) continue;
+      if (lse != nullptr && lane % 4 == 0)
+        lse[bh * seq_q + row] = sum == 0.f ? kNegInf : (row_max[h] + __log2f(sum)) * kLn2;
+      T* out = ob + static_cast<int64_t>(row) * kD + (lane % 4) * 2;
 #pragma unroll
-    for (int n = 0; n < kD / 8; ++n)
-      *reinterpret_cast<uint32_t*>(out + n * 8) = E::pack(acc[4 * n + 2 * h] * inv, acc[4 * n + 2 * h + 1] * inv);
+      for (int n = 0; n < kD / 8; ++n)
+        *reinterpret_cast<uint32_t*>(out + n * 8) = E::pack(acc[4 * n + 2 * h] * inv, acc[4 * n + 2 * h + 1] * inv);
+    }
   }
 }
 

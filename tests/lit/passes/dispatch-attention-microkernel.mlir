@@ -17,17 +17,18 @@
 // RUN: env FLASHMLIR_MICROKERNEL_DIR=%t90 flashmlir-opt --split-input-file --flashmlir-dispatch-attention-microkernel=target=sm_90 --debug %s 2>&1 >/dev/null | filecheck %s --check-prefix=HOPPERWHY
 // RUN: env FLASHMLIR_MICROKERNEL_DIR=%t90 flashmlir-opt --split-input-file --flashmlir-dispatch-attention-microkernel=target=sm_80 %s | filecheck %s
 
-// sm_90: the warp-specialized kernel: 3 warpgroups (384 threads), 128-row blocks, so the same grid
-// (8, 32); shared memory Q + 2 stages × (K, V) of 128 keys + 9 mbarriers + 1024 bytes of alignment.
+// sm_90: the warp-specialized kernel: 3 warpgroups (384 threads), 128-row query blocks, 2 of them
+// per workgroup at head dim 128 (the catalog's rounds), so the grid is (⌈⌈1000/128⌉ / 2⌉, B·H) =
+// (4, 32); shared memory Q + 2 stages × (K, V) of 128 keys + 10 mbarriers + 1024 bytes of alignment.
 // HOPPER-LABEL: func.func @mha_f16_d128
 // HOPPER:         hal.dispatch.extern "flashmlir_attention_fwd_sm90_f16_d128"(%c1_i32, %c1000_i32, %c1000_i32_0, %{{.+}}, %c0_i32, %arg0, %arg1, %arg2)
-// HOPPER-DAG:       arith.constant 8 : index
+// HOPPER-DAG:       arith.constant 4 : index
 // HOPPER-DAG:       arith.constant 32 : index
 // HOPPER:           ordinal(0) = [#hal.executable.object<{path = "{{.+}}/cuda/attention_fwd_sm90_f16_d128.fatbin"}>]
-// HOPPER-NEXT:    }) <workgroup_size = [384 : index, 1 : index, 1 : index], workgroup_local_memory = 164936>
+// HOPPER-NEXT:    }) <workgroup_size = [384 : index, 1 : index, 1 : index], workgroup_local_memory = 164944>
 // HOPPER-LABEL: func.func @causal_f16_d64
 // HOPPER:         hal.dispatch.extern "flashmlir_attention_fwd_sm90_f16_d64"(%{{.+}}, %{{.+}}, %{{.+}}, %{{.+}}, %c1_i32{{(_[0-9]+)?}}, %arg0, %arg1, %arg2)
-// HOPPER:         workgroup_local_memory = 83016>
+// HOPPER:         workgroup_local_memory = 83024>
 // HOPPER-LABEL: func.func @gqa_bf16_d64
 // HOPPER:         hal.dispatch.extern "flashmlir_attention_fwd_sm90_bf16_d64"(%c4_i32,
 // HOPPER-LABEL: func.func @padding_mask

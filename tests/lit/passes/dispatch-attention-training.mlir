@@ -34,7 +34,7 @@
 
 // HOPPER-LABEL: func.func @train_gqa_causal
 // HOPPER:       hal.dispatch.extern "flashmlir_attention_fwd_sm90_f16_d64_lse"
-// HOPPER:       workgroup_size = [384 : index, 1 : index, 1 : index], workgroup_local_memory = 83016>
+// HOPPER:       workgroup_size = [384 : index, 1 : index, 1 : index], workgroup_local_memory = 83024>
 // HOPPER:       hal.dispatch.extern "flashmlir_attention_bwd_sm80_f16_d64_dq"
 // HOPPER:       hal.dispatch.extern "flashmlir_attention_bwd_sm80_f16_d64_dkdv"
 
