@@ -33,7 +33,7 @@ for step in "$@"; do
     sweep) python benchmarks/microkernel_sweep.py --markdown "$OUT/sweep.md" --json "$OUT/sweep.json" \
              2>&1 | grep -v '^{' || status=1 ;;
     gpu-tests) python -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/gpu-tests.log" | tail -40 || status=1 ;;
-    bench) python benchmarks/attention.py --targets sm_90 sm_80 --no-stock --markdown "$OUT/bench.md" \
+    bench) python benchmarks/attention.py --targets default sm_90 sm_80 --no-stock --markdown "$OUT/bench.md" \
              --json "$OUT/bench.json" 2>&1 | grep -v '^{' || status=1 ;;
     sanitize) for tool in memcheck racecheck; do
                 compute-sanitizer --tool $tool --print-limit 5 python benchmarks/profile_microkernel.py \

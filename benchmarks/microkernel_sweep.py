@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from attention import SDPA_BACKENDS, Config, _sdpa_backend  # noqa: E402
+from attention import SDPA_BACKENDS, Config, _sdpa_backend, burst_ms  # noqa: E402
 
 from flashmlir.compiler.microkernels import CudaAttentionKernel  # noqa: E402
 from flashmlir.runtime.cuda_launcher import attention_forward  # noqa: E402
@@ -81,18 +81,6 @@ def reference_error(kernel: CudaAttentionKernel, dtype: torch.dtype) -> float:
                                              v.double().repeat_interleave(g, 1), is_causal=causal)
         worst = max(worst, ((out.double() - ref).norm() / ref.norm()).item())
     return worst
-
-
-def burst_ms(fn, calls: int) -> float:
-    """GPU time per call of `calls` back-to-back calls: the host's launch cost stays hidden, as it is
-    when a model queues its kernels, so kernels of different launch paths compare fairly."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(calls):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / calls
 
 
 def measure(config: Config, kernels: dict, args) -> dict:
