@@ -5,8 +5,9 @@
 //         ones longest first; with GQA, `group` = Hq / Hkv consecutive query heads read one K/V head
 //   block three warpgroups. Warpgroup 0 is the producer: it loads each query block's Q and its
 //         K, V tiles into a kStages-deep ring of shared-memory stages (the next query block's
-//         while the consumers finish the last) and gives most of its registers away (setmaxnreg). Warpgroups 1 and 2 are consumers of 64 query rows each: S = Q·Kᵀ is
-//         wgmma with both operands in shared memory, O += P·V takes P from registers.
+//         while the consumers finish the last) and gives most of its registers away (setmaxnreg).
+//         Warpgroups 1 and 2 are consumers of 64 query rows each: S = Q·Kᵀ is wgmma with both
+//         operands in shared memory, O += P·V takes P from registers.
 //   sync  per stage, a "full" mbarrier (the producer's copies landed) and an "empty" one (both
 //         consumers' products that read the stage completed), for K and V separately; Q's pair
 //         likewise, per query block.
@@ -177,7 +178,7 @@ __device__ __forceinline__ void load_tile(uint32_t tile, const T* base, int row0
 
 // ---- the kernel body ----------------------------------------------------------------------------------
 
-// The query blocks block (x, bh) of the grid takes from head bh, one per round: gridDim.x blocks
+// The query blocks that the grid's block (x, bh) takes from head bh, one per round: gridDim.x blocks
 // share the head's ⌈Sq / 128⌉ query blocks, so a block runs several in a row and its producer
 // loads the next one's Q, K and V while the consumers finish the last (no cold start per query
 // block: at 8 key tiles a query block that cost ~3 tiles' time). Causal: longest first, snaking
