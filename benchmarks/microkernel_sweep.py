@@ -5,8 +5,8 @@
     python benchmarks/microkernel_sweep.py --family sm90 --variants n128s2 n128s2p n128s2r2
 
 An sm_80 variant is block_m x block_n x warps; an sm_90 one is n<block_n>s<stages>, with a `p`
-for ping-pong between the consumer warpgroups and r<N> for N query blocks per workgroup. Each is compiled here with nvcc from the library's source
-(the same -D switches CMake uses) for this GPU, checked against float64 on a small odd-sized
+for ping-pong between the consumer warpgroups and r<N> for N query blocks per workgroup. Each is
+compiled here with nvcc from the library's source (the same -D switches CMake uses) for this GPU, checked against float64 on a small odd-sized
 problem, then timed over the grid (B·S = 16k tokens, H·D = 2048, as benchmarks/attention.py).
 ptxas' register and spill counts are printed with it. The winners go into
 runtime/microkernels/kernels.json; this script is how they were chosen.
