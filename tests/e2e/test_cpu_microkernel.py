@@ -67,6 +67,22 @@ def test_sdpa_runs_as_the_microkernel_and_matches_float64(b, hq, hkv, sq, sk, d,
     assert (out.double() - ref).abs().max().item() < 1e-4
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_row_maxima_that_keep_rising(causal):
+    """Scores growing along the keys: each row's exp2 shift moves by more than its slack (8) in some
+    key blocks and rises within it in others (P up to 2^8), and O, ℓ follow both ways."""
+    q, k, v = (torch.randn(1, 2, 300, 64) for _ in range(3))
+    k = k * torch.linspace(1.0, 6.0, 300)[:, None]
+
+    def attention(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    with torch.no_grad():
+        out = torch.compile(attention, backend="flashmlir")(q, k, v)
+    ref = _reference(q, k, v, causal, 64 ** -0.5)
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-5
+
+
 def test_off_switch_takes_the_codegen_path(monkeypatch):
     monkeypatch.setenv("FLASHMLIR_MICROKERNELS", "0")
     q, k, v = (torch.randn(1, 2, 50, 64) for _ in range(3))

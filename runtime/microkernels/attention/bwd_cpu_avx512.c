@@ -75,7 +75,7 @@ static inline __attribute__((always_inline)) void dq_tile(
   for (int t = 0; t < width; ++t) {
     const __m512 key = _mm512_set1_ps((float)(j + t));
     for (int r = 0; r < kVectors; ++r) {
-      __m512 p = exp2_nonpositive(_mm512_fmsub_ps(s[t][r], cv, lse2[r]));
+      __m512 p = exp2_below_128(_mm512_fmsub_ps(s[t][r], cv, lse2[r]));
       __mmask16 keep = j + t < seq_k ? (__mmask16)0xFFFF : 0;
       if (causal) keep &= _mm512_cmp_ps_mask(key, row[r], _CMP_LE_OQ);
       p = _mm512_maskz_mov_ps(keep, p);
@@ -171,7 +171,7 @@ static inline __attribute__((always_inline)) void dkdv_tile(
     for (int r = 0; r < kVectors; ++r) {
       __mmask16 keep = in_range[r];
       if (causal) keep &= _mm512_cmp_ps_mask(key[r], row, _CMP_LE_OQ);
-      s[t][r] = _mm512_maskz_mov_ps(keep, exp2_nonpositive(_mm512_fmsub_ps(s[t][r], cv, l2)));  // P
+      s[t][r] = _mm512_maskz_mov_ps(keep, exp2_below_128(_mm512_fmsub_ps(s[t][r], cv, l2)));  // P
       dp[t][r] = _mm512_mul_ps(s[t][r], _mm512_sub_ps(dp[t][r], dl));                              // dS
     }
   }

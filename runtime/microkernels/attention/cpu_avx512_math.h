@@ -7,9 +7,9 @@
 static const float kLog2e = 1.4426950408889634f;
 static const float kLn2 = 0.6931471805599453f;
 
-// 2^x for x ≤ 0 (or -inf): round to nearest n, a degree-6 polynomial for 2^(x - n) on
+// 2^x for x < 128 (or -inf): round to nearest n, a degree-6 polynomial for 2^(x - n) on
 // [-1/2, 1/2] (relative error < 1.2e-7), scaled by 2^n with vscalefps. Below 2^-126 gives 0.
-static inline __m512 exp2_nonpositive(__m512 x) {
+static inline __m512 exp2_below_128(__m512 x) {
   const __m512 clamped = _mm512_max_ps(x, _mm512_set1_ps(-127.f));
   const __m512 n = _mm512_roundscale_ps(clamped, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(clamped, n);

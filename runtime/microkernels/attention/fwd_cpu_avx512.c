@@ -10,12 +10,14 @@
 //
 // Orientation: vectors run along query rows. Q is packed once per call as Qᵀ (D × kRows, with
 // scale · log2 e folded in); then for each key block
-//   Sᵀ[j, rows]  = Σ_d K[j, d] · Qᵀ[d, rows]      K read in place, one broadcast per FMA pair
-//   m, l, α       row max / sum / rescale: plain vector ops across j (no horizontal reductions)
+//   Sᵀ[j, rows]  = Σ_d K[j, d] · Qᵀ[d, rows]      K read in place, one broadcast per FMA pair;
+//                  masked and its row maxima taken in registers
+//   m, l, α       row shift / sum / rescale: plain vector ops across j (no horizontal reductions);
+//                  the shift may lag the row maximum by up to 8 (P ≤ 2^8): most blocks skip α (= 1)
 //   Pᵀ[j, rows]  = 2^(Sᵀ[j, rows] - m)
 //   Oᵀ[d, rows]  = α · Oᵀ[d, rows] + Σ_j V[j, d] · Pᵀ[j, rows]   V read in place
 // and O = Oᵀ / l is written back row by row at the end. K and V need no packing, and every FMA's
-// scalar operand is an embedded broadcast from memory.
+// scalar operand is a broadcast load (vbroadcastss) from memory.
 #include <immintrin.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -45,17 +47,27 @@ enum {
   kKeys = FLASHMLIR_KEYS,                   // keys per block
   kKeyTile = FLASHMLIR_KEY_TILE,            // keys per register tile of Sᵀ
   kDimTile = FLASHMLIR_DIM_TILE,            // head-dim entries per register tile of Oᵀ
+  kMaxSlack = 8,                            // how far (exp2 units) a row's scores may pass its shift
 };
 
+// s, or -inf where `key` comes after the row (top-left causal masking).
+static inline __attribute__((always_inline)) __m512 masked_after_row(__m512 s, size_t key, __m512 row) {
+  const __mmask16 after = _mm512_cmp_ps_mask(_mm512_set1_ps((float)key), row, _CMP_GT_OQ);
+  return _mm512_mask_mov_ps(s, after, _mm512_set1_ps(-__builtin_inff()));
+}
+
 // Oᵀ[d : d + width] = α · Oᵀ[d : d + width] + Σ_j V[j, d : d + width] · Pᵀ[j] (width ≤ kDimTile,
-// a constant after inlining: the accumulators stay in registers across the key loop).
+// a constant after inlining: the accumulators stay in registers across the key loop). α is 1, and
+// not applied, when `alpha` is null.
 static inline __attribute__((always_inline)) void pv_tile(float* restrict ot, const float* restrict st,
                                                           const float* restrict vrow, size_t D, size_t keys,
                                                           const __m512* alpha, size_t d, const int width) {
   __m512 acc[kDimTile][kRowVectors];
   for (int t = 0; t < width; ++t)
-    for (int r = 0; r < kRowVectors; ++r)
-      acc[t][r] = _mm512_mul_ps(_mm512_load_ps(ot + (d + t) * kRows + r * kLanes), alpha[r]);
+    for (int r = 0; r < kRowVectors; ++r) {
+      const __m512 o = _mm512_load_ps(ot + (d + t) * kRows + r * kLanes);
+      acc[t][r] = alpha ? _mm512_mul_ps(o, alpha[r]) : o;
+    }
   for (size_t j = 0; j < keys; ++j) {
     __m512 p[kRowVectors];
     for (int r = 0; r < kRowVectors; ++r) p[r] = _mm512_load_ps(st + j * kRows + r * kLanes);
@@ -92,9 +104,11 @@ static inline __attribute__((always_inline)) void attention_rows(
       ot[d * kRows + i] = 0.f;
     }
 
-  __m512 row_max[kRowVectors], row_sum[kRowVectors], row_index[kRowVectors];
+  // P = 2^(S - shift) per row. The shift moves to a key block's maximum only when that passes it by
+  // more than kMaxSlack, so P ≤ 2^kMaxSlack and most blocks leave O and l as they are (α = 1).
+  __m512 shift[kRowVectors], row_sum[kRowVectors], row_index[kRowVectors];
   for (int r = 0; r < kRowVectors; ++r) {
-    row_max[r] = _mm512_set1_ps(-__builtin_inff());
+    shift[r] = _mm512_set1_ps(-__builtin_inff());
     row_sum[r] = _mm512_setzero_ps();
     row_index[r] = _mm512_add_ps(_mm512_set1_ps((float)(q0 + r * kLanes)),
                                  _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
@@ -104,8 +118,13 @@ static inline __attribute__((always_inline)) void attention_rows(
 
   for (size_t k0 = 0; k0 < key_end; k0 += kKeys) {
     const size_t keys = key_end - k0 < kKeys ? key_end - k0 : kKeys;
+    // Causal: keys after a row are -inf (only blocks reaching past the first row have any).
+    const int diagonal = causal && k0 + keys - 1 > q0;
+    __m512 block_max[kRowVectors];
+    for (int r = 0; r < kRowVectors; ++r) block_max[r] = _mm512_set1_ps(-__builtin_inff());
 
-    // Sᵀ = K · Qᵀ, kKeyTile keys at a time (a ragged tail one key at a time).
+    // Sᵀ = K · Qᵀ, kKeyTile keys at a time (a ragged tail one key at a time), masked and its row
+    // maxima taken while still in registers.
     size_t j = 0;
     for (; j + kKeyTile <= keys; j += kKeyTile) {
       __m512 acc[kKeyTile][kRowVectors];
@@ -121,7 +140,11 @@ static inline __attribute__((always_inline)) void attention_rows(
         }
       }
       for (int t = 0; t < kKeyTile; ++t)
-        for (int r = 0; r < kRowVectors; ++r) _mm512_store_ps(st + (j + t) * kRows + r * kLanes, acc[t][r]);
+        for (int r = 0; r < kRowVectors; ++r) {
+          if (diagonal) acc[t][r] = masked_after_row(acc[t][r], k0 + j + t, row_index[r]);
+          block_max[r] = _mm512_max_ps(block_max[r], acc[t][r]);
+          _mm512_store_ps(st + (j + t) * kRows + r * kLanes, acc[t][r]);
+        }
     }
     for (; j < keys; ++j) {
       __m512 acc[kRowVectors];
@@ -132,35 +155,30 @@ static inline __attribute__((always_inline)) void attention_rows(
         for (int r = 0; r < kRowVectors; ++r)
           acc[r] = _mm512_fmadd_ps(kv, _mm512_load_ps(qt + d * kRows + r * kLanes), acc[r]);
       }
-      for (int r = 0; r < kRowVectors; ++r) _mm512_store_ps(st + j * kRows + r * kLanes, acc[r]);
-    }
-
-    // Causal: keys after a row are -inf (only blocks reaching past the first row have any).
-    if (causal && k0 + keys - 1 > q0) {
-      for (size_t jj = 0; jj < keys; ++jj) {
-        const __m512 key = _mm512_set1_ps((float)(k0 + jj));
-        for (int r = 0; r < kRowVectors; ++r) {
-          const __mmask16 after = _mm512_cmp_ps_mask(key, row_index[r], _CMP_GT_OQ);
-          float* s = st + jj * kRows + r * kLanes;
-          _mm512_store_ps(s, _mm512_mask_mov_ps(_mm512_load_ps(s), after, _mm512_set1_ps(-__builtin_inff())));
-        }
+      for (int r = 0; r < kRowVectors; ++r) {
+        if (diagonal) acc[r] = masked_after_row(acc[r], k0 + j, row_index[r]);
+        block_max[r] = _mm512_max_ps(block_max[r], acc[r]);
+        _mm512_store_ps(st + j * kRows + r * kLanes, acc[r]);
       }
     }
 
-    // Online softmax, in the exp2 domain, along j for all rows at once.
-    __m512 alpha[kRowVectors], base[kRowVectors];
+    // Online softmax in the exp2 domain, along j for all rows at once.
+    __m512 alpha[kRowVectors];
+    __mmask16 moved = 0;
     for (int r = 0; r < kRowVectors; ++r) {
-      __m512 mx = row_max[r];
-      for (size_t jj = 0; jj < keys; ++jj) mx = _mm512_max_ps(mx, _mm512_load_ps(st + jj * kRows + r * kLanes));
-      // A row with every key so far masked keeps base 0 (its P is 0 and its sums stay 0).
-      const __mmask16 finite = _mm512_cmp_ps_mask(mx, _mm512_set1_ps(-__builtin_inff()), _CMP_NEQ_OQ);
-      base[r] = _mm512_maskz_mov_ps(finite, mx);
-      alpha[r] = exp2_nonpositive(_mm512_sub_ps(row_max[r], base[r]));
-      row_max[r] = mx;
+      // A row whose keys so far are all masked keeps shift -inf: P = 0, its sums stay 0.
+      const __mmask16 move = _mm512_cmp_ps_mask(block_max[r], _mm512_add_ps(shift[r], _mm512_set1_ps(kMaxSlack)),
+                                                _CMP_GT_OQ);
+      moved |= move;
+      const __m512 next = _mm512_mask_mov_ps(shift[r], move, block_max[r]);
+      const __m512 base = _mm512_maskz_mov_ps(
+          _mm512_cmp_ps_mask(next, _mm512_set1_ps(-__builtin_inff()), _CMP_NEQ_OQ), next);
+      alpha[r] = exp2_below_128(_mm512_sub_ps(shift[r], base));  // 0 for a row seeing its first key
+      shift[r] = next;
       __m512 sum = _mm512_setzero_ps();
       for (size_t jj = 0; jj < keys; ++jj) {
         float* s = st + jj * kRows + r * kLanes;
-        const __m512 p = exp2_nonpositive(_mm512_sub_ps(_mm512_load_ps(s), base[r]));
+        const __m512 p = exp2_below_128(_mm512_sub_ps(_mm512_load_ps(s), base));
         _mm512_store_ps(s, p);
         sum = _mm512_add_ps(sum, p);
       }
@@ -168,9 +186,10 @@ static inline __attribute__((always_inline)) void attention_rows(
     }
 
     // Oᵀ = α · Oᵀ + V[k0 : k0 + keys]ᵀ · Pᵀ, kDimTile head-dim entries at a time.
+    const __m512* rescale = moved ? alpha : (const __m512*)0;
     size_t d = 0;
-    for (; d + kDimTile <= D; d += kDimTile) pv_tile(ot, st, vb + k0 * D + d, D, keys, alpha, d, kDimTile);
-    for (; d < D; ++d) pv_tile(ot, st, vb + k0 * D + d, D, keys, alpha, d, 1);
+    for (; d + kDimTile <= D; d += kDimTile) pv_tile(ot, st, vb + k0 * D + d, D, keys, rescale, d, kDimTile);
+    for (; d < D; ++d) pv_tile(ot, st, vb + k0 * D + d, D, keys, rescale, d, 1);
   }
 
   // O = Oᵀ / l, 0 for a row whose every key was masked.
@@ -181,12 +200,12 @@ static inline __attribute__((always_inline)) void attention_rows(
   }
   for (size_t i = 0; i < rows; ++i)
     for (size_t d = 0; d < D; ++d) ob[i * D + d] = ot[d * kRows + i] * inv[i];
-  if (lse) {  // (max + log2 Σ) in the exp2 domain, back to natural log
+  if (lse) {  // (shift + log2 Σ) in the exp2 domain, back to natural log
     float row_lse[kRows] __attribute__((aligned(64)));
     for (int r = 0; r < kRowVectors; ++r) {
       const __mmask16 nonzero = _mm512_cmp_ps_mask(row_sum[r], _mm512_setzero_ps(), _CMP_NEQ_OQ);
       const __m512 safe = _mm512_mask_mov_ps(_mm512_set1_ps(1.f), nonzero, row_sum[r]);
-      const __m512 l2 = _mm512_add_ps(row_max[r], log2_positive(safe));
+      const __m512 l2 = _mm512_add_ps(shift[r], log2_positive(safe));
       _mm512_store_ps(row_lse + r * kLanes, _mm512_mask_mov_ps(_mm512_set1_ps(-__builtin_inff()), nonzero,
                                                                _mm512_mul_ps(l2, _mm512_set1_ps(kLn2))));
     }
