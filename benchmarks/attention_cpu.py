@@ -7,7 +7,7 @@ flashmlir is timed as users get it (`torch.compile(backend="flashmlir")`), with 
 library (the default) and without it (FLASHMLIR_MICROKERNELS=0: our passes' loop nest, IREE's
 codegen of the tiles); IREE stock is the same SDPA graph imported and compiled by IREE without our
 passes. Times are medians after a warm-up (torch and flashmlir timed in alternating rounds), in
-milliseconds, fp32. Speed ratios > 1 mean flashmlir is faster.
+milliseconds, fp32 unless --dtype says otherwise. Speed ratios > 1 mean flashmlir is faster.
 """
 
 from __future__ import annotations
@@ -80,7 +80,8 @@ def _compiled(fn, microkernels: bool):
 
 def measure(seq: int, head_dim: int, causal: bool, args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
-    q, k, v = (torch.randn(args.batch, args.heads, seq, head_dim) for _ in range(3))
+    dtype = getattr(torch, args.dtype)
+    q, k, v = (torch.randn(args.batch, args.heads, seq, head_dim, dtype=dtype) for _ in range(3))
 
     def sdpa(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
@@ -118,6 +119,8 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="bf16/f16 run the f32 kernel on widened inputs; the error is still against float64")
     p.add_argument("--no-stock", action="store_true", help="skip IREE's stock lowering (slow)")
     p.add_argument("--no-codegen", action="store_true", help="skip flashmlir without its microkernels (slow)")
     p.add_argument("--json", help="write the rows here as JSON")
@@ -138,7 +141,7 @@ def main() -> None:
         return "-" if value is None else format(value, fmt)
 
     lines = [f"# CPU attention, {time.strftime('%Y-%m-%d')}", "",
-             f"fp32, B={args.batch} H={args.heads}; {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} "
+             f"{args.dtype}, B={args.batch} H={args.heads}; {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} "
              f"({torch.get_num_threads()} threads). torch and flashmlir: medians of at least {args.repeats} "
              "calls each and 1 s, timed in alternating rounds; IREE stock and flashmlir without microkernels: "
              "medians of fewer runs at long sequences. `python benchmarks/attention_cpu.py`", "",

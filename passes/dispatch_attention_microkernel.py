@@ -21,6 +21,9 @@ CPU:
   of IREE's samples loses a binding's offset).
   IREE compiles the shim for the host and links our object into its embedded ELF executable; its
   task system runs the workgroups on its threads (runtime/microkernels/attention/fwd_cpu_avx512.c).
+  bf16 and f16 attention runs the f32 kernel: Q, K, V are widened to f32 (exactly) by elementwise
+  linalg ops before the dispatch and O is rounded once after it, so the only rounding is the
+  output's (these CPUs have no f16 arithmetic, and a bf16 dot-product kernel is not written yet).
 
 The kernel, its tile sizes and hence the launch geometry come from the library's catalog
 (flashmlir.compiler.microkernels). Taken: the canonical layout flashmlir-lower-attention writes, an
@@ -49,7 +52,7 @@ from flashmlir.compiler.targets import get_target
 from flashmlir.passes.attention_ir import Attention, NotCanonical, analyze, float_constant, replaced_inputs
 from flashmlir.passes.cpu_dispatch import Binding, CpuCall, cpu_executable, free_symbol, insert_executable
 from flashmlir.passes.framework import PassResult, PassSpec
-from flashmlir.passes.ir_utils import erase_unused, splice_function, walk_ops
+from flashmlir.passes.ir_utils import erase_unused, splice_function, tensor_type, walk_ops
 
 MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y, which carries batch × query heads
 
@@ -148,9 +151,13 @@ def _cuda_function(attn: Attention, launch: _Launch) -> str:
 }}"""
 
 
+# Element types the CPU runs on its f32 kernel, widened before and rounded after (module docstring).
+CPU_WIDENED_ELEMENTS = ("bf16", "f16")
+
+
 def _cpu_executable(symbol: str, attn: Attention, site: _Site, kernel: CpuAttentionKernel, threads: int) -> str:
     """The stream.executable whose one export calls the kernel for this op's shapes."""
-    bindings = tuple(Binding(n, math.prod(t.shape), site.element)
+    bindings = tuple(Binding(n, math.prod(t.shape), kernel.element)
                      for n, t in (("q", attn.q), ("k", attn.k), ("v", attn.v), ("o", attn.out)))
     constants = (("group", site.group), ("batch_heads", site.batch_heads), ("seq_q", attn.sq), ("seq_k", attn.sk),
                  ("scale", float(site.scale)), ("causal", int(site.causal)))
@@ -159,20 +166,47 @@ def _cpu_executable(symbol: str, attn: Attention, site: _Site, kernel: CpuAttent
     return cpu_executable(symbol, str(kernel.object_path), [call])
 
 
-def _cpu_call(symbol: str, attn: Attention) -> str:
+def _convert(name: str, value: str, shape: list[int], source: str, to: str, op: str) -> str:
+    """`%name`: tensor `%value` (of `shape`, elements `source`) converted elementwise to `to` by arith.`op`."""
+    dims = ", ".join(f"d{i}" for i in range(len(shape)))
+    identity = f"affine_map<({dims}) -> ({dims})>"
+    parallel = ", ".join(['"parallel"'] * len(shape))
+    source_type, result_type = tensor_type(shape, source), tensor_type(shape, to)
+    return f"""  %{name}_init = tensor.empty() : {result_type}
+  %{name} = linalg.generic {{indexing_maps = [{identity}, {identity}], iterator_types = [{parallel}]}}
+      ins(%{value} : {source_type}) outs(%{name}_init : {result_type}) {{
+  ^bb0(%x: {source}, %unused: {to}):
+    %y = arith.{op} %x : {source} to {to}
+    linalg.yield %y : {to}
+  }} -> {result_type}"""
+
+
+def _cpu_call(symbol: str, attn: Attention, kernel_element: str) -> str:
     qt, kt, vt, ot = attn.q.type(), attn.k.type(), attn.v.type(), attn.out.type()
-    return f"""func.func @microkernel(%q: {qt}, %k: {kt}, %v: {vt}) -> {ot} {{
+    if attn.q.elem == kernel_element:
+        return f"""func.func @microkernel(%q: {qt}, %k: {kt}, %v: {vt}) -> {ot} {{
   %o = flow.dispatch @{symbol}::@attention(%q, %k, %v) : ({qt}, {kt}, {vt}) -> {ot}
+  return %o : {ot}
+}}"""
+    q, k, v, o = (tensor_type(x.shape, kernel_element) for x in (attn.q, attn.k, attn.v, attn.out))
+    widened = "\n".join(_convert(f"{n}w", n, x.shape, x.elem, kernel_element, "extf")
+                         for n, x in (("q", attn.q), ("k", attn.k), ("v", attn.v)))
+    rounded = _convert("o", "ow", attn.out.shape, kernel_element, attn.out.elem, "truncf")
+    return f"""func.func @microkernel(%q: {qt}, %k: {kt}, %v: {vt}) -> {ot} {{
+{widened}
+  %ow = flow.dispatch @{symbol}::@attention(%qw, %kw, %vw) : ({q}, {k}, {v}) -> {o}
+{rounded}
   return %o : {ot}
 }}"""
 
 
 def _rewrite_cpu(module: ir.Operation, attn: Attention, site: _Site, features: frozenset[str], threads: int,
                  taken: set[str]) -> None:
-    kernel = select_cpu_attention_forward(features, site.element, site.head_dim)
+    element = "f32" if site.element in CPU_WIDENED_ELEMENTS else site.element
+    kernel = select_cpu_attention_forward(features, element, site.head_dim)
     symbol = free_symbol(module, "flashmlir_attention_cpu_", taken)
     insert_executable(module, attn.op, _cpu_executable(symbol, attn, site, kernel, threads))
-    splice_function(attn.op, _cpu_call(symbol, attn), [attn.q.value, attn.k.value, attn.v.value])
+    splice_function(attn.op, _cpu_call(symbol, attn, kernel.element), [attn.q.value, attn.k.value, attn.v.value])
 
 
 def run(module: ir.Operation, options: Options) -> PassResult:

@@ -83,6 +83,28 @@ def test_row_maxima_that_keep_rising(causal):
     assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-5
 
 
+@pytest.mark.parametrize("dtype, tolerance", [(torch.bfloat16, 4e-3), (torch.float16, 5e-4)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_half_precision_runs_the_f32_kernel(dtype, tolerance, causal):
+    """bf16/f16 inputs are widened exactly, so the only rounding is the output's: at most about
+    half an ulp of the element type (bf16 2^-9, f16 2^-12 relative), better than eager's own."""
+    q, k, v = (torch.randn(1, 4, 150, 64, dtype=dtype) for _ in range(3))
+
+    def attention(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    report = flashmlir.explain(attention, q, k, v)
+    assert report.microkernels == 1, str(report)
+    with torch.no_grad():
+        out = torch.compile(attention, backend="flashmlir")(q, k, v)
+    assert out.dtype == dtype
+    ref = _reference(q, k, v, causal, 64 ** -0.5)
+    error = ((out.double() - ref).norm() / ref.norm()).item()
+    eager = attention(q, k, v)
+    assert error < tolerance
+    assert error <= ((eager.double() - ref).norm() / ref.norm()).item() * 1.05
+
+
 def test_off_switch_takes_the_codegen_path(monkeypatch):
     monkeypatch.setenv("FLASHMLIR_MICROKERNELS", "0")
     q, k, v = (torch.randn(1, 2, 50, 64) for _ in range(3))
