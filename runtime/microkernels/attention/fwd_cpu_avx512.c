@@ -10,7 +10,7 @@
 //
 // Orientation: vectors run along query rows. Q is packed once per call as Qᵀ (D × kRows, with
 // scale · log2 e folded in); then for each key block
-//   Sᵀ[j, rows]  = Σ_d K[j, d] · Qᵀ[d, rows]      K read in place, one broadcast per FMA pair;
+//   Sᵀ[j, rows]  = Σ_d K[j, d] · Qᵀ[d, rows]      K read in place, one broadcast per kRowVectors FMAs;
 //                  masked and its row maxima taken in registers
 //   m, l, α       row shift / sum / rescale: plain vector ops across j (no horizontal reductions);
 //                  the shift may lag the row maximum by up to 8 (P ≤ 2^8): most blocks skip α (= 1)
