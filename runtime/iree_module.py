@@ -20,7 +20,7 @@ then spins until that worker has finished its hand-off. With as many workers as 
 the freshly woken caller preempt the very worker it waits for, and the spin lasts a scheduler time
 slice: on the 2-core CI machine ~5 ms of burnt CPU on ~1 in 2 calls (a 3 ms attention took 8 ms).
 Under SCHED_BATCH a woken thread does not preempt, so the caller runs its invoke in that policy and
-goes back to its own after it (two syscalls, ~2 µs; only from the default policy).
+goes back to its own after it (three syscalls, a few µs; only from the default policy).
 
 CUDA contexts. IREE's CUDA HAL uses the device's primary context, as torch does, but loads
 executables and launches in whichever context is current on the calling thread. aot_autograd
