@@ -30,6 +30,7 @@ context current yet; a torch runtime call on the device first makes the primary 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -122,10 +123,7 @@ class IreeModule:
             else:  # (tests only) still the thread's context, just without waiting for torch
                 torch.cuda.set_device(self._device_index)
         results = rt.VmVariantList(4)
-        if self._driver == "local-task":
-            with _WakeWithoutPreemption():
-                self._context.invoke(self._function, args, results)
-        else:
+        with _WakeWithoutPreemption() if self._driver == "local-task" else contextlib.nullcontext():
             self._context.invoke(self._function, args, results)
         if results.size and self._driver == "cuda":
             raise RuntimeError(
