@@ -69,6 +69,7 @@ static inline __attribute__((always_inline)) void pv_tile(float* restrict ot, co
       acc[t][r] = alpha ? _mm512_mul_ps(o, alpha[r]) : o;
     }
   for (size_t j = 0; j < keys; ++j) {
+    _mm_prefetch((const char*)(vrow + (kKeys + j) * D), _MM_HINT_T0);  // the next key block's row j
     __m512 p[kRowVectors];
     for (int r = 0; r < kRowVectors; ++r) p[r] = _mm512_load_ps(st + j * kRows + r * kLanes);
     for (int t = 0; t < width; ++t) {
@@ -131,7 +132,9 @@ static inline __attribute__((always_inline)) void attention_rows(
       for (int t = 0; t < kKeyTile; ++t)
         for (int r = 0; r < kRowVectors; ++r) acc[t][r] = _mm512_setzero_ps();
       const float* restrict krow = kb + (k0 + j) * D;
+      const float* knext = krow + kKeyTile * D;  // the next tile's rows, contiguous
       for (size_t d = 0; d < D; ++d) {
+        _mm_prefetch((const char*)(knext + d * kKeyTile), _MM_HINT_T0);
         __m512 qv[kRowVectors];
         for (int r = 0; r < kRowVectors; ++r) qv[r] = _mm512_load_ps(qt + d * kRows + r * kLanes);
         for (int t = 0; t < kKeyTile; ++t) {
