@@ -10,8 +10,8 @@
 // S = Q·Kᵀ and O += P·V are mma.sync.m16n8k16 (fp16 or bf16 in, fp32 accumulate). P is converted
 // in registers from S's accumulator layout straight into the A-operand layout of the second MMA.
 // The row statistics are online_softmax.cuh's (exp2 domain, scale · log2 e folded in); O and the
-// row sums are rescaled per tile and divided once at the end. Blocks of a causal grid run longest
-// first.
+// row sums are rescaled only when a row's shift moves and divided once at the end. Blocks of a
+// causal grid run longest first.
 #pragma once
 
 #include "mma_sm80.cuh"
@@ -214,14 +214,19 @@ __device__ __forceinline__ void attention_fwd_sm80(const T* __restrict__ q, cons
     }
     __syncthreads();
 
-    // O's rescale. Unlike the sm_90 kernel this one does not skip it when every factor of the warp
-    // is 1: the branch made ptxas spill at head dim 128 and measured no faster.
+    // O's rescale, skipped when every factor of the warp is 1 (nearly every tile after the first
+    // few, online_softmax.cuh): kMTiles · kD / 2 multiplies per thread (128 at head dim 128).
+    bool moved = false;
 #pragma unroll
-    for (int mt = 0; mt < kMTiles; ++mt)
+    for (int mt = 0; mt < kMTiles; ++mt) moved |= rescale[mt][0] != 1.f || rescale[mt][1] != 1.f;
+    if (__any_sync(0xffffffff, moved)) {
 #pragma unroll
-      for (int d = 0; d < kDTiles; ++d)
+      for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
-        for (int c = 0; c < 4; ++c) acc[mt][d][c] *= rescale[mt][c >> 1];
+        for (int d = 0; d < kDTiles; ++d)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) acc[mt][d][c] *= rescale[mt][c >> 1];
+    }
 
     // O += P·V.
 #pragma unroll

@@ -86,15 +86,35 @@ __device__ __forceinline__ uint32_t tile_offset(int row, int chunk) {
   return static_cast<uint32_t>(row * kChunks * 16 + ((chunk ^ (row & 7)) * 16));
 }
 
-// Copy rows [row0, row0 + kRows) of a [rows, D] matrix into a swizzled tile (zero past `rows`).
+// Copy rows [row0, row0 + kRows) of a [rows, D] matrix into a swizzled tile (zero past `rows`),
+// by all kThreads threads. Each thread owns one 16-byte column chunk and rows kRowStep apart, so a
+// whole tile is one copy per chunk at constant offsets from two per-thread addresses (the generic
+// index loop cost ~20 integer instructions per copy, a quarter of the main loop's instructions at
+// head dim 128); only a sequence's ragged last tile checks rows.
 template <typename T, int kRows, int kD, int kThreads>
 __device__ __forceinline__ void load_tile(uint32_t tile, const T* base, int row0, int rows) {
-  constexpr int kChunks = kD / 8;
-  for (int i = threadIdx.x; i < kRows * kChunks; i += kThreads) {
-    int r = i / kChunks, c = i % kChunks;
-    bool valid = row0 + r < rows;
-    const T* src = base + static_cast<int64_t>(valid ? row0 + r : 0) * kD + c * 8;
-    cp_async_16(tile + tile_offset<kChunks>(r, c), src, valid ? 16 : 0);
+  constexpr int kChunks = kD / 8, kRowStep = kThreads / kChunks;
+  static_assert(kThreads % kChunks == 0 && kRows % kRowStep == 0, "tile rows must be a multiple of the row step");
+  const int chunk = threadIdx.x % kChunks, first = threadIdx.x / kChunks;
+  const T* src = base + static_cast<int64_t>(row0 + first) * kD + chunk * 8;
+  if (row0 + kRows <= rows) {
+    if constexpr (kRowStep % 8 == 0) {  // the swizzle phase of this thread's rows never changes
+      const uint32_t dst = tile + tile_offset<kChunks>(first, chunk);
+#pragma unroll
+      for (int it = 0; it < kRows / kRowStep; ++it)
+        cp_async_16(dst + it * kRowStep * kChunks * 16, src + it * kRowStep * kD, 16);
+    } else {
+#pragma unroll
+      for (int it = 0; it < kRows / kRowStep; ++it)
+        cp_async_16(tile + tile_offset<kChunks>(first + it * kRowStep, chunk), src + it * kRowStep * kD, 16);
+    }
+    return;
+  }
+#pragma unroll
+  for (int it = 0; it < kRows / kRowStep; ++it) {
+    const int r = first + it * kRowStep;
+    const bool valid = row0 + r < rows;
+    cp_async_16(tile + tile_offset<kChunks>(r, chunk), valid ? src + it * kRowStep * kD : base, valid ? 16 : 0);
   }
 }
 
