@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from attention import SDPA_BACKENDS, Config, _sdpa_backend, median_ms  # noqa: E402
+from attention import SDPA_BACKENDS, Config, _sdpa_backend, gpu_ms  # noqa: E402
 
 from flashmlir.compiler import microkernels  # noqa: E402
 from flashmlir.compiler.microkernels import CudaAttentionBackwardKernel  # noqa: E402
@@ -91,17 +91,17 @@ def measure(config: Config, kernels: dict, forwards: dict, args) -> dict:
         for variant in args.variants:
             kernel = kernels.get((variant, config.head_dim, config.dtype))
             if kernel is not None:
-                ms = median_ms(lambda kernel=kernel: attention_backward(kernel, q, k, v, o, d_o, lse,
-                                                                        causal=config.causal),
-                               args.warmup, args.iters)
+                ms = gpu_ms(lambda kernel=kernel: attention_backward(kernel, q, k, v, o, d_o, lse,
+                                                                     causal=config.causal),
+                            args.warmup, args.iters)
                 row["tflops"][variant] = flops / ms / 1e9
     for name in SDPA_BACKENDS:
         try:
             with sdpa_kernel(_sdpa_backend(name)):
                 qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
                 out = F.scaled_dot_product_attention(qg, kg, vg, is_causal=config.causal)
-                ms = median_ms(lambda out=out, inputs=(qg, kg, vg): torch.autograd.grad(out, inputs, d_o, retain_graph=True),
-                               args.warmup, args.iters)
+                ms = gpu_ms(lambda out=out, inputs=(qg, kg, vg): torch.autograd.grad(out, inputs, d_o, retain_graph=True),
+                            args.warmup, args.iters)
             row["tflops"][f"sdpa-{name}"] = flops / ms / 1e9
         except RuntimeError:
             pass
@@ -160,7 +160,8 @@ def main() -> None:
     text = (f"# Attention backward, {torch.cuda.get_device_name()}, {time.strftime('%Y-%m-%d')}\n\n"
             "Backward TFLOP/s (2.5 × forward FLOPs), B·S = 16k tokens, H·D = 2048; flashmlir variants are the "
             "sm_80 backward kernels (dq + dkdv, launched directly) as block_m x block_n x warps, compiled from "
-            f"compute_80 for this GPU. torch {torch.__version__}. `python benchmarks/attention_backward.py`\n\n"
+            f"compute_80 for this GPU. GPU time per call over {args.iters} back-to-back calls, best of 3 bursts "
+            f"(host launch cost hidden, for both). torch {torch.__version__}. `python benchmarks/attention_backward.py`\n\n"
             + "\n".join(lines) + "\n\nBuild and correctness:\n" + "\n".join(notes))
     print("\n" + text)
     if args.markdown:
