@@ -20,7 +20,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from attention_cpu import cpu_name, median_ms, paired_median_ms
+from attention_cpu import _compiled, cpu_name, median_ms, paired_median_ms
 
 
 def _step(fn):
@@ -29,12 +29,6 @@ def _step(fn):
         fn(q, k, v).backward(grad)
 
     return step
-
-
-def _compiled(fn, microkernels: bool):
-    torch._dynamo.reset()
-    os.environ["FLASHMLIR_MICROKERNELS"] = "1" if microkernels else "0"
-    return torch.compile(fn, backend="flashmlir")
 
 
 def measure(seq: int, head_dim: int, causal: bool, args: argparse.Namespace) -> dict:
