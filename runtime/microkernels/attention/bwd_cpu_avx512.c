@@ -46,6 +46,30 @@ static inline __m512 lane_index(size_t first) {
 // lse in the exp2 domain; +inf for a row that attends nothing (then every P is 0).
 static inline float lse2_of(float lse) { return lse == -__builtin_inff() ? __builtin_inff() : lse * kLog2e; }
 
+// The two register-tile products both kernels start from, for t < width (a constant after
+// inlining) over the block's kVectors vectors: s[t] = Σ_d a[t, d] · xᵀ[d], dp[t] = Σ_d b[t, d] · yᵀ[d],
+// with a and b rows of D in memory and xᵀ, yᵀ the block's packed D × kBlock operands.
+static inline __attribute__((always_inline)) void two_products(
+    const float* restrict a, const float* restrict b, const float* restrict xt, const float* restrict yt, size_t D,
+    const int width, __m512 (*s)[kVectors], __m512 (*dp)[kVectors]) {
+  for (int t = 0; t < width; ++t)
+    for (int r = 0; r < kVectors; ++r) s[t][r] = dp[t][r] = _mm512_setzero_ps();
+  for (size_t d = 0; d < D; ++d) {
+    __m512 x[kVectors], y[kVectors];
+    for (int r = 0; r < kVectors; ++r) {
+      x[r] = _mm512_load_ps(xt + d * kBlock + r * kLanes);
+      y[r] = _mm512_load_ps(yt + d * kBlock + r * kLanes);
+    }
+    for (int t = 0; t < width; ++t) {
+      const __m512 ab = _mm512_set1_ps(a[t * D + d]), bb = _mm512_set1_ps(b[t * D + d]);
+      for (int r = 0; r < kVectors; ++r) {
+        s[t][r] = _mm512_fmadd_ps(ab, x[r], s[t][r]);
+        dp[t][r] = _mm512_fmadd_ps(bb, y[r], dp[t][r]);
+      }
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // dQ
 
@@ -55,22 +79,7 @@ static inline __attribute__((always_inline)) void dq_tile(
     float* restrict dqt, const __m512* lse2, const __m512* delta, const __m512* row, size_t D, size_t j,
     size_t seq_k, float c, int causal, const int width) {
   __m512 s[kTile][kVectors], dp[kTile][kVectors];
-  for (int t = 0; t < width; ++t)
-    for (int r = 0; r < kVectors; ++r) s[t][r] = dp[t][r] = _mm512_setzero_ps();
-  for (size_t d = 0; d < D; ++d) {
-    __m512 qv[kVectors], dv[kVectors];
-    for (int r = 0; r < kVectors; ++r) {
-      qv[r] = _mm512_load_ps(qt + d * kBlock + r * kLanes);
-      dv[r] = _mm512_load_ps(dot + d * kBlock + r * kLanes);
-    }
-    for (int t = 0; t < width; ++t) {
-      const __m512 kb = _mm512_set1_ps(krow[t * D + d]), vb = _mm512_set1_ps(vrow[t * D + d]);
-      for (int r = 0; r < kVectors; ++r) {
-        s[t][r] = _mm512_fmadd_ps(kb, qv[r], s[t][r]);
-        dp[t][r] = _mm512_fmadd_ps(vb, dv[r], dp[t][r]);
-      }
-    }
-  }
+  two_products(krow, vrow, qt, dot, D, width, s, dp);  // S = K·Qᵀ, dP = V·dOᵀ
   const __m512 cv = _mm512_set1_ps(c);
   for (int t = 0; t < width; ++t) {
     const __m512 key = _mm512_set1_ps((float)(j + t));
@@ -148,22 +157,7 @@ static inline __attribute__((always_inline)) void dkdv_tile(
     const float* restrict kt, const float* restrict vt, float* restrict dkt, float* restrict dvt,
     const __m512* key, __mmask16 const* in_range, size_t D, size_t i, float c, int causal, const int width) {
   __m512 s[kTile][kVectors], dp[kTile][kVectors];
-  for (int t = 0; t < width; ++t)
-    for (int r = 0; r < kVectors; ++r) s[t][r] = dp[t][r] = _mm512_setzero_ps();
-  for (size_t d = 0; d < D; ++d) {
-    __m512 kv[kVectors], vv[kVectors];
-    for (int r = 0; r < kVectors; ++r) {
-      kv[r] = _mm512_load_ps(kt + d * kBlock + r * kLanes);
-      vv[r] = _mm512_load_ps(vt + d * kBlock + r * kLanes);
-    }
-    for (int t = 0; t < width; ++t) {
-      const __m512 qb = _mm512_set1_ps(qrow[t * D + d]), db = _mm512_set1_ps(dorow[t * D + d]);
-      for (int r = 0; r < kVectors; ++r) {
-        s[t][r] = _mm512_fmadd_ps(qb, kv[r], s[t][r]);
-        dp[t][r] = _mm512_fmadd_ps(db, vv[r], dp[t][r]);
-      }
-    }
-  }
+  two_products(qrow, dorow, kt, vt, D, width, s, dp);  // S = Q·Kᵀ, dP = dO·Vᵀ
   const __m512 cv = _mm512_set1_ps(c);
   for (int t = 0; t < width; ++t) {
     const __m512 l2 = _mm512_set1_ps(lse2_of(lse[t])), dl = _mm512_set1_ps(delta[t]);
