@@ -23,10 +23,11 @@ from flashmlir import config
 CATALOG = "kernels.json"
 ELEMENT_BYTES = {"f16": 2, "bf16": 2}
 
-
-# sm_90 workgroups take several query blocks (the catalog's `rounds`) up to this many query blocks
-# (8k rows): benchmarks/results/h200-2026-11-24-sm90-rounds.md.
-PERSISTENT_MAX_Q_BLOCKS = 64
+# Up to this many query blocks (4k rows) the sm_90 grid is persistent, one workgroup per SM taking
+# tiles in turn: no cold start per tile (+2-16% at 512-4k tokens). Beyond it a workgroup per tile
+# measured as fast or faster (the hardware's dynamic scheduling evens out SMs of different speed,
+# which a static share cannot): benchmarks/results/h100-2026-11-24-sm90-persistent.md.
+PERSISTENT_MAX_Q_BLOCKS = 32
 
 
 @dataclass(frozen=True)
@@ -43,12 +44,6 @@ class CudaAttentionKernel:
     object_path: Path
     stages: int = 2  # shared-memory stages of K and V (sm_90: a ring; sm_80: double buffering)
     pingpong: bool = False  # sm_90: the two consumer warpgroups take turns at the tensor cores
-    rounds: int = 1  # sm_90: 128-row query blocks a workgroup takes one after another
-
-    def __post_init__(self):
-        if self.rounds < 1 or (self.rounds > 1 and (self.family != "attention_fwd_sm90" or self.head_dim >= 256)):
-            raise ValueError(f"{self.family} d{self.head_dim}: rounds={self.rounds}, but only the sm_90 kernel "
-                             "below head dim 256 takes several query blocks per workgroup (fwd_sm90_wgmma.cuh)")
 
     @property
     def name(self) -> str:
@@ -77,12 +72,23 @@ class CudaAttentionKernel:
         # fwd_sm80_mma_sync.cuh: the Q tile and two stages of (K, V) tiles.
         return (self.block_m + 4 * self.block_n) * self.head_dim * e
 
-    def grid(self, seq_q: int, batch_heads: int) -> tuple[int, int, int]:
+    @property
+    def persistent(self) -> bool:
+        """Whether a workgroup can take tiles one after another (the sm_90 kernel below head dim 256:
+        `Sm90Config::kPersistent`); `grid` decides whether it does."""
+        return self.family == "attention_fwd_sm90" and self.head_dim < 256
+
+    def grid(self, seq_q: int, batch_heads: int, multiprocessors: int, causal: bool) -> tuple[int, int, int]:
+        """The launch grid; `multiprocessors` is the device's SM count (what a persistent grid fills)."""
         q_blocks = -(-seq_q // self.block_m)
-        # Beyond PERSISTENT_MAX_Q_BLOCKS query blocks a workgroup's start-up is a few percent of its
-        # key loop, and one query block per workgroup measured as fast or faster.
-        rounds = self.rounds if q_blocks <= PERSISTENT_MAX_Q_BLOCKS else 1
-        return (-(-q_blocks // rounds), batch_heads, 1)
+        if self.family != "attention_fwd_sm90":
+            return (q_blocks, batch_heads, 1)
+        # sm_90: a 1-d list of (head, query block) tiles (fwd_sm90_wgmma.cuh `scheduled_tile`).
+        tiles = q_blocks * batch_heads
+        if not self.persistent or q_blocks > PERSISTENT_MAX_Q_BLOCKS:
+            return (tiles, 1, 1)
+        shares = -(-tiles // 2) if causal else tiles  # causal tiles go out in pairs
+        return (min(shares, multiprocessors), 1, 1)
 
 
 @dataclass(frozen=True)
@@ -217,8 +223,7 @@ def _load(directory: Path | None) -> Library:
     entries = catalog.get("cuda", [])
     cuda = tuple(
         CudaAttentionKernel(e["family"], e["element"], e["head_dim"], e["block_m"], e["block_n"], e["warps"],
-                            e["min_arch"], cuda_object(e), e.get("stages", 2), e.get("pingpong", False),
-                            e.get("rounds", 1))
+                            e["min_arch"], cuda_object(e), e.get("stages", 2), e.get("pingpong", False))
         for e in entries if e["family"].startswith("attention_fwd"))
     cuda_backward = tuple(
         CudaAttentionBackwardKernel(e["family"], e["element"], e["head_dim"], e["block_m"], e["block_n"],

@@ -32,6 +32,7 @@ from flashmlir.compiler.targets import Target
 from flashmlir.errors import CompileError, UnsupportedError
 from flashmlir.log import logger, warn_once
 from flashmlir.passes.framework import Decline, PassResult
+from flashmlir.passes.ir_utils import GPU_MULTIPROCESSORS
 from flashmlir.passes.pass_manager import build_pass_manager, parse_pipeline
 
 
@@ -197,6 +198,8 @@ def compile_module(
         attributes["flashmlir.target"] = ir.StringAttr.get(target.name)
         if target.gpu is not None:
             attributes["hal.device.targets"] = ir.Attribute.parse(target.gpu.device_targets())
+            attributes[GPU_MULTIPROCESSORS] = ir.IntegerAttr.get(ir.IntegerType.get_signless(32),
+                                                                 target.gpu.multiprocessors)
         dump("input", str(module))
         for stage in flashmlir_stages(target, bind_result_storage):
             if progress:

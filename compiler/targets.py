@@ -8,6 +8,7 @@ gives a clear answer instead of a KeyError.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from dataclasses import dataclass, field
@@ -41,6 +42,10 @@ class GpuCaps:
     compute_capability: tuple[int, int]
     mma: tuple[str, ...]  # IREE's MMA intrinsics this arch really has
     shared_memory_bytes: int  # per workgroup (block), opt-in maximum
+    # SMs of the device: the arch's flagship part unless the device is known (with_device). The
+    # persistent sm_90 kernel's grid is one workgroup per SM; a grid sized for more SMs than the
+    # device has runs a second, nearly empty wave.
+    multiprocessors: int
     max_workgroup_sizes: tuple[int, int, int] = (1024, 1024, 64)
 
     def iree_target(self) -> str:
@@ -178,13 +183,13 @@ _GPUS = {
     # Volta: no mma.sync m16n8k16 (IREE's own sm_70 entry lists it and crashes in instruction
     # selection); its HMMA m8n8k4 / WMMA 16x16x16 are not in IREE's codegen, so attention here
     # runs on SIMT FMA until the Volta microkernel. No bf16 arithmetic. 96 KB shared memory.
-    "sm_70": GpuCaps("sm_70", "+ptx63", (7, 0), (), 98304),
+    "sm_70": GpuCaps("sm_70", "+ptx63", (7, 0), (), 98304, 80),  # V100
     # Ampere (A100): 163 KB of shared memory per block.
-    "sm_80": GpuCaps("sm_80", "+ptx76", (8, 0), _AMPERE_MMA, 166912),
+    "sm_80": GpuCaps("sm_80", "+ptx76", (8, 0), _AMPERE_MMA, 166912, 108),  # A100
     # Hopper: absent from IREE 3.13's table; written out here with Hopper's limits (227 KB shared
     # memory per block). IREE's codegen still emits Ampere mma.sync for it: WGMMA and TMA come
     # with our sm_90 microkernel.
-    "sm_90": GpuCaps("sm_90", "+ptx80", (9, 0), _AMPERE_MMA, 232448),
+    "sm_90": GpuCaps("sm_90", "+ptx80", (9, 0), _AMPERE_MMA, 232448, 132),  # H100 SXM, H200
 }
 
 
@@ -198,8 +203,16 @@ def _cuda(name: str) -> Target:
         runtime_driver="cuda",
         gpu=gpu,
         dtypes=("float32", "float16") if gpu.compute_capability < (8, 0) else ("float32", "float16", "bfloat16"),
-        fingerprint=gpu.iree_target(),
+        fingerprint=f"{gpu.iree_target()} multiprocessors={gpu.multiprocessors}",
     )
+
+
+def with_device(target: Target, multiprocessors: int) -> Target:
+    """`target` for a known device: its SM count instead of the arch's flagship one."""
+    if target.gpu is None or target.gpu.multiprocessors == multiprocessors:
+        return target
+    gpu = dataclasses.replace(target.gpu, multiprocessors=multiprocessors)
+    return dataclasses.replace(target, gpu=gpu, fingerprint=f"{gpu.iree_target()} multiprocessors={multiprocessors}")
 
 
 def _planned(name: str, kind: str, description: str) -> Target:

@@ -3,12 +3,16 @@
 CUDA:
     O = iree_linalg_ext.attention(Q, K, V, s [, causal mask])
       ⇒ O = hal.dispatch.extern "flashmlir_attention_fwd_sm80_f16_d128"
-               (group, Sq, Sk, bits(s), causal, Q, K, V)
-               count → (⌈Sq / block_m⌉, B·Hq, 1), workgroup_size = [32·warps], shared memory
+               (group, Sq, Sk, bits(s), causal, B·Hq, Q, K, V)
+               count → sm_80/sm_70: (⌈Sq / block_m⌉, B·Hq, 1); sm_90: one workgroup per (head, query
+                       block) tile, or up to 4k rows at most one per SM, taking the tiles in turn
+               workgroup_size = [32·warps], shared memory
                objects → the kernel's fatbin from the microkernel library
   IREE outlines the extern op into its own executable whose only code is our kernel, binds Q, K,
-  V and O as the kernel's pointer arguments, and passes the five i32 constants after them (IREE's
-  CUDA ABI, runtime/microkernels/attention/fwd_sm80_kernels.cu).
+  V and O as the kernel's pointer arguments, and passes the six i32 constants after them (IREE's
+  CUDA ABI, runtime/microkernels/attention/fwd_sm80_kernels.cu). The SM count is the module's
+  `flashmlir.gpu_multiprocessors` (the device torch.compile compiles for), else the arch's
+  flagship part's (compiler/targets.py).
 
 CPU:
     O = flow.dispatch @flashmlir_attention_cpu_<n>::@attention(Q, K, V)
@@ -52,7 +56,13 @@ from flashmlir.compiler.targets import get_target
 from flashmlir.passes.attention_ir import Attention, NotCanonical, analyze, float_constant, replaced_inputs
 from flashmlir.passes.cpu_dispatch import Binding, CpuCall, cpu_executable, free_symbol, insert_executable
 from flashmlir.passes.framework import PassResult, PassSpec
-from flashmlir.passes.ir_utils import erase_unused, splice_function, tensor_type, walk_ops
+from flashmlir.passes.ir_utils import (
+    erase_unused,
+    gpu_multiprocessors,
+    splice_function,
+    tensor_type,
+    walk_ops,
+)
 
 MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y, which carries batch × query heads
 
@@ -106,18 +116,19 @@ class _Launch:
     kernel: CudaAttentionKernel
     group: int
     causal: bool
+    batch_heads: int
     grid: tuple[int, int, int]
 
 
-def _plan_cuda(attn: Attention, site: _Site, arch: str) -> _Launch:
+def _plan_cuda(attn: Attention, site: _Site, arch: str, multiprocessors: int) -> _Launch:
     """The CUDA launch for `attn`, or NotCanonical / NoKernel saying why there is none."""
     if site.scale <= 0:
         raise NotCanonical(f"scale {site.scale}: the CUDA kernel needs a positive scale")
     kernel = select_attention_forward(arch, site.element, site.head_dim)
-    grid = kernel.grid(attn.sq, site.batch_heads)
+    grid = kernel.grid(attn.sq, site.batch_heads, multiprocessors, site.causal)
     if grid[1] > MAX_GRID_Y:
         raise NotCanonical(f"batch × heads = {grid[1]} exceeds the grid's y limit {MAX_GRID_Y}")
-    return _Launch(kernel, site.group, site.causal, grid)
+    return _Launch(kernel, site.group, site.causal, site.batch_heads, grid)
 
 
 def _cuda_function(attn: Attention, launch: _Launch) -> str:
@@ -131,15 +142,16 @@ def _cuda_function(attn: Attention, launch: _Launch) -> str:
   %seq_k = arith.constant {attn.sk} : i32
   %scale_bits = arith.bitcast %scale : f32 to i32
   %causal = arith.constant {int(launch.causal)} : i32
-  %o = hal.dispatch.extern "{k.name}"(%group, %seq_q, %seq_k, %scale_bits, %causal, %q, %k, %v)
-      : (i32, i32, i32, i32, i32, {qt}, {kt}, {vt}) -> {ot}
+  %batch_heads = arith.constant {launch.batch_heads} : i32
+  %o = hal.dispatch.extern "{k.name}"(%group, %seq_q, %seq_k, %scale_bits, %causal, %batch_heads, %q, %k, %v)
+      : (i32, i32, i32, i32, i32, i32, {qt}, {kt}, {vt}) -> {ot}
     count(%device: !hal.device) -> (index, index, index) {{
       %x = arith.constant {gx} : index
       %y = arith.constant {gy} : index
       %z = arith.constant {gz} : index
       hal.return %x, %y, %z : index, index, index
     }}
-    layout(#hal.pipeline.layout<constants = 5, bindings = [{binding}, {binding}, {binding},
+    layout(#hal.pipeline.layout<constants = 6, bindings = [{binding}, {binding}, {binding},
                                                            #hal.pipeline.binding<storage_buffer>]>)
     objects({{
       #hal.executable.target<"cuda", "cuda-nvptx-fb"> ordinal(0) = [
@@ -223,7 +235,8 @@ def run(module: ir.Operation, options: Options) -> PassResult:
             site = _site(attn)
             leftovers = replaced_inputs(attn)
             if target.gpu is not None:
-                launch = _plan_cuda(attn, site, target.gpu.arch)
+                launch = _plan_cuda(attn, site, target.gpu.arch,
+                                    gpu_multiprocessors(module, target.gpu.multiprocessors))
                 splice_function(op, _cuda_function(attn, launch), [attn.q.value, attn.k.value, attn.v.value,
                                                                    attn.scale])
             elif target.kind == "cpu":

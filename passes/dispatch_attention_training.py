@@ -4,7 +4,7 @@ CUDA:
 
     %o, %lse = torch.operator "torch.flashmlir.attention_forward"(%q, %k, %v, %causal, %scale)
       ⇒ %o, %lse = hal.dispatch.extern "flashmlir_attention_fwd_<family>_<e>_d<D>_lse"
-                       (group, Sq, Sk, bits(s), causal, Q, K, V)       grid (⌈Sq / block_m⌉, B·Hq)
+                       (constants, Q, K, V)                            grid: the forward kernel's
 
     %dq, %dk, %dv = torch.operator "torch.flashmlir.attention_backward"(%do, %q, %k, %v, %o, %lse, %causal, %scale)
       ⇒ %dq, %Δ  = hal.dispatch.extern "flashmlir_attention_bwd_sm80_<e>_d<D>_dq"
@@ -20,10 +20,11 @@ CPU (f32):
   backward object (`_dq`, `_dkdv`), a 1-d grid of a few workgroups per thread for each
   (passes/cpu_dispatch.py; runtime/microkernels/attention/bwd_cpu_avx512.c).
 
-Q, K, V, O, dO are dense [*, H, S, D] (what IREE makes of the torch value tensors), lse and
-Δ = rowsum(dO ∘ O) float32 [*, Hq, S]: exactly the kernels' ABI (bwd_sm80_kernels.cu,
-bwd_cpu_avx512.c), so no layout work is needed here. Δ travels from the first dispatch to the
-second as a tensor: IREE orders them.
+The constants are (group, Sq, Sk, bits(s), causal, B·Hq) for every kernel; the forward's grid is
+as in flashmlir-dispatch-attention-microkernel. Q, K, V, O, dO are dense [*, H, S, D] (what IREE
+makes of the torch value tensors), lse and Δ = rowsum(dO ∘ O) float32 [*, Hq, S]: exactly the
+kernels' ABI (bwd_sm80_kernels.cu, bwd_cpu_avx512.c), so no layout work is needed here. Δ travels
+from the first dispatch to the second as a tensor: IREE orders them.
 
 The frontend puts these ops in a graph only where the target's library has both kernels
 (flashmlir.frontend.training_ops.rewrite_for_training), and nothing else lowers them: an op this
@@ -51,6 +52,7 @@ from flashmlir.passes.cpu_dispatch import Binding, CpuCall, cpu_executable, free
 from flashmlir.passes.framework import PassResult, PassSpec, describe_op
 from flashmlir.passes.ir_utils import (
     TorchTensorType,
+    gpu_multiprocessors,
     splice_function,
     torch_constant,
     torch_tensor_type,
@@ -96,15 +98,19 @@ class _Site:
         return self.q.shape[-1]
 
     @property
+    def batch_heads(self) -> int:
+        return math.prod(self.q.shape[:-2])
+
+    @property
     def group(self) -> int:
         return self.q.shape[-3] // self.k.shape[-3]
 
     @property
     def constants(self) -> str:
-        """The five i32 push constants every kernel of the family takes, as SSA values."""
+        """The six i32 push constants every CUDA kernel takes, as SSA values."""
         sq, sk = self.q.shape[-2], self.k.shape[-2]
-        values = (self.group, sq, sk, _f32_bits(self.scale), int(self.causal))
-        names = ("group", "seq_q", "seq_k", "scale_bits", "causal")
+        values = (self.group, sq, sk, _f32_bits(self.scale), int(self.causal), self.batch_heads)
+        names = ("group", "seq_q", "seq_k", "scale_bits", "causal", "batch_heads")
         return "\n".join(f"  %{n} = arith.constant {v} : i32" for n, v in zip(names, values, strict=True))
 
 
@@ -144,14 +150,14 @@ def _grid(x: int, y: int) -> str:
 
 def _extern(results: str, name: str, operands: list[tuple[str, str]], outputs: list[str], grid: tuple[int, int],
             object_path: str, threads: int, shared: int) -> str:
-    """One hal.dispatch.extern: the five constants, then `operands` (name, type), returning `outputs`."""
+    """One hal.dispatch.extern: the six constants, then `operands` (name, type), returning `outputs`."""
     names = ", ".join(n for n, _ in operands)
     types = ", ".join(t for _, t in operands)
     bindings = ", ".join([READ_ONLY] * len(operands) + [WRITTEN] * len(outputs))
-    return f"""  {results} = hal.dispatch.extern "{name}"(%group, %seq_q, %seq_k, %scale_bits, %causal, {names})
-      : (i32, i32, i32, i32, i32, {types}) -> ({", ".join(outputs)})
+    return f"""  {results} = hal.dispatch.extern "{name}"(%group, %seq_q, %seq_k, %scale_bits, %causal, %batch_heads,
+      {names}) : (i32, i32, i32, i32, i32, i32, {types}) -> ({", ".join(outputs)})
     {_grid(*grid)}
-    layout(#hal.pipeline.layout<constants = 5, bindings = [{bindings}]>)
+    layout(#hal.pipeline.layout<constants = 6, bindings = [{bindings}]>)
     objects({{
       #hal.executable.target<"cuda", "cuda-nvptx-fb"> ordinal(0) = [
         #hal.executable.object<{{path = "{object_path}"}}>
@@ -230,19 +236,18 @@ def _cuda_extern(site: _Site, io: tuple[tuple[str, ...], tuple[str, ...]], name:
                    shared)
 
 
-def _cuda_forward_calls(site: _Site, arch: str) -> str:
+def _cuda_forward_calls(site: _Site, arch: str, multiprocessors: int) -> str:
     if site.element not in CUDA_ELEMENTS:
         raise UnsupportedError(f"dtype {site.element}: the CUDA kernels take f16 or bf16")
     kernel = select_attention_forward(arch, site.element, site.head_dim)
-    bh = math.prod(site.q.shape[:-2])
-    extern = _cuda_extern(site, FORWARD_IO, kernel.name + "_lse", kernel.grid(site.q.shape[-2], bh)[:2], kernel,
-                          kernel.shared_bytes)
+    grid = kernel.grid(site.q.shape[-2], site.batch_heads, multiprocessors, site.causal)[:2]
+    extern = _cuda_extern(site, FORWARD_IO, kernel.name + "_lse", grid, kernel, kernel.shared_bytes)
     return f"{site.constants}\n{extern}"
 
 
 def _cuda_backward_calls(site: _Site, arch: str) -> str:
     kernel = select_attention_backward(arch, site.element, site.head_dim)
-    bh, bh_kv = math.prod(site.q.shape[:-2]), math.prod(site.k.shape[:-2])
+    bh, bh_kv = site.batch_heads, math.prod(site.k.shape[:-2])
     dq = _cuda_extern(site, DQ_IO, kernel.name("dq"), kernel.grid("dq", site.q.shape[-2], bh)[:2], kernel,
                       kernel.shared_bytes("dq"))
     dkdv = _cuda_extern(site, DKDV_IO, kernel.name("dkdv"), kernel.grid("dkdv", site.k.shape[-2], bh_kv)[:2], kernel,
@@ -292,7 +297,9 @@ def _rewrite(module: ir.Operation, op: ir.Operation, name: str, target: Target, 
         inputs = [d_o, q, k, v, o, lse]
     site = _site(q, k, v, causal, scale)
     if target.gpu is not None:
-        calls = _cuda_forward_calls(site, target.gpu.arch) if forward else _cuda_backward_calls(site, target.gpu.arch)
+        arch = target.gpu.arch
+        calls = (_cuda_forward_calls(site, arch, gpu_multiprocessors(module, target.gpu.multiprocessors)) if forward
+                 else _cuda_backward_calls(site, arch))
     else:
         path, cpu_calls = _cpu_calls(site, cpu, forward)
         symbol = free_symbol(module, "flashmlir_attention_training_cpu_", taken)

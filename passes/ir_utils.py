@@ -182,3 +182,15 @@ def splice_function(target: ir.Operation, function_text: str, operands: list[ir.
             old.replace_all_uses_with(new)
         target.erase()
         return results
+
+
+# The module attribute saying how many SMs the GPU it is compiled for has (compiler/pipeline.py
+# sets it from the target, which knows the device when torch.compile compiles for one).
+GPU_MULTIPROCESSORS = "flashmlir.gpu_multiprocessors"
+
+
+def gpu_multiprocessors(module: ir.Operation, default: int) -> int:
+    """The module's GPU_MULTIPROCESSORS attribute, else `default` (the target arch's flagship part)."""
+    if GPU_MULTIPROCESSORS in module.attributes:
+        return ir.IntegerAttr(module.attributes[GPU_MULTIPROCESSORS]).value
+    return default

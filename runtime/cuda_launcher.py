@@ -76,6 +76,12 @@ class CudaKernel:
 
 
 @functools.cache
+def multiprocessors(device: int) -> int:
+    """The device's SM count (a persistent kernel's grid)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@functools.cache
 def _loaded(object_path: str, name: str, device: int) -> CudaKernel:
     with open(object_path, "rb") as f:
         return CudaKernel(f.read(), name, device)
@@ -91,10 +97,11 @@ def attention_forward(kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     scale = d ** -0.5 if scale is None else scale
     o = torch.empty_like(q)
     name = kernel.name + ("_lse" if with_lse else "")
-    fn = _loaded(str(kernel.object_path), name, q.device.index or 0)
+    device = q.device.index or 0
+    fn = _loaded(str(kernel.object_path), name, device)
     outputs = (o, torch.empty(b, hq, sq, device=q.device, dtype=torch.float32)) if with_lse else (o,)
-    fn(kernel.grid(sq, b * hq), (kernel.threads, 1, 1), kernel.shared_bytes, q, k, v, *outputs,
-       hq // hkv, sq, sk, f32_bits(scale), int(causal))
+    fn(kernel.grid(sq, b * hq, multiprocessors(device), causal), (kernel.threads, 1, 1), kernel.shared_bytes, q, k, v,
+       *outputs, hq // hkv, sq, sk, f32_bits(scale), int(causal), b * hq)
     return outputs if with_lse else o
 
 
@@ -107,7 +114,7 @@ def attention_backward(kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     hkv, sk = k.shape[1], k.shape[2]
     scale = d ** -0.5 if scale is None else scale
     device = q.device.index or 0
-    constants = (hq // hkv, sq, sk, f32_bits(scale), int(causal))
+    constants = (hq // hkv, sq, sk, f32_bits(scale), int(causal), b * hq)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     delta = torch.empty(b, hq, sq, device=q.device, dtype=torch.float32)
     block = (kernel.threads, 1, 1)

@@ -9,7 +9,6 @@ The Volta kernel is compute_70 PTX (WMMA m16n16k16): on an H100 the driver JIT-c
 proves it right, not fast.
 """
 
-import dataclasses
 import math
 
 import pytest
@@ -17,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from flashmlir.compiler import microkernels
+from flashmlir.runtime import cuda_launcher
 from flashmlir.runtime.cuda_launcher import attention_forward
 
 pytestmark = pytest.mark.gpu
@@ -51,10 +51,8 @@ def _check(out, ref, dtype):
     assert worst < 50 * TOLERANCE[dtype], worst
 
 
-def _run(element, d, causal, b, hq, hkv, sq, sk, scale=None, arch="sm_80", rounds=None, key_growth=None):
+def _run(element, d, causal, b, hq, hkv, sq, sk, scale=None, arch="sm_80", key_growth=None):
     kernel = _kernel(element, d, arch)
-    if rounds is not None:
-        kernel = dataclasses.replace(kernel, rounds=rounds)
     dtype = DTYPES[element]
     q = torch.randn(b, hq, sq, d, device="cuda", dtype=dtype)
     k = torch.randn(b, hkv, sk, d, device="cuda", dtype=dtype)
@@ -100,15 +98,17 @@ def test_hopper_ragged_other_head_dims(d, sq, sk, causal):
     _run("bf16", d, causal, b=1, hq=2, hkv=1, sq=sq, sk=sk, arch="sm_90")
 
 
-@pytest.mark.parametrize("rounds", [1, 2, 3, 5])
+@pytest.mark.parametrize("multiprocessors", [1, 3, 5, 132])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("sq, sk, causal", [(1000, 1000, False), (1000, 1000, True), (129, 4099, False),
                                             (4099, 129, True), (641, 77, True)])
-def test_hopper_workgroups_take_several_query_blocks(rounds, d, sq, sk, causal):
-    """A workgroup takes `rounds` query blocks one after another (the K/V ring and Q's barriers run on
-    across them; causal ones snake longest first): every count, ragged and uneven ones included,
-    writes every row right."""
-    _run("f16", d, causal, b=2, hq=2, hkv=1, sq=sq, sk=sk, arch="sm_90", rounds=rounds)
+def test_hopper_workgroups_take_several_tiles(multiprocessors, d, sq, sk, causal, monkeypatch):
+    """The persistent grid (one workgroup per SM) on devices of 1, 3, 5 and 132 SMs: workgroups take
+    tiles of several heads one after another (the K/V ring and Q's barriers run on across them;
+    causal ones in long-short pairs), uneven shares and an odd tile count included, and every row
+    is written right. 4099 rows is past the persistent range: a workgroup per tile."""
+    monkeypatch.setattr(cuda_launcher, "multiprocessors", lambda device: multiprocessors)
+    _run("f16", d, causal, b=3, hq=2, hkv=1, sq=sq, sk=sk, arch="sm_90")
 
 
 @pytest.mark.parametrize("arch", ARCHS)

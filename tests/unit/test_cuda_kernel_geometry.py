@@ -4,35 +4,48 @@ from pathlib import Path
 
 import pytest
 
-from flashmlir.compiler.microkernels import CudaAttentionKernel
+from flashmlir.compiler.microkernels import PERSISTENT_MAX_Q_BLOCKS, CudaAttentionKernel
 
 
-def _sm90(head_dim: int, rounds: int) -> CudaAttentionKernel:
-    return CudaAttentionKernel("attention_fwd_sm90", "f16", head_dim, 128, 128, 12, "sm_90a", Path("k.fatbin"),
-                               2, False, rounds)
+def _sm90(head_dim: int) -> CudaAttentionKernel:
+    return CudaAttentionKernel("attention_fwd_sm90", "f16", head_dim, 128, 128, 12, "sm_90a", Path("k.fatbin"))
 
 
-@pytest.mark.parametrize("seq_q, rounds, columns", [(1000, 1, 8), (1000, 2, 4), (1000, 3, 3), (1000, 8, 1),
-                                                    (1000, 9, 1), (1, 4, 1), (129, 2, 1), (257, 2, 2)])
-def test_sm90_workgroups_take_rounds_of_query_blocks(seq_q, rounds, columns):
-    assert _sm90(128, rounds).grid(seq_q, 32) == (columns, 32, 1)
+@pytest.mark.parametrize("seq_q, batch_heads, causal, workgroups", [
+    (1000, 32, False, 132),  # 8 query blocks × 32 heads = 256 tiles over one workgroup per SM
+    (1000, 16, False, 128),  # 128 tiles: one each
+    (1000, 16, True, 64),  # causal tiles go out in pairs
+    (1000, 33, True, 132),  # 264 tiles, 132 pairs
+    (1, 4, False, 4),
+    (129, 3, True, 3),  # 6 tiles, 3 pairs
+    (130, 1, True, 1),
+])
+def test_sm90_grid_is_persistent_on_short_sequences(seq_q, batch_heads, causal, workgroups):
+    assert _sm90(128).grid(seq_q, batch_heads, 132, causal) == (workgroups, 1, 1)
 
 
-def test_long_sequences_take_one_query_block_per_workgroup():
-    assert _sm90(128, 2).grid(64 * 128, 4) == (32, 4, 1)
-    assert _sm90(128, 2).grid(64 * 128 + 1, 4) == (65, 4, 1)
+def test_sm90_grid_follows_the_device():
+    assert _sm90(64).grid(4096, 32, 114, False) == (114, 1, 1)
 
 
-def test_only_the_persistent_kernel_takes_several_query_blocks():
-    with pytest.raises(ValueError, match="below head dim 256"):
-        _sm90(256, 2)
-    with pytest.raises(ValueError, match="only the sm_90 kernel"):
-        CudaAttentionKernel("attention_fwd_sm80", "f16", 128, 128, 64, 4, "sm_80", Path("k.fatbin"), rounds=2)
-    with pytest.raises(ValueError):
-        _sm90(128, 0)
-    assert _sm90(256, 1).grid(1000, 4) == (8, 4, 1)
+@pytest.mark.parametrize("causal", [False, True])
+def test_long_sequences_take_a_workgroup_per_tile(causal):
+    seq = PERSISTENT_MAX_Q_BLOCKS * 128
+    assert _sm90(128).grid(seq, 4, 132, causal)[0] <= 132
+    assert _sm90(128).grid(seq + 1, 4, 132, causal) == ((PERSISTENT_MAX_Q_BLOCKS + 1) * 4, 1, 1)
+
+
+def test_head_dim_256_takes_a_workgroup_per_tile():
+    assert not _sm90(256).persistent
+    assert _sm90(256).grid(1000, 4, 132, True) == (32, 1, 1)
+
+
+def test_sm80_grid_is_query_blocks_by_heads():
+    kernel = CudaAttentionKernel("attention_fwd_sm80", "f16", 128, 128, 64, 4, "sm_80", Path("k.fatbin"))
+    assert not kernel.persistent
+    assert kernel.grid(1000, 32, 108, False) == (8, 32, 1)
 
 
 def test_shared_memory_counts_the_query_barriers():
     # Q (128 × 128 × 2) + 2 stages × K, V (128 × 128 × 2) + 10 mbarriers + 1024 bytes of alignment.
-    assert _sm90(128, 2).shared_bytes == 32768 + 4 * 32768 + 80 + 1024
+    assert _sm90(128).shared_bytes == 32768 + 4 * 32768 + 80 + 1024

@@ -21,7 +21,7 @@ import torch
 import torch.fx as fx
 
 from flashmlir import config
-from flashmlir.compiler.targets import Target, check_runs_on, get_target, target_for_device
+from flashmlir.compiler.targets import Target, check_runs_on, get_target, target_for_device, with_device
 from flashmlir.errors import FlashmlirError, UnsupportedError
 from flashmlir.frontend.matcher import AttentionSite, MatchResult, NearMiss
 from flashmlir.frontend.training_ops import needs_gradients, rewrite_for_training
@@ -88,13 +88,15 @@ def _target_for(options: BackendOptions, example_inputs: Sequence[Any]) -> Targe
     device = next(iter(devices), torch.device("cpu"))
     capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
     if options.target == "auto":
-        return target_for_device(device.type, capability)
-    target = get_target(options.target)
-    expected = "cuda" if target.kind == "cuda" else "cpu"
-    if device.type != expected:
-        raise UnsupportedError(f"target {target.name} compiles for {expected} tensors, the graph's are on {device}")
+        target = target_for_device(device.type, capability)
+    else:
+        target = get_target(options.target)
+        expected = "cuda" if target.kind == "cuda" else "cpu"
+        if device.type != expected:
+            raise UnsupportedError(f"target {target.name} compiles for {expected} tensors, the graph's are on {device}")
     if capability is not None:
         check_runs_on(target, capability)
+        target = with_device(target, torch.cuda.get_device_properties(device).multi_processor_count)
     return target
 
 

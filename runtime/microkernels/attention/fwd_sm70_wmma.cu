@@ -5,7 +5,8 @@
 //
 // exports  flashmlir_attention_fwd_sm70_f16_d<D>      (q, k, v, o, constants)
 //          flashmlir_attention_fwd_sm70_f16_d<D>_lse  (q, k, v, o, lse, constants)
-// constants group (Hq / Hkv), seq_q, seq_k, scale (f32 bits), causal (0 or 1)
+// constants group (Hq / Hkv), seq_q, seq_k, scale (f32 bits), causal (0 or 1), batch_heads
+//           (B·Hq: every CUDA kernel takes it; the persistent sm_90 one reads it, its grid has no heads)
 //
 //   grid  (ceil(Sq / kBlockM), B * Hq); block kWarps warps, each owning 16 query rows
 //   loop  over kBlockN-key tiles of K and V in shared memory; causal tiles right of the diagonal
@@ -219,13 +220,13 @@ __device__ __forceinline__ void attention_fwd_sm70(const half* __restrict__ q, c
 extern "C" __global__ void __launch_bounds__(kThreads)
     FLASHMLIR_KERNEL(const half* __restrict__ q, const half* __restrict__ k, const half* __restrict__ v,
                      half* __restrict__ o, uint32_t group, uint32_t seq_q, uint32_t seq_k, uint32_t scale_bits,
-                     uint32_t causal) {
+                     uint32_t causal, uint32_t batch_heads) {
   attention_fwd_sm70(q, k, v, o, nullptr, group, seq_q, seq_k, __uint_as_float(scale_bits), causal != 0);
 }
 
 extern "C" __global__ void __launch_bounds__(kThreads)
     FLASHMLIR_KERNEL_LSE(const half* __restrict__ q, const half* __restrict__ k, const half* __restrict__ v,
                          half* __restrict__ o, float* __restrict__ lse, uint32_t group, uint32_t seq_q,
-                         uint32_t seq_k, uint32_t scale_bits, uint32_t causal) {
+                         uint32_t seq_k, uint32_t scale_bits, uint32_t causal, uint32_t batch_heads) {
   attention_fwd_sm70(q, k, v, o, lse, group, seq_q, seq_k, __uint_as_float(scale_bits), causal != 0);
 }

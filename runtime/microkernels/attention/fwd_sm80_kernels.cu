@@ -7,7 +7,8 @@
 //
 // exports  flashmlir_attention_fwd_sm80_<f16|bf16>_d<D>      (q, k, v, o, constants)
 //          flashmlir_attention_fwd_sm80_<f16|bf16>_d<D>_lse  (q, k, v, o, lse, constants)
-// constants group (Hq / Hkv), seq_q, seq_k, scale (f32 bits), causal (0 or 1)
+// constants group (Hq / Hkv), seq_q, seq_k, scale (f32 bits), causal (0 or 1), batch_heads
+//           (B·Hq: every CUDA kernel takes it; the persistent sm_90 one reads it, its grid has no heads)
 #include "fwd_sm80_mma_sync.cuh"
 #include "kernel_entry.cuh"
 
@@ -36,7 +37,7 @@ using Config = flashmlir::FwdConfig<Element, kHeadDim, kBlockM, kBlockN, kWarps>
 extern "C" __global__ void __launch_bounds__(Config::kThreads)
     FLASHMLIR_KERNEL(const Element* __restrict__ q, const Element* __restrict__ k, const Element* __restrict__ v,
                      Element* __restrict__ o, uint32_t group, uint32_t seq_q, uint32_t seq_k, uint32_t scale_bits,
-                     uint32_t causal) {
+                     uint32_t causal, uint32_t batch_heads) {
   flashmlir::attention_fwd_sm80<Element, kHeadDim, kBlockM, kBlockN, kWarps>(
       q, k, v, o, nullptr, group, seq_q, seq_k, __uint_as_float(scale_bits), causal != 0);
 }
@@ -44,7 +45,7 @@ extern "C" __global__ void __launch_bounds__(Config::kThreads)
 extern "C" __global__ void __launch_bounds__(Config::kThreads)
     FLASHMLIR_KERNEL_LSE(const Element* __restrict__ q, const Element* __restrict__ k, const Element* __restrict__ v,
                          Element* __restrict__ o, float* __restrict__ lse, uint32_t group, uint32_t seq_q,
-                         uint32_t seq_k, uint32_t scale_bits, uint32_t causal) {
+                         uint32_t seq_k, uint32_t scale_bits, uint32_t causal, uint32_t batch_heads) {
   flashmlir::attention_fwd_sm80<Element, kHeadDim, kBlockM, kBlockN, kWarps>(
       q, k, v, o, lse, group, seq_q, seq_k, __uint_as_float(scale_bits), causal != 0);
 }

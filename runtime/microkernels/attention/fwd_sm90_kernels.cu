@@ -6,7 +6,8 @@
 //
 // exports  flashmlir_attention_fwd_sm90_<f16|bf16>_d<D>      (q, k, v, o, constants)
 //          flashmlir_attention_fwd_sm90_<f16|bf16>_d<D>_lse  (q, k, v, o, lse, constants)
-// constants group (Hq / Hkv), seq_q, seq_k, scale (f32 bits), causal (0 or 1)
+// constants group (Hq / Hkv), seq_q, seq_k, scale (f32 bits), causal (0 or 1), batch_heads
+//           (B·Hq: every CUDA kernel takes it; the persistent sm_90 one reads it, its grid has no heads)
 #include "fwd_sm90_wgmma.cuh"
 #include "kernel_entry.cuh"
 
@@ -35,15 +36,15 @@ using Config = flashmlir::sm90::Sm90Config<Element, kHeadDim, kBlockN, kStages>;
 extern "C" __global__ void __launch_bounds__(Config::kThreads, 1)
     FLASHMLIR_KERNEL(const Element* __restrict__ q, const Element* __restrict__ k, const Element* __restrict__ v,
                      Element* __restrict__ o, uint32_t group, uint32_t seq_q, uint32_t seq_k, uint32_t scale_bits,
-                     uint32_t causal) {
+                     uint32_t causal, uint32_t batch_heads) {
   flashmlir::sm90::attention_fwd_sm90<Element, kHeadDim, kBlockN, kStages, kPingPong>(
-      q, k, v, o, nullptr, group, seq_q, seq_k, __uint_as_float(scale_bits), causal != 0);
+      q, k, v, o, nullptr, group, batch_heads, seq_q, seq_k, __uint_as_float(scale_bits), causal != 0);
 }
 
 extern "C" __global__ void __launch_bounds__(Config::kThreads, 1)
     FLASHMLIR_KERNEL_LSE(const Element* __restrict__ q, const Element* __restrict__ k, const Element* __restrict__ v,
                          Element* __restrict__ o, float* __restrict__ lse, uint32_t group, uint32_t seq_q,
-                         uint32_t seq_k, uint32_t scale_bits, uint32_t causal) {
+                         uint32_t seq_k, uint32_t scale_bits, uint32_t causal, uint32_t batch_heads) {
   flashmlir::sm90::attention_fwd_sm90<Element, kHeadDim, kBlockN, kStages, kPingPong>(
-      q, k, v, o, lse, group, seq_q, seq_k, __uint_as_float(scale_bits), causal != 0);
+      q, k, v, o, lse, group, batch_heads, seq_q, seq_k, __uint_as_float(scale_bits), causal != 0);
 }

@@ -1,8 +1,8 @@
 // Flash-attention forward for sm_90a (Hopper): warp-specialized, WGMMA, mbarrier pipelines.
 //
-//   grid  (ceil(ceil(Sq / 128) / rounds), B * Hq): block (x, bh) takes `rounds` 128-row query
-//         blocks of head bh one after another (scheduled_q_block; head dim 256: one), causal
-//         ones longest first; with GQA, `group` = Hq / Hkv consecutive query heads read one K/V head
+//   grid  (workgroups, 1, 1) over the B·Hq·⌈Sq / 128⌉ (head, 128-row query block) tiles: one block
+//         per tile, or (below head dim 256) fewer, each taking its share one after another
+//         (scheduled_tile); with GQA, `group` = Hq / Hkv consecutive query heads read one K/V head
 //   block three warpgroups. Warpgroup 0 is the producer: it loads each query block's Q and its
 //         K, V tiles into a kStages-deep ring of shared-memory stages (the next query block's
 //         while the consumers finish the last) and gives most of its registers away (setmaxnreg).
@@ -134,8 +134,8 @@ struct Sm90Config {
   // The tiles start on a 1024-byte boundary (the swizzle's period): slack to align the base.
   static constexpr int kSharedBytes = kOffsetBarriers + 8 * kBarriers + 1024;
   static_assert(kD % 64 == 0 && kBlockN % 16 == 0 && kTileBytesKV % 1024 == 0, "unsupported tile shape");
-  // Whether a block may take several query blocks (scheduled_q_block). At head dim 256 the
-  // consumers have no registers left for the rounds' state: ptxas spilled inside the key loop
+  // Whether a block takes several query blocks (scheduled_tile). At head dim 256 the
+  // consumers have no registers left for the loop's state: ptxas spilled inside the key loop
   // (~100 bytes against 8) and the long sequences lost 10%, so there a block takes one.
   static constexpr bool kPersistent = kD < 256;
   // Per consumer thread: O (kD / 2), S (kBlockN / 2) and two sets of P (kBlockN / 4 each).
@@ -178,24 +178,30 @@ __device__ __forceinline__ void load_tile(uint32_t tile, const T* base, int row0
 
 // ---- the kernel body ----------------------------------------------------------------------------------
 
-// The query blocks that the grid's block (x, bh) takes from head bh, one per round: gridDim.x blocks
-// share the head's ⌈Sq / 128⌉ query blocks, so a block runs several in a row and its producer
-// loads the next one's Q, K and V while the consumers finish the last (no cold start per query
-// block: at 8 key tiles a query block that cost ~3 tiles' time). Causal: longest first, snaking
-// (even rounds hand positions out left to right, odd ones right to left) so that each block's
-// sum of lengths evens out. Returns -1 after the block's last.
-__device__ __forceinline__ int scheduled_q_block(int round, int q_blocks, bool causal) {
-  const int blocks = gridDim.x, x = blockIdx.x;
-  const int position = round * blocks + ((round & 1) ? blocks - 1 - x : x);
-  if (position >= q_blocks) return -1;
-  return causal ? q_blocks - 1 - position : position;
+// The n-th (head, query block) tile of the grid's block x, as (bh, qb); bh = -1 after its last. The
+// work list runs head after head, so the blocks that run together share heads, and K and V in L2.
+// A grid of one block per tile leaves the balance to the hardware: causal query blocks (qb + 1 key
+// tiles each) come longest first. A narrower grid is persistent (compiler/microkernels.py picks it
+// for short sequences): block x takes list positions x, x + gridDim.x, ..., and causal query
+// blocks come longest, shortest, second longest, ... within a head and go out in neighbouring
+// pairs, each costing about q_blocks + 1 key tiles, so that the blocks' shares even out without
+// dynamic scheduling.
+__device__ __forceinline__ int2 scheduled_tile(int n, int q_blocks, int tiles, bool causal) {
+  const bool paired = causal && static_cast<int>(gridDim.x) < tiles;
+  const int per = paired ? 2 : 1;
+  const int position = ((n / per) * gridDim.x + blockIdx.x) * per + n % per;
+  if (position >= tiles) return make_int2(-1, -1);
+  const int j = position % q_blocks;
+  int qb = j;
+  if (causal) qb = !paired ? q_blocks - 1 - j : j % 2 == 0 ? q_blocks - 1 - j / 2 : j / 2;
+  return make_int2(position / q_blocks, qb);
 }
 
 template <typename T, int kD, int kBlockN, int kStages, bool kPingPong>
 __device__ __forceinline__ void attention_fwd_sm90(const T* __restrict__ q, const T* __restrict__ k,
                                                    const T* __restrict__ v, T* __restrict__ o,
-                                                   float* __restrict__ lse, int group, int seq_q, int seq_k,
-                                                   float scale, bool causal) {
+                                                   float* __restrict__ lse, int group, int batch_heads,
+                                                   int seq_q, int seq_k, float scale, bool causal) {
   using Cfg = Sm90Config<T, kD, kBlockN, kStages>;
   using E = Element<T>;
   constexpr int kBlockM = Cfg::kBlockM;
@@ -215,14 +221,16 @@ __device__ __forceinline__ void attention_fwd_sm90(const T* __restrict__ q, cons
   auto empty_v = [&](int stage) { return bar_q + 8 * (1 + 3 * kStages + stage); };
   const uint32_t empty_q = bar_q + 8 * (1 + 4 * kStages);
 
-  const int64_t bh = blockIdx.y, bh_kv = bh / group;
-  const int q_blocks = (seq_q + kBlockM - 1) / kBlockM;
+  const int q_blocks = (seq_q + kBlockM - 1) / kBlockM, tiles = q_blocks * batch_heads;
+  // A block takes its tiles n = 0, 1, ... (one where the kernel is not persistent).
+  constexpr bool kPersistent = Cfg::kPersistent;
+  auto tile_at = [&](int n) { return scheduled_tile(n, q_blocks, tiles, causal); };
   const int kv_tiles = (seq_k + kBlockN - 1) / kBlockN;
   // Key tiles query block `qb` visits: causal ones stop at the diagonal.
   auto key_tiles = [&](int qb) { return causal ? min(kv_tiles, (qb * kBlockM + kBlockM + kBlockN - 1) / kBlockN) : kv_tiles; };
 
   // A grid too narrow for a kernel that takes one query block per block would leave rows unwritten.
-  if (!Cfg::kPersistent && gridDim.x < q_blocks) __trap();
+  if (!kPersistent && gridDim.x < tiles) __trap();
 
   const int warpgroup = threadIdx.x / 128;
   if (threadIdx.x == 0) {
@@ -238,21 +246,23 @@ __device__ __forceinline__ void attention_fwd_sm90(const T* __restrict__ q, cons
   }
   __syncthreads();
 
-  // The K/V ring runs on across query blocks: `first` counts the tiles of the block's earlier
-  // rounds; tile j of this round sits in stage (first + j) % kStages, in that stage's
+  // The K/V ring runs on across query blocks: `first` counts the key tiles of the block's earlier
+  // query blocks; key tile j of this one sits in stage (first + j) % kStages, in that stage's
   // ((first + j) / kStages)-th use.
   if (warpgroup == 0) {
-    // Producer: per round Q (once the consumers are done with the last one), then K(j) and V(j)
-    // into their stages once both consumers let them go.
+    // Producer: per query block Q (once the consumers are done with the last one), then K(j) and
+    // V(j) into their stages once both consumers let them go.
     release_registers<Cfg::kProducerRegisters>();
     const int thread = threadIdx.x;
-    const T* kb = k + bh_kv * seq_k * kD;
-    const T* vb = v + bh_kv * seq_k * kD;
     int first = 0;
-    for (int round = 0; round < (Cfg::kPersistent ? q_blocks : 1); ++round) {
-      const int qb = scheduled_q_block(round, q_blocks, causal);
-      if (qb < 0) break;
-      if (round > 0) mbarrier_wait(empty_q, (round - 1) & 1);
+    for (int n = 0; n < (kPersistent ? tiles : 1); ++n) {
+      const int2 tile = tile_at(n);
+      if (tile.x < 0) break;
+      const int64_t bh = tile.x, bh_kv = bh / group;
+      const int qb = tile.y;
+      const T* kb = k + bh_kv * seq_k * kD;
+      const T* vb = v + bh_kv * seq_k * kD;
+      if (n > 0) mbarrier_wait(empty_q, (n - 1) & 1);
       load_tile<T, kBlockM, kD>(tile_q, q + bh * seq_q * kD, qb * kBlockM, seq_q, thread);
       mbarrier_arrive_on_copies(bar_q);
       const int end = key_tiles(qb);
@@ -279,7 +289,7 @@ __device__ __forceinline__ void attention_fwd_sm90(const T* __restrict__ q, cons
   const float scale_log2 = scale * kLog2e;
   // Ping-pong: consumer c issues its products after barrier 1 + c, then lets the other go; per
   // query block consumer 0 goes first and consumer 1 passes no turn after its last, so every
-  // arrival on a barrier meets a sync within the round.
+  // arrival on a barrier meets a sync within the query block.
   auto take_turn = [&] {
     if constexpr (kPingPong) named_barrier_sync(1 + consumer, 256);
   };
@@ -382,12 +392,12 @@ __device__ __forceinline__ void attention_fwd_sm90(const T* __restrict__ q, cons
     if (lane == 0) mbarrier_arrive(bar);
   };
 
-  T* ob = o + bh * seq_q * kD;
   int first = 0;
-  for (int round = 0; round < (Cfg::kPersistent ? q_blocks : 1); ++round) {
-    const int qb = scheduled_q_block(round, q_blocks, causal);
-    if (qb < 0) break;
-    const int q0 = qb * kBlockM, end = key_tiles(qb);
+  for (int n = 0; n < (kPersistent ? tiles : 1); ++n) {
+    const int2 tile = tile_at(n);
+    if (tile.x < 0) break;
+    const int64_t bh = tile.x;
+    const int qb = tile.y, q0 = qb * kBlockM, end = key_tiles(qb);
     const int row_base = q0 + consumer * 64 + warp * 16 + lane / 4;  // rows row_base and row_base + 8
     if constexpr (kPingPong) {
       if (consumer == 1) named_barrier_arrive(1, 256);  // consumer 0 goes first
@@ -401,7 +411,7 @@ __device__ __forceinline__ void attention_fwd_sm90(const T* __restrict__ q, cons
     // go to the tensor cores together; the softmax of S(j) runs while the second is in flight. P(j)
     // goes to the other of two register sets than P(j-1), so that packing it need not wait for that
     // product: with one set, ptxas pulls the wait up to the first pack, ahead of the softmax. Q is
-    // let go as soon as the round's last S has landed.
+    // let go as soon as the query block's last S has landed.
     float rescale[2] = {1.f, 1.f};
     // Key tile j: issue both products, then the softmax of S(j) into p_next while P(j-1)·V(j-1) runs.
     auto step = [&](int j, const Fragments& p_prev, Fragments& p_next) {
@@ -428,7 +438,7 @@ __device__ __forceinline__ void attention_fwd_sm90(const T* __restrict__ q, cons
       release(empty_v(prev));
     };
 
-    mbarrier_wait(bar_q, round & 1);
+    mbarrier_wait(bar_q, n & 1);
     if (end > 0) {
       const int stage = first % kStages;
       mbarrier_wait(full_k(stage), (first / kStages) & 1);
@@ -488,7 +498,7 @@ __device__ __forceinline__ void attention_fwd_sm90(const T* __restrict__ q, cons
       if (row >= seq_q) continue;
       if (lse != nullptr && lane % 4 == 0)
         lse[bh * seq_q + row] = sum == 0.f ? kNegInf : (row_max[h] + __log2f(sum)) * kLn2;
-      T* out = ob + static_cast<int64_t>(row) * kD + (lane % 4) * 2;
+      T* out = o + (bh * seq_q + row) * kD + (lane % 4) * 2;
 #pragma unroll
       for (int n = 0; n < kD / 8; ++n)
         *reinterpret_cast<uint32_t*>(out + n * 8) = E::pack(acc[4 * n + 2 * h] * inv, acc[4 * n + 2 * h + 1] * inv);

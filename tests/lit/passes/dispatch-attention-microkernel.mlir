@@ -17,17 +17,23 @@
 // RUN: env FLASHMLIR_MICROKERNEL_DIR=%t90 flashmlir-opt --split-input-file --flashmlir-dispatch-attention-microkernel=target=sm_90 --debug %s 2>&1 >/dev/null | filecheck %s --check-prefix=HOPPERWHY
 // RUN: env FLASHMLIR_MICROKERNEL_DIR=%t90 flashmlir-opt --split-input-file --flashmlir-dispatch-attention-microkernel=target=sm_80 %s | filecheck %s
 
-// sm_90: the warp-specialized kernel: 3 warpgroups (384 threads), 128-row query blocks, 2 of them
-// per workgroup at head dim 128 (the catalog's rounds), so the grid is (⌈⌈1000/128⌉ / 2⌉, B·H) =
-// (4, 32); shared memory Q + 2 stages × (K, V) of 128 keys + 10 mbarriers + 1024 bytes of alignment.
+// sm_90: the warp-specialized kernel: 3 warpgroups (384 threads), persistent up to 4k rows:
+// ⌈1000/128⌉ · B·H = 256 (head, query block) tiles over one workgroup per SM, so the grid is
+// (132, 1, 1) for the sm_90 flagship (H100 SXM) and the kernel gets B·H = 32 as its sixth constant
+// (causal_f16_d64: 4 tiles, causal ones in pairs, 2 workgroups); shared memory Q + 2 stages × (K, V)
+// of 128 keys + 10 mbarriers + 1024 bytes of alignment.
 // HOPPER-LABEL: func.func @mha_f16_d128
-// HOPPER:         hal.dispatch.extern "flashmlir_attention_fwd_sm90_f16_d128"(%c1_i32, %c1000_i32, %c1000_i32_0, %{{.+}}, %c0_i32, %arg0, %arg1, %arg2)
-// HOPPER-DAG:       arith.constant 4 : index
-// HOPPER-DAG:       arith.constant 32 : index
+// HOPPER:         hal.dispatch.extern "flashmlir_attention_fwd_sm90_f16_d128"(%c1_i32, %c1000_i32, %c1000_i32_0, %{{.+}}, %c0_i32, %c32_i32, %arg0, %arg1, %arg2)
+// HOPPER-DAG:       %[[X:.+]] = arith.constant 132 : index
+// HOPPER-DAG:       %[[Y:.+]] = arith.constant 1 : index
+// HOPPER:           hal.return %[[X]], %[[Y]], %{{.+}} : index, index, index
 // HOPPER:           ordinal(0) = [#hal.executable.object<{path = "{{.+}}/cuda/attention_fwd_sm90_f16_d128.fatbin"}>]
 // HOPPER-NEXT:    }) <workgroup_size = [384 : index, 1 : index, 1 : index], workgroup_local_memory = 164944>
 // HOPPER-LABEL: func.func @causal_f16_d64
-// HOPPER:         hal.dispatch.extern "flashmlir_attention_fwd_sm90_f16_d64"(%{{.+}}, %{{.+}}, %{{.+}}, %{{.+}}, %c1_i32{{(_[0-9]+)?}}, %arg0, %arg1, %arg2)
+// HOPPER:         hal.dispatch.extern "flashmlir_attention_fwd_sm90_f16_d64"(%{{.+}}, %{{.+}}, %{{.+}}, %{{.+}}, %c1_i32{{(_[0-9]+)?}}, %c4_i32{{(_[0-9]+)?}}, %arg0, %arg1, %arg2)
+// HOPPER-DAG:       %[[X:.+]] = arith.constant 2 : index
+// HOPPER-DAG:       %[[Y:.+]] = arith.constant 1 : index
+// HOPPER:           hal.return %[[X]], %[[Y]], %{{.+}} : index, index, index
 // HOPPER:         workgroup_local_memory = 83024>
 // HOPPER-LABEL: func.func @gqa_bf16_d64
 // HOPPER:         hal.dispatch.extern "flashmlir_attention_fwd_sm90_bf16_d64"(%c4_i32,
@@ -54,11 +60,11 @@
 
 // Multi-head f16, head dim 128, Sq = Sk = 1000: one launch of the d128 kernel, grid
 // (⌈1000/128⌉, B·H) = (8, 32), 4 warps, Q + 2 × (K, V) tiles of shared memory; the constants
-// are (group, Sq, Sk, scale bits, causal).
+// are (group, Sq, Sk, scale bits, causal, B·H).
 // CHECK-LABEL: func.func @mha_f16_d128
 // CHECK:         %[[SCALE:.+]] = arith.constant 0.0883883461 : f32
 // CHECK:         %[[BITS:.+]] = arith.bitcast %[[SCALE]] : f32 to i32
-// CHECK:         %[[O:.+]] = hal.dispatch.extern "flashmlir_attention_fwd_sm80_f16_d128"(%c1_i32, %c1000_i32, %c1000_i32_0, %[[BITS]], %c0_i32, %arg0, %arg1, %arg2)
+// CHECK:         %[[O:.+]] = hal.dispatch.extern "flashmlir_attention_fwd_sm80_f16_d128"(%c1_i32, %c1000_i32, %c1000_i32_0, %[[BITS]], %c0_i32, %c32_i32, %arg0, %arg1, %arg2)
 // CHECK-SAME:      -> tensor<2x16x1000x128xf16> count(
 // CHECK-DAG:       %[[X:.+]] = arith.constant 8 : index
 // CHECK-DAG:       %[[Y:.+]] = arith.constant 32 : index
@@ -90,7 +96,7 @@ func.func @mha_f16_d128(%q: tensor<2x16x1000x128xf16>, %k: tensor<2x16x1000x128x
 // kernel's causal flag; its N×N producer is gone. Sq = 100: one 128-row block per head.
 // CHECK-LABEL: func.func @causal_f16_d64
 // CHECK-NOT:     linalg.generic
-// CHECK:         hal.dispatch.extern "flashmlir_attention_fwd_sm80_f16_d64"(%{{.+}}, %{{.+}}, %{{.+}}, %{{.+}}, %c1_i32{{(_[0-9]+)?}}, %arg0, %arg1, %arg2)
+// CHECK:         hal.dispatch.extern "flashmlir_attention_fwd_sm80_f16_d64"(%{{.+}}, %{{.+}}, %{{.+}}, %{{.+}}, %c1_i32{{(_[0-9]+)?}}, %c4_i32{{(_[0-9]+)?}}, %arg0, %arg1, %arg2)
 // CHECK-DAG:       arith.constant 1 : index
 // CHECK-DAG:       arith.constant 4 : index
 // CHECK:         workgroup_local_memory = 81920>
@@ -130,7 +136,7 @@ func.func @causal_f16_d64(%q: tensor<4x100x64xf16>, %k: tensor<4x100x64xf16>, %v
 // head (group = 4); the grid's y is B·Hkv·G = 16.
 // CHECK-LABEL: func.func @gqa_bf16_d64
 // CHECK:         hal.dispatch.extern "flashmlir_attention_fwd_sm80_bf16_d64"(%c4_i32,
-// CHECK-SAME:      (i32, i32, i32, i32, i32, tensor<2x2x4x256x64xbf16>, tensor<2x2x256x64xbf16>, tensor<2x2x256x64xbf16>) -> tensor<2x2x4x256x64xbf16>
+// CHECK-SAME:      (i32, i32, i32, i32, i32, i32, tensor<2x2x4x256x64xbf16>, tensor<2x2x256x64xbf16>, tensor<2x2x256x64xbf16>) -> tensor<2x2x4x256x64xbf16>
 // CHECK-DAG:       arith.constant 2 : index
 // CHECK-DAG:       arith.constant 16 : index
 #q = affine_map<(b, h, g, m, n, k1, k2) -> (b, h, g, m, k1)>
@@ -256,4 +262,38 @@ func.func @negative_scale(%q: tensor<4x100x64xf16>, %k: tensor<4x100x64xf16>, %v
       iree_linalg_ext.yield %x : f32
   } -> tensor<4x100x64xf16>
   return %r : tensor<4x100x64xf16>
+}
+
+// -----
+
+// A module compiled for a known device carries its SM count (compiler/pipeline.py): the persistent
+// sm_90 grid follows it (an H100 PCIe has 114 SMs), the sm_80 and sm_70 ones do not depend on it.
+// HOPPER-LABEL: func.func @device_with_114_sms
+// HOPPER:         hal.dispatch.extern "flashmlir_attention_fwd_sm90_f16_d128"
+// HOPPER-DAG:       %[[X:.+]] = arith.constant 114 : index
+// HOPPER-DAG:       %[[Y:.+]] = arith.constant 1 : index
+// HOPPER:           hal.return %[[X]], %[[Y]], %{{.+}} : index, index, index
+// SM70-LABEL:  func.func @device_with_114_sms
+// CHECK-LABEL: func.func @device_with_114_sms
+// CHECK:         hal.dispatch.extern "flashmlir_attention_fwd_sm80_f16_d128"
+// CHECK-DAG:       %[[X:.+]] = arith.constant 8 : index
+// CHECK-DAG:       %[[Y:.+]] = arith.constant 32 : index
+// CHECK:           hal.return %[[X]], %[[Y]], %{{.+}} : index, index, index
+#q = affine_map<(b, h, m, n, k1, k2) -> (b, h, m, k1)>
+#k = affine_map<(b, h, m, n, k1, k2) -> (b, h, k2, k1)>
+#v = affine_map<(b, h, m, n, k1, k2) -> (b, h, k2, n)>
+#s = affine_map<(b, h, m, n, k1, k2) -> ()>
+#o = affine_map<(b, h, m, n, k1, k2) -> (b, h, m, n)>
+module attributes {flashmlir.gpu_multiprocessors = 114 : i32} {
+func.func @device_with_114_sms(%q: tensor<2x16x1000x128xf16>, %k: tensor<2x16x1000x128xf16>, %v: tensor<2x16x1000x128xf16>) -> tensor<2x16x1000x128xf16> {
+  %scale = arith.constant 0.08838834764831845 : f32
+  %e = tensor.empty() : tensor<2x16x1000x128xf16>
+  %r = iree_linalg_ext.attention <indexing_maps = [#q, #k, #v, #s, #o]>
+      ins(%q, %k, %v, %scale : tensor<2x16x1000x128xf16>, tensor<2x16x1000x128xf16>, tensor<2x16x1000x128xf16>, f32)
+      outs(%e : tensor<2x16x1000x128xf16>) {
+    ^bb0(%x: f32):
+      iree_linalg_ext.yield %x : f32
+  } -> tensor<2x16x1000x128xf16>
+  return %r : tensor<2x16x1000x128xf16>
+}
 }

@@ -12,15 +12,16 @@
 // RUN: env FLASHMLIR_MICROKERNEL_DIR=%t not flashmlir-opt --flashmlir-dispatch-attention-training='target=cpu cpu-features=avx512f,avx512bw,avx512cd,avx512dq,avx512vl' %s 2>&1 | filecheck %s --check-prefix=CPU
 
 // GQA (8 query heads on 2 K/V heads), causal, seq 100, default scale 1/8 (bits 0x3E000000 = 1040187392).
+// Every kernel takes the constants (group, Sq, Sk, scale bits, causal, B·Hq = 16).
 // The forward is the forward kernel's lse variant: grid (⌈100/128⌉, 2·8), O and lse [2, 8, 100] f32.
 // CHECK-LABEL: func.func @train_gqa_causal
-// CHECK:       hal.dispatch.extern "flashmlir_attention_fwd_sm80_f16_d64_lse"(%c4_i32, %c100_i32, %c100_i32{{[_0-9]*}}, %c1040187392_i32, %c1_i32, %{{[^)]+}})
+// CHECK:       hal.dispatch.extern "flashmlir_attention_fwd_sm80_f16_d64_lse"(%c4_i32, %c100_i32, %c100_i32{{[_0-9]*}}, %c1040187392_i32, %c1_i32, %c16_i32, %{{[^)]+}})
 // CHECK-SAME:    -> (tensor<2x8x100x64xf16>, tensor<2x8x100xf32>)
 // CHECK:         hal.return %c1, %c16, %c1{{.*}} : index, index, index
 // CHECK:       workgroup_size = [128 : index, 1 : index, 1 : index], workgroup_local_memory = 81920>
 // The backward: dq (Q, K, V, O, dO, lse → dQ, Δ) over (⌈100/64⌉, 2·8) blocks, then dkdv
 // (Q, K, V, dO, lse, Δ → dK, dV) over (⌈100/64⌉, 2·2): Δ flows from the first to the second.
-// CHECK:       %[[DQ:[0-9]+]]:2 = hal.dispatch.extern "flashmlir_attention_bwd_sm80_f16_d64_dq"(%c4_i32{{[_0-9]*}}, %{{[^,]+}}, %{{[^,]+}}, %c1040187392_i32{{[_0-9]*}}, %c1_i32{{[_0-9]*}}, %{{[^)]+}})
+// CHECK:       %[[DQ:[0-9]+]]:2 = hal.dispatch.extern "flashmlir_attention_bwd_sm80_f16_d64_dq"(%c4_i32{{[_0-9]*}}, %{{[^,]+}}, %{{[^,]+}}, %c1040187392_i32{{[_0-9]*}}, %c1_i32{{[_0-9]*}}, %c16_i32{{[_0-9]*}}, %{{[^)]+}})
 // CHECK-SAME:    -> (tensor<2x8x100x64xf16>, tensor<2x8x100xf32>)
 // CHECK:         hal.return %c2, %c16, %c1 : index, index, index
 // CHECK:       path = "{{.+}}/cuda/attention_bwd_sm80_f16_d64.fatbin"
@@ -32,8 +33,10 @@
 // CHECK-NOT:   torch.operator
 // CHECK:       return
 
+// The persistent sm_90 forward: 16 (head, query block) tiles, causal ones in pairs, 8 workgroups.
 // HOPPER-LABEL: func.func @train_gqa_causal
 // HOPPER:       hal.dispatch.extern "flashmlir_attention_fwd_sm90_f16_d64_lse"
+// HOPPER:         hal.return %c8, %c1, %c1{{.*}} : index, index, index
 // HOPPER:       workgroup_size = [384 : index, 1 : index, 1 : index], workgroup_local_memory = 83024>
 // HOPPER:       hal.dispatch.extern "flashmlir_attention_bwd_sm80_f16_d64_dq"
 // HOPPER:       hal.dispatch.extern "flashmlir_attention_bwd_sm80_f16_d64_dkdv"
