@@ -13,6 +13,7 @@ reference implementation instead. `register()` installs the implementations (onc
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -53,8 +54,8 @@ def kernel_problem(arch: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return f"value head dim {v.shape[-1]} differs from the query head dim {q.shape[-1]}"
     if q.numel() == 0 or k.numel() == 0:
         return "empty operands"
-    if q[..., 0, 0].numel() > _MAX_GRID_Y:
-        return f"batch × heads = {q[..., 0, 0].numel()} exceeds the grid's y limit {_MAX_GRID_Y}"
+    if math.prod(q.shape[:-2]) > _MAX_GRID_Y:
+        return f"batch × heads = {math.prod(q.shape[:-2])} exceeds the grid's y limit {_MAX_GRID_Y}"
     try:
         _kernels(arch, ELEMENTS[q.dtype], q.shape[-1], backward)
     except microkernels.NoKernel as why:
