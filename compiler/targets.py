@@ -203,8 +203,13 @@ def _cuda(name: str) -> Target:
         runtime_driver="cuda",
         gpu=gpu,
         dtypes=("float32", "float16") if gpu.compute_capability < (8, 0) else ("float32", "float16", "bfloat16"),
-        fingerprint=f"{gpu.iree_target()} multiprocessors={gpu.multiprocessors}",
+        fingerprint=_gpu_fingerprint(gpu),
     )
+
+
+def _gpu_fingerprint(gpu: GpuCaps) -> str:
+    """What a module compiled for `gpu` depends on: IREE's target and the SM count our grids fill."""
+    return f"{gpu.iree_target()} multiprocessors={gpu.multiprocessors}"
 
 
 def with_device(target: Target, multiprocessors: int) -> Target:
@@ -212,7 +217,7 @@ def with_device(target: Target, multiprocessors: int) -> Target:
     if target.gpu is None or target.gpu.multiprocessors == multiprocessors:
         return target
     gpu = dataclasses.replace(target.gpu, multiprocessors=multiprocessors)
-    return dataclasses.replace(target, gpu=gpu, fingerprint=f"{gpu.iree_target()} multiprocessors={multiprocessors}")
+    return dataclasses.replace(target, gpu=gpu, fingerprint=_gpu_fingerprint(gpu))
 
 
 def _planned(name: str, kind: str, description: str) -> Target:
