@@ -59,6 +59,7 @@ from flashmlir.passes.framework import PassResult, PassSpec
 from flashmlir.passes.ir_utils import (
     erase_unused,
     gpu_multiprocessors,
+    parallel_iterators,
     splice_function,
     tensor_type,
     walk_ops,
@@ -182,10 +183,9 @@ def _convert(name: str, value: str, shape: list[int], source: str, to: str, op: 
     """`%name`: tensor `%value` (of `shape`, elements `source`) converted elementwise to `to` by arith.`op`."""
     dims = ", ".join(f"d{i}" for i in range(len(shape)))
     identity = f"affine_map<({dims}) -> ({dims})>"
-    parallel = ", ".join(['"parallel"'] * len(shape))
     source_type, result_type = tensor_type(shape, source), tensor_type(shape, to)
     return f"""  %{name}_init = tensor.empty() : {result_type}
-  %{name} = linalg.generic {{indexing_maps = [{identity}, {identity}], iterator_types = [{parallel}]}}
+  %{name} = linalg.generic {{indexing_maps = [{identity}, {identity}], iterator_types = {parallel_iterators(len(shape))}}}
       ins(%{value} : {source_type}) outs(%{name}_init : {result_type}) {{
   ^bb0(%x: {source}, %unused: {to}):
     %y = arith.{op} %x : {source} to {to}
