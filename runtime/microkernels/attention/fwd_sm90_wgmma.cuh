@@ -500,8 +500,8 @@ __device__ __forceinline__ void attention_fwd_sm90(const T* __restrict__ q, cons
         lse[bh * seq_q + row] = sum == 0.f ? kNegInf : (row_max[h] + __log2f(sum)) * kLn2;
       T* out = o + (bh * seq_q + row) * kD + (lane % 4) * 2;
 #pragma unroll
-      for (int n = 0; n < kD / 8; ++n)
-        *reinterpret_cast<uint32_t*>(out + n * 8) = E::pack(acc[4 * n + 2 * h] * inv, acc[4 * n + 2 * h + 1] * inv);
+      for (int c = 0; c < kD / 8; ++c)
+        *reinterpret_cast<uint32_t*>(out + c * 8) = E::pack(acc[4 * c + 2 * h] * inv, acc[4 * c + 2 * h + 1] * inv);
     }
   }
 }
