@@ -1,13 +1,15 @@
 """Attention backward on the GPU: the library's backward kernels (launched directly) vs torch SDPA's.
 
-    python benchmarks/attention_backward.py                              # catalog variant, default grid
+    python benchmarks/attention_backward.py                              # sm_90 and sm_80 kernels, default grid
     python benchmarks/attention_backward.py --variants 64x64x4 32x64x4 --head-dims 128
 
-A variant is block_m x block_n x warps (bwd_sm80_mma_sync.cuh: 16·warps resident rows a block; dkdv
-streams block_m queries a tile, dq block_n keys), compiled here with nvcc from the library's source
-for this GPU (the -D switches CMake uses), checked against float64 autograd on odd-sized problems,
-then timed over the grid (B·S = 16k tokens, H·D = 2048, as benchmarks/attention.py). Our time is
-dq + dkdv (the forward's O and lse are inputs, as in training); SDPA's is
+A variant is `sm90` (bwd_sm90_wgmma.cuh, the catalog's tiles, sm_90a: Hopper only) or an sm_80
+block_m x block_n x warps (bwd_sm80_mma_sync.cuh: 16·warps resident rows a block; dkdv streams
+block_m queries a tile, dq block_n keys), compiled here with nvcc from the library's source for this
+GPU (the -D switches CMake uses), checked against float64 autograd on odd-sized problems, then
+timed over the grid (B·S = 16k tokens, H·D = 2048, as benchmarks/attention.py). Our time is every
+kernel of the backward (sm_90: prep + dkdv + dq; sm_80: dq + dkdv; the forward's O and lse are
+inputs, as in training); SDPA's is
 `torch.autograd.grad` through a forward done once. TFLOP/s counts 2.5 × the forward's
 4·B·H·Sq·Sk·D (half for causal), the FlashAttention papers' convention.
 """
@@ -37,22 +39,32 @@ SOURCES = Path(__file__).parents[1] / "runtime" / "microkernels" / "attention"
 ELEMENTS = {"fp16": ("f16", "half", torch.float16), "bf16": ("bf16", "__nv_bfloat16", torch.bfloat16)}
 
 
+SM90_TILES = (64, 128, 12)  # block_m, block_n, warps: BwdSm90Config's (the catalog's sm_90 entries)
+
+
 def build(variant: str, head_dim: int, dtype: str, out_dir: Path) -> tuple[CudaAttentionBackwardKernel, str]:
     element, ctype, _ = ELEMENTS[dtype]
-    block_m, block_n, warps = (int(x) for x in variant.split("x"))
     major, minor = torch.cuda.get_device_capability()
     path = out_dir / f"bwd_{variant}_{element}_d{head_dim}.cubin"
-    kernel = CudaAttentionBackwardKernel("attention_bwd_sm80", element, head_dim, block_m, block_n, warps, "sm_80",
-                                         path)
-    command = ["nvcc", "--cubin", "-O3", "-std=c++17", f"-gencode=arch=compute_80,code=sm_{major}{minor}",
+    if variant == "sm90":
+        block_m, block_n, warps = SM90_TILES
+        kernel = CudaAttentionBackwardKernel("attention_bwd_sm90", element, head_dim, block_m, block_n, warps,
+                                             "sm_90a", path)
+        source, gencode = "bwd_sm90_kernels.cu", "-gencode=arch=compute_90a,code=sm_90a"
+    else:
+        block_m, block_n, warps = (int(x) for x in variant.split("x"))
+        kernel = CudaAttentionBackwardKernel("attention_bwd_sm80", element, head_dim, block_m, block_n, warps,
+                                             "sm_80", path)
+        source, gencode = "bwd_sm80_kernels.cu", f"-gencode=arch=compute_80,code=sm_{major}{minor}"
+    command = ["nvcc", "--cubin", "-O3", "-std=c++17", gencode,
                "-Xptxas", "-v", f"-DFLASHMLIR_ELEMENT={ctype}", f"-DFLASHMLIR_ELEMENT_NAME={element}",
                f"-DFLASHMLIR_HEAD_DIM={head_dim}", f"-DFLASHMLIR_BLOCK_M={block_m}", f"-DFLASHMLIR_BLOCK_N={block_n}",
-               f"-DFLASHMLIR_WARPS={warps}", str(SOURCES / "bwd_sm80_kernels.cu"), "-o", str(path)]
+               f"-DFLASHMLIR_WARPS={warps}", str(SOURCES / source), "-o", str(path)]
     done = subprocess.run(command, capture_output=True, text=True, check=True)
-    # ptxas reports the entries in the order dkdv, dq.
-    regs = re.findall(r"Used (\d+) registers", done.stderr)
-    spills = re.findall(r"(\d+) bytes spill stores", done.stderr)
-    return kernel, f"dkdv {regs[0]} regs / {spills[0]} B spilled, dq {regs[1]} regs / {spills[1]} B spilled"
+    # Per entry: "Compiling entry function 'name'", then its spill and register lines.
+    entries = re.findall(r"entry function '\w+_(\w+?)' for.*?(\d+) bytes spill stores.*?Used (\d+) registers",
+                         done.stderr, re.S)
+    return kernel, ", ".join(f"{part} {regs} regs / {spill} B spilled" for part, spill, regs in entries)
 
 
 def _reference_grads(q, k, v, d_o, causal):
@@ -111,7 +123,7 @@ def measure(config: Config, kernels: dict, forwards: dict, args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--variants", nargs="+", default=["64x64x4", "32x64x4"])
+    p.add_argument("--variants", nargs="+", default=["sm90", "64x64x4"])
     p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     p.add_argument("--seqs", type=int, nargs="+", default=[1024, 4096, 16384])
     p.add_argument("--dtypes", nargs="+", default=["fp16", "bf16"], choices=list(ELEMENTS))
@@ -140,8 +152,8 @@ def main() -> None:
                     notes.append(f"- {variant} d{d} {dtype}: failed: {text.strip().splitlines()[-1][:160]}")
                     continue
                 kernels[(variant, d, dtype)] = kernel
-                notes.append(f"- {variant} d{d} {dtype}: {ptxas}, shared dq {kernel.shared_bytes('dq') // 1024} KB / "
-                             f"dkdv {kernel.shared_bytes('dkdv') // 1024} KB, worst rel. error of dq/dk/dv vs "
+                shared = " / ".join(f"{part} {kernel.shared_bytes(part) // 1024} KB" for part in kernel.parts)
+                notes.append(f"- {variant} d{d} {dtype}: {ptxas}, shared {shared}, worst rel. error of dq/dk/dv vs "
                              f"float64 {err:.1e}")
                 print(notes[-1], flush=True)
 
@@ -159,8 +171,8 @@ def main() -> None:
                      + " | ".join(f"{t[c]:.0f}" if c in t else "-" for c in columns) + f" | {' | '.join(ratios)} |")
     text = (f"# Attention backward, {torch.cuda.get_device_name()}, {time.strftime('%Y-%m-%d')}\n\n"
             "Backward TFLOP/s (2.5 × forward FLOPs), B·S = 16k tokens, H·D = 2048; flashmlir variants are the "
-            "sm_80 backward kernels (dq + dkdv, launched directly) as block_m x block_n x warps, compiled from "
-            f"compute_80 for this GPU. GPU time per call over {args.iters} back-to-back calls, best of 3 bursts "
+            "library's backward kernels launched directly: sm90 (prep + dkdv + dq, WGMMA, atomic dQ) and "
+            "the sm_80 ones (dq + dkdv) as block_m x block_n x warps, compiled from compute_80 for this GPU. GPU time per call over {args.iters} back-to-back calls, best of 3 bursts "
             f"(host launch cost hidden, for both). torch {torch.__version__}. `python benchmarks/attention_backward.py`\n\n"
             + "\n".join(lines) + "\n\nBuild and correctness:\n" + "\n".join(notes))
     print("\n" + text)

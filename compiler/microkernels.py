@@ -93,43 +93,79 @@ class CudaAttentionKernel:
 
 @dataclass(frozen=True)
 class CudaAttentionBackwardKernel:
-    """One CUDA backward attention instance: two kernels, `dq` (dQ and Δ = rowsum(dO∘O)) then `dkdv`.
+    """One CUDA backward attention instance: kernels run one after another on a stream (`parts`).
 
-    Each keeps 16·warps rows per block resident (dq: query rows, dkdv: keys) and streams tiles of the
-    other side: dq `block_n` keys, dkdv `block_m` queries (bwd_sm80_mma_sync.cuh).
+    sm_80 (bwd_sm80_mma_sync.cuh), deterministic: `dq` (dQ and Δ = rowsum(dO∘O)) then `dkdv`, each
+    keeping 16·warps rows per block resident (dq: query rows, dkdv: keys) and streaming tiles of
+    the other side: dq `block_n` keys, dkdv `block_m` queries.
+    sm_90 (bwd_sm90_wgmma.cuh): `prep` (Δ, lse in the exp2 domain, a zeroed fp32 dQ accumulator,
+    over query rows padded to whole `block_m` tiles), `dkdv` (`block_n` resident keys, `block_m`-row
+    query tiles through `stages` shared-memory stages; dK, dV, and dQ added into the accumulator
+    with fp32 atomics: not deterministic), `dq` (the accumulator scaled into dQ).
     """
 
-    family: str  # "attention_bwd_sm80"
+    family: str  # "attention_bwd_sm80" | "attention_bwd_sm90"
     element: str
     head_dim: int
     block_m: int  # queries per tile streamed by dkdv
-    block_n: int  # keys per tile streamed by dq
+    block_n: int  # keys per tile streamed by dq (sm_80); resident keys per dkdv block (sm_90)
     warps: int
     min_arch: str
     object_path: Path
-
-    def name(self, part: str) -> str:
-        """The exported symbol of `part` ("dq" or "dkdv")."""
-        return f"flashmlir_{self.family}_{self.element}_d{self.head_dim}_{part}"
+    stages: int = 2  # sm_90: shared-memory stages of the query-side tiles
 
     @property
-    def threads(self) -> int:
+    def accumulates_dq(self) -> bool:
+        """Whether dQ is summed with atomics (the sm_90 kernels): its bits vary from run to run."""
+        return self.family == "attention_bwd_sm90"
+
+    @property
+    def deterministic(self) -> bool:
+        return not self.accumulates_dq
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """The kernels of one backward, in launch order."""
+        return ("prep", "dkdv", "dq") if self.accumulates_dq else ("dq", "dkdv")
+
+    def name(self, part: str) -> str:
+        """The exported symbol of `part`."""
+        return f"flashmlir_{self.family}_{self.element}_d{self.head_dim}_{part}"
+
+    def threads(self, part: str) -> int:
+        if self.accumulates_dq and part != "dkdv":
+            return 256  # prep and dq: 8 warps over a query tile (BwdSm90Config::kPrepThreads)
         return self.warps * 32
 
     @property
     def rows(self) -> int:
+        """sm_80: resident rows a block."""
         return 16 * self.warps
 
+    def padded_rows(self, seq_q: int) -> int:
+        """sm_90: query rows of the statistics and the dQ accumulator (whole query tiles)."""
+        return -(-seq_q // self.block_m) * self.block_m
+
     def shared_bytes(self, part: str) -> int:
-        """Dynamic shared memory of `part`, as `BwdConfig` lays it out."""
+        """Dynamic shared memory of `part`, as the family's source lays it out."""
         e = ELEMENT_BYTES[self.element]
+        if self.accumulates_dq:
+            if part != "dkdv":
+                return 0
+            # BwdSm90Config: K, V; per stage Q, dO and the rows' lse₂, Δ; two dSᵀ tiles; 8-byte
+            # mbarriers (K/V landed, full and empty per stage); 1024 bytes to align to the swizzle period.
+            tiles = (2 * self.block_n + 2 * self.stages * self.block_m) * self.head_dim * e
+            return (tiles + 2 * self.block_n * self.block_m * e + self.stages * 2 * self.block_m * 4
+                    + 8 * (1 + 2 * self.stages) + 1024)
         resident = 2 * self.rows * self.head_dim * e  # Q and dO (dq), K and V (dkdv)
         if part == "dq":
             return resident + 4 * self.block_n * self.head_dim * e  # two stages of K, V
         return resident + 2 * (2 * self.block_m * self.head_dim * e + 2 * self.block_m * 4)  # Q, dO, lse, Δ
 
     def grid(self, part: str, seq: int, batch_heads: int) -> tuple[int, int, int]:
-        """dq: seq = Sq, batch_heads = B·Hq; dkdv: seq = Sk, batch_heads = B·Hkv."""
+        """dkdv: seq = Sk, batch_heads = B·Hkv; the others: seq = Sq, batch_heads = B·Hq."""
+        if self.accumulates_dq:
+            return (-(-seq // (self.block_n if part == "dkdv" else self.block_m)), batch_heads, 1)
         return (-(-seq // self.rows), batch_heads, 1)
 
 
@@ -227,7 +263,7 @@ def _load(directory: Path | None) -> Library:
         for e in entries if e["family"].startswith("attention_fwd"))
     cuda_backward = tuple(
         CudaAttentionBackwardKernel(e["family"], e["element"], e["head_dim"], e["block_m"], e["block_n"],
-                                    e["warps"], e["min_arch"], cuda_object(e))
+                                    e["warps"], e["min_arch"], cuda_object(e), e.get("stages", 2))
         for e in entries if e["family"].startswith("attention_bwd"))
     cpu_entries = [
         CpuAttentionKernel(e["family"], e["isa"], e["element"], tuple(e["head_dims"]), e["row_vectors"],
@@ -273,12 +309,14 @@ def select_attention_forward(arch: str, element: str, head_dim: int) -> CudaAtte
     return kernel
 
 
-def select_attention_backward(arch: str, element: str, head_dim: int) -> CudaAttentionBackwardKernel:
-    """The CUDA backward kernels for `arch`, or NoKernel with the reason."""
-    kernels = [k for k in library().cuda_backward if runs_on(k, arch)]
+def select_attention_backward(arch: str, element: str, head_dim: int,
+                              deterministic: bool = False) -> CudaAttentionBackwardKernel:
+    """The CUDA backward kernels for `arch`, or NoKernel with the reason. `deterministic` (torch's
+    deterministic mode) leaves out kernels that sum dQ with atomics."""
+    kernels = [k for k in library().cuda_backward if runs_on(k, arch) and (k.deterministic or not deterministic)]
     if not kernels:
-        raise NoKernel(f"no attention backward microkernel for {arch} (the library has "
-                       f"{'none' if not library().cuda_backward else 'none that runs there'})")
+        raise NoKernel(f"no {'deterministic ' if deterministic else ''}attention backward microkernel for {arch} "
+                       f"(the library has {'none' if not library().cuda_backward else 'none that runs there'})")
     matching = [k for k in kernels if k.element == element and k.head_dim == head_dim]
     if not matching:
         offer = ", ".join(f"{e} d{d}" for e, d in sorted({(k.element, k.head_dim) for k in kernels}))

@@ -7,10 +7,19 @@ CUDA:
                        (constants, Q, K, V)                            grid: the forward kernel's
 
     %dq, %dk, %dv = torch.operator "torch.flashmlir.attention_backward"(%do, %q, %k, %v, %o, %lse, %causal, %scale)
+      sm_80 kernels (deterministic):
       ⇒ %dq, %Δ  = hal.dispatch.extern "flashmlir_attention_bwd_sm80_<e>_d<D>_dq"
                        (constants, Q, K, V, O, dO, lse)                grid (⌈Sq / rows⌉, B·Hq)
         %dk, %dv = hal.dispatch.extern "flashmlir_attention_bwd_sm80_<e>_d<D>_dkdv"
                        (constants, Q, K, V, dO, lse, Δ)                grid (⌈Sk / rows⌉, B·Hkv)
+      sm_90 kernels (dQ summed by atomics into an fp32 accumulator; rows padded to whole tiles):
+      ⇒ %lse2, %Δp, %acc = hal.dispatch.extern "flashmlir_attention_bwd_sm90_<e>_d<D>_prep"
+                       (constants, O, dO, lse)                         grid (⌈Sq / block_m⌉, B·Hq)
+        %sum, %dk, %dv = hal.dispatch.extern "flashmlir_attention_bwd_sm90_<e>_d<D>_dkdv"
+                       (constants, Q, K, V, dO, lse2, Δp, acc) -> (%acc, …)   grid (⌈Sk / block_n⌉, B·Hkv)
+        %dq      = hal.dispatch.extern "flashmlir_attention_bwd_sm90_<e>_d<D>_dq"
+                       (constants, sum)                                grid (⌈Sq / block_m⌉, B·Hq)
+      the dkdv call adds into the accumulator in place: its result is tied to the operand.
 
 CPU (f32):
     %o, %lse       = flow.dispatch @flashmlir_attention_training_cpu_<n>::@forward(Q, K, V)
@@ -69,6 +78,8 @@ WRITTEN = "#hal.pipeline.binding<storage_buffer>"
 @dataclass(frozen=True)
 class Options:
     target: str = ""  # empty: the module's `flashmlir.target` attribute
+    # CUDA: the backward kernels that sum dQ in a fixed order only (torch's deterministic mode).
+    deterministic: bool = False
     # CPU: the feature flags (as /proc/cpuinfo spells them, comma-separated) of the CPU to compile
     # for, and the worker threads IREE will run on; empty / 0: the host's.
     cpu_features: str = ""
@@ -150,10 +161,13 @@ def _grid(x: int, y: int) -> str:
 
 def _extern(results: str, name: str, operands: list[tuple[str, str]], outputs: list[str], grid: tuple[int, int],
             object_path: str, threads: int, shared: int) -> str:
-    """One hal.dispatch.extern: the six constants, then `operands` (name, type), returning `outputs`."""
+    """One hal.dispatch.extern: the six constants, then `operands` (name, type), returning `outputs`
+    (types, or an operand's SSA name for a result written in place into that operand's buffer)."""
     names = ", ".join(n for n, _ in operands)
     types = ", ".join(t for _, t in operands)
-    bindings = ", ".join([READ_ONLY] * len(operands) + [WRITTEN] * len(outputs))
+    written = {o for o in outputs if o.startswith("%")}
+    bindings = ", ".join([WRITTEN if n in written else READ_ONLY for n, _ in operands]
+                         + [WRITTEN] * (len(outputs) - len(written)))
     return f"""  {results} = hal.dispatch.extern "{name}"(%group, %seq_q, %seq_k, %scale_bits, %causal, %batch_heads,
       {names}) : (i32, i32, i32, i32, i32, i32, {types}) -> ({", ".join(outputs)})
     {_grid(*grid)}
@@ -183,19 +197,30 @@ def _stats_type(site: _Site) -> TorchTensorType:
 FORWARD_IO = (("q", "k", "v"), ("o", "lse"))
 DQ_IO = (("q", "k", "v", "o", "do", "lse"), ("dq", "delta"))
 DKDV_IO = (("q", "k", "v", "do", "lse", "delta"), ("dk", "dv"))
+# The sm_90 backward (bwd_sm90_kernels.cu); dkdv's "dq_sum" is its "dq_accum" operand, tied.
+PREP_IO = (("o", "do", "lse"), ("lse2", "delta_rows", "dq_accum"))
+DKDV_ACCUM_IO = (("q", "k", "v", "do", "lse2", "delta_rows", "dq_accum"), ("dq_sum", "dk", "dv"))
+DQ_FROM_SUM_IO = (("dq_sum",), ("dq",))
+TIED = {"dq_sum": "dq_accum"}
+FUNCTION_INPUTS = ("do", "q", "k", "v", "o", "lse")
 
 
-def _type_of(site: _Site, name: str) -> TorchTensorType:
-    """The tensor type of a named kernel operand: Q's shape for O, dO, dQ; lse and Δ per query row."""
+def _type_of(site: _Site, name: str, padded_rows: int = 0) -> TorchTensorType:
+    """The tensor type of a named kernel operand: Q's shape for O, dO, dQ; lse and Δ per query row;
+    the sm_90 backward's statistics and fp32 dQ sum over `padded_rows` query rows."""
     if name in ("lse", "delta"):
         return _stats_type(site)
+    if name in ("lse2", "delta_rows"):
+        return TorchTensorType((*site.q.shape[:-2], padded_rows), "f32")
+    if name in ("dq_accum", "dq_sum"):
+        return TorchTensorType((*site.q.shape[:-2], padded_rows, site.head_dim), "f32")
     return {"k": site.k, "dk": site.k, "v": site.v, "dv": site.v}.get(name, site.q)
 
 
 def _ssa(name: str) -> str:
-    """The builtin-tensor SSA name of an operand: the function's arguments are converted (%b…), Δ is
-    the dq call's result."""
-    return "%delta" if name == "delta" else f"%b{name}"
+    """The builtin-tensor SSA name of an operand: the function's arguments are converted (%b…), the
+    rest are earlier calls' results."""
+    return f"%b{name}" if name in FUNCTION_INPUTS else f"%{name}"
 
 
 def _forward_function(site: _Site, calls: str) -> str:
@@ -228,12 +253,12 @@ def _backward_function(site: _Site, calls: str) -> str:
 
 
 def _cuda_extern(site: _Site, io: tuple[tuple[str, ...], tuple[str, ...]], name: str, grid: tuple[int, int],
-                 kernel, shared: int) -> str:
+                 kernel, threads: int, shared: int, padded_rows: int = 0) -> str:
     inputs, outputs = io
     return _extern(", ".join(f"%{n}" for n in outputs), name,
-                   [(_ssa(n), _type_of(site, n).builtin()) for n in inputs],
-                   [_type_of(site, n).builtin() for n in outputs], grid, str(kernel.object_path), kernel.threads,
-                   shared)
+                   [(_ssa(n), _type_of(site, n, padded_rows).builtin()) for n in inputs],
+                   [_ssa(TIED[n]) if n in TIED else _type_of(site, n, padded_rows).builtin() for n in outputs], grid,
+                   str(kernel.object_path), threads, shared)
 
 
 def _cuda_forward_calls(site: _Site, arch: str, multiprocessors: int) -> str:
@@ -241,18 +266,22 @@ def _cuda_forward_calls(site: _Site, arch: str, multiprocessors: int) -> str:
         raise UnsupportedError(f"dtype {site.element}: the CUDA kernels take f16 or bf16")
     kernel = select_attention_forward(arch, site.element, site.head_dim)
     grid = kernel.grid(site.q.shape[-2], site.batch_heads, multiprocessors, site.causal)[:2]
-    extern = _cuda_extern(site, FORWARD_IO, kernel.name + "_lse", grid, kernel, kernel.shared_bytes)
+    extern = _cuda_extern(site, FORWARD_IO, kernel.name + "_lse", grid, kernel, kernel.threads, kernel.shared_bytes)
     return f"{site.constants}\n{extern}"
 
 
-def _cuda_backward_calls(site: _Site, arch: str) -> str:
-    kernel = select_attention_backward(arch, site.element, site.head_dim)
+def _cuda_backward_calls(site: _Site, arch: str, deterministic: bool) -> str:
+    kernel = select_attention_backward(arch, site.element, site.head_dim, deterministic)
+    sq, sk = site.q.shape[-2], site.k.shape[-2]
     bh, bh_kv = site.batch_heads, math.prod(site.k.shape[:-2])
-    dq = _cuda_extern(site, DQ_IO, kernel.name("dq"), kernel.grid("dq", site.q.shape[-2], bh)[:2], kernel,
-                      kernel.shared_bytes("dq"))
-    dkdv = _cuda_extern(site, DKDV_IO, kernel.name("dkdv"), kernel.grid("dkdv", site.k.shape[-2], bh_kv)[:2], kernel,
-                        kernel.shared_bytes("dkdv"))
-    return f"{site.constants}\n{dq}\n{dkdv}"
+    ios = ({"prep": PREP_IO, "dkdv": DKDV_ACCUM_IO, "dq": DQ_FROM_SUM_IO} if kernel.accumulates_dq
+           else {"dq": DQ_IO, "dkdv": DKDV_IO})
+    padded = kernel.padded_rows(sq) if kernel.accumulates_dq else 0
+    calls = [_cuda_extern(site, ios[part], kernel.name(part),
+                          kernel.grid(part, *((sk, bh_kv) if part == "dkdv" else (sq, bh)))[:2], kernel,
+                          kernel.threads(part), kernel.shared_bytes(part), padded)
+             for part in kernel.parts]
+    return "\n".join([site.constants, *calls])
 
 
 def _cpu_calls(site: _Site, cpu: _Cpu, forward: bool) -> tuple[str, list[CpuCall]]:
@@ -286,7 +315,8 @@ def _cpu_dispatch(site: _Site, symbol: str, export: str, io: tuple[tuple[str, ..
             f"-> ({results})")
 
 
-def _rewrite(module: ir.Operation, op: ir.Operation, name: str, target: Target, cpu: _Cpu, taken: set[str]) -> None:
+def _rewrite(module: ir.Operation, op: ir.Operation, name: str, target: Target, cpu: _Cpu, taken: set[str],
+             deterministic: bool) -> None:
     operands = list(op.operands)
     forward = name == FORWARD_OPERATOR
     if forward:
@@ -299,7 +329,7 @@ def _rewrite(module: ir.Operation, op: ir.Operation, name: str, target: Target, 
     if target.gpu is not None:
         arch = target.gpu.arch
         calls = (_cuda_forward_calls(site, arch, gpu_multiprocessors(module, target.gpu.multiprocessors)) if forward
-                 else _cuda_backward_calls(site, arch))
+                 else _cuda_backward_calls(site, arch, deterministic))
     else:
         path, cpu_calls = _cpu_calls(site, cpu, forward)
         symbol = free_symbol(module, "flashmlir_attention_training_cpu_", taken)
@@ -329,7 +359,7 @@ def run(module: ir.Operation, options: Options) -> PassResult:
             raise UnsupportedError(f"{where}: the training ops need a CUDA or CPU target's kernels "
                                    f"(target: {name or 'none'})")
         try:
-            _rewrite(module, op, op_name, target, cpu, taken)
+            _rewrite(module, op, op_name, target, cpu, taken, options.deterministic)
         except (UnsupportedError, NoKernel) as why:
             raise UnsupportedError(f"{where}: {why}") from why
         result.rewritten += 1

@@ -112,21 +112,32 @@ def attention_forward(kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def attention_backward(kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                        d_o: torch.Tensor, lse: torch.Tensor, *, causal: bool, scale: float | None = None):
-    """Run a library backward kernel pair (a `CudaAttentionBackwardKernel`) on [B, H, S, D] tensors as
-    the two IREE dispatches would: dq (which also writes Δ) then dkdv. lse is the forward's, float32
-    [B, Hq, Sq]. Returns dq, dk, dv."""
+    """Run a library backward kernel set (a `CudaAttentionBackwardKernel`) on [B, H, S, D] tensors as
+    the IREE dispatches would, its `parts` in order: sm_80 dq (which also writes Δ) then dkdv; sm_90
+    prep (Δ, lse₂, the zeroed dQ accumulator), dkdv (adding into it), dq. lse is the forward's,
+    float32 [B, Hq, Sq]. Returns dq, dk, dv."""
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     scale = d ** -0.5 if scale is None else scale
     device = q.device.index or 0
     constants = (hq // hkv, sq, sk, f32_bits(scale), int(causal), b * hq)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    def launch(part: str, seq: int, batch_heads: int, *tensors: torch.Tensor) -> None:
+        fn = _loaded(str(kernel.object_path), kernel.name(part), device)
+        fn(kernel.grid(part, seq, batch_heads), (kernel.threads(part), 1, 1), kernel.shared_bytes(part), *tensors,
+           *constants)
+
+    if kernel.accumulates_dq:
+        rows = kernel.padded_rows(sq)
+        lse2 = torch.empty(b * hq, rows, device=q.device, dtype=torch.float32)
+        delta = torch.empty_like(lse2)
+        dq_accum = torch.empty(b * hq, rows, d, device=q.device, dtype=torch.float32)
+        launch("prep", sq, b * hq, o, d_o, lse, lse2, delta, dq_accum)
+        launch("dkdv", sk, b * hkv, q, k, v, d_o, lse2, delta, dq_accum, dk, dv)
+        launch("dq", sq, b * hq, dq_accum, dq)
+        return dq, dk, dv
     delta = torch.empty(b, hq, sq, device=q.device, dtype=torch.float32)
-    block = (kernel.threads, 1, 1)
-    dq_fn = _loaded(str(kernel.object_path), kernel.name("dq"), device)
-    dq_fn(kernel.grid("dq", sq, b * hq), block, kernel.shared_bytes("dq"), q, k, v, o, d_o, lse, dq, delta,
-          *constants)
-    dkdv_fn = _loaded(str(kernel.object_path), kernel.name("dkdv"), device)
-    dkdv_fn(kernel.grid("dkdv", sk, b * hkv), block, kernel.shared_bytes("dkdv"), q, k, v, d_o, lse, delta, dk, dv,
-            *constants)
+    launch("dq", sq, b * hq, q, k, v, o, d_o, lse, dq, delta)
+    launch("dkdv", sk, b * hkv, q, k, v, d_o, lse, delta, dk, dv)
     return dq, dk, dv

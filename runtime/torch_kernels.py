@@ -37,12 +37,19 @@ def _arch(index: int) -> str:
     return target_for_device("cuda", torch.cuda.get_device_capability(index)).gpu.arch
 
 
-@functools.cache
 def _kernels(arch: str, element: str, head_dim: int, backward: bool):
-    """The forward kernel and (if asked) the backward pair; NoKernel says why not. Cached: selection
-    reads the catalog and checks the objects exist, which a call of the op must not redo."""
+    """The forward kernel and (if asked) the backward kernels: under torch's deterministic mode
+    (torch.use_deterministic_algorithms) ones that do not sum dQ with atomics."""
+    return _selected(arch, element, head_dim, backward, backward and torch.are_deterministic_algorithms_enabled())
+
+
+@functools.cache
+def _selected(arch: str, element: str, head_dim: int, backward: bool, deterministic: bool):
+    """NoKernel says why there is none. Cached: selection reads the catalog and checks the objects
+    exist, which a call of the op must not redo."""
     forward = microkernels.select_attention_forward(arch, element, head_dim)
-    return forward, (microkernels.select_attention_backward(arch, element, head_dim) if backward else None)
+    return forward, (microkernels.select_attention_backward(arch, element, head_dim, deterministic)
+                     if backward else None)
 
 
 def kernel_problem(arch: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backward: bool) -> str | None:

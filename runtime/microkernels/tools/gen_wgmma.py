@@ -12,6 +12,9 @@ from pathlib import Path
 
 # (N) of the m64nNk16 products: the keys of a KV tile (S = Q·Kᵀ) and the head dims (O += P·V).
 SHAPES = (64, 80, 96, 128, 176, 192, 256)
+# N of the products with both operands MN-major in shared memory: the backward's dQ = dS·K, 64
+# head-dim columns a warpgroup.
+MN_MAJOR_SHAPES = (64,)
 TYPES = {"half": "f16", "__nv_bfloat16": "bf16"}
 OUT = Path(__file__).resolve().parents[1] / "attention" / "wgmma_sm90.cuh"
 
@@ -46,7 +49,16 @@ def _wrappers(ctype: str, ptx: str, n: int) -> str:
         f"        : {acc}\n"
         f'        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "n"(1));\n'
         f"  }}\n")
-    return f"template <>\nstruct Wgmma<{ctype}, {n}> {{\n{ss}{rs}}};\n"
+    ss_mn = (
+        f"  // d (+)= A·B, A and B MN-major in shared memory (descriptors).\n"
+        f"  __device__ static void ss_mn(float (&d)[{count}], uint64_t a, uint64_t b, int accumulate) {{\n"
+        f"    asm volatile(\n"
+        f'        "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{count + 2}, 0;\\n"\n'
+        f'        "wgmma.mma_async.sync.aligned.{shape} {regs}, %{count}, %{count + 1}, p, 1, 1, 1, 1;\\n}}\\n"\n'
+        f"        : {acc}\n"
+        f'        : "l"(a), "l"(b), "r"(accumulate));\n'
+        f"  }}\n") if n in MN_MAJOR_SHAPES else ""
+    return f"template <>\nstruct Wgmma<{ctype}, {n}> {{\n{ss}{rs}{ss_mn}}};\n"
 
 
 def main() -> None:

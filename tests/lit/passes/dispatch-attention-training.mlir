@@ -6,6 +6,11 @@
 // With the Hopper forward built too, sm_90 takes it for the forward (the backward stays the sm_80 one):
 // RUN: touch %t/cuda/attention_fwd_sm90_f16_d64.fatbin
 // RUN: env FLASHMLIR_MICROKERNEL_DIR=%t flashmlir-opt --split-input-file --flashmlir-dispatch-attention-training=target=sm_90 %s | filecheck %s --check-prefix=HOPPER
+// With the Hopper backward built as well, sm_90 takes it (three kernels, dQ summed atomically), except
+// in deterministic mode:
+// RUN: touch %t/cuda/attention_bwd_sm90_f16_d64.fatbin
+// RUN: env FLASHMLIR_MICROKERNEL_DIR=%t flashmlir-opt --split-input-file --flashmlir-dispatch-attention-training=target=sm_90 %s | filecheck %s --check-prefix=HOPPERBWD
+// RUN: env FLASHMLIR_MICROKERNEL_DIR=%t flashmlir-opt --split-input-file --flashmlir-dispatch-attention-training='target=sm_90 deterministic=1' %s | filecheck %s --check-prefix=HOPPER
 // What it cannot serve is an error naming the op and the reason (nothing else lowers these ops):
 // RUN: rm %t/cuda/attention_bwd_sm80_f16_d64.fatbin
 // RUN: env FLASHMLIR_MICROKERNEL_DIR=%t not flashmlir-opt --flashmlir-dispatch-attention-training=target=sm_80 %s 2>&1 | filecheck %s --check-prefix=NOTBUILT
@@ -40,6 +45,23 @@
 // HOPPER:       workgroup_size = [384 : index, 1 : index, 1 : index], workgroup_local_memory = 83024>
 // HOPPER:       hal.dispatch.extern "flashmlir_attention_bwd_sm80_f16_d64_dq"
 // HOPPER:       hal.dispatch.extern "flashmlir_attention_bwd_sm80_f16_d64_dkdv"
+
+// The sm_90 backward: prep (O, dO, lse → lse₂, Δ over 128 padded rows, the zeroed fp32 dQ sum) on
+// (⌈100/64⌉, 2·8) blocks of 256 threads; dkdv (Q, K, V, dO, lse₂, Δ, sum → the sum in place, dK, dV)
+// on (⌈100/128⌉, 2·2) blocks of 384 threads, its sum operand written (the 7th binding); dq (the sum → dQ).
+// HOPPERBWD-LABEL: func.func @train_gqa_causal
+// HOPPERBWD:       hal.dispatch.extern "flashmlir_attention_fwd_sm90_f16_d64_lse"
+// HOPPERBWD:       %[[PREP:[0-9]+]]:3 = hal.dispatch.extern "flashmlir_attention_bwd_sm90_f16_d64_prep"
+// HOPPERBWD-SAME:    -> (tensor<2x8x128xf32>, tensor<2x8x128xf32>, tensor<2x8x128x64xf32>)
+// HOPPERBWD:         hal.return %c2, %c16, %c1 : index, index, index
+// HOPPERBWD:       workgroup_size = [256 : index, 1 : index, 1 : index], workgroup_local_memory = 0>
+// HOPPERBWD:       %[[SUM:[0-9]+]]:3 = hal.dispatch.extern "flashmlir_attention_bwd_sm90_f16_d64_dkdv"({{.+}}, %[[PREP]]#0, %[[PREP]]#1, %[[PREP]]#2)
+// HOPPERBWD-SAME:    -> (%[[PREP]]#2, tensor<2x2x100x64xf16>, tensor<2x2x100x64xf16>)
+// HOPPERBWD:         hal.return %c1, %c4, %c1{{.*}} : index, index, index
+// HOPPERBWD:       workgroup_size = [384 : index, 1 : index, 1 : index], workgroup_local_memory = 100392>
+// HOPPERBWD:       hal.dispatch.extern "flashmlir_attention_bwd_sm90_f16_d64_dq"({{.+}}, %[[SUM]]#0)
+// HOPPERBWD-SAME:    -> tensor<2x8x100x64xf16>
+// HOPPERBWD-NOT:   torch.operator
 
 // NOTBUILT: torch.operator {{.*}}microkernel attention_bwd_sm80_f16_d64 was not built
 // CPU: torch.operator {{.*}}no CPU attention microkernel for f16 head dim 64 (have: f32 d32/64/128)

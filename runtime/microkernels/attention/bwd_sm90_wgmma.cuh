@@ -1,0 +1,347 @@
+// Flash-attention backward for sm_90a (Hopper): FlashAttention-3's partitioning on WGMMA, with dQ
+// accumulated by fp32 atomics. Three kernels, one after another on a stream:
+//
+//   prep  grid (⌈Sq / 64⌉, B·Hq): Δ = rowsum(dO ∘ O) and lse in the exp2 domain, per query row of
+//         a sequence padded to whole 64-row tiles (a padded row gets lse₂ = +inf: its P is 0), and
+//         the fp32 dQ accumulator [B·Hq, Sq padded, D] set to zero.
+//   dkdv  grid (⌈Sk / 128⌉, B·Hkv): 128 resident keys (K, V) a block, over every 64-row query tile
+//         of every query head of its K/V head's group (GQA sums dK, dV over the group in
+//         registers). Warpgroup 0 is the producer (Q, dO, lse₂, Δ of each query tile into a ring
+//         of stages, cp.async + mbarriers, as in the forward); warpgroups 1 and 2 each own 64
+//         keys and compute, per query tile,
+//             Sᵀ  = K·Qᵀ,  dPᵀ = V·dOᵀ          (wgmma, both operands in shared memory)
+//             Pᵀ  = exp2(s·log2e·Sᵀ − lse₂),  dSᵀ = Pᵀ ∘ (dPᵀ − Δ)
+//             dV += Pᵀ·dO,  dK += dSᵀ·Q         (wgmma, Pᵀ and dSᵀ from registers)
+//             dQ += dS·K                        (wgmma: dSᵀ goes through shared memory, read
+//                                                transposed; fp32 atomics into the accumulator)
+//   dq    grid (⌈Sq / 64⌉, B·Hq): dQ = s · accumulator, in the element type.
+//
+// Five tile products per (query tile, key block), FlashAttention-2/3's count, against seven for the
+// deterministic sm_80 pair (bwd_sm80_mma_sync.cuh), which recomputes S and dP to own dQ; the price
+// is that the order of dQ's fp32 additions varies from run to run (torch's deterministic mode
+// takes the sm_80 kernels: compiler/microkernels.py select_attention_backward).
+//
+// dQ's product: each consumer stores its dSᵀ (64 keys × 64 queries) into one 128-key tile, swizzled
+// like every operand here; after a named barrier of both consumers, each multiplies the whole
+// 128-key dS by K's 64 head-dim columns of its own (head dim 128), or, at head dim 64, its own 64
+// keys of dS by all of K's columns. Two dS tiles alternate, so one barrier per query tile
+// suffices: a consumer passes the barrier of tile t only after its dQ product of tile t − 1 has
+// completed, the last reader of the buffer tile t + 1 overwrites.
+//
+// Causal masking is top-left (key > query masked), as in the forward: a key block starts at the
+// query tile holding its first key, and only tiles across the diagonal are masked. Ragged tails
+// need no mask on the query side (rows past Sq are zero in Q and dO and have P = 0 through lse₂),
+// and one on the key side only in the last block (a key past Sk has zero K and V rows but a
+// non-zero P, which must not reach dQ as inf · 0).
+#pragma once
+
+#include "fwd_sm90_wgmma.cuh"  // mbarriers, operand descriptors, load_tile, Wgmma wrappers
+
+namespace flashmlir {
+namespace sm90 {
+
+template <typename T, int kD, int kStages>
+struct BwdSm90Config {
+  static constexpr int kBlockM = 64;        // query rows per streamed tile
+  static constexpr int kBlockN = 128;       // resident keys: two consumers × 64
+  static constexpr int kThreads = 3 * 128;  // producer + two consumers
+  static constexpr int kPrepThreads = 256;  // prep and dq kernels: 8 warps over kBlockM rows
+  static constexpr int kProducerRegisters = 32;
+  static constexpr int kConsumerRegisters = 232;
+  static constexpr int kTileBytesKV = kBlockN * kD * 2;
+  static constexpr int kTileBytesQ = kBlockM * kD * 2;  // Q or dO
+  static constexpr int kTileBytesDs = kBlockN * kBlockM * 2;
+  static constexpr int kStatsBytes = 2 * kBlockM * 4;  // lse₂ and Δ of a query tile's rows
+  static constexpr int kOffsetV = kTileBytesKV;
+  static constexpr int kOffsetQ = 2 * kTileBytesKV;
+  static constexpr int kOffsetDo = kOffsetQ + kStages * kTileBytesQ;
+  static constexpr int kOffsetDs = kOffsetDo + kStages * kTileBytesQ;
+  static constexpr int kOffsetStats = kOffsetDs + 2 * kTileBytesDs;
+  static constexpr int kOffsetBarriers = kOffsetStats + kStages * kStatsBytes;
+  static constexpr int kBarriers = 1 + 2 * kStages;  // K and V landed; per stage full and empty
+  static constexpr int kSharedBytes = kOffsetBarriers + 8 * kBarriers + 1024;  // + alignment slack
+  // dQ's product per consumer: 64 head-dim columns over all 128 keys (head dim 128), or all 64
+  // columns over its own 64 keys (head dim 64); m64n64 either way.
+  static constexpr bool kSplitColumns = kD == 128;
+  static constexpr int kDqKeys = kSplitColumns ? kBlockN : 64;
+  static_assert(kD == 64 || kD == 128, "the sm_90 backward takes head dim 64 or 128");
+  // Per consumer thread: dK, dV (kD / 2 each), Sᵀ and dPᵀ (32 each); dQ reuses Sᵀ's.
+  static_assert(kD + 64 <= 200, "too many accumulators for the consumers");
+};
+
+// Rows a padded sequence has: whole query tiles (the prep kernel's statistics and the accumulator).
+__device__ __forceinline__ int padded_rows(int seq_q) { return (seq_q + 63) / 64 * 64; }
+
+// lse in the exp2 domain; +inf for a row that attended to nothing (lse = -inf) or past the end, so that its P is 0.
+__device__ __forceinline__ float lse_exp2_domain(float lse) { return lse == kNegInf ? -kNegInf : lse * kLog2e; }
+
+// ---- prep: Δ, lse₂, zeroed dQ accumulator -----------------------------------------------------------
+template <typename T, int kD>
+__device__ __forceinline__ void attention_bwd_prep_sm90(const T* __restrict__ o, const T* __restrict__ d_o,
+                                                        const float* __restrict__ lse, float* __restrict__ lse2,
+                                                        float* __restrict__ delta, float* __restrict__ dq_accum,
+                                                        int seq_q) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t bh = blockIdx.y;
+  const int padded = padded_rows(seq_q);
+  for (int r = warp; r < 64; r += blockDim.x / 32) {
+    const int row = blockIdx.x * 64 + r;
+    const int64_t at = bh * seq_q + row, padded_at = bh * padded + row;
+    float sum = 0.f;
+    if (row < seq_q) {
+      for (int d = lane * 2; d < kD; d += 64) {
+        const int64_t e = at * kD + d;
+        sum += static_cast<float>(o[e]) * static_cast<float>(d_o[e]) +
+               static_cast<float>(o[e + 1]) * static_cast<float>(d_o[e + 1]);
+      }
+    }
+#pragma unroll
+    for (int m = 16; m >= 1; m /= 2) sum += __shfl_xor_sync(0xffffffff, sum, m);
+    if (lane == 0) {
+      delta[padded_at] = sum;
+      lse2[padded_at] = row < seq_q ? lse_exp2_domain(lse[at]) : -kNegInf;
+    }
+    for (int d = lane * 4; d < kD; d += 128)
+      *reinterpret_cast<float4*>(dq_accum + padded_at * kD + d) = make_float4(0.f, 0.f, 0.f, 0.f);
+  }
+}
+
+// ---- dq: dQ = s · accumulator -----------------------------------------------------------------------
+template <typename T, int kD>
+__device__ __forceinline__ void attention_bwd_dq_sm90(const float* __restrict__ dq_accum, T* __restrict__ dq,
+                                                      int seq_q, float scale) {
+  const int64_t bh = blockIdx.y;
+  const int row0 = blockIdx.x * 64, rows = min(64, seq_q - row0);
+  const float* src = dq_accum + (bh * padded_rows(seq_q) + row0) * kD;
+  T* dst = dq + (bh * seq_q + row0) * kD;
+  for (int i = threadIdx.x * 4; i < rows * kD; i += blockDim.x * 4) {
+    const float4 x = *reinterpret_cast<const float4*>(src + i);
+    uint2 packed;
+    packed.x = Element<T>::pack(x.x * scale, x.y * scale);
+    packed.y = Element<T>::pack(x.z * scale, x.w * scale);
+    *reinterpret_cast<uint2*>(dst + i) = packed;
+  }
+}
+
+// ---- dkdv: dK, dV of 128 keys, and their share of dQ ------------------------------------------------
+template <typename T, int kD, int kStages>
+__device__ __forceinline__ void attention_bwd_dkdv_sm90(const T* __restrict__ q, const T* __restrict__ k,
+                                                        const T* __restrict__ v, const T* __restrict__ d_o,
+                                                        const float* __restrict__ lse2,
+                                                        const float* __restrict__ delta,
+                                                        float* __restrict__ dq_accum, T* __restrict__ dk,
+                                                        T* __restrict__ dv, int group, int seq_q, int seq_k,
+                                                        float scale, bool causal) {
+  using Cfg = BwdSm90Config<T, kD, kStages>;
+  using E = Element<T>;
+  constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN;
+  extern __shared__ unsigned char shared[];
+
+  const uint32_t raw = smem_address(shared);
+  const uint32_t base = (raw + 1023) & ~1023u;
+  const unsigned char* shared_base = shared + (base - raw);  // generic view of the aligned base
+  const uint32_t tile_k = base, tile_v = base + Cfg::kOffsetV;
+  auto tile_q = [&](int stage) { return base + Cfg::kOffsetQ + stage * Cfg::kTileBytesQ; };
+  auto tile_do = [&](int stage) { return base + Cfg::kOffsetDo + stage * Cfg::kTileBytesQ; };
+  auto tile_ds = [&](int buffer) { return base + Cfg::kOffsetDs + buffer * Cfg::kTileBytesDs; };
+  auto stats = [&](int stage) {
+    return reinterpret_cast<const float*>(shared_base + Cfg::kOffsetStats + stage * Cfg::kStatsBytes);
+  };
+  const uint32_t bar_kv = base + Cfg::kOffsetBarriers;
+  auto full = [&](int stage) { return bar_kv + 8 * (1 + stage); };
+  auto empty = [&](int stage) { return bar_kv + 8 * (1 + kStages + stage); };
+
+  const int k0 = blockIdx.x * kBlockN;
+  const int64_t bh_kv = blockIdx.y;
+  const int padded = padded_rows(seq_q);
+  // Work items: (query head of the group, query tile); causal: from the tile holding key k0 on.
+  const int q_tiles = padded / kBlockM;
+  const int first = causal ? min(q_tiles, k0 / kBlockM) : 0;
+  const int per_head = q_tiles - first;
+  const int items = group * per_head;
+
+  const int warpgroup = threadIdx.x / 128;
+  if (threadIdx.x == 0) {
+    mbarrier_init(bar_kv, 128);
+    for (int s = 0; s < kStages; ++s) {
+      mbarrier_init(full(s), 128);  // every producer thread's copies
+      mbarrier_init(empty(s), 8);   // one arrival per consumer warp
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  if (warpgroup == 0) {
+    // Producer: K and V once, then each item's Q, dO tiles and the rows' lse₂, Δ (16-byte copies of
+    // the padded statistics: threads 0-15 lse₂, 16-31 Δ) into the item's stage.
+    release_registers<Cfg::kProducerRegisters>();
+    const int thread = threadIdx.x;
+    load_tile<T, kBlockN, kD>(tile_k, k + bh_kv * seq_k * kD, k0, seq_k, thread);
+    load_tile<T, kBlockN, kD>(tile_v, v + bh_kv * seq_k * kD, k0, seq_k, thread);
+    mbarrier_arrive_on_copies(bar_kv);
+    for (int t = 0; t < items; ++t) {
+      const int stage = t % kStages;
+      const int64_t bh = bh_kv * group + t / per_head;
+      const int row0 = (first + t % per_head) * kBlockM;
+      mbarrier_wait(empty(stage), ((t / kStages) & 1) ^ 1);  // the first use finds every stage free
+      load_tile<T, kBlockM, kD>(tile_q(stage), q + bh * seq_q * kD, row0, seq_q, thread);
+      load_tile<T, kBlockM, kD>(tile_do(stage), d_o + bh * seq_q * kD, row0, seq_q, thread);
+      if (thread < 32) {
+        const float* src = (thread < 16 ? lse2 : delta) + bh * padded + row0 + (thread % 16) * 4;
+        cp_async_16(base + Cfg::kOffsetStats + stage * Cfg::kStatsBytes + thread * 16, src, 16);
+      }
+      mbarrier_arrive_on_copies(full(stage));
+    }
+    asm volatile("cp.async.wait_all;\n" ::: "memory");
+    return;
+  }
+
+  // Consumers: 64 keys each.
+  claim_registers<Cfg::kConsumerRegisters>();
+  const int consumer = warpgroup - 1;
+  const int thread = threadIdx.x % 128, warp = thread / 32, lane = thread % 32;
+  const int key_base = k0 + consumer * 64;                   // this consumer's first key
+  const int lane_key = key_base + warp * 16 + lane / 4;      // this thread's keys: lane_key, lane_key + 8
+  const float scale_log2 = scale * kLog2e;
+
+  float acc_dk[kD / 2], acc_dv[kD / 2];
+#pragma unroll
+  for (int i = 0; i < kD / 2; ++i) acc_dk[i] = acc_dv[i] = 0.f;
+  float s[32], dp[32];  // Sᵀ and dPᵀ: 64 keys × 64 queries; s then holds dQ's share
+  using Fragments = uint32_t[4][4];  // m64k16 A fragments over the 64 queries
+  Fragments p_frag, ds_frag;
+
+  // Operand descriptors (low words; see fwd_sm90_wgmma.cuh `operand_low`). K-major: this consumer's
+  // 64 rows of K and V (A of Sᵀ, dPᵀ), the stage's Q and dO (B of Sᵀ, dPᵀ); k16 steps are 32 bytes
+  // along a 64-element panel, panels rows · 128 bytes apart. MN-major: Q and dO as the B of
+  // dK, dV, K as the B of dQ, and dS as its A (k16 steps: 16 rows, 2048 bytes).
+  const uint32_t k_rows = operand_low(tile_k + consumer * 64 * 128, 16);
+  const uint32_t v_rows = operand_low(tile_v + consumer * 64 * 128, 16);
+  constexpr uint32_t kQStageStep = Cfg::kTileBytesQ >> 4;
+  const uint32_t q_rows = operand_low(tile_q(0), 16), do_rows = operand_low(tile_do(0), 16);
+  const uint32_t q_mn = operand_low(tile_q(0), kBlockM * 128), do_mn = operand_low(tile_do(0), kBlockM * 128);
+  // dQ's B: K's panel `consumer` over all keys (head dim 128), or K's one panel from this
+  // consumer's keys on (head dim 64); A: the dS tile from the same key row.
+  const uint32_t dq_key_row = Cfg::kSplitColumns ? 0 : consumer * 64;
+  const uint32_t k_mn = operand_low(tile_k + (Cfg::kSplitColumns ? consumer * kBlockN * 128 : 0) + dq_key_row * 128,
+                                    kBlockN * 128);
+  const uint32_t ds_mn = operand_low(tile_ds(0) + dq_key_row * 128, kBlockN * 128);
+  constexpr uint32_t kDsStep = Cfg::kTileBytesDs >> 4;
+  const int dq_col0 = Cfg::kSplitColumns ? consumer * 64 : 0;
+
+  mbarrier_wait(bar_kv, 0);
+  for (int t = 0; t < items; ++t) {
+    const int stage = t % kStages, buffer = t & 1;
+    const int64_t bh = bh_kv * group + t / per_head;
+    const int row0 = (first + t % per_head) * kBlockM;
+    mbarrier_wait(full(stage), (t / kStages) & 1);
+    fence_proxy_async();
+
+    // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ.
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      const uint32_t column = ((kk % 4) * 32) >> 4;
+      const uint32_t a_panel = ((kk / 4) * kBlockN * 128) >> 4, b_panel = ((kk / 4) * kBlockM * 128) >> 4;
+      Wgmma<T, 64>::ss(s, operand(k_rows + a_panel + column),
+                       operand(q_rows + stage * kQStageStep + b_panel + column), kk > 0);
+    }
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      const uint32_t column = ((kk % 4) * 32) >> 4;
+      const uint32_t a_panel = ((kk / 4) * kBlockN * 128) >> 4, b_panel = ((kk / 4) * kBlockM * 128) >> 4;
+      Wgmma<T, 64>::ss(dp, operand(v_rows + a_panel + column),
+                       operand(do_rows + stage * kQStageStep + b_panel + column), kk > 0);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_registers(s);
+    fence_registers(dp);
+
+    // Pᵀ and dSᵀ; accumulator i holds key lane_key + 8·((i / 2) % 2), query row0 + col(i).
+    const float* lse2_tile = stats(stage);
+    const float* delta_tile = lse2_tile + kBlockM;
+    const bool masked = (causal && key_base + 63 > row0) || key_base + 64 > seq_k;
+#pragma unroll
+    for (int i = 0; i < 32; ++i) {
+      const int col = (i / 4) * 8 + (lane % 4) * 2 + (i & 1);
+      float p = fast_exp2(fmaf(s[i], scale_log2, -lse2_tile[col]));
+      if (masked) {
+        const int key = lane_key + 8 * ((i / 2) & 1);
+        if (key >= seq_k || (causal && key > row0 + col)) p = 0.f;
+      }
+      s[i] = p;
+      dp[i] = p * (dp[i] - delta_tile[col]);
+    }
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        p_frag[kk][r] = E::pack(s[8 * kk + 2 * r], s[8 * kk + 2 * r + 1]);
+        ds_frag[kk][r] = E::pack(dp[8 * kk + 2 * r], dp[8 * kk + 2 * r + 1]);
+      }
+
+    // dV += Pᵀ·dO, dK += dSᵀ·Q.
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk)
+      Wgmma<T, kD>::rs(acc_dv, p_frag[kk], operand(do_mn + stage * kQStageStep + kk * (2048 >> 4)));
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk)
+      Wgmma<T, kD>::rs(acc_dk, ds_frag[kk], operand(q_mn + stage * kQStageStep + kk * (2048 >> 4)));
+    wgmma_commit();
+
+    // dSᵀ into the buffer's tile (key rows, 64 query columns: one 128-byte swizzled row a key): the
+    // fragment word [kk][r] holds key lane_key + 8·(r % 2), queries 16·kk + 8·(r / 2) + 2·(lane % 4) + {0, 1}.
+    {
+      const uint32_t tile = tile_ds(buffer);
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const int row = consumer * 64 + warp * 16 + lane / 4 + 8 * (r & 1);
+          const int chunk = 2 * kk + (r >> 1);
+          const uint32_t at = tile + row * 128 + ((chunk ^ (row & 7)) << 4) + (lane % 4) * 4;
+          asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(at), "r"(ds_frag[kk][r]) : "memory");
+        }
+    }
+    fence_proxy_async();                      // generic stores, read next by wgmma
+    named_barrier_sync(1, 256);               // both consumers' dSᵀ are in the tile
+
+    // This consumer's share of dQ (64 queries × 64 columns), into s.
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < Cfg::kDqKeys / 16; ++kk)
+      Wgmma<T, 64>::ss_mn(s, operand(ds_mn + buffer * kDsStep + kk * (2048 >> 4)),
+                          operand(k_mn + kk * (2048 >> 4)), kk > 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_registers(s);
+    fence_registers(acc_dk);
+    fence_registers(acc_dv);
+    if (lane == 0) mbarrier_arrive(empty(stage));  // Q, dO and the statistics are read
+
+    // Accumulator i: query row0 + warp·16 + lane / 4 + 8·((i / 2) % 2), column dq_col0 + col(i).
+    float* out = dq_accum + (bh * padded + row0 + warp * 16 + lane / 4) * kD + dq_col0 + (lane % 4) * 2;
+#pragma unroll
+    for (int i = 0; i < 32; i += 2)
+      atomicAdd(reinterpret_cast<float2*>(out + 8 * ((i / 2) & 1) * kD + (i / 4) * 8), make_float2(s[i], s[i + 1]));
+  }
+
+  // dK = s · Σ dSᵀ·Q, dV = Σ Pᵀ·dO, for the keys that exist.
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int key = lane_key + 8 * h;
+    if (key >= seq_k) continue;
+    T* dk_row = dk + (bh_kv * seq_k + key) * kD + (lane % 4) * 2;
+    T* dv_row = dv + (bh_kv * seq_k + key) * kD + (lane % 4) * 2;
+#pragma unroll
+    for (int c = 0; c < kD / 8; ++c) {
+      *reinterpret_cast<uint32_t*>(dk_row + c * 8) = E::pack(acc_dk[4 * c + 2 * h] * scale, acc_dk[4 * c + 2 * h + 1] * scale);
+      *reinterpret_cast<uint32_t*>(dv_row + c * 8) = E::pack(acc_dv[4 * c + 2 * h], acc_dv[4 * c + 2 * h + 1]);
+    }
+  }
+}
+
+}  // namespace sm90
+}  // namespace flashmlir
