@@ -10,8 +10,8 @@
 //          flashmlir_attention_bwd_sm90_<f16|bf16>_d<D>_dkdv  (q, k, v, do, lse2, delta, dq_accum, dk, dv, constants)
 //          flashmlir_attention_bwd_sm90_<f16|bf16>_d<D>_dq    (dq_accum, dq, constants)
 // constants group (Hq / Hkv), seq_q, seq_k, scale (f32 bits), causal (0 or 1), batch_heads (B·Hq)
-// lse is float32 [B·Hq, Sq]; lse2 and delta float32 [B·Hq, Sq padded to 64]; dq_accum float32
-// [B·Hq, Sq padded to 64, D]. Grids: prep and dq (⌈Sq / 64⌉, B·Hq) of 256 threads, dkdv
+// lse is float32 [B·Hq, Sq]; lse2 and delta float32 [B·Hq, Sq padded to 64]; dq_accum float32,
+// B·Hq · (Sq padded to 64) · D of them in 64 × 64 blocks (bwd_sm90_wgmma.cuh kDqBlock). Grids: prep and dq (⌈Sq / 64⌉, B·Hq) of 256 threads, dkdv
 // (⌈Sk / 128⌉, B·Hkv) of 384 threads.
 #include "bwd_sm90_wgmma.cuh"
 #include "kernel_entry.cuh"

@@ -1,9 +1,9 @@
 // Flash-attention backward for sm_90a (Hopper): FlashAttention-3's partitioning on WGMMA, with dQ
-// accumulated by fp32 atomics. Three kernels, one after another on a stream:
+// summed in fp32 by the bulk copy engine's reductions. Three kernels, one after another on a stream:
 //
 //   prep  grid (⌈Sq / 64⌉, B·Hq): Δ = rowsum(dO ∘ O) and lse in the exp2 domain, per query row of
 //         a sequence padded to whole 64-row tiles (a padded row gets lse₂ = +inf: its P is 0), and
-//         the fp32 dQ accumulator [B·Hq, Sq padded, D] set to zero.
+//         the fp32 dQ accumulator (kDqBlock's layout) set to zero.
 //   dkdv  grid (⌈Sk / 128⌉, B·Hkv): 128 resident keys (K, V) a block, over every 64-row query tile
 //         of every query head of its K/V head's group (GQA sums dK, dV over the group in
 //         registers). Warpgroup 0 is the producer (Q, dO, lse₂, Δ of each query tile into a ring
@@ -13,20 +13,26 @@
 //             Pᵀ  = exp2(s·log2e·Sᵀ − lse₂),  dSᵀ = Pᵀ ∘ (dPᵀ − Δ)
 //             dV += Pᵀ·dO,  dK += dSᵀ·Q         (wgmma, Pᵀ and dSᵀ from registers)
 //             dQ += dS·K                        (wgmma: dSᵀ goes through shared memory, read
-//                                                transposed; fp32 atomics into the accumulator)
-//   dq    grid (⌈Sq / 64⌉, B·Hq): dQ = s · accumulator, in the element type.
+//                                                transposed; the fp32 product is staged in shared
+//                                                memory and added into the accumulator by one
+//                                                cp.reduce.async.bulk of 16 KB)
+//   dq    grid (⌈Sq / 64⌉, B·Hq): dQ = s · accumulator, in the element type and row-major order.
 //
 // Five tile products per (query tile, key block), FlashAttention-2/3's count, against seven for the
 // deterministic sm_80 pair (bwd_sm80_mma_sync.cuh), which recomputes S and dP to own dQ; the price
 // is that the order of dQ's fp32 additions varies from run to run (torch's deterministic mode
-// takes the sm_80 kernels: compiler/microkernels.py select_attention_backward).
+// takes the sm_80 kernels: compiler/microkernels.py select_attention_backward). The copy engine's
+// reduction replaced per-thread float2 atomics (16 a thread a tile): +13-40% end to end
+// (benchmarks/results/h100-2026-11-25-sm90-backward-ab.md), the consumers no longer wait on them.
 //
 // dQ's product: each consumer stores its dSᵀ (64 keys × 64 queries) into one 128-key tile, swizzled
 // like every operand here; after a named barrier of both consumers, each multiplies the whole
 // 128-key dS by K's 64 head-dim columns of its own (head dim 128), or, at head dim 64, its own 64
 // keys of dS by all of K's columns. Two dS tiles alternate, so one barrier per query tile
 // suffices: a consumer passes the barrier of tile t only after its dQ product of tile t − 1 has
-// completed, the last reader of the buffer tile t + 1 overwrites.
+// completed, the last reader of the buffer tile t + 1 overwrites. (Each consumer taking its own
+// keys at head dim 128 too, in two m64n64 passes, needs no shared barrier but twice the dQ
+// additions: 30% slower with atomics, same A/B.)
 //
 // Causal masking is top-left (key > query masked), as in the forward: a key block starts at the
 // query tile holding its first key, and only tiles across the diagonal are masked. Ragged tails
@@ -57,7 +63,9 @@ struct BwdSm90Config {
   static constexpr int kOffsetDo = kOffsetQ + kStages * kTileBytesQ;
   static constexpr int kOffsetDs = kOffsetDo + kStages * kTileBytesQ;
   static constexpr int kOffsetStats = kOffsetDs + 2 * kTileBytesDs;
-  static constexpr int kOffsetBarriers = kOffsetStats + kStages * kStatsBytes;
+  static constexpr int kTileBytesDq = 64 * 64 * 4;  // a consumer's fp32 dQ share, staged for the bulk reduction
+  static constexpr int kOffsetDq = kOffsetStats + kStages * kStatsBytes;
+  static constexpr int kOffsetBarriers = kOffsetDq + 2 * kTileBytesDq;
   static constexpr int kBarriers = 1 + 2 * kStages;  // K and V landed; per stage full and empty
   static constexpr int kSharedBytes = kOffsetBarriers + 8 * kBarriers + 1024;  // + alignment slack
   // dQ's product per consumer: 64 head-dim columns over all 128 keys (head dim 128), or all 64
@@ -68,6 +76,25 @@ struct BwdSm90Config {
   // Per consumer thread: dK, dV (kD / 2 each), Sᵀ and dPᵀ (32 each); dQ reuses Sᵀ's.
   static_assert(kD + 64 <= 200, "too many accumulators for the consumers");
 };
+
+// The bulk copy engine's reduction (sm_90): dst[i] += src[i] over `bytes` of fp32, read from shared
+// memory asynchronously; a bulk group per issuing thread tracks it.
+__device__ __forceinline__ void bulk_reduce_add(float* dst, uint32_t src, uint32_t bytes) {
+  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(dst), "r"(src),
+               "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+// The issuing thread's bulk groups have read their shared memory (it may be written again).
+__device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
+__device__ __forceinline__ void bulk_wait() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
+
+// The dQ accumulator's layout: [B·Hq, query tile, D / 64 column blocks, 4096] fp32, each 64 × 64 block
+// in the order a consumer's m64n64 accumulators sit in its registers, float4 j of thread t at
+// 4 · (128 j + t) (conflict-free staging stores; the bulk reduction adds a block as one run of
+// bytes): element r of it is row 16 · (t / 32) + (t % 32) / 4 + 8 · (r / 2), column
+// 8 j + 2 · (t % 4) + r % 2 of the block.
+constexpr int kDqBlock = 64 * 64;
 
 // Rows a padded sequence has: whole query tiles (the prep kernel's statistics and the accumulator).
 __device__ __forceinline__ int padded_rows(int seq_q) { return (seq_q + 63) / 64 * 64; }
@@ -106,20 +133,21 @@ __device__ __forceinline__ void attention_bwd_prep_sm90(const T* __restrict__ o,
   }
 }
 
-// ---- dq: dQ = s · accumulator -----------------------------------------------------------------------
+// ---- dq: dQ = s · accumulator, back from the accumulator's block order -------------------------------
 template <typename T, int kD>
 __device__ __forceinline__ void attention_bwd_dq_sm90(const float* __restrict__ dq_accum, T* __restrict__ dq,
                                                       int seq_q, float scale) {
   const int64_t bh = blockIdx.y;
-  const int row0 = blockIdx.x * 64, rows = min(64, seq_q - row0);
-  const float* src = dq_accum + (bh * padded_rows(seq_q) + row0) * kD;
-  T* dst = dq + (bh * seq_q + row0) * kD;
-  for (int i = threadIdx.x * 4; i < rows * kD; i += blockDim.x * 4) {
-    const float4 x = *reinterpret_cast<const float4*>(src + i);
-    uint2 packed;
-    packed.x = Element<T>::pack(x.x * scale, x.y * scale);
-    packed.y = Element<T>::pack(x.z * scale, x.w * scale);
-    *reinterpret_cast<uint2*>(dst + i) = packed;
+  const int tile = blockIdx.x, row0 = tile * 64;
+  const float* src = dq_accum + (bh * (padded_rows(seq_q) / 64) + tile) * (kD / 64) * kDqBlock;
+  for (int f = threadIdx.x; f < kD / 64 * kDqBlock / 4; f += blockDim.x) {
+    const int block = f / (kDqBlock / 4), j = (f / 128) % 8, t = f % 128;
+    const int row = row0 + 16 * (t / 32) + (t % 32) / 4, col = 64 * block + 8 * j + 2 * (t % 4);
+    const float4 x = *reinterpret_cast<const float4*>(src + 4 * f);
+    if (row < seq_q)
+      *reinterpret_cast<uint32_t*>(dq + (bh * seq_q + row) * kD + col) = Element<T>::pack(x.x * scale, x.y * scale);
+    if (row + 8 < seq_q)
+      *reinterpret_cast<uint32_t*>(dq + (bh * seq_q + row + 8) * kD + col) = Element<T>::pack(x.z * scale, x.w * scale);
   }
 }
 
@@ -228,6 +256,7 @@ __device__ __forceinline__ void attention_bwd_dkdv_sm90(const T* __restrict__ q,
   const uint32_t ds_mn = operand_low(tile_ds(0) + dq_key_row * 128, kBlockN * 128);
   constexpr uint32_t kDsStep = Cfg::kTileBytesDs >> 4;
   const int dq_col0 = Cfg::kSplitColumns ? consumer * 64 : 0;
+  const uint32_t dq_stage = base + Cfg::kOffsetDq + consumer * Cfg::kTileBytesDq;
 
   mbarrier_wait(bar_kv, 0);
   for (int t = 0; t < items; ++t) {
@@ -305,8 +334,13 @@ __device__ __forceinline__ void attention_bwd_dkdv_sm90(const T* __restrict__ q,
           asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(at), "r"(ds_frag[kk][r]) : "memory");
         }
     }
-    fence_proxy_async();                      // generic stores, read next by wgmma
-    named_barrier_sync(1, 256);               // both consumers' dSᵀ are in the tile
+    if (thread == 0) bulk_wait_read();  // the last tile's dQ reduction has read the staging tile
+    fence_proxy_async();                 // generic stores, read next by wgmma
+    if constexpr (Cfg::kSplitColumns) {
+      named_barrier_sync(1, 256);  // both consumers' dSᵀ are in the tile
+    } else {
+      named_barrier_sync(1 + consumer, 128);  // this consumer's
+    }
 
     // This consumer's share of dQ (64 queries × 64 columns), into s.
     wgmma_fence();
@@ -321,12 +355,21 @@ __device__ __forceinline__ void attention_bwd_dkdv_sm90(const T* __restrict__ q,
     fence_registers(acc_dv);
     if (lane == 0) mbarrier_arrive(empty(stage));  // Q, dO and the statistics are read
 
-    // Accumulator i: query row0 + warp·16 + lane / 4 + 8·((i / 2) % 2), column dq_col0 + col(i).
-    float* out = dq_accum + (bh * padded + row0 + warp * 16 + lane / 4) * kD + dq_col0 + (lane % 4) * 2;
+    // Staged in the accumulator's block order, then added by the copy engine (one 16 KB run).
 #pragma unroll
-    for (int i = 0; i < 32; i += 2)
-      atomicAdd(reinterpret_cast<float2*>(out + 8 * ((i / 2) & 1) * kD + (i / 4) * 8), make_float2(s[i], s[i + 1]));
+    for (int j = 0; j < 8; ++j)
+      asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(dq_stage + (128 * j + thread) * 16),
+                   "f"(s[4 * j]), "f"(s[4 * j + 1]), "f"(s[4 * j + 2]), "f"(s[4 * j + 3])
+                   : "memory");
+    fence_proxy_async();
+    named_barrier_sync(3 + consumer, 128);
+    if (thread == 0) {
+      bulk_reduce_add(dq_accum + ((bh * q_tiles + row0 / kBlockM) * (kD / 64) + dq_col0 / 64) * kDqBlock, dq_stage,
+                      Cfg::kTileBytesDq);
+      bulk_commit();
+    }
   }
+  if (thread == 0) bulk_wait();
 
   // dK = s · Σ dSᵀ·Q, dV = Σ Pᵀ·dO, for the keys that exist.
 #pragma unroll
