@@ -58,7 +58,7 @@ class BackendOptions:
     # What compiles the graph around attention: "iree" (the whole graph, attention by our passes),
     # "inductor" (attention as the library's kernels for the device, called from the graph Inductor
     # compiles; CUDA only), or "auto": inductor on CUDA, iree on the CPU — the measured default
-    # (benchmarks/results/h100-2026-11-24-train-gpt2.md; on the CPU our kernels exist only inside
+    # (benchmarks/results/h100-2026-11-25-train-gpt2.md; on the CPU our kernels exist only inside
     # IREE). A target named explicitly means IREE code for that target: auto is then "iree".
     rest: str = "auto"
 

@@ -193,7 +193,7 @@ __device__ __forceinline__ void attention_bwd_dkdv_sm90(const T* __restrict__ q,
     mbarrier_init(bar_kv, 128);
     for (int s = 0; s < kStages; ++s) {
       mbarrier_init(full(s), 128);  // every producer thread's copies
-      mbarrier_init(empty(s), 8);   // one arrival per consumer warp
+      mbarrier_init(empty(s), 256);  // every consumer thread: each read lse₂, Δ itself
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
@@ -353,7 +353,9 @@ __device__ __forceinline__ void attention_bwd_dkdv_sm90(const T* __restrict__ q,
     fence_registers(s);
     fence_registers(acc_dk);
     fence_registers(acc_dv);
-    if (lane == 0) mbarrier_arrive(empty(stage));  // Q, dO and the statistics are read
+    // Q, dO and the statistics are read. Every thread arrives (releasing its own loads of lse₂ and Δ
+    // before the producer's next copies into the stage; a warp's lane 0 alone would not order them).
+    mbarrier_arrive(empty(stage));
 
     // Staged in the accumulator's block order, then added by the copy engine (one 16 KB run).
 #pragma unroll
