@@ -22,6 +22,7 @@
 // A fragments and B read with ldmatrix.trans (O += P·V).
 #pragma once
 
+#include "backward_rows.cuh"  // lse_log2, warp_row_delta
 #include "mma_sm80.cuh"
 
 namespace flashmlir {
@@ -80,9 +81,6 @@ __device__ __forceinline__ void zero(float (&c)[kN][4]) {
 #pragma unroll
   for (int n = 0; n < kN; ++n) c[n][0] = c[n][1] = c[n][2] = c[n][3] = 0.f;
 }
-
-// lse in the exp2 domain, and +inf for a row that attended to nothing (lse = -inf), so that its P is 0.
-__device__ __forceinline__ float lse_log2(float lse) { return lse == kNegInf ? -kNegInf : lse * kLog2e; }
 
 // Rows of a [rows, kD] matrix written from accumulators (scaled), where the row exists.
 template <typename T, int kD>
@@ -160,16 +158,7 @@ __device__ __forceinline__ void attention_bwd_dq_sm80(const T* __restrict__ q, c
   // while the tiles are in flight; written out for the dkdv kernel.
   for (int r = warp; r < kRows; r += kWarps) {
     const int row = q0 + r;
-    float sum = 0.f;
-    if (row < seq_q) {
-      for (int d = lane * 2; d < kD; d += 64) {
-        const int64_t at = static_cast<int64_t>(row) * kD + d;
-        sum += static_cast<float>(ob[at]) * static_cast<float>(dob[at]) +
-               static_cast<float>(ob[at + 1]) * static_cast<float>(dob[at + 1]);
-      }
-    }
-#pragma unroll
-    for (int m = 16; m >= 1; m /= 2) sum += __shfl_xor_sync(0xffffffff, sum, m);
+    const float sum = row < seq_q ? warp_row_delta<T, kD>(ob, dob, static_cast<int64_t>(row) * kD, lane) : 0.f;
     if (lane == 0) {
       row_delta[r] = sum;
       row_lse2[r] = row < seq_q ? lse_log2(lse[bh * seq_q + row]) : -kNegInf;

@@ -41,6 +41,7 @@
 // non-zero P, which must not reach dQ as inf · 0).
 #pragma once
 
+#include "backward_rows.cuh"   // lse_log2, warp_row_delta
 #include "fwd_sm90_wgmma.cuh"  // mbarriers, operand descriptors, load_tile, Wgmma wrappers
 
 namespace flashmlir {
@@ -99,9 +100,6 @@ constexpr int kDqBlock = 64 * 64;
 // Rows a padded sequence has: whole query tiles (the prep kernel's statistics and the accumulator).
 __device__ __forceinline__ int padded_rows(int seq_q) { return (seq_q + 63) / 64 * 64; }
 
-// lse in the exp2 domain; +inf for a row that attended to nothing (lse = -inf) or past the end, so that its P is 0.
-__device__ __forceinline__ float lse_exp2_domain(float lse) { return lse == kNegInf ? -kNegInf : lse * kLog2e; }
-
 // ---- prep: Δ, lse₂, zeroed dQ accumulator -----------------------------------------------------------
 template <typename T, int kD>
 __device__ __forceinline__ void attention_bwd_prep_sm90(const T* __restrict__ o, const T* __restrict__ d_o,
@@ -114,19 +112,10 @@ __device__ __forceinline__ void attention_bwd_prep_sm90(const T* __restrict__ o,
   for (int r = warp; r < 64; r += blockDim.x / 32) {
     const int row = blockIdx.x * 64 + r;
     const int64_t at = bh * seq_q + row, padded_at = bh * padded + row;
-    float sum = 0.f;
-    if (row < seq_q) {
-      for (int d = lane * 2; d < kD; d += 64) {
-        const int64_t e = at * kD + d;
-        sum += static_cast<float>(o[e]) * static_cast<float>(d_o[e]) +
-               static_cast<float>(o[e + 1]) * static_cast<float>(d_o[e + 1]);
-      }
-    }
-#pragma unroll
-    for (int m = 16; m >= 1; m /= 2) sum += __shfl_xor_sync(0xffffffff, sum, m);
-    if (lane == 0) {
+    const float sum = row < seq_q ? warp_row_delta<T, kD>(o, d_o, at * kD, lane) : 0.f;
+    if (lane == 0) {  // a padded row: Δ 0, lse₂ +inf (P = 0)
       delta[padded_at] = sum;
-      lse2[padded_at] = row < seq_q ? lse_exp2_domain(lse[at]) : -kNegInf;
+      lse2[padded_at] = row < seq_q ? lse_log2(lse[at]) : -kNegInf;
     }
     for (int d = lane * 4; d < kD; d += 128)
       *reinterpret_cast<float4*>(dq_accum + padded_at * kD + d) = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -258,6 +247,16 @@ __device__ __forceinline__ void attention_bwd_dkdv_sm90(const T* __restrict__ q,
   const int dq_col0 = Cfg::kSplitColumns ? consumer * 64 : 0;
   const uint32_t dq_stage = base + Cfg::kOffsetDq + consumer * Cfg::kTileBytesDq;
 
+  // acc = A·Bᵀ over the head dim: A this consumer's 64 key rows (of K or V), B a query tile (Q or dO).
+  auto issue_keys_by_queries = [&](float (&acc)[32], uint32_t a_rows, uint32_t b_rows) {
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      const uint32_t column = ((kk % 4) * 32) >> 4;
+      const uint32_t a_panel = ((kk / 4) * kBlockN * 128) >> 4, b_panel = ((kk / 4) * kBlockM * 128) >> 4;
+      Wgmma<T, 64>::ss(acc, operand(a_rows + a_panel + column), operand(b_rows + b_panel + column), kk > 0);
+    }
+  };
+
   mbarrier_wait(bar_kv, 0);
   for (int t = 0; t < items; ++t) {
     const int stage = t % kStages, buffer = t & 1;
@@ -268,20 +267,8 @@ __device__ __forceinline__ void attention_bwd_dkdv_sm90(const T* __restrict__ q,
 
     // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ.
     wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk) {
-      const uint32_t column = ((kk % 4) * 32) >> 4;
-      const uint32_t a_panel = ((kk / 4) * kBlockN * 128) >> 4, b_panel = ((kk / 4) * kBlockM * 128) >> 4;
-      Wgmma<T, 64>::ss(s, operand(k_rows + a_panel + column),
-                       operand(q_rows + stage * kQStageStep + b_panel + column), kk > 0);
-    }
-#pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk) {
-      const uint32_t column = ((kk % 4) * 32) >> 4;
-      const uint32_t a_panel = ((kk / 4) * kBlockN * 128) >> 4, b_panel = ((kk / 4) * kBlockM * 128) >> 4;
-      Wgmma<T, 64>::ss(dp, operand(v_rows + a_panel + column),
-                       operand(do_rows + stage * kQStageStep + b_panel + column), kk > 0);
-    }
+    issue_keys_by_queries(s, k_rows, q_rows + stage * kQStageStep);
+    issue_keys_by_queries(dp, v_rows, do_rows + stage * kQStageStep);
     wgmma_commit();
     wgmma_wait<0>();
     fence_registers(s);
