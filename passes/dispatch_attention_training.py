@@ -202,6 +202,7 @@ PREP_IO = (("o", "do", "lse"), ("lse2", "delta_rows", "dq_accum"))
 DKDV_ACCUM_IO = (("q", "k", "v", "do", "lse2", "delta_rows", "dq_accum"), ("dq_sum", "dk", "dv"))
 DQ_FROM_SUM_IO = (("dq_sum",), ("dq",))
 TIED = {"dq_sum": "dq_accum"}
+# The backward function's arguments, in the op's operand order.
 FUNCTION_INPUTS = ("do", "q", "k", "v", "o", "lse")
 
 
@@ -238,8 +239,8 @@ def _forward_function(site: _Site, calls: str) -> str:
 
 def _backward_function(site: _Site, calls: str) -> str:
     """The function that replaces attention_backward: `calls` bind %dq, %dk, %dv."""
-    q, k, v, stats = site.q, site.k, site.v, _stats_type(site)
-    args = (("do", q), ("q", q), ("k", k), ("v", v), ("o", q), ("lse", stats))
+    q, k, v = site.q, site.k, site.v
+    args = [(n, _type_of(site, n)) for n in FUNCTION_INPUTS]
     lines = [_to_builtin(n, t) for n, t in args]
     signature = ", ".join(f"%{n}: {t.torch()}" for n, t in args)
     return f"""func.func @backward({signature}) -> ({q.torch()}, {k.torch()}, {v.torch()}) {{
