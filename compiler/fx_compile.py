@@ -96,12 +96,15 @@ def _device_of(example_inputs: Sequence[Any]) -> torch.device:
 
 def compile_fx_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], target: Target,
                      what: str = "graph") -> CompiledGraph:
-    """Compile an aot_autograd graph for `target`. Raises FlashmlirError subclasses."""
+    """Compile an aot_autograd graph for `target`. Raises FlashmlirError subclasses. Under torch's
+    deterministic mode (torch.use_deterministic_algorithms; Dynamo recompiles when it changes) the
+    gradients' kernels are deterministic ones."""
     _check_inputs(example_inputs)
     stripped, outputs = _without_none_outputs(gm)
     device = _device_of(example_inputs)
     session = iree_driver.new_session(target.iree_flags)
     module = import_graph(stripped, session.context)
-    vmfb, report = compile_cached(session, module, target, what=what, bind_result_storage=True)
+    vmfb, report = compile_cached(session, module, target, what=what, bind_result_storage=True,
+                                  deterministic=torch.are_deterministic_algorithms_enabled())
     loaded = IreeModule(vmfb, target.runtime_driver, device_index=device.index or 0)
     return CompiledGraph(loaded, outputs, device, report)

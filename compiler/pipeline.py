@@ -42,14 +42,18 @@ class Stage:
     pipeline: str  # textual pass pipeline (our passes and MLIR/IREE ones)
 
 
-def flashmlir_stages(target: Target, bind_result_storage: bool = False) -> tuple[Stage, ...]:
-    """Our stages. `bind_result_storage`: the caller passes output tensors in (torch interop)."""
+def flashmlir_stages(target: Target, bind_result_storage: bool = False,
+                     deterministic: bool = False) -> tuple[Stage, ...]:
+    """Our stages. `bind_result_storage`: the caller passes output tensors in (torch interop).
+    `deterministic`: gradients the same bit for bit from run to run (torch's deterministic mode):
+    on CUDA, backward kernels that sum dQ in a fixed order, slower on sm_90."""
     binding = (Stage("bind-result-storage", "flashmlir-bind-result-storage"),) if bind_result_storage else ()
     use_microkernels = target.kind in ("cpu", "cuda") and config.microkernels_enabled()
     dispatch = (Stage("dispatch-microkernels", "flashmlir-dispatch-attention-microkernel"),) if use_microkernels else ()
     # Training ops have no other lowering: the pass runs wherever they may appear (it says why it
     # cannot serve one); the frontend emits them only where the kernels exist.
-    training = ((Stage("dispatch-training", "flashmlir-dispatch-attention-training"),)
+    fixed_order = "{deterministic=1}" if deterministic and target.kind == "cuda" else ""
+    training = ((Stage("dispatch-training", f"flashmlir-dispatch-attention-training{fixed_order}"),)
                 if target.kind in ("cpu", "cuda") else ())
     return (
         Stage("erase-device-placement", "flashmlir-erase-device-placement"),
@@ -186,6 +190,7 @@ def compile_module(
     dump_dir: Path | None = None,
     progress: Callable[[str], None] | None = None,
     bind_result_storage: bool = False,
+    deterministic: bool = False,
 ) -> tuple[bytes, CompileReport]:
     """Run every stage on `module` (created in `session.context`); return the .vmfb and a report."""
     report = CompileReport(target.name, dump_dir=dump_dir)
@@ -201,7 +206,7 @@ def compile_module(
             attributes[GPU_MULTIPROCESSORS] = ir.IntegerAttr.get(ir.IntegerType.get_signless(32),
                                                                  target.gpu.multiprocessors)
         dump("input", str(module))
-        for stage in flashmlir_stages(target, bind_result_storage):
+        for stage in flashmlir_stages(target, bind_result_storage, deterministic):
             if progress:
                 progress(stage.name)
             start = time.perf_counter()
@@ -235,10 +240,11 @@ def compile_cached(
     dump_dir: Path | None = None,
     cache: ModuleCache | None = None,
     bind_result_storage: bool = False,
+    deterministic: bool = False,
 ) -> tuple[bytes, CompileReport]:
     """`compile_module` behind the on-disk cache. Logs each compile (FLASHMLIR_LOG=info)."""
     cache = cache or ModuleCache()
-    pipeline = tuple(s.pipeline for s in flashmlir_stages(target, bind_result_storage))
+    pipeline = tuple(s.pipeline for s in flashmlir_stages(target, bind_result_storage, deterministic))
     fingerprint = target.fingerprint
     if any(s.name == "dispatch-microkernels" for s in flashmlir_stages(target)):  # modules embed their objects
         fingerprint += f" microkernels:{microkernels.fingerprint()}"
@@ -262,7 +268,7 @@ def compile_cached(
     try:
         vmfb, report = compile_module(
             session, module, target, dump_dir=dump_dir, bind_result_storage=bind_result_storage,
-            progress=(lambda s: logger.debug("%s: stage %s", what, s)) if logger.isEnabledFor(logging.DEBUG) else None,
+            deterministic=deterministic, progress=(lambda s: logger.debug("%s: stage %s", what, s)) if logger.isEnabledFor(logging.DEBUG) else None,
         )
     except CompileError as e:
         _FAILED[key] = e

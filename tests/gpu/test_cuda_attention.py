@@ -189,6 +189,46 @@ def test_flash_backward_through_torch_compile(target, dtype, causal, d, monkeypa
     assert sum(kernels.values()) >= 2, f"forward and backward should both call library kernels: {kernels}"
 
 
+def test_deterministic_mode_repeats_iree_training_gradients_bit_for_bit(monkeypatch):
+    """Under torch.use_deterministic_algorithms the compiled training graph gets backward kernels
+    that sum dQ in a fixed order (on sm_90: the sm_80 pair instead of the atomic sm_90 ones), so two
+    backward passes give the same bits."""
+    from flashmlir.compiler import fx_compile
+
+    monkeypatch.setenv("FLASHMLIR_STRICT", "1")
+    asked = []
+    compile_cached = fx_compile.compile_cached
+
+    def spy(*args, **kwargs):
+        asked.append(kwargs.get("deterministic"))
+        return compile_cached(*args, **kwargs)
+
+    monkeypatch.setattr(fx_compile, "compile_cached", spy)
+    q, k, v = (torch.randn(2, 4, 1024, 128, device=DEVICE, dtype=torch.float16, requires_grad=True)
+               for _ in range(3))
+    d_o = torch.randn_like(q)
+
+    def attention(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v)
+
+    torch._dynamo.reset()
+    torch.use_deterministic_algorithms(True)
+    try:
+        compiled = torch.compile(attention, backend="flashmlir", options={"rest": "iree"})
+        grads = []
+        for _ in range(2):
+            compiled(q, k, v).backward(d_o)
+            grads.append([x.grad.clone() for x in (q, k, v)])
+            for x in (q, k, v):
+                x.grad = None
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch._dynamo.reset()
+    assert asked and all(asked), asked
+    for a, b in zip(*grads, strict=True):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_volta_training_takes_the_textbook_backward_through_iree(causal, monkeypatch):
     """sm_70 has no backward kernels: the op's textbook backward (S×S, in torch ops) is compiled by

@@ -39,3 +39,16 @@ def test_every_pass_has_a_lit_test():
     lit_dir = Path(__file__).parents[1] / "lit" / "passes"
     for name in REGISTRY:
         assert (lit_dir / f"{name.removeprefix('flashmlir-')}.mlir").is_file(), name
+
+
+@pytest.mark.parametrize("target, deterministic, expected", [
+    ("sm_90", True, True), ("sm_90", False, False), ("sm_80", True, True), ("cpu", True, False)])
+def test_deterministic_mode_reaches_the_training_pass_for_cuda(target, deterministic, expected):
+    """torch's deterministic mode (compiler/fx_compile.py) becomes the training pass's option on CUDA
+    targets (the sm_90 kernels sum dQ in a varying order); the CPU kernels are deterministic anyway."""
+    from flashmlir.compiler.pipeline import flashmlir_stages
+    from flashmlir.compiler.targets import get_target
+
+    [stage] = [s for s in flashmlir_stages(get_target(target), True, deterministic) if s.name == "dispatch-training"]
+    [element] = parse_pipeline(stage.pipeline)
+    assert element.options.deterministic is expected
