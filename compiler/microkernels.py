@@ -101,7 +101,7 @@ class CudaAttentionBackwardKernel:
     sm_90 (bwd_sm90_wgmma.cuh): `prep` (Δ, lse in the exp2 domain, a zeroed fp32 dQ accumulator,
     over query rows padded to whole `block_m` tiles), `dkdv` (`block_n` resident keys, `block_m`-row
     query tiles through `stages` shared-memory stages; dK, dV, and dQ added into the accumulator
-    with fp32 atomics: not deterministic), `dq` (the accumulator scaled into dQ).
+    by the copy engine's fp32 reductions: not deterministic), `dq` (the accumulator scaled into dQ).
     """
 
     family: str  # "attention_bwd_sm80" | "attention_bwd_sm90"
@@ -116,12 +116,9 @@ class CudaAttentionBackwardKernel:
 
     @property
     def accumulates_dq(self) -> bool:
-        """Whether dQ is summed with atomics (the sm_90 kernels): its bits vary from run to run."""
+        """Whether key blocks add their dQ shares into one fp32 accumulator (the sm_90 kernels): the
+        order of the additions, and so dQ's last bits, vary from run to run."""
         return self.family == "attention_bwd_sm90"
-
-    @property
-    def deterministic(self) -> bool:
-        return not self.accumulates_dq
 
     @property
     def parts(self) -> tuple[str, ...]:
@@ -313,8 +310,8 @@ def select_attention_forward(arch: str, element: str, head_dim: int) -> CudaAtte
 def select_attention_backward(arch: str, element: str, head_dim: int,
                               deterministic: bool = False) -> CudaAttentionBackwardKernel:
     """The CUDA backward kernels for `arch`, or NoKernel with the reason. `deterministic` (torch's
-    deterministic mode) leaves out kernels that sum dQ with atomics."""
-    kernels = [k for k in library().cuda_backward if runs_on(k, arch) and (k.deterministic or not deterministic)]
+    deterministic mode) leaves out kernels whose dQ sum varies in order (accumulates_dq)."""
+    kernels = [k for k in library().cuda_backward if runs_on(k, arch) and not (deterministic and k.accumulates_dq)]
     if not kernels:
         raise NoKernel(f"no {'deterministic ' if deterministic else ''}attention backward microkernel for {arch} "
                        f"(the library has {'none' if not library().cuda_backward else 'none that runs there'})")

@@ -12,7 +12,7 @@ CUDA:
                        (constants, Q, K, V, O, dO, lse)                grid (⌈Sq / rows⌉, B·Hq)
         %dk, %dv = hal.dispatch.extern "flashmlir_attention_bwd_sm80_<e>_d<D>_dkdv"
                        (constants, Q, K, V, dO, lse, Δ)                grid (⌈Sk / rows⌉, B·Hkv)
-      sm_90 kernels (dQ summed by atomics into an fp32 accumulator; rows padded to whole tiles):
+      sm_90 kernels (dQ shares added into an fp32 accumulator by the copy engine; rows padded to whole tiles):
       ⇒ %lse2, %Δp, %acc = hal.dispatch.extern "flashmlir_attention_bwd_sm90_<e>_d<D>_prep"
                        (constants, O, dO, lse)                         grid (⌈Sq / block_m⌉, B·Hq)
         %sum, %dk, %dv = hal.dispatch.extern "flashmlir_attention_bwd_sm90_<e>_d<D>_dkdv"

@@ -39,7 +39,7 @@ def _arch(index: int) -> str:
 
 def _kernels(arch: str, element: str, head_dim: int, backward: bool):
     """The forward kernel and (if asked) the backward kernels: under torch's deterministic mode
-    (torch.use_deterministic_algorithms) ones that do not sum dQ with atomics."""
+    (torch.use_deterministic_algorithms) ones that sum dQ in a fixed order."""
     return _selected(arch, element, head_dim, backward, backward and torch.are_deterministic_algorithms_enabled())
 
 
