@@ -17,8 +17,9 @@ The eager model's causal mask is a registered buffer (GPT-2's `bias`): the backe
 when it compiles, finds it causal, and gives those sites the flash kernels (the buffer is checked on
 every call; docs/MATCHER.md).
 Each variant starts from the same weights; its first `--loss-steps` losses are compared with eager's
-(the table gives the largest difference), then steps are timed (tokens/s, CUDA-synchronized wall
-time after warm-up; the first step, which compiles, is reported separately).
+(the table gives the largest difference), then steps are timed in blocks (tokens/s from the median
+block's CUDA-synchronized wall time after warm-up, and the blocks' range; the first step, which
+compiles, is reported separately).
 """
 
 from __future__ import annotations
@@ -149,14 +150,17 @@ def run_variant(variant: str, config: GPTConfig, args, state: dict, batches: lis
     for i in range(args.warmup):
         step(args.loss_steps + i)
     sync()
-    start = time.perf_counter()
-    for i in range(args.steps):
-        last = step(i)
-    last.item()
-    sync()
-    seconds = (time.perf_counter() - start) / args.steps
-    row = {"variant": variant, "first_step_s": first_step_s, "step_ms": seconds * 1e3,
-           "tokens_per_s": args.batch * config.block_size / seconds, "losses": losses}
+    block_ms = []  # the timed steps in blocks: the median is reported, the spread shows the noise
+    for b in range(args.blocks):
+        start = time.perf_counter()
+        for i in range(args.steps):
+            last = step(b * args.steps + i)
+        last.item()
+        sync()
+        block_ms.append((time.perf_counter() - start) / args.steps * 1e3)
+    step_ms = sorted(block_ms)[len(block_ms) // 2]
+    row = {"variant": variant, "first_step_s": first_step_s, "step_ms": step_ms, "block_ms": block_ms,
+           "tokens_per_s": args.batch * config.block_size / step_ms * 1e3, "losses": losses}
     print(json.dumps({k: v for k, v in row.items() if k != "losses"}), flush=True)
     return row
 
@@ -169,7 +173,10 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=6e-4)
     p.add_argument("--loss-steps", type=int, default=50)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--steps", type=int, default=30, help="timed steps per variant (10 moved ±15%% between runs on the H100)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per block")
+    p.add_argument("--blocks", type=int, default=5,
+                   help="timed blocks per variant; the median block is reported (one block of 10 moved ±15%% "
+                        "between runs on the H100)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--json")
     p.add_argument("--markdown")
@@ -191,21 +198,23 @@ def main() -> None:
             print(rows[-1], flush=True)
 
     base = next((r for r in rows if r["variant"] == "eager" and "error" not in r), None)
-    lines = ["| variant | tokens/s | step ms | vs eager | first step s | max loss diff vs eager (first "
-             f"{args.loss_steps} steps) | loss at step {args.loss_steps} |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| variant | tokens/s | step ms | blocks' range ms | vs eager | first step s | max loss diff vs eager "
+             f"(first {args.loss_steps} steps) | loss at step {args.loss_steps} |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['variant']} | failed: {r['error']} | | | | | |")
+            lines.append(f"| {r['variant']} | failed: {r['error']} | | | | | | |")
             continue
         ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
         diff = max(abs(a - b) for a, b in zip(r["losses"], base["losses"], strict=True)) if base else float("nan")
-        lines.append(f"| {r['variant']} | {r['tokens_per_s']:.0f} | {r['step_ms']:.1f} | {ratio} | "
+        lines.append(f"| {r['variant']} | {r['tokens_per_s']:.0f} | {r['step_ms']:.1f} | "
+                     f"{min(r['block_ms']):.1f}–{max(r['block_ms']):.1f} | {ratio} | "
                      f"{r['first_step_s']:.1f} | {diff:.3f} | {r['losses'][-1]:.3f} |")
     device = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     name = "tiny GPT (2 layers, 128 tokens)" if args.tiny else "GPT-2 small (124M), seq 1024"
     text = (f"# Training step, {name}, {device}, {time.strftime('%Y-%m-%d')}\n\n"
-            f"Batch {args.batch}, bf16 autocast, AdamW, synthetic tokens; timed over {args.steps} steps after "
-            f"{args.loss_steps + args.warmup}. torch {torch.__version__}. `python benchmarks/train_gpt2.py`\n\n"
+            f"Batch {args.batch}, bf16 autocast, AdamW, synthetic tokens; timed in {args.blocks} blocks of "
+            f"{args.steps} steps after {args.loss_steps + args.warmup} (step ms: the median block). torch {torch.__version__}. `python benchmarks/train_gpt2.py`\n\n"
             + "\n".join(lines))
     print("\n" + text)
     if args.markdown:
