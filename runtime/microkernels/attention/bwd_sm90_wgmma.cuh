@@ -15,7 +15,8 @@
 //             dQ += dS·K                        (wgmma: dSᵀ goes through shared memory, read
 //                                                transposed; the fp32 product is staged in shared
 //                                                memory and added into the accumulator by one
-//                                                cp.reduce.async.bulk of 16 KB)
+//                                                cp.reduce.async.bulk of 16 KB, issued under the
+//                                                next tile's Sᵀ and dPᵀ)
 //   dq    grid (⌈Sq / 64⌉, B·Hq): dQ = s · accumulator, in the element type and row-major order.
 //
 // Five tile products per (query tile, key block), FlashAttention-2/3's count, against seven for the
@@ -24,6 +25,10 @@
 // takes the sm_80 kernels: compiler/microkernels.py select_attention_backward). The copy engine's
 // reduction replaced per-thread float2 atomics (16 a thread a tile): +13-40% end to end
 // (benchmarks/results/h100-2026-11-25-sm90-backward-ab.md), the consumers no longer wait on them.
+// dQ's trip through shared memory is still the largest cost (without it the products run ~30%
+// faster: ...-sm90-backward-ab2.md). Its fence, barrier and reduction are therefore issued one tile
+// late, while the tensor cores work on the next tile's Sᵀ and dPᵀ (two staging tiles a consumer
+// alternate; +3-8%); staging the next share must wait for the reduction two tiles back.
 //
 // dQ's product: each consumer stores its dSᵀ (64 keys × 64 queries) into one 128-key tile, swizzled
 // like every operand here; after a named barrier of both consumers, each multiplies the whole
@@ -66,9 +71,10 @@ struct BwdSm90Config {
   static constexpr int kOffsetStats = kOffsetDs + 2 * kTileBytesDs;
   static constexpr int kTileBytesDq = 64 * 64 * 4;  // a consumer's fp32 dQ share, staged for the bulk reduction
   static constexpr int kOffsetDq = kOffsetStats + kStages * kStatsBytes;
-  static constexpr int kOffsetBarriers = kOffsetDq + 2 * kTileBytesDq;
+  static constexpr int kOffsetBarriers = kOffsetDq + 4 * kTileBytesDq;  // two a consumer, alternating
   static constexpr int kBarriers = 1 + 2 * kStages;  // K and V landed; per stage full and empty
   static constexpr int kSharedBytes = kOffsetBarriers + 8 * kBarriers + 1024;  // + alignment slack
+  static_assert(kSharedBytes <= 227 * 1024, "more shared memory than an sm_90 block may have");
   // dQ's product per consumer: 64 head-dim columns over all 128 keys (head dim 128), or all 64
   // columns over its own 64 keys (head dim 64); m64n64 either way.
   static constexpr bool kSplitColumns = kD == 128;
@@ -87,7 +93,10 @@ __device__ __forceinline__ void bulk_reduce_add(float* dst, uint32_t src, uint32
 }
 __device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
 // The issuing thread's bulk groups have read their shared memory (it may be written again).
-__device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
+template <int kPending>
+__device__ __forceinline__ void bulk_wait_read() {
+  asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(kPending) : "memory");
+}
 __device__ __forceinline__ void bulk_wait() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
 
 // The dQ accumulator's layout: [B·Hq, query tile, D / 64 column blocks, 4096] fp32, each 64 × 64 block
@@ -153,6 +162,7 @@ __device__ __forceinline__ void attention_bwd_dkdv_sm90(const T* __restrict__ q,
   using E = Element<T>;
   constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN;
   extern __shared__ unsigned char shared[];
+  check_shared_size<Cfg::kSharedBytes>();
 
   const uint32_t raw = smem_address(shared);
   const uint32_t base = (raw + 1023) & ~1023u;
@@ -245,7 +255,20 @@ __device__ __forceinline__ void attention_bwd_dkdv_sm90(const T* __restrict__ q,
   const uint32_t ds_mn = operand_low(tile_ds(0) + dq_key_row * 128, kBlockN * 128);
   constexpr uint32_t kDsStep = Cfg::kTileBytesDs >> 4;
   const int dq_col0 = Cfg::kSplitColumns ? consumer * 64 : 0;
-  const uint32_t dq_stage = base + Cfg::kOffsetDq + consumer * Cfg::kTileBytesDq;
+  auto dq_stage = [&](int t) { return base + Cfg::kOffsetDq + (2 * consumer + (t & 1)) * Cfg::kTileBytesDq; };
+  // Item t's staged dQ share into the accumulator: issued under item t + 1's Sᵀ and dPᵀ, so that the
+  // fence and the barrier the copy engine needs are off the item's path.
+  auto reduce_dq = [&](int t) {
+    fence_proxy_async();  // the staging stores, read next by the copy engine
+    named_barrier_sync(3 + consumer, 128);
+    if (thread == 0) {
+      const int64_t bh = bh_kv * group + t / per_head;
+      const int tile = first + t % per_head;
+      bulk_reduce_add(dq_accum + ((bh * q_tiles + tile) * (kD / 64) + dq_col0 / 64) * kDqBlock, dq_stage(t),
+                      Cfg::kTileBytesDq);
+      bulk_commit();
+    }
+  };
 
   // acc = A·Bᵀ over the head dim: A this consumer's 64 key rows (of K or V), B a query tile (Q or dO).
   auto issue_keys_by_queries = [&](float (&acc)[32], uint32_t a_rows, uint32_t b_rows) {
@@ -260,7 +283,6 @@ __device__ __forceinline__ void attention_bwd_dkdv_sm90(const T* __restrict__ q,
   mbarrier_wait(bar_kv, 0);
   for (int t = 0; t < items; ++t) {
     const int stage = t % kStages, buffer = t & 1;
-    const int64_t bh = bh_kv * group + t / per_head;
     const int row0 = (first + t % per_head) * kBlockM;
     mbarrier_wait(full(stage), (t / kStages) & 1);
     fence_proxy_async();
@@ -270,6 +292,7 @@ __device__ __forceinline__ void attention_bwd_dkdv_sm90(const T* __restrict__ q,
     issue_keys_by_queries(s, k_rows, q_rows + stage * kQStageStep);
     issue_keys_by_queries(dp, v_rows, do_rows + stage * kQStageStep);
     wgmma_commit();
+    if (t > 0) reduce_dq(t - 1);
     wgmma_wait<0>();
     fence_registers(s);
     fence_registers(dp);
@@ -321,8 +344,8 @@ __device__ __forceinline__ void attention_bwd_dkdv_sm90(const T* __restrict__ q,
           asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(at), "r"(ds_frag[kk][r]) : "memory");
         }
     }
-    if (thread == 0) bulk_wait_read();  // the last tile's dQ reduction has read the staging tile
-    fence_proxy_async();                 // generic stores, read next by wgmma
+    if (thread == 0) bulk_wait_read<1>();  // item t − 2's reduction has read the staging tile item t takes
+    fence_proxy_async();                    // generic stores, read next by wgmma
     if constexpr (Cfg::kSplitColumns) {
       named_barrier_sync(1, 256);  // both consumers' dSᵀ are in the tile
     } else {
@@ -344,20 +367,14 @@ __device__ __forceinline__ void attention_bwd_dkdv_sm90(const T* __restrict__ q,
     // before the producer's next copies into the stage; a warp's lane 0 alone would not order them).
     mbarrier_arrive(empty(stage));
 
-    // Staged in the accumulator's block order, then added by the copy engine (one 16 KB run).
+    // Staged in the accumulator's block order (added by the copy engine, one 16 KB run, next item).
 #pragma unroll
     for (int j = 0; j < 8; ++j)
-      asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(dq_stage + (128 * j + thread) * 16),
+      asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(dq_stage(t) + (128 * j + thread) * 16),
                    "f"(s[4 * j]), "f"(s[4 * j + 1]), "f"(s[4 * j + 2]), "f"(s[4 * j + 3])
                    : "memory");
-    fence_proxy_async();
-    named_barrier_sync(3 + consumer, 128);
-    if (thread == 0) {
-      bulk_reduce_add(dq_accum + ((bh * q_tiles + row0 / kBlockM) * (kD / 64) + dq_col0 / 64) * kDqBlock, dq_stage,
-                      Cfg::kTileBytesDq);
-      bulk_commit();
-    }
   }
+  if (items > 0) reduce_dq(items - 1);
   if (thread == 0) bulk_wait();
 
   // dK = s · Σ dSᵀ·Q, dV = Σ Pᵀ·dO, for the keys that exist.

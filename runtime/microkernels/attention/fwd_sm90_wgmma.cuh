@@ -89,6 +89,16 @@ __device__ __forceinline__ void claim_registers() {
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegisters));
 }
 
+// Stops the kernel (a launch error, not a silent overrun) when the launch gave less dynamic shared
+// memory than the layout needs: the size is computed again on the host (compiler/microkernels.py,
+// IREE's export declarations), and a mismatch would otherwise corrupt memory.
+template <int kBytes>
+__device__ __forceinline__ void check_shared_size() {
+  uint32_t size;
+  asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(size));
+  if (size < kBytes) __trap();
+}
+
 // Named barrier `id` over `threads` threads (ids 0.. are free: __syncthreads is not used after setup).
 __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
@@ -209,6 +219,7 @@ __device__ __forceinline__ void attention_fwd_sm90(const T* __restrict__ q, cons
   constexpr int kORegs = kD / 2;
   constexpr int kPSteps = kBlockN / 16;  // 16-key steps of P·V
   extern __shared__ unsigned char shared[];
+  check_shared_size<Cfg::kSharedBytes>();
 
   const uint32_t base = (smem_address(shared) + 1023) & ~1023u;
   const uint32_t tile_q = base;
