@@ -171,7 +171,7 @@ def main() -> None:
                      + " | ".join(f"{t[c]:.0f}" if c in t else "-" for c in columns) + f" | {' | '.join(ratios)} |")
     text = (f"# Attention backward, {torch.cuda.get_device_name()}, {time.strftime('%Y-%m-%d')}\n\n"
             "Backward TFLOP/s (2.5 × forward FLOPs), B·S = 16k tokens, H·D = 2048; flashmlir variants are the "
-            "library's backward kernels launched directly: sm90 (prep + dkdv + dq, WGMMA, atomic dQ) and "
+            "library's backward kernels launched directly: sm90 (prep + dkdv + dq, WGMMA, dQ added by the copy engine) and "
             f"the sm_80 ones (dq + dkdv) as block_m x block_n x warps, compiled from compute_80 for this GPU. GPU time per call over {args.iters} back-to-back calls, best of 3 bursts "
             f"(host launch cost hidden, for both). torch {torch.__version__}. `python benchmarks/attention_backward.py`\n\n"
             + "\n".join(lines) + "\n\nBuild and correctness:\n" + "\n".join(notes))
