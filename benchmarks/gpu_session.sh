@@ -6,7 +6,8 @@
 # sweep (tile sweep table), gpu-tests (the whole GPU suite), bench (attention grid, hdim 64/128),
 # sanitize (compute-sanitizer memcheck + racecheck on a kernel), profile (ncu vs SDPA flash, SASS mix),
 # backward (the backward kernels' direct tests and their table beside SDPA's backward),
-# train (GPT-2 small training steps, benchmarks/train_gpt2.py; TRAIN_ARGS).
+# train (GPT-2 small training steps, benchmarks/train_gpt2.py; TRAIN_ARGS), host (host cost per
+# attention call, benchmarks/host_overhead.py).
 # Logs and tables go to $OUT (at most 8 files come back).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -30,6 +31,8 @@ for step in "$@"; do
                 --json "$OUT/backward.json" 2>&1 | grep -v '^{' || status=1 ;;
     train) python benchmarks/train_gpt2.py ${TRAIN_ARGS:-} --markdown "$OUT/train-gpt2.md" \
              --json "$OUT/train-gpt2.json" 2>&1 | grep -v '^{' | grep -v 'leaked\|nanobind' || status=1 ;;
+    host) python benchmarks/host_overhead.py --profile --markdown "$OUT/host.md" --json "$OUT/host.json" \
+            2>&1 | grep -v '^{' || status=1 ;;
     sweep) python benchmarks/microkernel_sweep.py --markdown "$OUT/sweep.md" --json "$OUT/sweep.json" \
              2>&1 | grep -v '^{' || status=1 ;;
     gpu-tests) python -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/gpu-tests.log" | tail -40 || status=1 ;;

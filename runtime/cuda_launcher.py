@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 import struct
 
 import torch
@@ -57,13 +58,6 @@ class CudaKernel:
     def __call__(self, grid: tuple[int, int, int], block: tuple[int, int, int], shared_bytes: int,
                  *args: torch.Tensor | int) -> None:
         """Launch on torch's current stream; tensors pass as device pointers, ints as u32."""
-        if shared_bytes > self._shared_limit:
-            _check(_driver().cuFuncSetAttribute(self._function, _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                                                shared_bytes), "cuFuncSetAttribute(max dynamic shared memory)")
-            self._shared_limit = shared_bytes
-        # Every argument as a 64-bit slot (a u32 reads the low half: little-endian hosts), one ctypes
-        # array for the values and one for the pointers to them. A ctypes object and a cast per
-        # argument were about half of a small launch's host time (cProfile).
         words = []
         for a in args:
             if isinstance(a, torch.Tensor):
@@ -72,6 +66,18 @@ class CudaKernel:
                 words.append(a.data_ptr())
             else:
                 words.append(a & 0xFFFFFFFF)
+        self.launch(grid, block, shared_bytes, words)
+
+    def launch(self, grid: tuple[int, int, int], block: tuple[int, int, int], shared_bytes: int,
+               words: list[int]) -> None:
+        """Launch with the arguments already as 64-bit words (pointers, and u32 constants, which a
+        kernel reads from the low half: little-endian hosts) on torch's current stream."""
+        if shared_bytes > self._shared_limit:
+            _check(_driver().cuFuncSetAttribute(self._function, _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                                shared_bytes), "cuFuncSetAttribute(max dynamic shared memory)")
+            self._shared_limit = shared_bytes
+        # One ctypes array for the values and one for the pointers to them: a ctypes object and a
+        # cast per argument were about half of a small launch's host time (cProfile).
         values = (ctypes.c_uint64 * len(words))(*words)
         base = ctypes.addressof(values)
         params = (ctypes.c_void_p * len(words))(*range(base, base + 8 * len(words), 8))
@@ -92,52 +98,108 @@ def _loaded(object_path: str, name: str, device: int) -> CudaKernel:
         return CudaKernel(f.read(), name, device)
 
 
+class AttentionForwardLaunch:
+    """A forward kernel's launch for one problem (shapes, causal, scale), worked out once.
+
+    What a call then does is the least the launch needs: outputs allocated, pointers and the
+    precomputed constants packed, one cuLaunchKernel. A training step calls the same problem every
+    layer, and the launch's Python (grid, constants, kernel lookup) was more host time than a
+    GPT-2-sized kernel's GPU time (`benchmarks/host_overhead.py`)."""
+
+    def __init__(self, kernel, q_shape: tuple[int, ...], k_shape: tuple[int, ...], causal: bool,
+                 scale: float | None, with_lse: bool, device: int):
+        *lead, hq, sq, d = q_shape
+        hkv, sk = k_shape[-3], k_shape[-2]
+        batch_heads = math.prod(lead) * hq
+        scale = d ** -0.5 if scale is None else scale
+        self._function = _loaded(str(kernel.object_path), kernel.name + ("_lse" if with_lse else ""), device)
+        self._grid = kernel.grid(sq, batch_heads, multiprocessors(device), causal)
+        self._block, self._shared = (kernel.threads, 1, 1), kernel.shared_bytes
+        self._constants = [hq // hkv, sq, sk, f32_bits(scale), int(causal), batch_heads]
+        self._lse_shape = tuple(q_shape[:-1]) if with_lse else None
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """O (shaped as q), or (O, lse) with lse float32 q.shape[:-1]; q, k, v contiguous."""
+        o = torch.empty_like(q)
+        if self._lse_shape is None:
+            self._function.launch(self._grid, self._block, self._shared,
+                                  [q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), *self._constants])
+            return o
+        lse = torch.empty(self._lse_shape, device=q.device, dtype=torch.float32)
+        self._function.launch(self._grid, self._block, self._shared,
+                              [q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr(),
+                               *self._constants])
+        return o, lse
+
+
+class AttentionBackwardLaunch:
+    """A backward kernel set's launches for one problem, worked out once (as AttentionForwardLaunch).
+
+    The kernels run in `kernel.parts` order on torch's current stream: sm_80 dq (which also writes
+    Δ) then dkdv; sm_90 prep (Δ, lse₂, the zeroed dQ accumulator), dkdv (adding into it), dq. The
+    sm_90 scratch (lse₂, Δ, accumulator) is one allocation, its pieces addressed by offsets."""
+
+    def __init__(self, kernel, q_shape: tuple[int, ...], k_shape: tuple[int, ...], causal: bool,
+                 scale: float | None, device: int):
+        *lead, hq, sq, d = q_shape
+        hkv, sk = k_shape[-3], k_shape[-2]
+        batch = math.prod(lead)
+        scale = d ** -0.5 if scale is None else scale
+        self._constants = [hq // hkv, sq, sk, f32_bits(scale), int(causal), batch * hq]
+        self._accumulates = kernel.accumulates_dq
+        self._launches = {}
+        for part in kernel.parts:
+            seq, batch_heads = (sk, batch * hkv) if part == "dkdv" else (sq, batch * hq)
+            self._launches[part] = (_loaded(str(kernel.object_path), kernel.name(part), device),
+                                    kernel.grid(part, seq, batch_heads), (kernel.threads(part), 1, 1),
+                                    kernel.shared_bytes(part))
+        rows = kernel.padded_rows(sq) if self._accumulates else sq
+        self._statistics = batch * hq * rows  # floats in each of lse₂ and Δ (sm_80: Δ only)
+        self._scratch = self._statistics * ((2 + d) if self._accumulates else 1)
+
+    def _launch(self, part: str, *words: int) -> None:
+        function, grid, block, shared = self._launches[part]
+        function.launch(grid, block, shared, [*words, *self._constants])
+
+    def __call__(self, q, k, v, o, d_o, lse):
+        """dq, dk, dv; every operand contiguous, lse the forward's (float32 q.shape[:-1])."""
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        # Freed when this returns, before the kernels run: safe, as torch's allocator hands the
+        # memory out again only in this stream's order.
+        scratch_tensor = torch.empty(self._scratch, device=q.device, dtype=torch.float32)
+        scratch = scratch_tensor.data_ptr()
+        q, k, v, o, d_o, lse = (t.data_ptr() for t in (q, k, v, o, d_o, lse))
+        if self._accumulates:
+            lse2, delta, accumulator = scratch, scratch + 4 * self._statistics, scratch + 8 * self._statistics
+            self._launch("prep", o, d_o, lse, lse2, delta, accumulator)
+            self._launch("dkdv", q, k, v, d_o, lse2, delta, accumulator, dk.data_ptr(), dv.data_ptr())
+            self._launch("dq", accumulator, dq.data_ptr())
+        else:
+            self._launch("dq", q, k, v, o, d_o, lse, dq.data_ptr(), scratch)
+            self._launch("dkdv", q, k, v, d_o, lse, scratch, dk.data_ptr(), dv.data_ptr())
+        return dq, dk, dv
+
+
+def _contiguous_cuda(*tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if not t.is_cuda or not t.is_contiguous():
+            raise ValueError("attention kernels take contiguous CUDA tensors")
+
+
 def attention_forward(kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
                       scale: float | None = None, with_lse: bool = False):
     """Run a library attention kernel (a `flashmlir.compiler.microkernels.CudaAttentionKernel`) on
-    [B, H, S, D] tensors as the IREE dispatch would: same image, grid, block, shared memory and
-    constants. Returns O, or (O, lse) with lse [B, Hq, Sq] in float32."""
-    b, hq, sq, d = q.shape
-    hkv, sk = k.shape[1], k.shape[2]
-    scale = d ** -0.5 if scale is None else scale
-    o = torch.empty_like(q)
-    name = kernel.name + ("_lse" if with_lse else "")
-    device = q.device.index or 0
-    fn = _loaded(str(kernel.object_path), name, device)
-    outputs = (o, torch.empty(b, hq, sq, device=q.device, dtype=torch.float32)) if with_lse else (o,)
-    fn(kernel.grid(sq, b * hq, multiprocessors(device), causal), (kernel.threads, 1, 1), kernel.shared_bytes, q, k, v,
-       *outputs, hq // hkv, sq, sk, f32_bits(scale), int(causal), b * hq)
-    return outputs if with_lse else o
+    [*, H, S, D] tensors as the IREE dispatch would: same image, grid, block, shared memory and
+    constants. Returns O, or (O, lse) with lse [*, Hq, Sq] in float32."""
+    _contiguous_cuda(q, k, v)
+    launch = AttentionForwardLaunch(kernel, q.shape, k.shape, causal, scale, with_lse, q.device.index or 0)
+    return launch(q, k, v)
 
 
 def attention_backward(kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                        d_o: torch.Tensor, lse: torch.Tensor, *, causal: bool, scale: float | None = None):
-    """Run a library backward kernel set (a `CudaAttentionBackwardKernel`) on [B, H, S, D] tensors as
-    the IREE dispatches would, its `parts` in order: sm_80 dq (which also writes Δ) then dkdv; sm_90
-    prep (Δ, lse₂, the zeroed dQ accumulator), dkdv (adding into it), dq. lse is the forward's,
-    float32 [B, Hq, Sq]. Returns dq, dk, dv."""
-    b, hq, sq, d = q.shape
-    hkv, sk = k.shape[1], k.shape[2]
-    scale = d ** -0.5 if scale is None else scale
-    device = q.device.index or 0
-    constants = (hq // hkv, sq, sk, f32_bits(scale), int(causal), b * hq)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-    def launch(part: str, seq: int, batch_heads: int, *tensors: torch.Tensor) -> None:
-        fn = _loaded(str(kernel.object_path), kernel.name(part), device)
-        fn(kernel.grid(part, seq, batch_heads), (kernel.threads(part), 1, 1), kernel.shared_bytes(part), *tensors,
-           *constants)
-
-    if kernel.accumulates_dq:
-        rows = kernel.padded_rows(sq)
-        lse2 = torch.empty(b * hq, rows, device=q.device, dtype=torch.float32)
-        delta = torch.empty_like(lse2)
-        dq_accum = torch.empty(b * hq, rows, d, device=q.device, dtype=torch.float32)
-        launch("prep", sq, b * hq, o, d_o, lse, lse2, delta, dq_accum)
-        launch("dkdv", sk, b * hkv, q, k, v, d_o, lse2, delta, dq_accum, dk, dv)
-        launch("dq", sq, b * hq, dq_accum, dq)
-        return dq, dk, dv
-    delta = torch.empty(b, hq, sq, device=q.device, dtype=torch.float32)
-    launch("dq", sq, b * hq, q, k, v, o, d_o, lse, dq, delta)
-    launch("dkdv", sk, b * hkv, q, k, v, d_o, lse, delta, dk, dv)
-    return dq, dk, dv
+    """Run a library backward kernel set (a `CudaAttentionBackwardKernel`) on [*, H, S, D] tensors
+    as the IREE dispatches would. lse is the forward's, float32 [*, Hq, Sq]. Returns dq, dk, dv."""
+    _contiguous_cuda(q, k, v, o, d_o, lse)
+    launch = AttentionBackwardLaunch(kernel, q.shape, k.shape, causal, scale, q.device.index or 0)
+    return launch(q, k, v, o, d_o, lse)

@@ -19,13 +19,8 @@ import torch
 
 from flashmlir.compiler import microkernels
 from flashmlir.compiler.targets import target_for_device
-from flashmlir.frontend.attention_op import attention, check_arguments, reference_attention
-from flashmlir.frontend.training_ops import (
-    attention_backward,
-    attention_forward,
-    reference_backward,
-    reference_forward,
-)
+from flashmlir.frontend.attention_op import check_arguments, reference_attention
+from flashmlir.frontend.training_ops import reference_backward, reference_forward
 from flashmlir.runtime import cuda_launcher
 
 ELEMENTS = {torch.float16: "f16", torch.bfloat16: "bf16"}
@@ -70,56 +65,85 @@ def kernel_problem(arch: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return None
 
 
-def _served(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backward: bool):
-    """The kernels for a call on the device, or None where the reference must run."""
-    arch = _arch(q.device.index or 0)
-    if kernel_problem(arch, q, k, v, backward) is not None:
-        return None
-    return _kernels(arch, ELEMENTS[q.dtype], q.shape[-1], backward)
+# A problem the kernels do not serve (a dtype or head dim the library lacks, …): the reference runs.
+_REFERENCE = "reference"
+_MAX_LAUNCHES = 256  # problems remembered (dynamic shapes make new ones; past this the memo restarts)
+_launches: dict[tuple, object] = {}
 
 
-def _heads(x: torch.Tensor) -> torch.Tensor:
-    """[*, H, S, D] as a dense [B·…, H, S, D] (what the kernels index)."""
-    return x.reshape(-1, *x.shape[-3:]).contiguous()
+def _memo(key: tuple, build):
+    """The launch for `key` (a problem's shapes, dtypes, device and options), built once: a call of
+    an op in a training step then costs a dict lookup, not the kernel selection and launch setup."""
+    launch = _launches.get(key)
+    if launch is None:
+        if len(_launches) >= _MAX_LAUNCHES:
+            _launches.clear()
+        launch = _launches[key] = build()
+    return launch
 
 
-def _forward(forward, q, k, v, is_causal, scale, with_lse):
-    result = cuda_launcher.attention_forward(forward, _heads(q), _heads(k), _heads(v), causal=is_causal,
-                                             scale=scale, with_lse=with_lse)
-    if with_lse:
-        out, lse = result
-        return out.view(q.shape), lse.view(q.shape[:-1])
-    return result.view(q.shape)
+def _forward_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool, scale, with_lse: bool):
+    device = q.get_device()
+
+    def build():
+        check_arguments(q, k, v, None)
+        arch = _arch(device)
+        if kernel_problem(arch, q, k, v, backward=False) is not None:
+            return _REFERENCE
+        forward, _ = _kernels(arch, ELEMENTS[q.dtype], q.shape[-1], backward=False)
+        return cuda_launcher.AttentionForwardLaunch(forward, q.shape, k.shape, is_causal, scale, with_lse, device)
+
+    return _memo((with_lse, q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, device, is_causal, scale), build)
 
 
 def _attention_cuda(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, dropout_seed=None):
-    check_arguments(q, k, v, attn_mask)
-    kernels = None if attn_mask is not None or dropout_p > 0.0 else _served(q, k, v, backward=False)
-    if kernels is None:
+    if attn_mask is not None or dropout_p > 0.0:
+        check_arguments(q, k, v, attn_mask)
         return reference_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, dropout_seed)
-    return _forward(kernels[0], q, k, v, is_causal, scale, with_lse=False)
+    launch = _forward_launch(q, k, v, is_causal, scale, with_lse=False)
+    if launch is _REFERENCE:
+        return reference_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, dropout_seed)
+    return launch(q.contiguous(), k.contiguous(), v.contiguous())
 
 
 def _attention_forward_cuda(q, k, v, is_causal=False, scale=None):
-    kernels = _served(q, k, v, backward=False)
-    if kernels is None:
+    launch = _forward_launch(q, k, v, is_causal, scale, with_lse=True)
+    if launch is _REFERENCE:
         return reference_forward(q, k, v, is_causal, scale)
-    return _forward(kernels[0], q, k, v, is_causal, scale, with_lse=True)
+    return launch(q.contiguous(), k.contiguous(), v.contiguous())
 
 
 def _attention_backward_cuda(grad_out, q, k, v, out, lse, is_causal=False, scale=None):
-    kernels = _served(q, k, v, backward=True)
-    if kernels is None:
+    deterministic, device = torch.are_deterministic_algorithms_enabled(), q.get_device()
+
+    def build():
+        arch = _arch(device)
+        if (kernel_problem(arch, q, k, v, backward=True) is not None or grad_out.dtype != q.dtype
+                or out.dtype != q.dtype or lse.dtype != torch.float32):
+            return _REFERENCE
+        _, backward = _selected(arch, ELEMENTS[q.dtype], q.shape[-1], True, deterministic)
+        return cuda_launcher.AttentionBackwardLaunch(backward, q.shape, k.shape, is_causal, scale, device)
+
+    launch = _memo(("backward", q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, grad_out.dtype, out.dtype,
+                    lse.dtype, device, is_causal, scale, deterministic), build)
+    if launch is _REFERENCE:
         return reference_backward(grad_out, q, k, v, out, lse, is_causal, scale)
-    dq, dk, dv = cuda_launcher.attention_backward(
-        kernels[1], _heads(q), _heads(k), _heads(v), _heads(out), _heads(grad_out),
-        lse.reshape(-1, *lse.shape[-2:]).contiguous(), causal=is_causal, scale=scale)
-    return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
+    return launch(q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous(), grad_out.contiguous(),
+                  lse.contiguous())
+
+
+_LIBRARY: list[torch.library.Library] = []  # kept alive: the registrations live as long as it does
 
 
 @functools.cache
 def register() -> None:
-    """Make the library's kernels our ops' implementation on CUDA tensors (idempotent)."""
-    attention.register_kernel("cuda")(_attention_cuda)
-    attention_forward.register_kernel("cuda")(_attention_forward_cuda)
-    attention_backward.register_kernel("cuda")(_attention_backward_cuda)
+    """Make the library's kernels our ops' implementation on CUDA tensors (idempotent).
+
+    Registered with the dispatcher directly (torch.library.Library.impl at the CUDA key) rather
+    than custom_op's `register_kernel`, whose wrapper (an aliasing check of the outputs and a
+    Dynamo-disabling frame) cost more host time per call than the kernels' own launch."""
+    library = torch.library.Library("flashmlir", "IMPL")
+    library.impl("attention", _attention_cuda, "CUDA")
+    library.impl("attention_forward", _attention_forward_cuda, "CUDA")
+    library.impl("attention_backward", _attention_backward_cuda, "CUDA")
+    _LIBRARY.append(library)

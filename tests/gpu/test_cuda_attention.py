@@ -268,7 +268,6 @@ def test_attention_kernels_inside_inductor_graphs(dtype, causal, monkeypatch):
     from flashmlir.runtime import cuda_launcher
 
     calls = {"forward": 0, "backward": 0}
-    real_forward, real_backward = cuda_launcher.attention_forward, cuda_launcher.attention_backward
 
     def count(name, fn):
         def spy(*args, **kwargs):
@@ -276,8 +275,9 @@ def test_attention_kernels_inside_inductor_graphs(dtype, causal, monkeypatch):
             return fn(*args, **kwargs)
         return spy
 
-    monkeypatch.setattr(cuda_launcher, "attention_forward", count("forward", real_forward))
-    monkeypatch.setattr(cuda_launcher, "attention_backward", count("backward", real_backward))
+    for name, launch in (("forward", cuda_launcher.AttentionForwardLaunch),
+                         ("backward", cuda_launcher.AttentionBackwardLaunch)):
+        monkeypatch.setattr(launch, "__call__", count(name, launch.__call__))
     monkeypatch.setenv("FLASHMLIR_STRICT", "1")
     proj = torch.nn.Linear(128, 128, device=DEVICE, dtype=dtype)
     x = torch.randn(2, 8, 333, 128, device=DEVICE, dtype=dtype, requires_grad=True)
