@@ -2,10 +2,12 @@
 
     python benchmarks/train_gpt2.py                         # GPT-2 small (124M), seq 1024, on the GPU
     python benchmarks/train_gpt2.py --tiny --device cpu     # a 2-layer model, to try the script anywhere
+    python benchmarks/train_gpt2.py --cpu-small --device cpu --precision fp32   # a CPU-sized model
 
 The model is built from its configuration with random weights (GPT-2's architecture: learned
 positions, pre-norm blocks, GELU MLP, tied embeddings) and trained on synthetic tokens (a fixed
-random stream, the same for every variant) with AdamW under bf16 autocast. Variants:
+random stream, the same for every variant) with AdamW under bf16 autocast (`--precision fp32`:
+without). Variants:
 - eager: attention written out (q·kᵀ, causal mask, softmax, ·v), as in GPT-2's original code;
 - eager-sdpa: the same model calling F.scaled_dot_product_attention(is_causal=True);
 - inductor: the eager model under torch.compile's default backend;
@@ -46,6 +48,7 @@ class GPTConfig:
 
 
 TINY = GPTConfig(n_layer=2, n_head=4, n_embd=128, vocab_size=512, block_size=128)
+CPU_SMALL = GPTConfig(n_layer=2, n_head=4, n_embd=256, vocab_size=2048, block_size=512)  # a step in ~0.5 s on 2 cores
 
 
 class SelfAttention(nn.Module):
@@ -128,7 +131,7 @@ def run_variant(variant: str, config: GPTConfig, args, state: dict, batches: lis
     torch.manual_seed(1)
     model = _model(variant, config, args.device, state)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, fused=args.device == "cuda")
-    autocast = torch.autocast(args.device, dtype=torch.bfloat16)
+    autocast = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
     def step(i: int) -> float:
         idx, targets = batches[i % len(batches)]
@@ -169,6 +172,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true", help="a 2-layer model with a 128-token context")
+    p.add_argument("--cpu-small", action="store_true", help="a 2-layer, 256-wide model with a 512-token context")
+    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
+                   help="bf16: under bf16 autocast (weights and optimizer fp32); fp32: no autocast")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=6e-4)
     p.add_argument("--loss-steps", type=int, default=50)
@@ -181,7 +187,7 @@ def main() -> None:
     p.add_argument("--json")
     p.add_argument("--markdown")
     args = p.parse_args()
-    config = TINY if args.tiny else GPTConfig()
+    config = TINY if args.tiny else CPU_SMALL if args.cpu_small else GPTConfig()
 
     torch.manual_seed(0)
     state = {k: v.clone() for k, v in GPT(config).state_dict().items()}
@@ -211,9 +217,11 @@ def main() -> None:
                      f"{min(r['block_ms']):.1f}–{max(r['block_ms']):.1f} | {ratio} | "
                      f"{r['first_step_s']:.1f} | {diff:.3f} | {r['losses'][-1]:.3f} |")
     device = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
-    name = "tiny GPT (2 layers, 128 tokens)" if args.tiny else "GPT-2 small (124M), seq 1024"
+    name = ("tiny GPT (2 layers, 128 tokens)" if args.tiny else "small GPT (2 layers, width 256, 512 tokens)"
+            if args.cpu_small else "GPT-2 small (124M), seq 1024")
+    precision = "bf16 autocast" if args.precision == "bf16" else "fp32"
     text = (f"# Training step, {name}, {device}, {time.strftime('%Y-%m-%d')}\n\n"
-            f"Batch {args.batch}, bf16 autocast, AdamW, synthetic tokens; timed in {args.blocks} blocks of "
+            f"Batch {args.batch}, {precision}, AdamW, synthetic tokens; timed in {args.blocks} blocks of "
             f"{args.steps} steps after {args.loss_steps + args.warmup} (step ms: the median block). torch {torch.__version__}. `python benchmarks/train_gpt2.py`\n\n"
             + "\n".join(lines))
     print("\n" + text)
