@@ -4,7 +4,7 @@
 
 A step is `out = attention(q, k, v); out.backward(grad)` with q, k, v needing gradients, timed as
 users get it: flashmlir through `torch.compile(backend="flashmlir")` (its forward-with-lse and
-backward microkernels, runtime/microkernels/attention/bwd_cpu_avx512.c) and, where asked, without
+backward microkernels, runtime/microkernels/attention/bwd_cpu.c) and, where asked, without
 its library (FLASHMLIR_MICROKERNELS=0: the op's textbook backward, S×S matrices and all, compiled
 by IREE); torch is eager SDPA (its CPU flash forward and backward). Medians after a warm-up, torch
 and flashmlir in alternating rounds, fp32. FLOPs: 3.5× the forward's 4·B·H·Sq·Sk·D (half that

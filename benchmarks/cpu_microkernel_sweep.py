@@ -4,7 +4,8 @@
     python benchmarks/cpu_microkernel_sweep.py --variants 3x8x8x64 4x6x6x64 --seqs 2048
 
 A variant is row_vectors x key_tile x dim_tile x keys (kernels.json's names). Each is compiled here
-with the host C compiler from the library's source, as a shared library this time so that
+with the host C compiler from the library's source, for the host's best instruction set
+(-march=x86-64-v4 with AVX-512, else x86-64-v3: AVX2 + FMA; --march to choose), as a shared library so that
 Python can call it (ctypes) as one workgroup that takes all the work, on one thread: the
 kernel's speed without IREE's scheduling. Each variant is first checked against float64.
 The winner goes into runtime/microkernels/kernels.json.
@@ -23,19 +24,25 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-SOURCE = Path(__file__).parents[1] / "runtime" / "microkernels" / "attention" / "fwd_cpu_avx512.c"
+from flashmlir.compiler.targets import get_target
+
+SOURCE = Path(__file__).parents[1] / "runtime" / "microkernels" / "attention" / "fwd_cpu.c"
 _P, _S = ctypes.c_void_p, ctypes.c_size_t
 _MEMREF = [_P, _P, _S, _S, _S]  # allocated, aligned, offset, size, stride
 
 
+def host_march() -> str:
+    """x86-64-v4 where the host has AVX-512, else x86-64-v3 (the catalog's two CPU builds)."""
+    return "x86-64-v4" if "avx512f" in get_target("cpu").cpu_features else "x86-64-v3"
+
+
 class Variant:
-    def __init__(self, spec: str, out_dir: Path):
+    def __init__(self, spec: str, out_dir: Path, march: str):
         self.spec = spec
         self.row_vectors, self.key_tile, self.dim_tile, self.keys = (int(x) for x in spec.split("x"))
-        self.rows = 16 * self.row_vectors
         library = out_dir / f"{spec}.so"
         compiler = os.environ.get("CC", "cc")
-        subprocess.run([compiler, "-std=c17", "-O3", "-march=x86-64-v4", "-shared", "-fPIC", "-fvisibility=hidden",
+        subprocess.run([compiler, "-std=c17", "-O3", f"-march={march}", "-shared", "-fPIC", "-fvisibility=hidden",
                         f"-DFLASHMLIR_ROW_VECTORS={self.row_vectors}", f"-DFLASHMLIR_KEY_TILE={self.key_tile}",
                         f"-DFLASHMLIR_DIM_TILE={self.dim_tile}", f"-DFLASHMLIR_KEYS={self.keys}",
                         str(SOURCE), "-o", str(library)], check=True)
@@ -83,10 +90,12 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", default=["2x8x8x64", "3x8x8x64", "4x6x6x64", "3x8x8x128"])
     p.add_argument("--seqs", type=int, nargs="+", default=[512, 2048])
     p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    p.add_argument("--march", default=None, help="x86-64-v4 (AVX-512) or x86-64-v3 (AVX2); default: the host's")
     args = p.parse_args()
+    march = args.march or host_march()
     torch.set_num_threads(1)
     out_dir = Path(tempfile.mkdtemp(prefix="flashmlir-cpu-sweep-"))
-    variants = [Variant(spec, out_dir) for spec in args.variants]
+    variants = [Variant(spec, out_dir, march) for spec in args.variants]
     for variant in variants:
         print(f"{variant.spec}: rel. error vs float64 {check(variant):.1e}", flush=True)
     header = "| hdim | seq | causal | torch 1 thread GF/s | " + " | ".join(v.spec for v in variants) + " |"
@@ -101,7 +110,7 @@ def main() -> None:
                 lines.append(f"| {d} | {seq} | {'yes' if causal else 'no'} | {flops / torch_s / 1e9:.0f} | "
                              + " | ".join(cells) + " |")
                 print(lines[-1], flush=True)
-    print("\nGFLOP/s, one thread, B=1 H=8, fp32; variants are row_vectors x key_tile x dim_tile x keys\n")
+    print(f"\nGFLOP/s, one thread, B=1 H=8, fp32, -march={march}; variants are row_vectors x key_tile x dim_tile x keys\n")
     print("\n".join(lines))
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from flashmlir import config
 
 CATALOG = "kernels.json"
+CPU_TILE_KEYS = ("row_vectors", "key_tile", "dim_tile", "keys")  # as CMakeLists.txt passes them
 ELEMENT_BYTES = {"f16": 2, "bf16": 2}
 
 # Up to this many query blocks (4k rows) the sm_90 grid is persistent, one workgroup per SM taking
@@ -172,23 +173,34 @@ class CudaAttentionBackwardKernel:
 CPU_WORKGROUPS_PER_THREAD = 4
 
 
+# fp32 lanes of a vector register in each instruction set the CPU kernels are built for (cpu_simd.h).
+CPU_ISA_LANES = {"avx512": 16, "avx2": 8}
+
+
 @dataclass(frozen=True)
 class CpuAttentionKernel:
     """The CPU attention kernels of one family and instruction set: functions per head dim. The
     work is items of `rows` query rows (backward dK/dV: keys) of one (batch, head); each IREE
-    workgroup takes a share."""
+    workgroup takes a share. One source serves every instruction set (cpu_simd.h): the catalog
+    entry's `march` picks it and its tile sizes become -DFLASHMLIR_<KEY> (`defines`)."""
 
     family: str  # "attention_fwd_cpu", "attention_bwd_cpu"
-    isa: str  # "avx512"
+    isa: str  # "avx512" | "avx2"
     element: str  # "f32"
     head_dims: tuple[int, ...]
     row_vectors: int
     requires: frozenset[str]  # /proc/cpuinfo flags the object's code uses
     object_path: Path
+    march: str = "x86-64-v4"
+    source: str = ""  # under runtime/microkernels/
+    defines: tuple[str, ...] = ()
+    # Backward only: whether the pass may call the one-pass `_fused` function (kernels.json's
+    # "one_pass": set once measured and checked on that instruction set's hardware).
+    one_pass: bool = False
 
     @property
     def rows(self) -> int:
-        return 16 * self.row_vectors
+        return CPU_ISA_LANES[self.isa] * self.row_vectors
 
     def name(self, head_dim: int) -> str:
         return f"flashmlir_{self.family}_{self.element}_d{head_dim}"
@@ -201,6 +213,22 @@ class CpuAttentionKernel:
         (the kernel splits them); under 8 per thread, so that IREE's task system hands them out one
         at a time."""
         return max(1, min(self.items(seq_q, batch_heads), CPU_WORKGROUPS_PER_THREAD * threads))
+
+    def fuses_backward(self, kv_heads: int, threads: int) -> bool:
+        """Whether the backward takes the one-pass `_fused` function over the split `_dq`, `_dkdv`.
+
+        The fused pass does 5 matrix products a tile against the split's 7 (1.2-1.5x faster on an
+        AVX2 core, benchmarks/results/cpu-2026-12-01-avx2-backward.md), but its items are whole
+        (batch, K/V head)s: it only wins where they share out evenly between the threads. Taken
+        where at least 80% of the threads' time is work (B·Hkv heads on T threads:
+        B·Hkv / (T·⌈B·Hkv / T⌉) ≥ 0.8).
+        """
+        rounds = -(-kv_heads // threads)
+        return self.one_pass and 5 * kv_heads >= 4 * threads * rounds
+
+    def fused_workgroups(self, kv_heads: int, threads: int) -> int:
+        """The fused backward's grid: a workgroup per head, at most a few per thread."""
+        return max(1, min(kv_heads, CPU_WORKGROUPS_PER_THREAD * threads))
 
 
 @dataclass(frozen=True)
@@ -245,6 +273,11 @@ def library_dir() -> Path | None:
     return None
 
 
+def _tile_defines(entry: dict) -> tuple[str, ...]:
+    """A CPU entry's tile sizes as the build passes them to the compiler (CMakeLists.txt)."""
+    return tuple(f"-DFLASHMLIR_{key.upper()}={entry[key]}" for key in CPU_TILE_KEYS if key in entry)
+
+
 @functools.cache
 def _load(directory: Path | None) -> Library:
     if directory is None or not (directory / CATALOG).is_file():
@@ -265,7 +298,8 @@ def _load(directory: Path | None) -> Library:
         for e in entries if e["family"].startswith("attention_bwd"))
     cpu_entries = [
         CpuAttentionKernel(e["family"], e["isa"], e["element"], tuple(e["head_dims"]), e["row_vectors"],
-                           frozenset(e["requires"]), directory / "cpu" / f"{e['family']}_{e['isa']}.o")
+                           frozenset(e["requires"]), directory / "cpu" / f"{e['family']}_{e['isa']}.o",
+                           e["march"], e["source"], _tile_defines(e), e.get("one_pass", False))
         for e in catalog.get("cpu", [])]
     cpu = tuple(k for k in cpu_entries if k.family.startswith("attention_fwd"))
     cpu_backward = tuple(k for k in cpu_entries if k.family.startswith("attention_bwd"))
@@ -350,10 +384,10 @@ def _select_cpu(kernels: tuple[CpuAttentionKernel, ...], what: str, features: fr
     if not matching:
         offer = ", ".join(f"{k.element} d{'/'.join(map(str, k.head_dims))}" for k in runnable)
         raise NoKernel(f"no CPU {what} microkernel for {element} head dim {head_dim} (have: {offer})")
-    kernel = matching[0]
+    kernel = next((k for k in matching if k.object_path.is_file()), matching[0])  # the catalog's order
     if not kernel.object_path.is_file():
         raise NoKernel(f"CPU microkernel {kernel.family}_{kernel.isa} was not built ({kernel.object_path} is "
-                       "missing: no C compiler for -march=x86-64-v4 when flashmlir was installed)")
+                       f"missing: no C compiler for -march={kernel.march} when flashmlir was installed)")
     return kernel
 
 

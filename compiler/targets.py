@@ -28,8 +28,9 @@ class AttentionTiles:
     kv_block: int
     vector_q: int
     vector_kv: int
-    # IREE's llvm-cpu rejects vector ops over this many bytes (iree-llvmcpu-verify-vector-size-
-    # legality); the Q·Kᵀ contraction spans vector_q × vector_kv × head_dim f32 values.
+    # IREE's llvm-cpu rejects vector ops of this many bytes or more (iree-llvmcpu-verify-vector-
+    # size-legality: 512 native vectors, so 32 KB with AVX-512, 16 KB with AVX2); the Q·Kᵀ
+    # contraction spans vector_q × vector_kv × head_dim f32 values.
     max_vector_bytes: int = 32768
 
 
@@ -142,6 +143,10 @@ def _host_threads() -> int:
         return os.cpu_count() or 1
 
 
+# iree-llvmcpu-verify-vector-size-legality's limit, in native vectors of the target CPU.
+IREE_CPU_MAX_NATIVE_VECTORS = 512
+
+
 def _host_vector_bits() -> int:
     flags = _host_cpu_flags()
     if "avx512f" in flags:
@@ -154,6 +159,7 @@ def _host_vector_bits() -> int:
 @functools.cache
 def _cpu() -> Target:
     threads = _host_threads()
+    vector_bits = _host_vector_bits()
     return Target(
         name="cpu",
         kind="cpu",
@@ -167,8 +173,9 @@ def _cpu() -> Target:
         runtime_driver="local-task",
         # Measured on the 2-core AVX2 CI machine (benchmarks/attention_cpu.py): 64×64 score tiles
         # stay in L1/L2 with a 64-wide head; 4 query rows × 16 keys per vector step.
-        attention_tiles=AttentionTiles(q_block=64, kv_block=64, vector_q=4, vector_kv=16),
-        vector_bits=_host_vector_bits(),
+        attention_tiles=AttentionTiles(q_block=64, kv_block=64, vector_q=4, vector_kv=16,
+                                       max_vector_bytes=IREE_CPU_MAX_NATIVE_VECTORS * vector_bits // 8),
+        vector_bits=vector_bits,
         cache_bytes=_cpu_cache_bytes(),
         fingerprint=f"host-cpu:{_host_cpu_fingerprint()}:threads={threads}",
         cpu_features=_host_cpu_flags(),

@@ -24,7 +24,7 @@ CPU:
   shared buffers, and only the descriptor's offset says where each starts (the bare-pointer form
   of IREE's samples loses a binding's offset).
   IREE compiles the shim for the host and links our object into its embedded ELF executable; its
-  task system runs the workgroups on its threads (runtime/microkernels/attention/fwd_cpu_avx512.c).
+  task system runs the workgroups on its threads (runtime/microkernels/attention/fwd_cpu.c).
   bf16 and f16 attention runs the f32 kernel: Q, K, V are widened to f32 (exactly) by elementwise
   linalg ops before the dispatch and O is rounded once after it, so the only rounding is the
   output's (these CPUs have no f16 arithmetic, and a bf16 dot-product kernel is not written yet).

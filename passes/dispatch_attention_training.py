@@ -23,16 +23,20 @@ CUDA:
 
 CPU (f32):
     %o, %lse       = flow.dispatch @flashmlir_attention_training_cpu_<n>::@forward(Q, K, V)
+  the backward in one pass where the B·Hkv heads share out evenly between the CPU's threads
+  (CpuAttentionKernel.fuses_backward):
+    %dq, %Δ, %dk, %dv = flow.dispatch @…::@backward(Q, K, V, O, dO, lse)
+  else split in two (dq's Δ result feeds dkdv):
     %dq, %Δ        = flow.dispatch @…::@dq(Q, K, V, O, dO, lse)
     %dk, %dv       = flow.dispatch @…::@dkdv(Q, K, V, dO, lse, Δ)
-  with one stream.executable linking the library's forward object (its `_lse` function) and
-  backward object (`_dq`, `_dkdv`), a 1-d grid of a few workgroups per thread for each
-  (passes/cpu_dispatch.py; runtime/microkernels/attention/bwd_cpu_avx512.c).
+  with one stream.executable linking the library's forward object (its `_lse` function) or
+  backward object (`_fused`, or `_dq` and `_dkdv`), a 1-d grid of a few workgroups per thread for
+  each (passes/cpu_dispatch.py; runtime/microkernels/attention/bwd_cpu.c).
 
 The constants are (group, Sq, Sk, bits(s), causal, B·Hq) for every kernel; the forward's grid is
 as in flashmlir-dispatch-attention-microkernel. Q, K, V, O, dO are dense [*, H, S, D] (what IREE
 makes of the torch value tensors), lse and Δ = rowsum(dO ∘ O) float32 [*, Hq, S]: exactly the
-kernels' ABI (bwd_sm80_kernels.cu, bwd_cpu_avx512.c), so no layout work is needed here. Δ travels
+kernels' ABI (bwd_sm80_kernels.cu, bwd_cpu.c), so no layout work is needed here. Δ travels
 from the first dispatch to the second as a tensor: IREE orders them.
 
 The frontend puts these ops in a graph only where the target's library has both kernels
@@ -197,6 +201,7 @@ def _stats_type(site: _Site) -> TorchTensorType:
 FORWARD_IO = (("q", "k", "v"), ("o", "lse"))
 DQ_IO = (("q", "k", "v", "o", "do", "lse"), ("dq", "delta"))
 DKDV_IO = (("q", "k", "v", "do", "lse", "delta"), ("dk", "dv"))
+FUSED_IO = (("q", "k", "v", "o", "do", "lse"), ("dq", "delta", "dk", "dv"))  # the CPU's one-pass backward
 # The sm_90 backward (bwd_sm90_kernels.cu); dkdv's "dq_sum" is its "dq_accum" operand, tied.
 PREP_IO = (("o", "do", "lse"), ("lse2", "delta_rows", "dq_accum"))
 DKDV_ACCUM_IO = (("q", "k", "v", "do", "lse2", "delta_rows", "dq_accum"), ("dq_sum", "dk", "dv"))
@@ -285,8 +290,9 @@ def _cuda_backward_calls(site: _Site, arch: str, deterministic: bool) -> str:
     return "\n".join([site.constants, *calls])
 
 
-def _cpu_calls(site: _Site, cpu: _Cpu, forward: bool) -> tuple[str, list[CpuCall]]:
-    """(object path, calls) of the CPU training kernels for `site`: the forward with lse, or dq then dkdv."""
+def _cpu_calls(site: _Site, cpu: _Cpu, forward: bool) -> tuple[str, list[tuple[CpuCall, tuple]]]:
+    """(object path, [(call, its IO)]) of the CPU training kernels for `site`: the forward with lse,
+    or the backward in one pass, or dq then dkdv."""
     select = select_cpu_attention_forward if forward else select_cpu_attention_backward
     kernel = select(cpu.features, site.element, site.head_dim)
     sq, sk = site.q.shape[-2], site.k.shape[-2]
@@ -301,10 +307,14 @@ def _cpu_calls(site: _Site, cpu: _Cpu, forward: bool) -> tuple[str, list[CpuCall
 
     fn = kernel.name(site.head_dim)
     if forward:
-        return str(kernel.object_path), [call("forward", f"{fn}_lse", FORWARD_IO,
-                                              kernel.workgroups(sq, bh, cpu.threads))]
-    return str(kernel.object_path), [call("dq", f"{fn}_dq", DQ_IO, kernel.workgroups(sq, bh, cpu.threads)),
-                                     call("dkdv", f"{fn}_dkdv", DKDV_IO, kernel.workgroups(sk, bh_kv, cpu.threads))]
+        calls = [(FORWARD_IO, "forward", "_lse", kernel.workgroups(sq, bh, cpu.threads))]
+    elif kernel.fuses_backward(bh_kv, cpu.threads):
+        calls = [(FUSED_IO, "backward", "_fused", kernel.fused_workgroups(bh_kv, cpu.threads))]
+    else:
+        calls = [(DQ_IO, "dq", "_dq", kernel.workgroups(sq, bh, cpu.threads)),
+                 (DKDV_IO, "dkdv", "_dkdv", kernel.workgroups(sk, bh_kv, cpu.threads))]
+    return str(kernel.object_path), [(call(export, fn + suffix, io, workgroups), io)
+                                     for io, export, suffix, workgroups in calls]
 
 
 def _cpu_dispatch(site: _Site, symbol: str, export: str, io: tuple[tuple[str, ...], tuple[str, ...]]) -> str:
@@ -334,9 +344,8 @@ def _rewrite(module: ir.Operation, op: ir.Operation, name: str, target: Target, 
     else:
         path, cpu_calls = _cpu_calls(site, cpu, forward)
         symbol = free_symbol(module, "flashmlir_attention_training_cpu_", taken)
-        insert_executable(module, op, cpu_executable(symbol, path, cpu_calls))
-        calls = "\n".join(_cpu_dispatch(site, symbol, c.export, io)
-                          for c, io in zip(cpu_calls, (FORWARD_IO,) if forward else (DQ_IO, DKDV_IO), strict=True))
+        insert_executable(module, op, cpu_executable(symbol, path, [c for c, _ in cpu_calls]))
+        calls = "\n".join(_cpu_dispatch(site, symbol, c.export, io) for c, io in cpu_calls)
     splice_function(op, _forward_function(site, calls) if forward else _backward_function(site, calls), inputs)
 
 

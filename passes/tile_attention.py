@@ -60,6 +60,7 @@ class Options:
     kv_block: int = 0
     vector_q: int = 0
     vector_kv: int = 0
+    max_vector_bytes: int = 0  # 0: the target's (the host CPU's vector width sets it)
 
 
 def _tiles(target_tiles: AttentionTiles, options: Options, head_dim: int) -> AttentionTiles:
@@ -70,15 +71,16 @@ def _tiles(target_tiles: AttentionTiles, options: Options, head_dim: int) -> Att
     """
     vector_q = options.vector_q or target_tiles.vector_q
     vector_kv = options.vector_kv or target_tiles.vector_kv
+    max_vector_bytes = options.max_vector_bytes or target_tiles.max_vector_bytes
     if not options.vector_kv:
-        while vector_kv > 1 and vector_q * vector_kv * head_dim * 4 >= target_tiles.max_vector_bytes:
+        while vector_kv > 1 and vector_q * vector_kv * head_dim * 4 >= max_vector_bytes:
             vector_kv //= 2
     return AttentionTiles(
         q_block=options.q_block or target_tiles.q_block,
         kv_block=options.kv_block or target_tiles.kv_block,
         vector_q=vector_q,
         vector_kv=vector_kv,
-        max_vector_bytes=target_tiles.max_vector_bytes,
+        max_vector_bytes=max_vector_bytes,
     )
 
 

@@ -1,5 +1,5 @@
 """Training on the CPU through our kernels: torch.compile → training ops → our passes → IREE → the
-library's forward-with-lse and backward objects (runtime/microkernels/attention/bwd_cpu_avx512.c).
+library's forward-with-lse and backward objects (runtime/microkernels/attention/bwd_cpu.c).
 
 Each case checks, through the backend's recorder, that the forward and the backward graph each ran
 the site as microkernels (not the op's textbook backward), and compares q/k/v gradients with

@@ -1,4 +1,4 @@
-// How the CPU kernels split their items between IREE workgroups (fwd_cpu_avx512.c, bwd_cpu_avx512.c).
+// How the CPU kernels split their items between IREE workgroups (fwd_cpu.c, bwd_cpu.c).
 //
 // Items are (head, block) pairs, head-major, so consecutive items share K and V (or Q and dO) in
 // cache. Workgroup `wg` of `wg_count` takes the items whose cost midpoint falls in the wg-th of

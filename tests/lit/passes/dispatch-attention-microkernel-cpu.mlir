@@ -1,13 +1,21 @@
-// The CPU target, with the real catalog and a stand-in object, compiled for an AVX-512 CPU
-// whatever the host is (cpu-features), and for one without AVX-512 (NOAVX512):
+// The CPU target, with the real catalog and stand-in objects, compiled for an AVX-512 CPU
+// whatever the host is (cpu-features), for an AVX2 one (the same source, built for
+// x86-64-v3, 8-lane vectors, so 24-row items) and for one with neither (NOSIMD):
 // RUN: rm -rf %t && mkdir -p %t/cpu && cp %S/../../../runtime/microkernels/kernels.json %t/
-// RUN: touch %t/cpu/attention_fwd_cpu_avx512.o
+// RUN: touch %t/cpu/attention_fwd_cpu_avx512.o %t/cpu/attention_fwd_cpu_avx2.o
 // RUN: env FLASHMLIR_MICROKERNEL_DIR=%t flashmlir-opt --split-input-file --flashmlir-dispatch-attention-microkernel='target=cpu cpu-features=avx2,fma,avx512f,avx512bw,avx512cd,avx512dq,avx512vl cpu-threads=2' %s | filecheck %s
 // RUN: env FLASHMLIR_MICROKERNEL_DIR=%t flashmlir-opt --split-input-file --flashmlir-dispatch-attention-microkernel='target=cpu cpu-features=avx2,fma,avx512f,avx512bw,avx512cd,avx512dq,avx512vl cpu-threads=2' --debug %s 2>&1 >/dev/null | filecheck %s --check-prefix=WHY
-// RUN: env FLASHMLIR_MICROKERNEL_DIR=%t flashmlir-opt --split-input-file --flashmlir-dispatch-attention-microkernel='target=cpu cpu-features=avx2,fma' --debug %s 2>&1 | filecheck %s --check-prefix=NOAVX512
+// RUN: env FLASHMLIR_MICROKERNEL_DIR=%t flashmlir-opt --split-input-file --flashmlir-dispatch-attention-microkernel='target=cpu cpu-features=avx,avx2,fma,f16c,bmi1,bmi2,abm,movbe cpu-threads=2' %s | filecheck %s --check-prefix=AVX2
+// RUN: env FLASHMLIR_MICROKERNEL_DIR=%t flashmlir-opt --split-input-file --flashmlir-dispatch-attention-microkernel='target=cpu cpu-features=sse4_2,avx' --debug %s 2>&1 | filecheck %s --check-prefix=NOSIMD
 
-// NOAVX512:     no CPU attention microkernel for this CPU (they need avx512bw+avx512cd+avx512dq+avx512f+avx512vl)
-// NOAVX512-NOT: flow.dispatch @
+// NOSIMD:     no CPU attention microkernel for this CPU (they need avx512bw+avx512cd+avx512dq+avx512f+avx512vl or abm+avx+avx2+bmi1+bmi2+f16c+fma+movbe)
+// NOSIMD-NOT: flow.dispatch @
+
+// AVX2-LABEL: stream.executable private @flashmlir_attention_cpu_0
+// AVX2-SAME:    path = "{{.+}}/cpu/attention_fwd_cpu_avx2.o"
+// AVX2:           %[[X:.+]] = arith.constant 8 : index
+// AVX2:           stream.return %[[X]],
+// AVX2:         call @flashmlir_attention_fwd_cpu_f32_d64(
 
 // GQA, causal, f32, head dim 64: an executable that links the library object and whose shim calls
 // the d64 function with the four bindings as memrefs, the constants (group 4, B·Hq = 16, Sq = Sk =

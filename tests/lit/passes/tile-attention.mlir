@@ -1,5 +1,6 @@
-// RUN: flashmlir-opt --split-input-file --flashmlir-tile-attention=target=cpu %s | filecheck %s
+// RUN: flashmlir-opt --split-input-file --flashmlir-tile-attention="target=cpu max-vector-bytes=32768" %s | filecheck %s
 // RUN: flashmlir-opt --split-input-file --flashmlir-tile-attention='q-block=32 kv-block=32' %s | filecheck %s --check-prefix=B32
+// RUN: flashmlir-opt --split-input-file --flashmlir-tile-attention="target=cpu max-vector-bytes=16384" %s | filecheck %s --check-prefix=AVX2
 // RUN: flashmlir-opt --split-input-file --flashmlir-tile-attention --debug %s 2>&1 >/dev/null | filecheck %s --check-prefix=WHY
 
 // Attention over [B*H, S, D] (the layout IREE's SDPA import produces): one dispatch over
@@ -25,6 +26,14 @@
 // CHECK:             arith.divf
 // CHECK:           iree_tensor_ext.dispatch.tensor.store %{{.+}}, offsets = [%{{.+}}, %[[Q0]], 0], sizes = [1, 64, 64]
 // CHECK-NOT:     iree_linalg_ext.attention
+// An AVX2 host's IREE takes vectors under 16 KB (512 of its 32-byte vectors): the final acc / sum
+// of a 64-row block of head dim 64 would be exactly 16 KB, so blocks of 32 rows, and the Q·Kᵀ
+// vector step over keys halves to 8 (4 × 8 × 64 f32 = 8 KB).
+// AVX2:         #iree_cpu.lowering_config<{{.*}}vector_common_parallel = [1, 4, 64, 0, 0], vector_reduction = [0, 0, 0, 0, 8]>
+// AVX2-LABEL:   func.func @mha_3d
+// AVX2:           %[[NQB:.+]] = arith.constant 4 : index
+// AVX2:           flow.dispatch.workgroups[%[[NQB]],
+// AVX2:             iree_tensor_ext.dispatch.tensor.load %{{.+}}, offsets = [%{{.+}}, %{{.+}}, 0], sizes = [1, 32, 64]
 // B32-LABEL:   func.func @mha_3d
 // B32:           %[[NQB:.+]] = arith.constant 4 : index
 // B32:           flow.dispatch.workgroups[%[[NQB]],

@@ -1,4 +1,5 @@
-// Flash-attention backward for x86-64 CPUs with AVX-512, fp32, as IREE workgroups' work.
+// Flash-attention backward for x86-64 CPUs (AVX-512 or AVX2 + FMA, cpu_simd.h), fp32, as IREE
+// workgroups' work.
 //
 // Two functions per head dim, run one after the other (FlashAttention-2's deterministic split:
 // no two workgroups write one output, so no atomics and the same bits on every run):
@@ -15,11 +16,18 @@
 // Both recompute P from the forward's log-sum-exp: no S×S matrix exists anywhere. Causal is
 // top-left (query i attends keys j ≤ i): _dq stops at the block's last row, _dkdv starts at the
 // block's first key. Work is shared between workgroups by cost, as in the forward.
-#include <immintrin.h>
+//
+// One function per head dim that does all of it in one pass (FlashAttention-2's backward loop):
+//   _fused  items of one (batch, K/V head): Δ for the group's rows, then _dkdv's loop over the
+//           head's key blocks, adding each tile's dS·K into dQ as well (dQ rows in place, vectors
+//           along the head dim). 5 matrix products a tile against the split's 7 (it need not
+//           recompute S and dP for dQ), and still deterministic: one workgroup owns a head's dQ.
+//           Only worth it where the heads share out evenly between the threads (the pass decides:
+//           compiler/microkernels.py, CpuAttentionKernel.fused_backward).
 #include <stddef.h>
 #include <stdint.h>
 
-#include "cpu_avx512_math.h"
+#include "cpu_simd.h"
 #include "cpu_work_share.h"
 
 #define FLASHMLIR_EXPORT __attribute__((visibility("default")))
@@ -32,16 +40,10 @@
 #endif
 
 enum {
-  kLanes = 16,
   kVectors = FLASHMLIR_ROW_VECTORS,  // vectors along a block
   kBlock = kLanes * kVectors,        // query rows (_dq) or keys (_dkdv) per item
   kTile = FLASHMLIR_KEY_TILE,        // keys (_dq) or query rows (_dkdv) per register tile
 };
-
-static inline __m512 lane_index(size_t first) {
-  return _mm512_add_ps(_mm512_set1_ps((float)first),
-                       _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-}
 
 // lse in the exp2 domain; +inf for a row that attends nothing (then every P is 0).
 static inline float lse2_of(float lse) { return lse == -__builtin_inff() ? __builtin_inff() : lse * kLog2e; }
@@ -49,22 +51,22 @@ static inline float lse2_of(float lse) { return lse == -__builtin_inff() ? __bui
 // The two register-tile products both kernels start from, for t < width (a constant after
 // inlining) over the block's kVectors vectors: s[t] = Σ_d a[t, d] · xᵀ[d], dp[t] = Σ_d b[t, d] · yᵀ[d],
 // with a and b rows of D in memory and xᵀ, yᵀ the block's packed D × kBlock operands.
-static inline __attribute__((always_inline)) void two_products(
+FLASHMLIR_INLINE void two_products(
     const float* restrict a, const float* restrict b, const float* restrict xt, const float* restrict yt, size_t D,
-    const int width, __m512 (*s)[kVectors], __m512 (*dp)[kVectors]) {
+    const int width, vf (*s)[kVectors], vf (*dp)[kVectors]) {
   for (int t = 0; t < width; ++t)
-    for (int r = 0; r < kVectors; ++r) s[t][r] = dp[t][r] = _mm512_setzero_ps();
+    for (int r = 0; r < kVectors; ++r) s[t][r] = dp[t][r] = vzero();
   for (size_t d = 0; d < D; ++d) {
-    __m512 x[kVectors], y[kVectors];
+    vf x[kVectors], y[kVectors];
     for (int r = 0; r < kVectors; ++r) {
-      x[r] = _mm512_load_ps(xt + d * kBlock + r * kLanes);
-      y[r] = _mm512_load_ps(yt + d * kBlock + r * kLanes);
+      x[r] = vload(xt + d * kBlock + r * kLanes);
+      y[r] = vload(yt + d * kBlock + r * kLanes);
     }
     for (int t = 0; t < width; ++t) {
-      const __m512 ab = _mm512_set1_ps(a[t * D + d]), bb = _mm512_set1_ps(b[t * D + d]);
+      const vf ab = vset1(a[t * D + d]), bb = vset1(b[t * D + d]);
       for (int r = 0; r < kVectors; ++r) {
-        s[t][r] = _mm512_fmadd_ps(ab, x[r], s[t][r]);
-        dp[t][r] = _mm512_fmadd_ps(bb, y[r], dp[t][r]);
+        s[t][r] = vfmadd(ab, x[r], s[t][r]);
+        dp[t][r] = vfmadd(bb, y[r], dp[t][r]);
       }
     }
   }
@@ -74,35 +76,35 @@ static inline __attribute__((always_inline)) void two_products(
 // dQ
 
 // Keys [j, j + width) against the block's rows: P and dS in registers, then dQᵀ += Kᵀ·dSᵀ.
-static inline __attribute__((always_inline)) void dq_tile(
+FLASHMLIR_INLINE void dq_tile(
     const float* restrict krow, const float* restrict vrow, const float* restrict qt, const float* restrict dot,
-    float* restrict dqt, const __m512* lse2, const __m512* delta, const __m512* row, size_t D, size_t j,
+    float* restrict dqt, const vf* lse2, const vf* delta, const vf* row, size_t D, size_t j,
     size_t seq_k, float c, int causal, const int width) {
-  __m512 s[kTile][kVectors], dp[kTile][kVectors];
+  vf s[kTile][kVectors], dp[kTile][kVectors];
   two_products(krow, vrow, qt, dot, D, width, s, dp);  // S = K·Qᵀ, dP = V·dOᵀ
-  const __m512 cv = _mm512_set1_ps(c);
+  const vf cv = vset1(c);
   for (int t = 0; t < width; ++t) {
-    const __m512 key = _mm512_set1_ps((float)(j + t));
+    const vf key = vset1((float)(j + t));
     for (int r = 0; r < kVectors; ++r) {
-      __m512 p = exp2_below_128(_mm512_fmsub_ps(s[t][r], cv, lse2[r]));
-      __mmask16 keep = j + t < seq_k ? (__mmask16)0xFFFF : 0;
-      if (causal) keep &= _mm512_cmp_ps_mask(key, row[r], _CMP_LE_OQ);
-      p = _mm512_maskz_mov_ps(keep, p);
-      s[t][r] = _mm512_mul_ps(p, _mm512_sub_ps(dp[t][r], delta[r]));  // dS
+      vf p = exp2_below_128(vfmsub(s[t][r], cv, lse2[r]));
+      vmask keep = j + t < seq_k ? vmask_all() : vmask_none();
+      if (causal) keep = vmask_and(keep, vle(key, row[r]));
+      p = vkeep(keep, p);
+      s[t][r] = vmul(p, vsub(dp[t][r], delta[r]));  // dS
     }
   }
   for (size_t d = 0; d < D; ++d) {
-    __m512 acc[kVectors];
-    for (int r = 0; r < kVectors; ++r) acc[r] = _mm512_load_ps(dqt + d * kBlock + r * kLanes);
+    vf acc[kVectors];
+    for (int r = 0; r < kVectors; ++r) acc[r] = vload(dqt + d * kBlock + r * kLanes);
     for (int t = 0; t < width; ++t) {
-      const __m512 kb = _mm512_set1_ps(krow[t * D + d]);
-      for (int r = 0; r < kVectors; ++r) acc[r] = _mm512_fmadd_ps(kb, s[t][r], acc[r]);
+      const vf kb = vset1(krow[t * D + d]);
+      for (int r = 0; r < kVectors; ++r) acc[r] = vfmadd(kb, s[t][r], acc[r]);
     }
-    for (int r = 0; r < kVectors; ++r) _mm512_store_ps(dqt + d * kBlock + r * kLanes, acc[r]);
+    for (int r = 0; r < kVectors; ++r) vstore(dqt + d * kBlock + r * kLanes, acc[r]);
   }
 }
 
-static inline __attribute__((always_inline)) void dq_rows(
+FLASHMLIR_INLINE void dq_rows(
     const float* restrict q, const float* restrict k, const float* restrict v, const float* restrict o,
     const float* restrict d_o, const float* restrict lse, float* restrict dq, float* restrict delta_out,
     const size_t D, size_t group, size_t seq_q, size_t seq_k, float scale, int causal, size_t block, size_t bh) {
@@ -131,11 +133,11 @@ static inline __attribute__((always_inline)) void dq_rows(
       dot[d * kBlock + i] = i < rows ? d_o[(row0 + i) * D + d] : 0.f;
       dqt[d * kBlock + i] = 0.f;
     }
-  __m512 lse2[kVectors], delta[kVectors], row[kVectors];
+  vf lse2[kVectors], delta[kVectors], row[kVectors];
   for (int r = 0; r < kVectors; ++r) {
-    lse2[r] = _mm512_load_ps(lse2v + r * kLanes);
-    delta[r] = _mm512_load_ps(deltav + r * kLanes);
-    row[r] = lane_index(q0 + r * kLanes);
+    lse2[r] = vload(lse2v + r * kLanes);
+    delta[r] = vload(deltav + r * kLanes);
+    row[r] = vlane_index(q0 + r * kLanes);
   }
   const float c = scale * kLog2e;
   const size_t key_end = causal && q0 + rows < seq_k ? q0 + rows : seq_k;
@@ -151,49 +153,82 @@ static inline __attribute__((always_inline)) void dq_rows(
 // ---------------------------------------------------------------------------------------------
 // dK, dV
 
-// Query rows [i, i + width) of one head against the block's keys: dVᵀ += dOᵀ·P, dKᵀ += Qᵀ·dS.
-static inline __attribute__((always_inline)) void dkdv_tile(
-    const float* restrict qrow, const float* restrict dorow, const float* restrict lse, const float* restrict delta,
-    const float* restrict kt, const float* restrict vt, float* restrict dkt, float* restrict dvt,
-    const __m512* key, __mmask16 const* in_range, size_t D, size_t i, float c, int causal, const int width) {
-  __m512 s[kTile][kVectors], dp[kTile][kVectors];
-  two_products(qrow, dorow, kt, vt, D, width, s, dp);  // S = Q·Kᵀ, dP = dO·Vᵀ
-  const __m512 cv = _mm512_set1_ps(c);
-  for (int t = 0; t < width; ++t) {
-    const __m512 l2 = _mm512_set1_ps(lse2_of(lse[t])), dl = _mm512_set1_ps(delta[t]);
-    const __m512 row = _mm512_set1_ps((float)(i + t));
-    for (int r = 0; r < kVectors; ++r) {
-      __mmask16 keep = in_range[r];
-      if (causal) keep &= _mm512_cmp_ps_mask(key[r], row, _CMP_LE_OQ);
-      s[t][r] = _mm512_maskz_mov_ps(keep, exp2_below_128(_mm512_fmsub_ps(s[t][r], cv, l2)));  // P
-      dp[t][r] = _mm512_mul_ps(s[t][r], _mm512_sub_ps(dp[t][r], dl));                              // dS
-    }
-  }
-  for (size_t d = 0; d < D; ++d) {
-    __m512 dk[kVectors], dv[kVectors];
-    for (int r = 0; r < kVectors; ++r) {
-      dk[r] = _mm512_load_ps(dkt + d * kBlock + r * kLanes);
-      dv[r] = _mm512_load_ps(dvt + d * kBlock + r * kLanes);
-    }
-    for (int t = 0; t < width; ++t) {
-      const __m512 qb = _mm512_set1_ps(qrow[t * D + d]), db = _mm512_set1_ps(dorow[t * D + d]);
-      for (int r = 0; r < kVectors; ++r) {
-        dk[r] = _mm512_fmadd_ps(qb, dp[t][r], dk[r]);
-        dv[r] = _mm512_fmadd_ps(db, s[t][r], dv[r]);
+// dQ[t, :] += Σ_j dS[t, j] · K[j, :] for t < width over j < keys, with dS as the tile holds it
+// (vectors along keys). dS goes through a small buffer to be broadcast a key at a time; dQ and K
+// are read along the head dim, in chunks of up to 4 vectors a row (16 accumulators for 4 rows).
+FLASHMLIR_INLINE void dq_add(
+    vf (*ds)[kVectors], const float* restrict krow, float* restrict dqrow, size_t keys, size_t D,
+    const int width) {
+  float dsv[kTile * kBlock] __attribute__((aligned(64)));
+  for (int t = 0; t < width; ++t)
+    for (int r = 0; r < kVectors; ++r) vstore(dsv + t * kBlock + r * kLanes, ds[t][r]);
+  enum { kChunk = 4 };
+  const size_t chunk = D / kLanes < kChunk ? D / kLanes : kChunk;  // head dims are multiples of 16
+  for (size_t d0 = 0; d0 < D; d0 += chunk * kLanes) {
+    vf acc[kTile][kChunk];
+    for (int t = 0; t < width; ++t)
+      for (size_t x = 0; x < chunk; ++x) acc[t][x] = vloadu(dqrow + t * D + d0 + x * kLanes);
+    for (size_t j = 0; j < keys; ++j) {
+      vf kv[kChunk];
+      for (size_t x = 0; x < chunk; ++x) kv[x] = vloadu(krow + j * D + d0 + x * kLanes);
+      for (int t = 0; t < width; ++t) {
+        const vf b = vset1(dsv[t * kBlock + j]);
+        for (size_t x = 0; x < chunk; ++x) acc[t][x] = vfmadd(b, kv[x], acc[t][x]);
       }
     }
-    for (int r = 0; r < kVectors; ++r) {
-      _mm512_store_ps(dkt + d * kBlock + r * kLanes, dk[r]);
-      _mm512_store_ps(dvt + d * kBlock + r * kLanes, dv[r]);
-    }
+    for (int t = 0; t < width; ++t)
+      for (size_t x = 0; x < chunk; ++x) vstoreu(dqrow + t * D + d0 + x * kLanes, acc[t][x]);
   }
 }
 
-static inline __attribute__((always_inline)) void dkdv_keys(
+// Query rows [i, i + width) of one head against the block's keys: dVᵀ += dOᵀ·P, dKᵀ += Qᵀ·dS.
+// With `dqrow` (the _fused kernel): dQ rows [i, i + width) += dS·K over the block's `keys` keys,
+// K's rows `krow` as they lie in memory.
+FLASHMLIR_INLINE void dkdv_tile(
+    const float* restrict qrow, const float* restrict dorow, const float* restrict lse, const float* restrict delta,
+    const float* restrict kt, const float* restrict vt, float* restrict dkt, float* restrict dvt,
+    const float* restrict krow, float* restrict dqrow, size_t keys, const vf* key, vmask const* in_range,
+    size_t D, size_t i, float c, int causal, const int width) {
+  vf s[kTile][kVectors], dp[kTile][kVectors];
+  two_products(qrow, dorow, kt, vt, D, width, s, dp);  // S = Q·Kᵀ, dP = dO·Vᵀ
+  const vf cv = vset1(c);
+  for (int t = 0; t < width; ++t) {
+    const vf l2 = vset1(lse2_of(lse[t])), dl = vset1(delta[t]);
+    const vf row = vset1((float)(i + t));
+    for (int r = 0; r < kVectors; ++r) {
+      vmask keep = in_range[r];
+      if (causal) keep = vmask_and(keep, vle(key[r], row));
+      s[t][r] = vkeep(keep, exp2_below_128(vfmsub(s[t][r], cv, l2)));  // P
+      dp[t][r] = vmul(s[t][r], vsub(dp[t][r], dl));                              // dS
+    }
+  }
+  for (size_t d = 0; d < D; ++d) {
+    vf dk[kVectors], dv[kVectors];
+    for (int r = 0; r < kVectors; ++r) {
+      dk[r] = vload(dkt + d * kBlock + r * kLanes);
+      dv[r] = vload(dvt + d * kBlock + r * kLanes);
+    }
+    for (int t = 0; t < width; ++t) {
+      const vf qb = vset1(qrow[t * D + d]), db = vset1(dorow[t * D + d]);
+      for (int r = 0; r < kVectors; ++r) {
+        dk[r] = vfmadd(qb, dp[t][r], dk[r]);
+        dv[r] = vfmadd(db, s[t][r], dv[r]);
+      }
+    }
+    for (int r = 0; r < kVectors; ++r) {
+      vstore(dkt + d * kBlock + r * kLanes, dk[r]);
+      vstore(dvt + d * kBlock + r * kLanes, dv[r]);
+    }
+  }
+  if (dqrow) dq_add(dp, krow, dqrow, keys, D, width);
+}
+
+// `dq` null: the split's _dkdv; else the _fused kernel's dQ, added into.
+FLASHMLIR_INLINE void dkdv_keys(
     const float* restrict q, const float* restrict k, const float* restrict v, const float* restrict d_o,
     const float* restrict lse, const float* restrict delta, float* restrict dk, float* restrict dv,
-    const size_t D, size_t group, size_t seq_q, size_t seq_k, float scale, int causal, size_t block,
-    size_t bh_kv) {
+    float* restrict dq, const size_t D, size_t group, size_t seq_q, size_t seq_k, float scale, int causal,
+    size_t block, size_t bh_kv) {
   const size_t k0 = block * kBlock;
   const size_t keys = seq_k - k0 < kBlock ? seq_k - k0 : kBlock;
   const size_t key0 = bh_kv * seq_k + k0;
@@ -208,11 +243,11 @@ static inline __attribute__((always_inline)) void dkdv_keys(
       vt[d * kBlock + j] = j < keys ? v[(key0 + j) * D + d] : 0.f;
       dkt[d * kBlock + j] = dvt[d * kBlock + j] = 0.f;
     }
-  __m512 key[kVectors];
-  __mmask16 in_range[kVectors];
+  vf key[kVectors];
+  vmask in_range[kVectors];
   for (int r = 0; r < kVectors; ++r) {
-    key[r] = lane_index(k0 + r * kLanes);
-    in_range[r] = _mm512_cmp_ps_mask(key[r], _mm512_set1_ps((float)seq_k), _CMP_LT_OQ);
+    key[r] = vlane_index(k0 + r * kLanes);
+    in_range[r] = vlt(key[r], vset1((float)seq_k));
   }
   const float c = scale * kLog2e;
   const size_t first = causal ? k0 : 0;  // top-left causal: earlier rows see none of these keys
@@ -222,17 +257,50 @@ static inline __attribute__((always_inline)) void dkdv_keys(
     const float* restrict doh = d_o + bh * seq_q * D;
     const float* restrict lh = lse + bh * seq_q;
     const float* restrict deh = delta + bh * seq_q;
+    float* restrict dqh = dq ? dq + bh * seq_q * D : 0;
     size_t i = first;
     for (; i + kTile <= seq_q; i += kTile)
-      dkdv_tile(qh + i * D, doh + i * D, lh + i, deh + i, kt, vt, dkt, dvt, key, in_range, D, i, c, causal, kTile);
+      dkdv_tile(qh + i * D, doh + i * D, lh + i, deh + i, kt, vt, dkt, dvt, k + key0 * D, dq ? dqh + i * D : 0, keys,
+                key, in_range, D, i, c, causal, kTile);
     for (; i < seq_q; ++i)
-      dkdv_tile(qh + i * D, doh + i * D, lh + i, deh + i, kt, vt, dkt, dvt, key, in_range, D, i, c, causal, 1);
+      dkdv_tile(qh + i * D, doh + i * D, lh + i, deh + i, kt, vt, dkt, dvt, k + key0 * D, dq ? dqh + i * D : 0, keys,
+                key, in_range, D, i, c, causal, 1);
   }
   for (size_t j = 0; j < keys; ++j)
     for (size_t d = 0; d < D; ++d) {
       dk[(key0 + j) * D + d] = dkt[d * kBlock + j] * scale;
       dv[(key0 + j) * D + d] = dvt[d * kBlock + j];
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// dQ, dK, dV in one pass
+
+// Row i's Δ = Σ_d dO[i, d] · O[i, d] (head dims are multiples of 16).
+static inline float row_delta(const float* restrict o, const float* restrict d_o, size_t D) {
+  vf sum = vzero();
+  for (size_t d = 0; d < D; d += kLanes) sum = vfmadd(vloadu(d_o + d), vloadu(o + d), sum);
+  return vsum(sum);
+}
+
+// One (batch, K/V head): its group's query heads are consecutive rows of Q, O, dO, dQ.
+FLASHMLIR_INLINE void fused_head(
+    const float* restrict q, const float* restrict k, const float* restrict v, const float* restrict o,
+    const float* restrict d_o, const float* restrict lse, float* restrict dq, float* restrict delta,
+    float* restrict dk, float* restrict dv, const size_t D, size_t group, size_t seq_q, size_t seq_k, float scale,
+    int causal, size_t bh_kv) {
+  const size_t row0 = bh_kv * group * seq_q, rows = group * seq_q;
+  for (size_t i = row0; i < row0 + rows; ++i) {
+    delta[i] = row_delta(o + i * D, d_o + i * D, D);
+    for (size_t d = 0; d < D; d += kLanes) vstoreu(dq + i * D + d, vzero());
+  }
+  const size_t blocks = (seq_k + kBlock - 1) / kBlock;
+  for (size_t b = 0; b < blocks; ++b)
+    dkdv_keys(q, k, v, d_o, lse, delta, dk, dv, dq, D, group, seq_q, seq_k, scale, causal, b, bh_kv);
+  const vf s = vset1(scale);
+  for (size_t i = row0; i < row0 + rows; ++i)
+    for (size_t d = 0; d < D; d += kLanes)
+      vstoreu(dq + i * D + d, vmul(vloadu(dq + i * D + d), s));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -249,7 +317,7 @@ static inline size_t dkdv_cost(size_t block, size_t seq_q, size_t group, int cau
   return group * (first < seq_q ? seq_q - first : 0) + kTile;
 }
 
-static inline __attribute__((always_inline)) void dq_share(
+FLASHMLIR_INLINE void dq_share(
     const float* q, const float* k, const float* v, const float* o, const float* d_o, const float* lse, float* dq,
     float* delta, const size_t D, size_t group, size_t batch_heads, size_t seq_q, size_t seq_k, float scale,
     int causal, size_t wg, size_t wg_count) {
@@ -258,13 +326,21 @@ static inline __attribute__((always_inline)) void dq_share(
                   dq_rows(q, k, v, o, d_o, lse, dq, delta, D, group, seq_q, seq_k, scale, causal, b, h));
 }
 
-static inline __attribute__((always_inline)) void dkdv_share(
+FLASHMLIR_INLINE void dkdv_share(
     const float* q, const float* k, const float* v, const float* d_o, const float* lse, const float* delta,
     float* dk, float* dv, const size_t D, size_t group, size_t batch_heads, size_t seq_q, size_t seq_k,
     float scale, int causal, size_t wg, size_t wg_count) {
   const size_t blocks = (seq_k + kBlock - 1) / kBlock;
   FLASHMLIR_SHARE(dkdv_cost(b, seq_q, group, causal), blocks, batch_heads / group,
-                  dkdv_keys(q, k, v, d_o, lse, delta, dk, dv, D, group, seq_q, seq_k, scale, causal, b, h));
+                  dkdv_keys(q, k, v, d_o, lse, delta, dk, dv, 0, D, group, seq_q, seq_k, scale, causal, b, h));
+}
+
+FLASHMLIR_INLINE void fused_share(
+    const float* q, const float* k, const float* v, const float* o, const float* d_o, const float* lse, float* dq,
+    float* delta, float* dk, float* dv, const size_t D, size_t group, size_t batch_heads, size_t seq_q,
+    size_t seq_k, float scale, int causal, size_t wg, size_t wg_count) {
+  FLASHMLIR_SHARE(1, 1, batch_heads / group,  // heads cost the same
+                  fused_head(q, k, v, o, d_o, lse, dq, delta, dk, dv, D, group, seq_q, seq_k, scale, causal, h));
 }
 
 // IREE's calls: bindings as MLIR's 1-d memref descriptors (see the forward), then the constants
@@ -290,6 +366,16 @@ static inline __attribute__((always_inline)) void dkdv_share(
     dkdv_share(q + q_offset, k + k_offset, v + v_offset, d_o + d_o_offset, lse + lse_offset,                  \
                delta + delta_offset, dk + dk_offset, dv + dv_offset, D, group, batch_heads, seq_q, seq_k,      \
                scale, causal != 0, wg, wg_count);                                                            \
+  }                                                                                                          \
+  FLASHMLIR_EXPORT void flashmlir_attention_bwd_cpu_f32_d##D##_fused(                                        \
+      FLASHMLIR_MEMREF(const float, q), FLASHMLIR_MEMREF(const float, k), FLASHMLIR_MEMREF(const float, v),   \
+      FLASHMLIR_MEMREF(const float, o), FLASHMLIR_MEMREF(const float, d_o), FLASHMLIR_MEMREF(const float, lse), \
+      FLASHMLIR_MEMREF(float, dq), FLASHMLIR_MEMREF(float, delta), FLASHMLIR_MEMREF(float, dk),                \
+      FLASHMLIR_MEMREF(float, dv), size_t group, size_t batch_heads, size_t seq_q, size_t seq_k, float scale,  \
+      size_t causal, size_t wg, size_t wg_count) {                                                           \
+    fused_share(q + q_offset, k + k_offset, v + v_offset, o + o_offset, d_o + d_o_offset, lse + lse_offset,   \
+                dq + dq_offset, delta + delta_offset, dk + dk_offset, dv + dv_offset, D, group, batch_heads,   \
+                seq_q, seq_k, scale, causal != 0, wg, wg_count);                                             \
   }
 
 FLASHMLIR_DEFINE_CPU_BACKWARD(32)

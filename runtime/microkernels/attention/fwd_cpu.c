@@ -1,4 +1,5 @@
-// Flash-attention forward for x86-64 CPUs with AVX-512, fp32, as one IREE workgroup's work.
+// Flash-attention forward for x86-64 CPUs (AVX-512 or AVX2 + FMA, cpu_simd.h), fp32, as one IREE
+// workgroup's work.
 //
 // The work is items of kRows query rows of one (batch, head); an item loops over blocks of kKeys
 // keys with online softmax, causal blocks skipped. IREE calls `flashmlir_attention_fwd_cpu_f32_d<D>`
@@ -18,11 +19,10 @@
 //   Oᵀ[d, rows]  = α · Oᵀ[d, rows] + Σ_j V[j, d] · Pᵀ[j, rows]   V read in place
 // and O = Oᵀ / l is written back row by row at the end. K and V need no packing, and every FMA's
 // scalar operand is a broadcast load (vbroadcastss) from memory.
-#include <immintrin.h>
 #include <stddef.h>
 #include <stdint.h>
 
-#include "cpu_avx512_math.h"
+#include "cpu_simd.h"
 #include "cpu_work_share.h"
 
 #define FLASHMLIR_EXPORT __attribute__((visibility("default")))
@@ -41,8 +41,7 @@
 #endif
 
 enum {
-  kLanes = 16,                              // fp32 lanes of a zmm register
-  kRowVectors = FLASHMLIR_ROW_VECTORS,      // query rows per call: kRows = 16 · kRowVectors
+  kRowVectors = FLASHMLIR_ROW_VECTORS,      // query rows per call: kRows = kLanes · kRowVectors
   kRows = kLanes * kRowVectors,
   kKeys = FLASHMLIR_KEYS,                   // keys per block
   kKeyTile = FLASHMLIR_KEY_TILE,            // keys per register tile of Sᵀ
@@ -51,39 +50,38 @@ enum {
 };
 
 // s, or -inf where `key` comes after the row (top-left causal masking).
-static inline __attribute__((always_inline)) __m512 masked_after_row(__m512 s, size_t key, __m512 row) {
-  const __mmask16 after = _mm512_cmp_ps_mask(_mm512_set1_ps((float)key), row, _CMP_GT_OQ);
-  return _mm512_mask_mov_ps(s, after, _mm512_set1_ps(-__builtin_inff()));
+FLASHMLIR_INLINE vf masked_after_row(vf s, size_t key, vf row) {
+  return vselect(vgt(vset1((float)key), row), s, vset1(-__builtin_inff()));
 }
 
 // Oᵀ[d : d + width] = α · Oᵀ[d : d + width] + Σ_j V[j, d : d + width] · Pᵀ[j] (width ≤ kDimTile,
 // a constant after inlining: the accumulators stay in registers across the key loop). α is 1, and
 // not applied, when `alpha` is null.
-static inline __attribute__((always_inline)) void pv_tile(float* restrict ot, const float* restrict st,
+FLASHMLIR_INLINE void pv_tile(float* restrict ot, const float* restrict st,
                                                           const float* restrict vrow, size_t D, size_t keys,
-                                                          const __m512* alpha, size_t d, const int width) {
-  __m512 acc[kDimTile][kRowVectors];
+                                                          const vf* alpha, size_t d, const int width) {
+  vf acc[kDimTile][kRowVectors];
   for (int t = 0; t < width; ++t)
     for (int r = 0; r < kRowVectors; ++r) {
-      const __m512 o = _mm512_load_ps(ot + (d + t) * kRows + r * kLanes);
-      acc[t][r] = alpha ? _mm512_mul_ps(o, alpha[r]) : o;
+      const vf o = vload(ot + (d + t) * kRows + r * kLanes);
+      acc[t][r] = alpha ? vmul(o, alpha[r]) : o;
     }
   for (size_t j = 0; j < keys; ++j) {
     _mm_prefetch((const char*)(vrow + (kKeys + j) * D), _MM_HINT_T0);  // the next key block's row j
-    __m512 p[kRowVectors];
-    for (int r = 0; r < kRowVectors; ++r) p[r] = _mm512_load_ps(st + j * kRows + r * kLanes);
+    vf p[kRowVectors];
+    for (int r = 0; r < kRowVectors; ++r) p[r] = vload(st + j * kRows + r * kLanes);
     for (int t = 0; t < width; ++t) {
-      const __m512 vv = _mm512_set1_ps(vrow[j * D + t]);
-      for (int r = 0; r < kRowVectors; ++r) acc[t][r] = _mm512_fmadd_ps(vv, p[r], acc[t][r]);
+      const vf vv = vset1(vrow[j * D + t]);
+      for (int r = 0; r < kRowVectors; ++r) acc[t][r] = vfmadd(vv, p[r], acc[t][r]);
     }
   }
   for (int t = 0; t < width; ++t)
-    for (int r = 0; r < kRowVectors; ++r) _mm512_store_ps(ot + (d + t) * kRows + r * kLanes, acc[t][r]);
+    for (int r = 0; r < kRowVectors; ++r) vstore(ot + (d + t) * kRows + r * kLanes, acc[t][r]);
 }
 
 // One item: rows [q0, q0 + kRows) of query head `bh` (batch-major), every key it attends; with
 // `lse` (may be null) also ln Σ_j exp(scale · q·k_j) per row, -inf for a row with no key.
-static inline __attribute__((always_inline)) void attention_rows(
+FLASHMLIR_INLINE void attention_rows(
     const float* restrict q, const float* restrict k, const float* restrict v, float* restrict o,
     float* restrict lse, const size_t d_model, size_t group, size_t seq_q, size_t seq_k, float scale, int causal,
     size_t q_block, size_t bh) {
@@ -107,12 +105,11 @@ static inline __attribute__((always_inline)) void attention_rows(
 
   // P = 2^(S - shift) per row. The shift moves to a key block's maximum only when that passes it by
   // more than kMaxSlack, so P ≤ 2^kMaxSlack and most blocks leave O and l as they are (α = 1).
-  __m512 shift[kRowVectors], row_sum[kRowVectors], row_index[kRowVectors];
+  vf shift[kRowVectors], row_sum[kRowVectors], row_index[kRowVectors];
   for (int r = 0; r < kRowVectors; ++r) {
-    shift[r] = _mm512_set1_ps(-__builtin_inff());
-    row_sum[r] = _mm512_setzero_ps();
-    row_index[r] = _mm512_add_ps(_mm512_set1_ps((float)(q0 + r * kLanes)),
-                                 _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    shift[r] = vset1(-__builtin_inff());
+    row_sum[r] = vzero();
+    row_index[r] = vlane_index(q0 + r * kLanes);
   }
   // Top-left causal: row i attends keys 0..i, so keys past the block's last row are never needed.
   const size_t key_end = causal && q0 + rows < seq_k ? q0 + rows : seq_k;
@@ -121,75 +118,72 @@ static inline __attribute__((always_inline)) void attention_rows(
     const size_t keys = key_end - k0 < kKeys ? key_end - k0 : kKeys;
     // Causal: keys after a row are -inf (only blocks reaching past the first row have any).
     const int diagonal = causal && k0 + keys - 1 > q0;
-    __m512 block_max[kRowVectors];
-    for (int r = 0; r < kRowVectors; ++r) block_max[r] = _mm512_set1_ps(-__builtin_inff());
+    vf block_max[kRowVectors];
+    for (int r = 0; r < kRowVectors; ++r) block_max[r] = vset1(-__builtin_inff());
 
     // Sᵀ = K · Qᵀ, kKeyTile keys at a time (a ragged tail one key at a time), masked and its row
     // maxima taken while still in registers.
     size_t j = 0;
     for (; j + kKeyTile <= keys; j += kKeyTile) {
-      __m512 acc[kKeyTile][kRowVectors];
+      vf acc[kKeyTile][kRowVectors];
       for (int t = 0; t < kKeyTile; ++t)
-        for (int r = 0; r < kRowVectors; ++r) acc[t][r] = _mm512_setzero_ps();
+        for (int r = 0; r < kRowVectors; ++r) acc[t][r] = vzero();
       const float* restrict krow = kb + (k0 + j) * D;
       const float* knext = krow + kKeyTile * D;  // the next tile's rows, contiguous
       for (size_t d = 0; d < D; ++d) {
         _mm_prefetch((const char*)(knext + d * kKeyTile), _MM_HINT_T0);
-        __m512 qv[kRowVectors];
-        for (int r = 0; r < kRowVectors; ++r) qv[r] = _mm512_load_ps(qt + d * kRows + r * kLanes);
+        vf qv[kRowVectors];
+        for (int r = 0; r < kRowVectors; ++r) qv[r] = vload(qt + d * kRows + r * kLanes);
         for (int t = 0; t < kKeyTile; ++t) {
-          const __m512 kv = _mm512_set1_ps(krow[t * D + d]);
-          for (int r = 0; r < kRowVectors; ++r) acc[t][r] = _mm512_fmadd_ps(kv, qv[r], acc[t][r]);
+          const vf kv = vset1(krow[t * D + d]);
+          for (int r = 0; r < kRowVectors; ++r) acc[t][r] = vfmadd(kv, qv[r], acc[t][r]);
         }
       }
       for (int t = 0; t < kKeyTile; ++t)
         for (int r = 0; r < kRowVectors; ++r) {
           if (diagonal) acc[t][r] = masked_after_row(acc[t][r], k0 + j + t, row_index[r]);
-          block_max[r] = _mm512_max_ps(block_max[r], acc[t][r]);
-          _mm512_store_ps(st + (j + t) * kRows + r * kLanes, acc[t][r]);
+          block_max[r] = vmax(block_max[r], acc[t][r]);
+          vstore(st + (j + t) * kRows + r * kLanes, acc[t][r]);
         }
     }
     for (; j < keys; ++j) {
-      __m512 acc[kRowVectors];
-      for (int r = 0; r < kRowVectors; ++r) acc[r] = _mm512_setzero_ps();
+      vf acc[kRowVectors];
+      for (int r = 0; r < kRowVectors; ++r) acc[r] = vzero();
       const float* restrict krow = kb + (k0 + j) * D;
       for (size_t d = 0; d < D; ++d) {
-        const __m512 kv = _mm512_set1_ps(krow[d]);
-        for (int r = 0; r < kRowVectors; ++r)
-          acc[r] = _mm512_fmadd_ps(kv, _mm512_load_ps(qt + d * kRows + r * kLanes), acc[r]);
+        const vf kv = vset1(krow[d]);
+        for (int r = 0; r < kRowVectors; ++r) acc[r] = vfmadd(kv, vload(qt + d * kRows + r * kLanes), acc[r]);
       }
       for (int r = 0; r < kRowVectors; ++r) {
         if (diagonal) acc[r] = masked_after_row(acc[r], k0 + j, row_index[r]);
-        block_max[r] = _mm512_max_ps(block_max[r], acc[r]);
-        _mm512_store_ps(st + j * kRows + r * kLanes, acc[r]);
+        block_max[r] = vmax(block_max[r], acc[r]);
+        vstore(st + j * kRows + r * kLanes, acc[r]);
       }
     }
 
     // Online softmax in the exp2 domain, along j for all rows at once.
-    __m512 alpha[kRowVectors];
-    __mmask16 moved = 0;
+    vf alpha[kRowVectors];
+    vmask moved = vmask_none();
     for (int r = 0; r < kRowVectors; ++r) {
       // A row whose keys so far are all masked keeps shift -inf: P = 0, its sums stay 0.
-      const __mmask16 move = _mm512_cmp_ps_mask(block_max[r], _mm512_add_ps(shift[r], _mm512_set1_ps(kMaxSlack)),
-                                                _CMP_GT_OQ);
-      moved |= move;
-      const __m512 next = _mm512_mask_mov_ps(shift[r], move, block_max[r]);
-      const __m512 base = _mm512_maskz_mov_ps(
-          _mm512_cmp_ps_mask(next, _mm512_set1_ps(-__builtin_inff()), _CMP_NEQ_OQ), next);
-      alpha[r] = exp2_below_128(_mm512_sub_ps(shift[r], base));  // 0 for a row seeing its first key
+      const vmask move = vgt(block_max[r], vadd(shift[r], vset1(kMaxSlack)));
+      moved = vmask_or(moved, move);
+      const vf next = vselect(move, shift[r], block_max[r]);
+      const vf base = vkeep(vne(next, vset1(-__builtin_inff())), next);
+      alpha[r] = exp2_below_128(vsub(shift[r], base));  // 0 for a row seeing its first key
       shift[r] = next;
-      __m512 sum = _mm512_setzero_ps();
+      vf sum = vzero();
       for (size_t jj = 0; jj < keys; ++jj) {
         float* s = st + jj * kRows + r * kLanes;
-        const __m512 p = exp2_below_128(_mm512_sub_ps(_mm512_load_ps(s), base));
-        _mm512_store_ps(s, p);
-        sum = _mm512_add_ps(sum, p);
+        const vf p = exp2_below_128(vsub(vload(s), base));
+        vstore(s, p);
+        sum = vadd(sum, p);
       }
-      row_sum[r] = _mm512_fmadd_ps(row_sum[r], alpha[r], sum);
+      row_sum[r] = vfmadd(row_sum[r], alpha[r], sum);
     }
 
     // Oᵀ = α · Oᵀ + V[k0 : k0 + keys]ᵀ · Pᵀ, kDimTile head-dim entries at a time.
-    const __m512* rescale = moved ? alpha : (const __m512*)0;
+    const vf* rescale = vmask_any(moved) ? alpha : (const vf*)0;
     size_t d = 0;
     for (; d + kDimTile <= D; d += kDimTile) pv_tile(ot, st, vb + k0 * D + d, D, keys, rescale, d, kDimTile);
     for (; d < D; ++d) pv_tile(ot, st, vb + k0 * D + d, D, keys, rescale, d, 1);
@@ -198,19 +192,16 @@ static inline __attribute__((always_inline)) void attention_rows(
   // O = Oᵀ / l, 0 for a row whose every key was masked.
   float inv[kRows] __attribute__((aligned(64)));
   for (int r = 0; r < kRowVectors; ++r) {
-    const __mmask16 nonzero = _mm512_cmp_ps_mask(row_sum[r], _mm512_setzero_ps(), _CMP_NEQ_OQ);
-    _mm512_store_ps(inv + r * kLanes, _mm512_maskz_div_ps(nonzero, _mm512_set1_ps(1.f), row_sum[r]));
+    vstore(inv + r * kLanes, vkeep(vne(row_sum[r], vzero()), vdiv(vset1(1.f), row_sum[r])));
   }
   for (size_t i = 0; i < rows; ++i)
     for (size_t d = 0; d < D; ++d) ob[i * D + d] = ot[d * kRows + i] * inv[i];
   if (lse) {  // (shift + log2 Σ) in the exp2 domain, back to natural log
     float row_lse[kRows] __attribute__((aligned(64)));
     for (int r = 0; r < kRowVectors; ++r) {
-      const __mmask16 nonzero = _mm512_cmp_ps_mask(row_sum[r], _mm512_setzero_ps(), _CMP_NEQ_OQ);
-      const __m512 safe = _mm512_mask_mov_ps(_mm512_set1_ps(1.f), nonzero, row_sum[r]);
-      const __m512 l2 = _mm512_add_ps(shift[r], log2_positive(safe));
-      _mm512_store_ps(row_lse + r * kLanes, _mm512_mask_mov_ps(_mm512_set1_ps(-__builtin_inff()), nonzero,
-                                                               _mm512_mul_ps(l2, _mm512_set1_ps(kLn2))));
+      const vmask nonzero = vne(row_sum[r], vzero());
+      const vf l2 = vadd(shift[r], log2_positive(vselect(nonzero, vset1(1.f), row_sum[r])));
+      vstore(row_lse + r * kLanes, vselect(nonzero, vset1(-__builtin_inff()), vmul(l2, vset1(kLn2))));
     }
     for (size_t i = 0; i < rows; ++i) lse[bh * seq_q + q0 + i] = row_lse[i];
   }
@@ -225,7 +216,7 @@ static inline size_t item_cost(size_t block, size_t seq_q, size_t seq_k, int cau
 }
 
 // This workgroup's items (cpu_work_share.h).
-static inline __attribute__((always_inline)) void work_share(
+FLASHMLIR_INLINE void work_share(
     const float* restrict q, const float* restrict k, const float* restrict v, float* restrict o,
     float* restrict lse, const size_t D, size_t group, size_t batch_heads, size_t seq_q, size_t seq_k, float scale, int causal,
     size_t wg, size_t wg_count) {
