@@ -1,0 +1,155 @@
+"""The CPU backward kernels called directly: split (`_dq` then `_dkdv`) against one pass (`_fused`).
+
+    python benchmarks/cpu_backward_kernels.py                      # the host's best ISA, 1 and 2 threads
+    python benchmarks/cpu_backward_kernels.py --tiles 2x3 2x2 1x4  # a sweep of row_vectors x key_tile
+
+Each tile variant is compiled here from runtime/microkernels/attention/bwd_cpu.c for the host's
+best instruction set (as the build does, -march=x86-64-v4 or -v3), as a shared library Python
+calls (ctypes) without IREE: `threads` workgroups, one per Python thread (ctypes lets go of the
+GIL), each taking its share of the items as under IREE. Every variant is first checked against
+float64 autograd, both ways. Times: the best of `--repeats` calls after one warm-up; GFLOP/s
+count the backward as 2.5× the forward's 4·B·H·S²·D (half that when causal), whatever a variant
+recomputes. B=1 H=8 fp32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from flashmlir.compiler.targets import get_target
+
+ROOT = Path(__file__).parents[1] / "runtime" / "microkernels"
+_P, _S = ctypes.c_void_p, ctypes.c_size_t
+_MEMREF = [_P, _P, _S, _S, _S]
+_CONSTANTS = [_S, _S, _S, _S, ctypes.c_float, _S, _S, _S]
+
+
+def _entry() -> dict:
+    """The catalog's first attention_bwd_cpu entry this host runs."""
+    flags = get_target("cpu").cpu_features
+    catalog = json.loads((ROOT / "kernels.json").read_text())
+    return next(e for e in catalog["cpu"] if e["family"] == "attention_bwd_cpu" and set(e["requires"]) <= flags)
+
+
+class Kernels:
+    def __init__(self, tiles: str, march: str, out_dir: Path):
+        row_vectors, key_tile = tiles.split("x")
+        library = out_dir / f"bwd_{tiles}.so"
+        subprocess.run([os.environ.get("CC", "cc"), "-std=c17", "-O3", f"-march={march}", "-shared", "-fPIC",
+                        f"-DFLASHMLIR_ROW_VECTORS={row_vectors}", f"-DFLASHMLIR_KEY_TILE={key_tile}",
+                        str(ROOT / "attention" / "bwd_cpu.c"), "-o", str(library)], check=True)
+        self.tiles = tiles
+        self._library = ctypes.CDLL(str(library))
+
+    def _fn(self, head_dim: int, part: str, bindings: int):
+        fn = getattr(self._library, f"flashmlir_attention_bwd_cpu_f32_d{head_dim}_{part}")
+        fn.argtypes = _MEMREF * bindings + _CONSTANTS
+        return fn
+
+    def __call__(self, fused: bool, q, k, v, o, grad, lse, causal: bool, scale: float, threads: int):
+        b, hq, sq, d = q.shape
+        hkv, sk = k.shape[1], k.shape[2]
+        dq, dk, dv = (torch.full_like(x, float("nan")) for x in (q, k, v))
+        delta = torch.full_like(lse, float("nan"))
+        constants = (hq // hkv, b * hq, sq, sk, scale, int(causal))
+
+        def run(fn, tensors):
+            memrefs = [x for t in tensors for x in (t.data_ptr(), t.data_ptr(), 0, t.numel(), 1)]
+            workers = [threading.Thread(target=fn, args=(*memrefs, *constants, wg, threads)) for wg in range(threads)]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+
+        if fused:
+            run(self._fn(d, "fused", 10), (q, k, v, o, grad, lse, dq, delta, dk, dv))
+        else:
+            run(self._fn(d, "dq", 8), (q, k, v, o, grad, lse, dq, delta))
+            run(self._fn(d, "dkdv", 8), (q, k, v, grad, lse, delta, dk, dv))
+        return dq, dk, dv
+
+
+def _forward64(q, k, v, causal: bool, scale: float, grad):
+    group = q.shape[1] // k.shape[1]
+    q64, k64, v64 = (x.double().requires_grad_() for x in (q, k, v))
+    kk, vv = (x.repeat_interleave(group, 1) for x in (k64, v64))
+    s = (q64 @ kk.transpose(-1, -2)) * scale
+    if causal:
+        s = s.masked_fill(~torch.ones(s.shape[-2:], dtype=torch.bool).tril(), float("-inf"))
+    o = torch.softmax(s, -1) @ vv
+    return o.detach().float(), torch.logsumexp(s, -1).detach().float(), torch.autograd.grad(o, (q64, k64, v64), grad.double())
+
+
+def check(kernels: Kernels) -> float:
+    worst = 0.0
+    for b, hq, hkv, sq, sk, d, causal in ((1, 2, 2, 100, 300, 64, False), (2, 4, 2, 77, 77, 128, True),
+                                          (1, 2, 1, 333, 129, 32, True), (1, 2, 2, 129, 333, 64, True)):
+        q, grad = torch.randn(b, hq, sq, d), torch.randn(b, hq, sq, d)
+        k, v = (torch.randn(b, hkv, sk, d) for _ in range(2))
+        o, lse, want = _forward64(q, k, v, causal, 0.3, grad)
+        for fused in (False, True):
+            for threads in (1, 3):
+                got = kernels(fused, q, k, v, o, grad, lse, causal, 0.3, threads)
+                worst = max(worst, *(((g.double() - w).norm() / w.norm()).item() for g, w in zip(got, want, strict=True)))
+    return worst
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tiles", nargs="+", default=None, help="row_vectors x key_tile; default: the catalog's")
+    p.add_argument("--seqs", type=int, nargs="+", default=[1024, 2048])
+    p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--markdown")
+    args = p.parse_args()
+    entry = _entry()
+    out_dir = Path(tempfile.mkdtemp(prefix="flashmlir-cpu-bwd-"))
+    variants = [Kernels(t, entry["march"], out_dir) for t in args.tiles or [f"{entry['row_vectors']}x{entry['key_tile']}"]]
+    for kernels in variants:
+        print(f"{kernels.tiles}: worst rel. error vs float64 {check(kernels):.1e}", flush=True)
+    lines = ["| tiles | threads | hdim | seq | causal | split ms | split GF/s | one pass ms | one pass GF/s | one pass vs split |",
+             "|---|---:|---:|---:|:-:|---:|---:|---:|---:|---:|"]
+    for kernels in variants:
+        for threads in args.threads:
+            for d in args.head_dims:
+                for seq in args.seqs:
+                    for causal in (False, True):
+                        torch.manual_seed(seq)
+                        q, k, v, grad = (torch.randn(1, 8, seq, d) for _ in range(4))
+                        o, lse = torch.randn_like(q) * 0.1, torch.rand(1, 8, seq) + 5  # timing only
+                        best = {}
+                        for fused in (False, True):
+                            kernels(fused, q, k, v, o, grad, lse, causal, d ** -0.5, threads)
+                            times = []
+                            for _ in range(args.repeats):
+                                start = time.perf_counter()
+                                kernels(fused, q, k, v, o, grad, lse, causal, d ** -0.5, threads)
+                                times.append(time.perf_counter() - start)
+                            best[fused] = min(times)
+                        flops = 2.5 * 4 * 8 * seq * seq * d * (0.5 if causal else 1.0)
+                        lines.append(f"| {kernels.tiles} | {threads} | {d} | {seq} | {'yes' if causal else 'no'} | "
+                                     f"{best[False] * 1e3:.1f} | {flops / best[False] / 1e9:.0f} | "
+                                     f"{best[True] * 1e3:.1f} | {flops / best[True] / 1e9:.0f} | "
+                                     f"{best[False] / best[True]:.2f}x |")
+                        print(lines[-1], flush=True)
+    text = (f"# CPU backward kernels, split vs one pass, {time.strftime('%Y-%m-%d')}\n\n"
+            f"-march={entry['march']} ({entry['isa']}), fp32, B=1 H=8, called directly (no IREE); best of "
+            f"{args.repeats}. `python benchmarks/cpu_backward_kernels.py`\n\n" + "\n".join(lines) + "\n")
+    print("\n" + text)
+    if args.markdown:
+        Path(args.markdown).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
