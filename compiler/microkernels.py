@@ -217,9 +217,10 @@ class CpuAttentionKernel:
     def fuses_backward(self, kv_heads: int, threads: int) -> bool:
         """Whether the backward takes the one-pass `_fused` function over the split `_dq`, `_dkdv`.
 
-        The fused pass does 5 matrix products a tile against the split's 7 (1.2-1.5x faster on an
-        AVX2 core, benchmarks/results/cpu-2026-12-01-avx2-backward.md), but its items are whole
-        (batch, K/V head)s: it only wins where they share out evenly between the threads. Taken
+        The fused pass does 5 matrix products a tile against the split's 7 (1.24-1.72x faster on
+        the 2-core AVX2 machine, benchmarks/results/cpu-2026-12-01-avx2-backward-kernels.md), but
+        its items are whole (batch, K/V head)s: it only wins where they share out evenly between
+        the threads. Taken
         where at least 80% of the threads' time is work (B·Hkv heads on T threads:
         B·Hkv / (T·⌈B·Hkv / T⌉) ≥ 0.8).
         """
