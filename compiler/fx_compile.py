@@ -102,7 +102,7 @@ def compile_fx_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], target: 
     _check_inputs(example_inputs)
     stripped, outputs = _without_none_outputs(gm)
     device = _device_of(example_inputs)
-    session = iree_driver.new_session(target.iree_flags)
+    session = iree_driver.new_session(target.compile_flags)
     module = import_graph(stripped, session.context)
     vmfb, report = compile_cached(session, module, target, what=what, bind_result_storage=True,
                                   deterministic=torch.are_deterministic_algorithms_enabled())

@@ -191,8 +191,45 @@ def compile_module(
     progress: Callable[[str], None] | None = None,
     bind_result_storage: bool = False,
     deterministic: bool = False,
+    source_text: str | None = None,
 ) -> tuple[bytes, CompileReport]:
-    """Run every stage on `module` (created in `session.context`); return the .vmfb and a report."""
+    """Run every stage on `module` (created in `session.context`, whose flags are the target's
+    `compile_flags`); return the .vmfb and a report.
+
+    Where the target has optional IREE flags (`iree_fast_flags`) and IREE fails with them, the
+    module (`source_text`: its text before any stage, else printed here) is compiled again in a
+    new session without them, logged (FLASHMLIR_LOG=info) with the flags and IREE's first error: a
+    faster build where IREE manages it, the same as before everywhere else. A graph that cannot
+    compile at all is tried twice before it falls back to eager PyTorch.
+    """
+    if target.iree_fast_flags and source_text is None:
+        source_text = str(module)
+    stages = dict(dump_dir=dump_dir, progress=progress, bind_result_storage=bind_result_storage,
+                  deterministic=deterministic)
+    try:
+        return _compile_module(session, module, target, target.compile_flags, **stages)
+    except CompileError as failure:
+        if not target.iree_fast_flags or not failure.stage.startswith("iree"):
+            raise
+        first = next(iter(failure.diagnostics), "no diagnostics").splitlines()[0][:300]
+        logger.info("IREE failed with %s (%s); compiling again without %s", " ".join(target.iree_fast_flags),
+                    first, "them" if len(target.iree_fast_flags) > 1 else "it")
+    session = iree_driver.new_session(target.iree_flags)
+    module = ir.Module.parse(source_text, session.context)
+    return _compile_module(session, module, target, target.iree_flags, **stages)
+
+
+def _compile_module(
+    session: Session,
+    module: ir.Module,
+    target: Target,
+    flags: tuple[str, ...],
+    *,
+    dump_dir: Path | None,
+    progress: Callable[[str], None] | None,
+    bind_result_storage: bool,
+    deterministic: bool,
+) -> tuple[bytes, CompileReport]:
     report = CompileReport(target.name, dump_dir=dump_dir)
     dump = _Dumper(dump_dir)
     if dump_dir is not None:
@@ -217,7 +254,7 @@ def compile_module(
         progress("iree")
     start = time.perf_counter()
     vmfb = iree_driver.compile_to_vmfb(
-        session, module, target.iree_flags,
+        session, module, flags,
         dump=dump if dump_dir is not None else None, save_reproducer=_save_reproducer,
     )
     report.seconds["iree"] = time.perf_counter() - start
@@ -252,7 +289,8 @@ def compile_cached(
         if problem is not None:
             warn_once(f"{problem}: attention on {target.name} goes through IREE's own codegen, several "
                       "times slower (FLASHMLIR_MICROKERNELS=0 silences this)")
-    key = cache_key(str(module), f"{target.name} {fingerprint}", target.iree_flags, pipeline)
+    text = str(module)
+    key = cache_key(text, f"{target.name} {fingerprint}", target.compile_flags, pipeline)
     if dump_dir is None and config.save_temps_dir() is not None:
         dump_dir = config.save_temps_dir() / key[:16]
     if dump_dir is None:
@@ -269,6 +307,7 @@ def compile_cached(
         vmfb, report = compile_module(
             session, module, target, dump_dir=dump_dir, bind_result_storage=bind_result_storage,
             deterministic=deterministic, progress=(lambda s: logger.debug("%s: stage %s", what, s)) if logger.isEnabledFor(logging.DEBUG) else None,
+            source_text=text,
         )
     except CompileError as e:
         _FAILED[key] = e

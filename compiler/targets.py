@@ -74,6 +74,9 @@ class Target:
     description: str
     available: bool
     iree_flags: tuple[str, ...] = ()
+    # Flags for faster code that IREE does not manage on every graph: tried first, and a compile
+    # that fails with them is done again without (compiler/pipeline.py, compile_module).
+    iree_fast_flags: tuple[str, ...] = ()
     runtime_driver: str = ""
     attention_tiles: AttentionTiles | None = None
     vector_bits: int = 0
@@ -86,6 +89,11 @@ class Target:
     dtypes: tuple[str, ...] = ("float32", "float16", "bfloat16")  # element types it computes in
     cpu_features: frozenset[str] = frozenset()  # the host CPU's /proc/cpuinfo flags (cpu target)
     cpu_threads: int = 0  # CPUs this process may run on: IREE's worker threads (cpu target)
+
+    @property
+    def compile_flags(self) -> tuple[str, ...]:
+        """The flags a compile starts with (a session's)."""
+        return self.iree_flags + self.iree_fast_flags
 
 
 def _cpu_cache_bytes() -> dict[str, int]:
@@ -170,6 +178,11 @@ def _cpu() -> Target:
             "--iree-hal-local-target-device-backends=llvm-cpu",
             "--iree-llvmcpu-target-cpu=host",
         ),
+        # Matmuls packed into the CPU's register tiles (mmt4d): 2-3.4x faster matmuls and weight
+        # gradients on the 2-core AVX2 machine, a GPT training step 1.6x faster
+        # (benchmarks/results/cpu-2026-12-01-train-small.md). IREE 3.13 fails on some graphs with
+        # it (BERT training with dropout: a load_from_buffer shape mismatch), hence optional.
+        iree_fast_flags=("--iree-opt-data-tiling=true",),
         runtime_driver="local-task",
         # Measured on the 2-core AVX2 CI machine (benchmarks/attention_cpu.py): 64×64 score tiles
         # stay in L1/L2 with a 64-wide head; 4 query rows × 16 keys per vector step.

@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"flashmlir-compile: {msg}", file=sys.stderr, flush=True)
 
     start = time.perf_counter()
-    session = iree_driver.new_session(target.iree_flags)
+    session = iree_driver.new_session(target.compile_flags)
     module = _load(source, session)
     check_element_types(module, target)
     say(f"{source} → {output} for {target.name}")
