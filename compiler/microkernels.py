@@ -202,6 +202,12 @@ class CpuAttentionKernel:
     def rows(self) -> int:
         return CPU_ISA_LANES[self.isa] * self.row_vectors
 
+    @property
+    def shared_library(self) -> Path:
+        """The instruction set's objects (forward and backward) linked as one shared library, which
+        the torch path calls (runtime/cpu_kernels.py); IREE links the objects themselves."""
+        return self.object_path.parent / f"libflashmlir_attention_cpu_{self.isa}.so"
+
     def name(self, head_dim: int) -> str:
         return f"flashmlir_{self.family}_{self.element}_d{head_dim}"
 

@@ -21,7 +21,7 @@ from flashmlir.compiler import microkernels
 from flashmlir.compiler.targets import target_for_device
 from flashmlir.frontend.attention_op import check_arguments, reference_attention
 from flashmlir.frontend.training_ops import reference_backward, reference_forward
-from flashmlir.runtime import cuda_launcher
+from flashmlir.runtime import cpu_kernels, cuda_launcher
 
 ELEMENTS = {torch.float16: "f16", torch.bfloat16: "bf16"}
 _MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y, which carries batch × heads
@@ -137,7 +137,8 @@ _LIBRARY: list[torch.library.Library] = []  # kept alive: the registrations live
 
 @functools.cache
 def register() -> None:
-    """Make the library's kernels our ops' implementation on CUDA tensors (idempotent).
+    """Make the library's kernels our ops' implementation on CUDA tensors, and on CPU tensors those
+    of runtime/cpu_kernels.py (idempotent).
 
     Registered with the dispatcher directly (torch.library.Library.impl at the CUDA key) rather
     than custom_op's `register_kernel`, whose wrapper (an aliasing check of the outputs and a
@@ -146,4 +147,5 @@ def register() -> None:
     library.impl("attention", _attention_cuda, "CUDA")
     library.impl("attention_forward", _attention_forward_cuda, "CUDA")
     library.impl("attention_backward", _attention_backward_cuda, "CUDA")
+    cpu_kernels.register(library)
     _LIBRARY.append(library)

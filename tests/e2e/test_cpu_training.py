@@ -1,11 +1,11 @@
-"""Training on the CPU through our kernels: torch.compile → training ops → our passes → IREE → the
+"""Training on the CPU through our kernels in IREE (rest="iree"): torch.compile → training ops → our passes → IREE → the
 library's forward-with-lse and backward objects (runtime/microkernels/attention/bwd_cpu.c).
 
 Each case checks, through the backend's recorder, that the forward and the backward graph each ran
 the site as microkernels (not the op's textbook backward), and compares q/k/v gradients with
 float64 autograd on random inputs. Outputs start as NaN (FLASHMLIR_POISON_OUTPUTS), so a gradient
 row the kernels never wrote fails. The shapes walk the kernels' edges: one key, rows and keys not
-multiples of the 32-row/key blocks or the 4-wide register tiles, seq_q ≠ seq_k both ways under
+multiples of the row/key blocks or the register tiles, seq_q ≠ seq_k both ways under
 causal masking, GQA groups (dK/dV summed over the group), every head dim the library has.
 """
 
@@ -68,7 +68,7 @@ def test_gradients_come_from_the_kernels_and_match_float64(b, hq, hkv, sq, sk, d
 
     seen = _Compiled()
     with recording(seen):
-        out = torch.compile(attention, backend="flashmlir")(q, k, v)
+        out = torch.compile(attention, backend="flashmlir", options={"rest": "iree"})(q, k, v)
         got = torch.autograd.grad(out, (q, k, v), grad)
     assert seen.microkernels == {"(forward)": 1, "(backward)": 1}, seen.microkernels
     q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))

@@ -57,9 +57,11 @@ class BackendOptions:
     compile: bool = True  # False: match and rewrite only, run the rewritten graph eagerly
     # What compiles the graph around attention: "iree" (the whole graph, attention by our passes),
     # "inductor" (attention as the library's kernels for the device, called from the graph Inductor
-    # compiles; CUDA only), or "auto": inductor on CUDA, iree on the CPU — the measured default
-    # (benchmarks/results/h100-2026-11-25-train-gpt2.md; on the CPU our kernels exist only inside
-    # IREE). A target named explicitly means IREE code for that target: auto is then "iree".
+    # compiles), or "auto", the measured default: inductor on CUDA
+    # (benchmarks/results/h100-2026-11-25-train-gpt2.md); on the CPU inductor for training graphs
+    # and iree for inference ones (a small GPT on 2 cores: a training step 1.4x faster with
+    # Inductor's rest, inference 1.1x faster with IREE's: cpu-2026-12-01-train-small.md). A target
+    # named explicitly means IREE code for that target: auto is then "iree".
     rest: str = "auto"
 
     @classmethod
@@ -72,12 +74,14 @@ class BackendOptions:
             raise FlashmlirError(f"backend option rest={options['rest']!r}: expected 'auto', 'iree' or 'inductor'")
         return cls(**options)
 
-    def rest_for(self, target: Target) -> str:
+    def rest_for(self, target: Target, training: bool) -> str:
+        """What compiles the rest of a graph for `target` (`training`: it needs gradients)."""
         if self.rest == "auto":
-            return "inductor" if target.kind == "cuda" and self.target == "auto" else "iree"
-        if self.rest == "inductor" and target.kind != "cuda":
-            raise UnsupportedError(f"rest='inductor' needs a CUDA target (the graph's is {target.name}): our "
-                                   "CPU kernels run only inside IREE executables")
+            if self.target != "auto":
+                return "iree"
+            return "inductor" if target.kind == "cuda" or (target.kind == "cpu" and training) else "iree"
+        if self.rest == "inductor" and target.kind not in ("cuda", "cpu"):
+            raise UnsupportedError(f"rest='inductor' needs a CUDA or CPU target (the graph's is {target.name})")
         return self.rest
 
 
@@ -177,19 +181,21 @@ class GraphCompiler:
             return aten.forward
         try:
             target = _target_for(self.options, example_inputs)
-            rest = self.options.rest_for(target)
+            training = needs_gradients(example_inputs)
+            rest = self.options.rest_for(target, training)
         except FlashmlirError as e:
             return self._fallback(str(e), aten.forward)
-        if needs_gradients(example_inputs) and self.match.sites:
-            rewritten, reasons = rewrite_for_training(aten, _training_check(target))
+        if training and self.match.sites:
+            rewritten, reasons = rewrite_for_training(aten, _training_check(target, torch_path=rest == "inductor"))
             logger.info("%s: %d attention site(s) get flash backward kernels%s", self.name, rewritten,
                         "".join(f"; not {r}" for r in reasons))
         if rest == "inductor":
-            return self._inductor(aten, example_inputs)
+            return self._inductor(aten, example_inputs, target)
         return self._aot(aten, example_inputs, target)
 
-    def _inductor(self, aten: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
-        """Inductor compiles the graph; our ops in it run the library's kernels (runtime.torch_kernels)."""
+    def _inductor(self, aten: fx.GraphModule, example_inputs: Sequence[Any], target: Target) -> Callable:
+        """Inductor compiles the graph; our ops in it run the library's kernels (runtime.torch_kernels,
+        runtime.cpu_kernels)."""
         from torch._inductor.compile_fx import compile_fx
 
         from flashmlir.runtime import torch_kernels
@@ -197,10 +203,14 @@ class GraphCompiler:
         torch_kernels.register()
 
         logger.info("%s: Inductor compiles the graph around %d attention site(s)", self.name, len(self.match.sites))
+        served = _kernel_sites(aten, target)
         try:
-            return compile_fx(aten, list(example_inputs))
+            compiled = compile_fx(aten, list(example_inputs))
         except Exception as e:  # noqa: BLE001 - fall back on anything, say why
             return self._fallback(f"Inductor could not compile the graph: {type(e).__name__}: {e}", aten.forward)
+        if self.recorder is not None:
+            self.recorder.graph_compiled(f"{self.name} (inductor)", served, [], served)
+        return compiled
 
     def _aot(self, aten: fx.GraphModule, example_inputs: Sequence[Any], target: Target) -> Callable:
         from functorch.compile import make_boxed_func
@@ -231,38 +241,49 @@ class GraphCompiler:
         return backend(aten, example_inputs)
 
 
-def _training_check(target: Target) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], str | None]:
-    """Whether `target`'s microkernel library has the forward-with-lse and backward kernels for a site."""
+def _training_check(target: Target, torch_path: bool) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool],
+                                                                   str | None]:
+    """Whether `target`'s microkernel library has the forward-with-lse and backward kernels for a
+    site (`torch_path`: called from torch, which on the CPU needs the shared library too)."""
+    from flashmlir.runtime import cpu_kernels
     from flashmlir.runtime.torch_kernels import kernel_problem
 
     def check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool) -> str | None:
         if target.gpu is not None:
             return kernel_problem(target.gpu.arch, q, k, v, backward=True)
         if target.kind == "cpu":
-            return _cpu_training_problem(target, q, k, v)
+            return cpu_kernels.kernel_problem(q, k, v, backward=True, library=torch_path)
         return f"no backward kernels for {target.name} (the op's textbook backward runs instead)"
 
     return check
 
 
-def _cpu_training_problem(target: Target, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
-    """Why the CPU library's training kernels cannot take these operands, else None."""
-    from flashmlir.compiler import microkernels
+def _kernel_sites(gm: fx.GraphModule, target: Target) -> int:
+    """Our ops in a graph for the torch path that the library's kernels run: the training forwards
+    (put there only where the kernels serve them) and attention ops without a mask or dropout
+    whose operands the kernels take."""
+    from flashmlir.frontend.attention_op import attention_overload
+    from flashmlir.frontend.training_ops import _bound_args, forward_overload
+    from flashmlir.runtime import cpu_kernels
+    from flashmlir.runtime.torch_kernels import kernel_problem
 
-    if not config.microkernels_enabled():
-        return "microkernels are off (FLASHMLIR_MICROKERNELS=0)"
-    if not q.dtype == k.dtype == v.dtype == torch.float32:
-        return f"dtypes {q.dtype}/{k.dtype}/{v.dtype} (the CPU kernels take float32)"
-    if q.dim() < 3 or v.shape[-1] != q.shape[-1]:
-        return f"value head dim {v.shape[-1]} differs from the query head dim {q.shape[-1]}"
-    if q.numel() == 0 or k.numel() == 0:
-        return "empty operands"
-    try:
-        microkernels.select_cpu_attention_forward(target.cpu_features, "f32", q.shape[-1])
-        microkernels.select_cpu_attention_backward(target.cpu_features, "f32", q.shape[-1])
-    except microkernels.NoKernel as why:
-        return str(why)
-    return None
+    count = 0
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target == forward_overload():
+            count += 1
+        elif node.target == attention_overload():
+            args = _bound_args(node)
+            operands = [a.meta.get("val") if isinstance(a, fx.Node) else None for a in (args["q"], args["k"], args["v"])]
+            if args["attn_mask"] is not None or args["dropout_p"] not in (0, 0.0) or \
+                    not all(isinstance(t, torch.Tensor) for t in operands):
+                continue
+            if target.gpu is not None:
+                count += kernel_problem(target.gpu.arch, *operands, backward=False) is None
+            elif target.kind == "cpu":
+                count += cpu_kernels.kernel_problem(*operands, backward=False, library=True) is None
+    return count
 
 
 def _reason(error: Exception) -> str:

@@ -1,0 +1,144 @@
+"""The library's CPU kernels as the implementations of our ops on CPU tensors, inside PyTorch.
+
+Where Inductor compiles the rest of a CPU graph (`rest="inductor"`, the default for training
+graphs on the CPU), our ops stay in it as opaque kernels and run here: the same functions IREE
+links into its executables (runtime/microkernels/attention/fwd_cpu.c, bwd_cpu.c), from the
+instruction set's shared library (`libflashmlir_attention_cpu_<isa>.so`) through ctypes. A call
+splits its work the way IREE's workgroups do: `workgroups` calls, each taking its share of the
+items, run on a pool of torch.get_num_threads() threads (ctypes lets go of the GIL for the call).
+A problem the kernels do not serve (not float32, a head dim the library lacks, a mask, dropout)
+runs the op's reference implementation.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from flashmlir import config
+from flashmlir.compiler import microkernels
+from flashmlir.compiler.targets import get_target
+from flashmlir.frontend.attention_op import check_arguments, reference_attention
+from flashmlir.frontend.training_ops import reference_backward, reference_forward
+
+_P, _S = ctypes.c_void_p, ctypes.c_size_t
+_MEMREF = [_P, _P, _S, _S, _S]  # MLIR's 1-d memref descriptor: allocated, aligned, offset, size, stride
+_CONSTANTS = [_S, _S, _S, _S, ctypes.c_float, _S, _S, _S]  # group, B·Hq, Sq, Sk, scale, causal, wg, wgs
+
+
+def kernel_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backward: bool,
+                   library: bool = False) -> str | None:
+    """Why the CPU library's kernels (the forward, and the backward if `backward`) cannot take these
+    operands on this host, else None. `library`: also needs the shared library (the torch path)."""
+    if not config.microkernels_enabled():
+        return "microkernels are off (FLASHMLIR_MICROKERNELS=0)"
+    if not q.dtype == k.dtype == v.dtype == torch.float32:
+        return f"dtypes {q.dtype}/{k.dtype}/{v.dtype} (the CPU kernels take float32)"
+    if q.dim() < 3 or v.shape[-1] != q.shape[-1]:
+        return f"value head dim {v.shape[-1]} differs from the query head dim {q.shape[-1]}"
+    if q.numel() == 0 or k.numel() == 0:
+        return "empty operands"
+    try:
+        kernels = _kernels(q.shape[-1], backward)
+    except microkernels.NoKernel as why:
+        return str(why)
+    if library and not kernels[0].shared_library.is_file():
+        return f"the CPU kernels' shared library {kernels[0].shared_library} was not built"
+    return None
+
+
+@functools.cache
+def _kernels(head_dim: int, backward: bool):
+    features = get_target("cpu").cpu_features
+    forward = microkernels.select_cpu_attention_forward(features, "f32", head_dim)
+    return forward, (microkernels.select_cpu_attention_backward(features, "f32", head_dim) if backward else None)
+
+
+@functools.cache
+def _function(path: str, name: str, bindings: int):
+    function = getattr(ctypes.CDLL(path), name)
+    function.argtypes = _MEMREF * bindings + _CONSTANTS
+    function.restype = None
+    return function
+
+
+_pool_lock = threading.Lock()
+_pools: dict[int, ThreadPoolExecutor] = {}
+
+
+def _run(function, tensors: tuple[torch.Tensor, ...], constants: tuple, workgroups: int) -> None:
+    """Call `function` once per workgroup, spread over torch's intra-op thread count."""
+    memrefs = [x for t in tensors for x in (t.data_ptr(), t.data_ptr(), 0, t.numel(), 1)]
+    threads = max(1, min(torch.get_num_threads(), workgroups))
+    if threads == 1:
+        for wg in range(workgroups):
+            function(*memrefs, *constants, wg, workgroups)
+        return
+    with _pool_lock:
+        pool = _pools.get(threads) or _pools.setdefault(threads, ThreadPoolExecutor(threads, "flashmlir-cpu"))
+    for future in [pool.submit(function, *memrefs, *constants, wg, workgroups) for wg in range(workgroups)]:
+        future.result()
+
+
+def _constants(q: torch.Tensor, k: torch.Tensor, is_causal: bool, scale: float | None) -> tuple:
+    return (q.shape[-3] // k.shape[-3], math.prod(q.shape[:-2]), q.shape[-2], k.shape[-2],
+            q.shape[-1] ** -0.5 if scale is None else scale, int(is_causal))
+
+
+def _forward(q, k, v, is_causal, scale, with_lse):
+    forward, _ = _kernels(q.shape[-1], False)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[:-1], dtype=torch.float32)
+    name = forward.name(q.shape[-1]) + ("_lse" if with_lse else "")
+    function = _function(str(forward.shared_library), name, 5 if with_lse else 4)
+    workgroups = forward.workgroups(q.shape[-2], math.prod(q.shape[:-2]), torch.get_num_threads())
+    _run(function, (q, k, v, out, lse) if with_lse else (q, k, v, out), _constants(q, k, is_causal, scale), workgroups)
+    return out, lse
+
+
+def _attention_cpu(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, dropout_seed=None):
+    check_arguments(q, k, v, attn_mask)
+    if attn_mask is not None or dropout_p > 0.0 or kernel_problem(q, k, v, backward=False, library=True):
+        return reference_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, dropout_seed)
+    return _forward(q, k, v, is_causal, scale, with_lse=False)[0]
+
+
+def _attention_forward_cpu(q, k, v, is_causal=False, scale=None):
+    check_arguments(q, k, v, None)
+    if kernel_problem(q, k, v, backward=False, library=True):
+        return reference_forward(q, k, v, is_causal, scale)
+    return _forward(q, k, v, is_causal, scale, with_lse=True)
+
+
+def _attention_backward_cpu(grad_out, q, k, v, out, lse, is_causal=False, scale=None):
+    if (kernel_problem(q, k, v, backward=True, library=True) or grad_out.dtype != q.dtype
+            or out.dtype != q.dtype or lse.dtype != torch.float32):
+        return reference_backward(grad_out, q, k, v, out, lse, is_causal, scale)
+    _, backward = _kernels(q.shape[-1], True)
+    q, k, v, out, grad_out, lse = (x.contiguous() for x in (q, k, v, out, grad_out, lse))
+    dq, dk, dv, delta = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(lse)
+    constants = _constants(q, k, is_causal, scale)
+    library, name = str(backward.shared_library), backward.name(q.shape[-1])
+    bh, bh_kv, threads = math.prod(q.shape[:-2]), math.prod(k.shape[:-2]), torch.get_num_threads()
+    if backward.fuses_backward(bh_kv, threads):
+        _run(_function(library, f"{name}_fused", 10), (q, k, v, out, grad_out, lse, dq, delta, dk, dv), constants,
+             backward.fused_workgroups(bh_kv, threads))
+    else:
+        _run(_function(library, f"{name}_dq", 8), (q, k, v, out, grad_out, lse, dq, delta), constants,
+             backward.workgroups(q.shape[-2], bh, threads))
+        _run(_function(library, f"{name}_dkdv", 8), (q, k, v, grad_out, lse, delta, dk, dv), constants,
+             backward.workgroups(k.shape[-2], bh_kv, threads))
+    return dq, dk, dv
+
+
+def register(library: torch.library.Library) -> None:
+    """Make the CPU kernels our ops' implementation on CPU tensors, in `library` (an IMPL one)."""
+    library.impl("attention", _attention_cpu, "CPU")
+    library.impl("attention_forward", _attention_forward_cpu, "CPU")
+    library.impl("attention_backward", _attention_backward_cpu, "CPU")

@@ -1,0 +1,99 @@
+"""Training on the CPU with Inductor compiling the rest of the graph (rest="inductor", the default
+for CPU training graphs): our ops stay in Inductor's graph and run the library's CPU kernels from
+their shared library (runtime/cpu_kernels.py).
+
+Each case counts the kernel functions the step called (the forward with lse, then the backward in
+one pass or split in two, whichever CpuAttentionKernel.fuses_backward picks for the thread count)
+and compares q/k/v gradients with float64 autograd on random inputs. Also: which rest `auto`
+picks (Inductor for training graphs, IREE for inference ones), and that a float64 site runs the
+op's reference instead of a kernel.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flashmlir.compiler import microkernels
+from flashmlir.compiler.targets import get_target
+from flashmlir.runtime import cpu_kernels
+from tests.helpers import attention64, rel_err
+
+
+@pytest.fixture(autouse=True)
+def _needs_the_cpu_library():
+    try:
+        kernel = microkernels.select_cpu_attention_backward(get_target("cpu").cpu_features, "f32", 64)
+    except microkernels.NoKernel as why:
+        pytest.skip(str(why))
+    if not kernel.shared_library.is_file():
+        pytest.skip(f"{kernel.shared_library} was not built")
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """The kernel functions run, by symbol name."""
+    seen: list[str] = []
+    run = cpu_kernels._run
+
+    def spy(function, tensors, constants, workgroups):
+        seen.append(function.__name__)
+        return run(function, tensors, constants, workgroups)
+
+    monkeypatch.setattr(cpu_kernels, "_run", spy)
+    return seen
+
+
+CASES = [
+    # b, hq, hkv, sq, sk, d, causal
+    (2, 4, 2, 37, 37, 32, True),
+    (1, 3, 3, 100, 300, 128, False),
+    (1, 2, 1, 333, 129, 64, True),
+    (1, 8, 8, 96, 71, 64, True),
+]
+
+
+@pytest.mark.parametrize("rest, b, hq, hkv, sq, sk, d, causal",
+                         [("inductor", *case) for case in CASES] + [("auto", *CASES[-1])], ids=lambda x: str(x))
+def test_gradients_come_from_the_kernels_and_match_float64(calls, rest, b, hq, hkv, sq, sk, d, causal):
+    q = torch.randn(b, hq, sq, d, requires_grad=True)
+    k, v = (torch.randn(b, hkv, sk, d, requires_grad=True) for _ in range(2))
+    grad = torch.randn(b, hq, sq, d)
+    scale = 0.7 / d ** 0.5
+
+    def attention(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=hq != hkv)
+
+    torch._dynamo.reset()
+    out = torch.compile(attention, backend="flashmlir", options={"rest": rest})(q, k, v)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    name = f"flashmlir_attention_bwd_cpu_f32_d{d}"
+    fused = microkernels.select_cpu_attention_backward(get_target("cpu").cpu_features, "f32", d).fuses_backward(
+        b * hkv, torch.get_num_threads())
+    assert calls == [f"flashmlir_attention_fwd_cpu_f32_d{d}_lse",
+                     *([f"{name}_fused"] if fused else [f"{name}_dq", f"{name}_dkdv"])], calls
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref = attention64(q64, k64, v64, None, causal, scale)
+    assert rel_err(out, ref) < 1e-5
+    want = torch.autograd.grad(ref, (q64, k64, v64), grad.double())
+    for n, g, w in zip("qkv", got, want, strict=True):
+        assert rel_err(g, w) < 2e-5, n
+
+
+def test_auto_leaves_inference_graphs_to_iree(calls):
+    q, k, v = (torch.randn(1, 2, 64, 32) for _ in range(3))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = torch.compile(F.scaled_dot_product_attention, backend="flashmlir")(q, k, v)
+    assert calls == []  # IREE ran the kernel (linked into its executable), not the torch path
+    assert rel_err(out, F.scaled_dot_product_attention(q.double(), k.double(), v.double())) < 1e-5
+
+
+def test_a_site_the_kernels_do_not_take_runs_the_reference(calls):
+    q = torch.randn(1, 2, 40, 32, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(1, 2, 40, 32, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    torch._dynamo.reset()
+    out = torch.compile(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+                        backend="flashmlir", options={"rest": "inductor"})(q, k, v)
+    out.sum().backward()
+    assert calls == []
+    assert rel_err(out, F.scaled_dot_product_attention(q, k, v, is_causal=True)) < 1e-10
