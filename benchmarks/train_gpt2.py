@@ -11,9 +11,11 @@ without). Variants:
 - eager: attention written out (q·kᵀ, causal mask, softmax, ·v), as in GPT-2's original code;
 - eager-sdpa: the same model calling F.scaled_dot_product_attention(is_causal=True);
 - inductor: the eager model under torch.compile's default backend;
-- flashmlir: the eager model under torch.compile(backend="flashmlir") with its default (on CUDA,
-  attention as flashmlir's kernels, the rest of the graph compiled by Inductor);
+- flashmlir: the eager model under torch.compile(backend="flashmlir") with its default (on CUDA and
+  for CPU training attention as flashmlir's kernels, the rest of the graph compiled by Inductor;
+  for CPU inference IREE compiles the whole graph);
 - flashmlir-iree: the same with options={"rest": "iree"} (IREE compiles the whole graph);
+- flashmlir-inductor: with options={"rest": "inductor"} (our kernels from torch, Inductor's rest);
 - flashmlir-sdpa: the eager-sdpa model under torch.compile(backend="flashmlir").
 The eager model's causal mask is a registered buffer (GPT-2's `bias`): the backend reads its value
 when it compiles, finds it causal, and gives those sites the flash kernels (the buffer is checked on
@@ -111,7 +113,7 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.view(-1, logits.shape[-1]).float(), targets.view(-1))
 
 
-VARIANTS = ("eager", "eager-sdpa", "inductor", "flashmlir", "flashmlir-iree", "flashmlir-sdpa")
+VARIANTS = ("eager", "eager-sdpa", "inductor", "flashmlir", "flashmlir-iree", "flashmlir-inductor", "flashmlir-sdpa")
 
 
 def _model(variant: str, config: GPTConfig, device: str, state: dict) -> nn.Module:
@@ -121,8 +123,8 @@ def _model(variant: str, config: GPTConfig, device: str, state: dict) -> nn.Modu
         return torch.compile(model)
     if variant in ("flashmlir", "flashmlir-sdpa"):
         return torch.compile(model, backend="flashmlir")
-    if variant == "flashmlir-iree":
-        return torch.compile(model, backend="flashmlir", options={"rest": "iree"})
+    if variant in ("flashmlir-iree", "flashmlir-inductor"):
+        return torch.compile(model, backend="flashmlir", options={"rest": variant.removeprefix("flashmlir-")})
     return model
 
 
@@ -135,6 +137,9 @@ def run_variant(variant: str, config: GPTConfig, args, state: dict, batches: lis
 
     def step(i: int) -> float:
         idx, targets = batches[i % len(batches)]
+        if args.inference:
+            with torch.no_grad(), autocast:
+                return model(idx, targets)
         with autocast:
             loss = model(idx, targets)
         loss.backward()
@@ -175,6 +180,8 @@ def main() -> None:
     p.add_argument("--cpu-small", action="store_true", help="a 2-layer, 256-wide model with a 512-token context")
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
                    help="bf16: under bf16 autocast (weights and optimizer fp32); fp32: no autocast")
+    p.add_argument("--inference", action="store_true",
+                   help="time forward passes without gradients (the loss of a fixed model) instead of training steps")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=6e-4)
     p.add_argument("--loss-steps", type=int, default=50)
@@ -220,7 +227,8 @@ def main() -> None:
     name = ("tiny GPT (2 layers, 128 tokens)" if args.tiny else "small GPT (2 layers, width 256, 512 tokens)"
             if args.cpu_small else "GPT-2 small (124M), seq 1024")
     precision = "bf16 autocast" if args.precision == "bf16" else "fp32"
-    text = (f"# Training step, {name}, {device}, {time.strftime('%Y-%m-%d')}\n\n"
+    text = (f"# {'Inference (forward, no gradients)' if args.inference else 'Training step'}, {name}, {device}, "
+            f"{time.strftime('%Y-%m-%d')}\n\n"
             f"Batch {args.batch}, {precision}, AdamW, synthetic tokens; timed in {args.blocks} blocks of "
             f"{args.steps} steps after {args.loss_steps + args.warmup} (step ms: the median block). torch {torch.__version__}. `python benchmarks/train_gpt2.py`\n\n"
             + "\n".join(lines))
