@@ -4,9 +4,10 @@
 
 A step is `out = attention(q, k, v); out.backward(grad)` with q, k, v needing gradients, timed as
 users get it: flashmlir through `torch.compile(backend="flashmlir")` (its forward-with-lse and
-backward microkernels, runtime/microkernels/attention/bwd_cpu.c) and, where asked, without
-its library (FLASHMLIR_MICROKERNELS=0: the op's textbook backward, S×S matrices and all, compiled
-by IREE); torch is eager SDPA (its CPU flash forward and backward). Medians after a warm-up, torch
+backward microkernels, runtime/microkernels/attention/bwd_cpu.c; by default a training graph on
+the CPU goes to Inductor with the kernels called from torch, `--rest iree` compiles it with IREE)
+and, where asked, without its library (FLASHMLIR_MICROKERNELS=0: the op's textbook backward, S×S
+matrices and all, compiled the same way); torch is eager SDPA (its CPU flash forward and backward). Medians after a warm-up, torch
 and flashmlir in alternating rounds, fp32. FLOPs: 3.5× the forward's 4·B·H·Sq·Sk·D (half that
 when causal). Speed ratios > 1 mean flashmlir is faster.
 """
@@ -40,7 +41,7 @@ def measure(seq: int, head_dim: int, causal: bool, args: argparse.Namespace) -> 
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
     start = time.perf_counter()
-    ours = _compiled(sdpa, microkernels=True)
+    ours = _compiled(sdpa, microkernels=True, rest=args.rest)
     _step(ours)(q, k, v, grad)
     compile_s = time.perf_counter() - start
     got = [x.grad.clone() for x in (q, k, v)]
@@ -50,7 +51,7 @@ def measure(seq: int, head_dim: int, causal: bool, args: argparse.Namespace) -> 
     row = {"seq": seq, "head_dim": head_dim, "causal": causal, "compile_s": compile_s, "rel_err": err}
     row["torch_ms"], row["flashmlir_ms"] = paired_median_ms(args.repeats, (_step(sdpa), _step(ours)), q, k, v, grad)
     if not args.no_codegen and seq <= args.codegen_max_seq:
-        row["textbook_ms"] = median_ms(max(2, args.repeats // 2), _step(_compiled(sdpa, microkernels=False)),
+        row["textbook_ms"] = median_ms(max(2, args.repeats // 2), _step(_compiled(sdpa, microkernels=False, rest=args.rest)),
                                        q, k, v, grad)
     os.environ.pop("FLASHMLIR_MICROKERNELS", None)
     flops = 3.5 * 4 * args.batch * args.heads * seq * seq * head_dim * (0.5 if causal else 1.0)
@@ -66,6 +67,8 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     p.add_argument("--repeats", type=int, default=4)
+    p.add_argument("--rest", choices=("auto", "iree", "inductor"), default="auto",
+                   help="what compiles the graph around attention (the backend's option)")
     p.add_argument("--no-codegen", action="store_true", help="skip flashmlir without its microkernels")
     p.add_argument("--codegen-max-seq", type=int, default=2048, help="longest seq for the textbook path")
     p.add_argument("--json", help="write the rows here as JSON")
@@ -99,7 +102,8 @@ def main() -> None:
             f"{r['compile_s']:.1f} |")
     lines.append("")
     lines.append("vs torch > 1 means flashmlir is faster. grad rel. err: the largest of dQ, dK, dV against float64. "
-                 "compile s: the first step (dynamo, our passes, IREE for the forward and backward graphs).")
+                 f"compile s: the first step (dynamo, then {'IREE' if args.rest == 'iree' else 'Inductor'} for the "
+                 f"forward and backward graphs; rest={args.rest}).")
     text = "\n".join(lines)
     print("\n" + text)
     if args.markdown:

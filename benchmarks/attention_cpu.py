@@ -71,11 +71,11 @@ def iree_stock(q, k, v, causal: bool) -> IreeModule:
     return IreeModule(vmfb)
 
 
-def _compiled(fn, microkernels: bool):
+def _compiled(fn, microkernels: bool, rest: str = "auto"):
     """fn compiled by flashmlir (compile time included in the first call) with or without the library."""
     torch._dynamo.reset()
     os.environ["FLASHMLIR_MICROKERNELS"] = "1" if microkernels else "0"
-    return torch.compile(fn, backend="flashmlir")
+    return torch.compile(fn, backend="flashmlir", options={"rest": rest})
 
 
 def measure(seq: int, head_dim: int, causal: bool, args: argparse.Namespace) -> dict:
