@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from flashmlir.compiler.targets import get_target
+from flashmlir.frontend.training_ops import reference_backward, reference_forward
 
 ROOT = Path(__file__).parents[1] / "runtime" / "microkernels"
 _P, _S = ctypes.c_void_p, ctypes.c_size_t
@@ -80,14 +81,11 @@ class Kernels:
 
 
 def _forward64(q, k, v, causal: bool, scale: float, grad):
-    group = q.shape[1] // k.shape[1]
-    q64, k64, v64 = (x.double().requires_grad_() for x in (q, k, v))
-    kk, vv = (x.repeat_interleave(group, 1) for x in (k64, v64))
-    s = (q64 @ kk.transpose(-1, -2)) * scale
-    if causal:
-        s = s.masked_fill(~torch.ones(s.shape[-2:], dtype=torch.bool).tril(), float("-inf"))
-    o = torch.softmax(s, -1) @ vv
-    return o.detach().float(), torch.logsumexp(s, -1).detach().float(), torch.autograd.grad(o, (q64, k64, v64), grad.double())
+    """O and lse (float32, the kernels' inputs) and the q/k/v gradients, all from float64: the
+    training ops' reference implementations (flashmlir.frontend.training_ops)."""
+    q64, k64, v64, g64 = (x.double() for x in (q, k, v, grad))
+    o, lse = reference_forward(q64, k64, v64, causal, scale)
+    return o.float(), lse.float(), reference_backward(g64, q64, k64, v64, o, lse, causal, scale)
 
 
 def check(kernels: Kernels) -> float:
