@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import os
 import subprocess
 import tempfile
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from flashmlir.compiler import microkernels
 from flashmlir.compiler.targets import get_target
 from flashmlir.frontend.training_ops import reference_backward, reference_forward
 
@@ -35,11 +35,10 @@ _MEMREF = [_P, _P, _S, _S, _S]
 _CONSTANTS = [_S, _S, _S, _S, ctypes.c_float, _S, _S, _S]
 
 
-def _entry() -> dict:
-    """The catalog's first attention_bwd_cpu entry this host runs."""
+def _kernel():
+    """The catalog's first CPU backward kernel this host runs (its march and tile sizes)."""
     flags = get_target("cpu").cpu_features
-    catalog = json.loads((ROOT / "kernels.json").read_text())
-    return next(e for e in catalog["cpu"] if e["family"] == "attention_bwd_cpu" and set(e["requires"]) <= flags)
+    return next(k for k in microkernels.library().cpu_backward if k.requires <= flags)
 
 
 class Kernels:
@@ -111,9 +110,10 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--markdown")
     args = p.parse_args()
-    entry = _entry()
+    kernel = _kernel()
+    catalog_tiles = "x".join(d.split("=")[1] for d in kernel.defines)  # row_vectors x key_tile
     out_dir = Path(tempfile.mkdtemp(prefix="flashmlir-cpu-bwd-"))
-    variants = [Kernels(t, entry["march"], out_dir) for t in args.tiles or [f"{entry['row_vectors']}x{entry['key_tile']}"]]
+    variants = [Kernels(t, kernel.march, out_dir) for t in args.tiles or [catalog_tiles]]
     for kernels in variants:
         print(f"{kernels.tiles}: worst rel. error vs float64 {check(kernels):.1e}", flush=True)
     lines = ["| tiles | threads | hdim | seq | causal | split ms | split GF/s | one pass ms | one pass GF/s | one pass vs split |",
@@ -142,7 +142,7 @@ def main() -> None:
                                      f"{best[False] / best[True]:.2f}x |")
                         print(lines[-1], flush=True)
     text = (f"# CPU backward kernels, split vs one pass, {time.strftime('%Y-%m-%d')}\n\n"
-            f"-march={entry['march']} ({entry['isa']}), fp32, B=1 H=8, called directly (no IREE); best of "
+            f"-march={kernel.march} ({kernel.isa}), fp32, B=1 H=8, called directly (no IREE); best of "
             f"{args.repeats}. `python benchmarks/cpu_backward_kernels.py`\n\n" + "\n".join(lines) + "\n")
     print("\n" + text)
     if args.markdown:

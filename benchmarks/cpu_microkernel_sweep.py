@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from flashmlir.compiler import microkernels
 from flashmlir.compiler.targets import get_target
 
 SOURCE = Path(__file__).parents[1] / "runtime" / "microkernels" / "attention" / "fwd_cpu.c"
@@ -32,8 +33,9 @@ _MEMREF = [_P, _P, _S, _S, _S]  # allocated, aligned, offset, size, stride
 
 
 def host_march() -> str:
-    """x86-64-v4 where the host has AVX-512, else x86-64-v3 (the catalog's two CPU builds)."""
-    return "x86-64-v4" if "avx512f" in get_target("cpu").cpu_features else "x86-64-v3"
+    """The -march of the catalog's first CPU forward build this host runs (x86-64-v4: AVX-512, -v3: AVX2)."""
+    flags = get_target("cpu").cpu_features
+    return next(k.march for k in microkernels.library().cpu if k.requires <= flags)
 
 
 class Variant:

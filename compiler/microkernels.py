@@ -226,9 +226,8 @@ class CpuAttentionKernel:
         The fused pass does 5 matrix products a tile against the split's 7 (1.24-1.72x faster on
         the 2-core AVX2 machine, benchmarks/results/cpu-2026-12-01-avx2-backward-kernels.md), but
         its items are whole (batch, K/V head)s: it only wins where they share out evenly between
-        the threads. Taken
-        where at least 80% of the threads' time is work (B·Hkv heads on T threads:
-        B·Hkv / (T·⌈B·Hkv / T⌉) ≥ 0.8).
+        the threads. Taken where at least 80% of the threads' time is work (B·Hkv heads on T
+        threads: B·Hkv / (T·⌈B·Hkv / T⌉) ≥ 0.8).
         """
         rounds = -(-kv_heads // threads)
         return self.one_pass and 5 * kv_heads >= 4 * threads * rounds

@@ -178,10 +178,11 @@ def _cpu() -> Target:
             "--iree-hal-local-target-device-backends=llvm-cpu",
             "--iree-llvmcpu-target-cpu=host",
         ),
-        # Matmuls packed into the CPU's register tiles (mmt4d): 2-3.4x faster matmuls and weight
-        # gradients on the 2-core AVX2 machine, a GPT training step 1.6x faster
-        # (benchmarks/results/cpu-2026-12-01-train-small.md). IREE 3.13 fails on some graphs with
-        # it (BERT training with dropout: a load_from_buffer shape mismatch), hence optional.
+        # Matmuls packed into the CPU's register tiles (mmt4d): on the 2-core AVX2 machine matmuls
+        # and weight gradients 2-3.4x faster, the small GPT's IREE-compiled training step 510 ->
+        # 320 ms (scratch runs of 2026-12-01, not in a table; with it, IREE's whole graph is the
+        # fastest CPU inference: cpu-2026-12-01-inference-small.md). IREE 3.13 fails on some graphs
+        # with it (BERT training with dropout: a load_from_buffer shape mismatch), hence optional.
         iree_fast_flags=("--iree-opt-data-tiling=true",),
         runtime_driver="local-task",
         # Measured on the 2-core AVX2 CI machine (benchmarks/attention_cpu.py): 64×64 score tiles

@@ -47,9 +47,15 @@ def kernel_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backward: 
         kernels = _kernels(q.shape[-1], backward)
     except microkernels.NoKernel as why:
         return str(why)
-    if library and not kernels[0].shared_library.is_file():
+    if library and not _built(kernels[0].shared_library):
         return f"the CPU kernels' shared library {kernels[0].shared_library} was not built"
     return None
+
+
+@functools.cache
+def _built(path) -> bool:
+    """Looked up once: every call of our ops asks."""
+    return path.is_file()
 
 
 @functools.cache

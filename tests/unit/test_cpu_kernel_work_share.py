@@ -13,7 +13,6 @@ non-causal ones. The backward runs both ways the training pass may call it: spli
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import shutil
 import subprocess
@@ -22,36 +21,33 @@ from pathlib import Path
 import pytest
 import torch
 
+from flashmlir.compiler import microkernels
 from flashmlir.compiler.targets import get_target
 
 MICROKERNELS = Path(__file__).parents[2] / "runtime" / "microkernels"
 _P, _S = ctypes.c_void_p, ctypes.c_size_t
 _MEMREF = [_P, _P, _S, _S, _S]
 _CONSTANTS = [_S, _S, _S, _S, ctypes.c_float, _S, _S, _S]
-LANES = {"avx512": 16, "avx2": 8}
 
 
-def _compile(family: str, tmp_path_factory) -> tuple[ctypes.CDLL, int]:
-    """(the library, rows per item) for the catalog's first `family` entry this host can run."""
+def _compile(kernels, tmp_path_factory) -> tuple[ctypes.CDLL, int]:
+    """(the library, rows per item) for the first of the catalog's `kernels` this host can run."""
     compiler = os.environ.get("CC", "cc")
     if shutil.which(compiler) is None:
         pytest.skip(f"no C compiler ({compiler})")
     flags = get_target("cpu").cpu_features
-    catalog = json.loads((MICROKERNELS / "kernels.json").read_text())
-    entry = next((e for e in catalog["cpu"] if e["family"] == family and set(e["requires"]) <= flags), None)
-    if entry is None:
-        pytest.skip(f"no {family} kernel for this CPU")
-    defines = [f"-DFLASHMLIR_{key.upper()}={entry[key]}" for key in ("row_vectors", "key_tile", "dim_tile", "keys")
-               if key in entry]
-    library = tmp_path_factory.mktemp(family) / "kernel.so"
-    subprocess.run([compiler, "-std=c17", "-O2", f"-march={entry['march']}", "-shared", "-fPIC", *defines,
-                    str(MICROKERNELS / entry["source"]), "-o", str(library)], check=True)
-    return ctypes.CDLL(str(library)), LANES[entry["isa"]] * entry["row_vectors"]
+    kernel = next((k for k in kernels if k.requires <= flags), None)
+    if kernel is None:
+        pytest.skip("no CPU kernel in the catalog for this CPU")
+    library = tmp_path_factory.mktemp(kernel.family) / "kernel.so"
+    subprocess.run([compiler, "-std=c17", "-O2", f"-march={kernel.march}", "-shared", "-fPIC", *kernel.defines,
+                    str(MICROKERNELS / kernel.source), "-o", str(library)], check=True)
+    return ctypes.CDLL(str(library)), kernel.rows
 
 
 @pytest.fixture(scope="module")
 def forward(tmp_path_factory):
-    library, rows = _compile("attention_fwd_cpu", tmp_path_factory)
+    library, rows = _compile(microkernels.library().cpu, tmp_path_factory)
     fn = library.flashmlir_attention_fwd_cpu_f32_d32
     fn.argtypes = _MEMREF * 4 + _CONSTANTS
     return fn, rows
@@ -59,7 +55,7 @@ def forward(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def backward(tmp_path_factory):
-    library, rows = _compile("attention_bwd_cpu", tmp_path_factory)
+    library, rows = _compile(microkernels.library().cpu_backward, tmp_path_factory)
     fns = {}
     for part, bindings in (("dq", 8), ("dkdv", 8), ("fused", 10)):
         fns[part] = getattr(library, f"flashmlir_attention_bwd_cpu_f32_d32_{part}")

@@ -60,7 +60,8 @@ class BackendOptions:
     # compiles), or "auto", the measured default: inductor on CUDA
     # (benchmarks/results/h100-2026-11-25-train-gpt2.md); on the CPU inductor for training graphs
     # and iree for inference ones (a small GPT on 2 cores: a training step 1.4x faster with
-    # Inductor's rest, inference 1.1x faster with IREE's: cpu-2026-12-01-train-small.md). A target
+    # Inductor's rest, inference 1.05x faster with IREE's: cpu-2026-12-01-train-small.md,
+    # cpu-2026-12-01-inference-small.md). A target
     # named explicitly means IREE code for that target: auto is then "iree".
     rest: str = "auto"
 
@@ -263,7 +264,7 @@ def _kernel_sites(gm: fx.GraphModule, target: Target) -> int:
     (put there only where the kernels serve them) and attention ops without a mask or dropout
     whose operands the kernels take."""
     from flashmlir.frontend.attention_op import attention_overload
-    from flashmlir.frontend.training_ops import _bound_args, forward_overload
+    from flashmlir.frontend.training_ops import forward_overload, kernel_site
     from flashmlir.runtime import cpu_kernels
     from flashmlir.runtime.torch_kernels import kernel_problem
 
@@ -274,11 +275,10 @@ def _kernel_sites(gm: fx.GraphModule, target: Target) -> int:
         if node.target == forward_overload():
             count += 1
         elif node.target == attention_overload():
-            args = _bound_args(node)
-            operands = [a.meta.get("val") if isinstance(a, fx.Node) else None for a in (args["q"], args["k"], args["v"])]
-            if args["attn_mask"] is not None or args["dropout_p"] not in (0, 0.0) or \
-                    not all(isinstance(t, torch.Tensor) for t in operands):
+            site = kernel_site(node)
+            if isinstance(site, str):
                 continue
+            operands, _ = site
             if target.gpu is not None:
                 count += kernel_problem(target.gpu.arch, *operands, backward=False) is None
             elif target.kind == "cpu":

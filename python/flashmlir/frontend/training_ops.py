@@ -162,15 +162,13 @@ def rewrite_for_training(gm: fx.GraphModule, check: SiteCheck) -> tuple[int, lis
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target != attention_overload():
             continue
+        site = kernel_site(node)
+        if isinstance(site, str):
+            reasons.append(f"{node.name}: {site}")
+            continue
+        (q, k, v), is_causal = site
         args = _bound_args(node)
-        if args["attn_mask"] is not None or args["dropout_p"] not in (0, 0.0):
-            reasons.append(f"{node.name}: a mask or dropout (the backward kernels take neither)")
-            continue
-        q, k, v = (a.meta.get("val") if isinstance(a, fx.Node) else None for a in (args["q"], args["k"], args["v"]))
-        if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
-            reasons.append(f"{node.name}: operand shapes unknown")
-            continue
-        why = check(q, k, v, bool(args["is_causal"]))
+        why = check(q, k, v, is_causal)
         if why is not None:
             reasons.append(f"{node.name}: {why}")
             continue
@@ -186,6 +184,18 @@ def rewrite_for_training(gm: fx.GraphModule, check: SiteCheck) -> tuple[int, lis
         gm.graph.lint()
         gm.recompile()
     return rewritten, reasons
+
+
+def kernel_site(node: fx.Node) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], bool] | str:
+    """An attention node's (q, k, v fake tensors, is_causal) where the flash kernels could take it
+    (no mask, no dropout, operand shapes known), else why not."""
+    args = _bound_args(node)
+    if args["attn_mask"] is not None or args["dropout_p"] not in (0, 0.0):
+        return "a mask or dropout (the backward kernels take neither)"
+    q, k, v = (a.meta.get("val") if isinstance(a, fx.Node) else None for a in (args["q"], args["k"], args["v"]))
+    if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
+        return "operand shapes unknown"
+    return (q, k, v), bool(args["is_causal"])
 
 
 _PARAMETERS = ("q", "k", "v", "attn_mask", "dropout_p", "is_causal", "scale", "dropout_seed")
