@@ -3,7 +3,8 @@
     python benchmarks/attention_backward.py                              # sm_90 and sm_80 kernels, default grid
     python benchmarks/attention_backward.py --variants 64x64x4 32x64x4 --head-dims 128
 
-A variant is `sm90` (bwd_sm90_wgmma.cuh, the catalog's tiles, sm_90a: Hopper only) or an sm_80
+A variant is `sm90` (bwd_sm90_wgmma.cuh, the catalog's tiles, sm_90a: Hopper only; `sm90:NAME=V,...`
+builds it with -DFLASHMLIR_NAME=V, e.g. `sm90:KV_REGISTERS=0` for an A/B of a BwdSm90Config switch) or an sm_80
 block_m x block_n x warps (bwd_sm80_mma_sync.cuh: 16·warps resident rows a block; dkdv streams
 block_m queries a tile, dq block_n keys), compiled here with nvcc from the library's source for this
 GPU (the -D switches CMake uses), checked against float64 autograd on odd-sized problems, then
@@ -45,7 +46,9 @@ SM90_TILES = (64, 128, 12)  # block_m, block_n, warps: BwdSm90Config's (the cata
 def build(variant: str, head_dim: int, dtype: str, out_dir: Path) -> tuple[CudaAttentionBackwardKernel, str]:
     element, ctype, _ = ELEMENTS[dtype]
     major, minor = torch.cuda.get_device_capability()
-    path = out_dir / f"bwd_{variant}_{element}_d{head_dim}.cubin"
+    variant, _, switches = variant.partition(":")
+    defines = [f"-DFLASHMLIR_{switch}" for switch in switches.split(",") if switch]
+    path = out_dir / f"bwd_{variant}{'_'.join([''] + [d.replace('=', '') for d in switches.split(',') if d])}_{element}_d{head_dim}.cubin"
     if variant == "sm90":
         block_m, block_n, warps = SM90_TILES
         kernel = CudaAttentionBackwardKernel("attention_bwd_sm90", element, head_dim, block_m, block_n, warps,
@@ -59,7 +62,7 @@ def build(variant: str, head_dim: int, dtype: str, out_dir: Path) -> tuple[CudaA
     command = ["nvcc", "--cubin", "-O3", "-std=c++17", gencode,
                "-Xptxas", "-v", f"-DFLASHMLIR_ELEMENT={ctype}", f"-DFLASHMLIR_ELEMENT_NAME={element}",
                f"-DFLASHMLIR_HEAD_DIM={head_dim}", f"-DFLASHMLIR_BLOCK_M={block_m}", f"-DFLASHMLIR_BLOCK_N={block_n}",
-               f"-DFLASHMLIR_WARPS={warps}", str(SOURCES / source), "-o", str(path)]
+               f"-DFLASHMLIR_WARPS={warps}", *defines, str(SOURCES / source), "-o", str(path)]
     done = subprocess.run(command, capture_output=True, text=True, check=True)
     # Per entry: "Compiling entry function 'name'", then its spill and register lines.
     entries = re.findall(r"entry function '\w+_(\w+?)' for.*?(\d+) bytes spill stores.*?Used (\d+) registers",

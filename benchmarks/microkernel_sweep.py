@@ -2,10 +2,11 @@
 
     python benchmarks/microkernel_sweep.py                     # sm_80, default variants and grid
     python benchmarks/microkernel_sweep.py --variants 128x64x8 128x128x8 --head-dims 128
-    python benchmarks/microkernel_sweep.py --family sm90 --variants n128s2 n128s2p n64s2p
+    python benchmarks/microkernel_sweep.py --family sm90 --variants n128s2 n128s2p n64s2p m192n96s2
 
-An sm_80 variant is block_m x block_n x warps; an sm_90 one is n<block_n>s<stages>, with a `p`
-for ping-pong between the consumer warpgroups. Each is compiled here with nvcc from the library's
+An sm_80 variant is block_m x block_n x warps; an sm_90 one is [m<block_m>]n<block_n>s<stages>,
+with a `p` for ping-pong between the consumer warpgroups (block_m 128: two consumers of 64 rows, the
+default; 192: three). Each is compiled here with nvcc from the library's
 source (the same -D switches CMake uses) for this GPU, checked against float64 on a small odd-sized
 problem, then timed over the grid (B·S = 16k tokens, H·D = 2048, as benchmarks/attention.py).
 ptxas' register and spill counts are printed with it. The winners go into
@@ -41,11 +42,13 @@ ELEMENTS = {"fp16": ("f16", "half"), "bf16": ("bf16", "__nv_bfloat16")}
 def _kernel(family: str, variant: str, element: str, head_dim: int, out_dir: Path) -> CudaAttentionKernel:
     path = out_dir / f"{family}_{variant}_{element}_d{head_dim}.cubin"
     if family == "sm90":
-        found = re.fullmatch(r"n(\d+)s(\d+)(p?)", variant)
+        found = re.fullmatch(r"(?:m(\d+))?n(\d+)s(\d+)(p?)", variant)
         if not found:
-            raise ValueError(f"sm90 variants are n<block_n>s<stages>[p], not {variant!r}")
-        return CudaAttentionKernel("attention_fwd_sm90", element, head_dim, 128, int(found[1]), 12, "sm_90a",
-                                   path, int(found[2]), found[3] == "p")
+            raise ValueError(f"sm90 variants are [m<block_m>]n<block_n>s<stages>[p], not {variant!r}")
+        block_m = int(found[1] or 128)
+        warps = 4 * (block_m // 64 + 1)  # a producer warpgroup and a consumer per 64 rows
+        return CudaAttentionKernel("attention_fwd_sm90", element, head_dim, block_m, int(found[2]), warps,
+                                   "sm_90a", path, int(found[3]), found[4] == "p")
     block_m, block_n, warps = (int(x) for x in variant.split("x"))
     return CudaAttentionKernel("attention_fwd_sm80", element, head_dim, block_m, block_n, warps, "sm_80", path)
 
@@ -167,15 +170,16 @@ def main() -> None:
             for d in args.head_dims for seq in args.seqs for causal in (False, True) for dtype in args.dtypes]
 
     columns = list(args.variants) + [f"sdpa-{b}" for b in SDPA_BACKENDS]
-    lines = ["| hdim | seq | causal | dtype | " + " | ".join(columns) + " | best variant / sdpa-flash |",
-             "|" + "---:|" * (len(columns) + 5)]
+    lines = ["| hdim | seq | causal | dtype | " + " | ".join(columns)
+             + " | best variant / sdpa-flash | best variant / sdpa-cudnn |",
+             "|" + "---:|" * (len(columns) + 6)]
     for r in rows:
         t = r["tflops"]
         best = max((t[v] for v in args.variants if v in t), default=0.0)
-        ratio = f"{best / t['sdpa-flash']:.2f}x" if best and "sdpa-flash" in t else "-"
+        ratios = [f"{best / t[c]:.2f}x" if best and c in t else "-" for c in ("sdpa-flash", "sdpa-cudnn")]
         lines.append(f"| {r['head_dim']} | {r['seq']} | {'yes' if r['causal'] else 'no'} | {r['dtype']} | "
-                     + " | ".join(f"{t[c]:.0f}" if c in t else "-" for c in columns) + f" | {ratio} |")
-    shape = ("n<block_n>s<stages>, p: ping-pong; compiled for sm_90a"
+                     + " | ".join(f"{t[c]:.0f}" if c in t else "-" for c in columns) + f" | {' | '.join(ratios)} |")
+    shape = ("[m<block_m>]n<block_n>s<stages>, p: ping-pong (block_m 128 unless given); compiled for sm_90a"
              if args.family == "sm90"
              else "block_m x block_n x warps, compiled from compute_80 for this GPU")
     text = (f"# {args.family} attention microkernel tile sweep, {torch.cuda.get_device_name()}, "

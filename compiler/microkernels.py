@@ -45,11 +45,20 @@ class CudaAttentionKernel:
     object_path: Path
     stages: int = 2  # shared-memory stages of K and V (sm_90: a ring; sm_80: double buffering)
     pingpong: bool = False  # sm_90: the two consumer warpgroups take turns at the tensor cores
+    # The entry serves problems whose query and key lengths are both at least this (0: any). An
+    # (element, head dim) may have several such tilings; select_attention_forward takes the one
+    # with the largest min_seq the problem reaches.
+    min_seq: int = 0
+
+    @property
+    def tag(self) -> str:
+        """What tells this tiling apart in file and symbol names: `_from<min_seq>`, or nothing."""
+        return f"_from{self.min_seq}" if self.min_seq else ""
 
     @property
     def name(self) -> str:
         """The exported symbol; the lse variant appends `_lse`."""
-        return f"flashmlir_{self.family}_{self.element}_d{self.head_dim}"
+        return f"flashmlir_{self.family}_{self.element}_d{self.head_dim}{self.tag}"
 
     @property
     def threads(self) -> int:
@@ -291,12 +300,14 @@ def _load(directory: Path | None) -> Library:
     catalog = json.loads((directory / CATALOG).read_text())
 
     def cuda_object(e: dict) -> Path:
-        return directory / "cuda" / f"{e['family']}_{e['element']}_d{e['head_dim']}.{_CUDA_FORMAT[e['min_arch']]}"
+        tag = f"_from{e['min_seq']}" if e.get("min_seq") else ""  # as CudaAttentionKernel.tag and CMake name it
+        return directory / "cuda" / f"{e['family']}_{e['element']}_d{e['head_dim']}{tag}.{_CUDA_FORMAT[e['min_arch']]}"
 
     entries = catalog.get("cuda", [])
     cuda = tuple(
         CudaAttentionKernel(e["family"], e["element"], e["head_dim"], e["block_m"], e["block_n"], e["warps"],
-                            e["min_arch"], cuda_object(e), e.get("stages", 2), e.get("pingpong", False))
+                            e["min_arch"], cuda_object(e), e.get("stages", 2), e.get("pingpong", False),
+                            e.get("min_seq", 0))
         for e in entries if e["family"].startswith("attention_fwd"))
     cuda_backward = tuple(
         CudaAttentionBackwardKernel(e["family"], e["element"], e["head_dim"], e["block_m"], e["block_n"],
@@ -320,8 +331,10 @@ class NoKernel(Exception):
     """No microkernel serves this attention; the message says why."""
 
 
-def select_attention_forward(arch: str, element: str, head_dim: int) -> CudaAttentionKernel:
-    """The CUDA kernel for `arch` (the target's), or NoKernel with the reason."""
+def select_attention_forward(arch: str, element: str, head_dim: int, seq_q: int | None = None,
+                             seq_k: int | None = None) -> CudaAttentionKernel:
+    """The CUDA kernel for `arch` (the target's), or NoKernel with the reason. With the problem's
+    lengths, the tiling for them (the largest `min_seq` both reach); without, the one for any."""
     kernels = library().cuda
     if not kernels:
         raise NoKernel("the microkernel library is not installed (no kernels.json next to the package)")
@@ -334,9 +347,12 @@ def select_attention_forward(arch: str, element: str, head_dim: int) -> CudaAtte
         offer = ", ".join(f"{e} d{d}" for e, d in have)
         raise NoKernel(f"no {arch} attention microkernel for {element} head dim {head_dim} (have: {offer})")
     # The newest family the target can run whose object was built (an older family's kernel is still
-    # right on a newer GPU, only slower); if none was built, say why for the newest.
-    matching.sort(key=lambda k: _arch_number(k.min_arch), reverse=True)
-    kernel = next((k for k in matching if k.object_path.is_file()), matching[0])
+    # right on a newer GPU, only slower), in it the tiling for the lengths; if none was built, say
+    # why for the newest.
+    shortest = min(seq_q, seq_k) if seq_q is not None and seq_k is not None else 0
+    fitting = [k for k in matching if k.min_seq <= shortest] or matching
+    fitting.sort(key=lambda k: (_arch_number(k.min_arch), k.min_seq), reverse=True)
+    kernel = next((k for k in fitting if k.object_path.is_file()), fitting[0])
     if not kernel.object_path.is_file():
         if kernel.min_arch == "sm_70":
             raise NoKernel(f"microkernel {kernel.name} was not built ({kernel.object_path} is missing: Volta "

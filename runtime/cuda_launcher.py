@@ -112,6 +112,7 @@ class AttentionForwardLaunch:
         hkv, sk = k_shape[-3], k_shape[-2]
         batch_heads = math.prod(lead) * hq
         scale = d ** -0.5 if scale is None else scale
+        self.kernel = kernel
         self._function = _loaded(str(kernel.object_path), kernel.name + ("_lse" if with_lse else ""), device)
         self._grid = kernel.grid(sq, batch_heads, multiprocessors(device), causal)
         self._block, self._shared = (kernel.threads, 1, 1), kernel.shared_bytes

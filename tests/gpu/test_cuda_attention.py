@@ -46,7 +46,7 @@ def _run(target, dtype, causal, b, hq, hkv, sq, sk, d):
     def attention(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=hq != hkv)
 
-    fn = torch.compile(attention, backend="flashmlir", options={"target": target})
+    fn = torch.compile(attention, backend="flashmlir", options={} if target is None else {"target": target})
     with torch.no_grad():
         out = fn(q, k, v)
         torch.cuda.synchronize()
@@ -74,6 +74,22 @@ def test_targets_dtypes_head_dims(target, dtype, causal, d):
                                             (1000, 4097, False), (4097, 1000, True)])
 def test_sequence_lengths(sq, sk, causal):
     _run("sm_90", torch.float16, causal, b=1, hq=2, hkv=2, sq=sq, sk=sk, d=128)
+
+
+@pytest.mark.parametrize("target", [None, "sm_90"])
+@pytest.mark.parametrize("sq, sk, causal, hkv", [(4096, 4096, True, 2), (4100, 5000, False, 1), (5000, 4100, True, 2)])
+def test_long_sequences_at_head_dim_64(target, sq, sk, causal, hkv):
+    """Head dim 64 from 4096 tokens on takes the catalog's long-sequence tiling (three consumer
+    warpgroups); through the default path (None: our op inside Inductor's graph) that is checked."""
+    from flashmlir.runtime import torch_kernels
+
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the long-sequence tiling is an sm_90 kernel")
+    torch_kernels._launches.clear()
+    _run(target, torch.float16, causal, b=1, hq=2, hkv=hkv, sq=sq, sk=sk, d=64)
+    if target is None:
+        tilings = {launch.kernel.block_m for launch in torch_kernels._launches.values() if launch is not torch_kernels._REFERENCE}
+        assert tilings == {192}, tilings
 
 
 @pytest.mark.parametrize("target", ["sm_80", "sm_90"])

@@ -49,3 +49,49 @@ def test_sm80_grid_is_query_blocks_by_heads():
 def test_shared_memory_counts_the_query_barriers():
     # Q (128 × 128 × 2) + 2 stages × K, V (128 × 128 × 2) + 10 mbarriers + 1024 bytes of alignment.
     assert _sm90(128).shared_bytes == 32768 + 4 * 32768 + 80 + 1024
+
+
+def _library_with_objects(tmp_path, monkeypatch, built):
+    """The real catalog in a library directory where only the sm_90 objects `built` exist."""
+    import shutil
+
+    from flashmlir.compiler import microkernels
+
+    (tmp_path / "cuda").mkdir()
+    shutil.copy(Path(__file__).parents[2] / "runtime" / "microkernels" / "kernels.json", tmp_path)
+    for name in built:
+        (tmp_path / "cuda" / f"attention_fwd_sm90_{name}.fatbin").write_bytes(b"stand-in")
+    monkeypatch.setenv("FLASHMLIR_MICROKERNEL_DIR", str(tmp_path))
+    return microkernels
+
+
+@pytest.mark.parametrize("seq_q, seq_k, tiles", [
+    (None, None, (128, 128, 12)),  # lengths unknown: the tiling for any
+    (1000, 1000, (128, 128, 12)),
+    (4096, 4095, (128, 128, 12)),  # both lengths must reach min_seq
+    (4095, 8192, (128, 128, 12)),
+    (4096, 4096, (192, 96, 16)),
+    (16384, 8192, (192, 96, 16)),
+])
+def test_head_dim_64_takes_the_long_sequence_tiling_from_4096(tmp_path, monkeypatch, seq_q, seq_k, tiles):
+    microkernels = _library_with_objects(tmp_path, monkeypatch, ["f16_d64", "f16_d64_from4096"])
+    kernel = microkernels.select_attention_forward("sm_90", "f16", 64, seq_q, seq_k)
+    assert (kernel.block_m, kernel.block_n, kernel.warps) == tiles
+    long = tiles[0] == 192
+    assert kernel.name == "flashmlir_attention_fwd_sm90_f16_d64" + ("_from4096" if long else "")
+    assert kernel.object_path.name == "attention_fwd_sm90_f16_d64" + ("_from4096" if long else "") + ".fatbin"
+    assert kernel.threads == (512 if long else 384)
+
+
+def test_an_unbuilt_long_sequence_tiling_leaves_the_default(tmp_path, monkeypatch):
+    microkernels = _library_with_objects(tmp_path, monkeypatch, ["f16_d64", "f16_d128"])
+    assert microkernels.select_attention_forward("sm_90", "f16", 64, 8192, 8192).block_m == 128
+    # head dim 128 has one tiling for every length
+    assert microkernels.select_attention_forward("sm_90", "f16", 128, 8192, 8192).block_m == 128
+
+
+def test_three_consumer_shared_memory():
+    kernel = CudaAttentionKernel("attention_fwd_sm90", "f16", 64, 192, 96, 16, "sm_90a", Path("k.fatbin"), min_seq=4096)
+    # Sm90Config<half, 64, 96, 2, 3>: Q 192×64, 2 stages × (K, V) of 96×64, 10 mbarriers, 1024 of alignment
+    assert kernel.shared_bytes == 192 * 128 + 4 * 96 * 128 + 80 + 1024
+    assert kernel.grid(4096, 4, 132, False) == (88, 1, 1)  # ⌈4096/192⌉ = 22 query blocks × 4 heads

@@ -9,7 +9,8 @@
 //         registers). Warpgroup 0 is the producer (Q, dO, lse₂, Δ of each query tile into a ring
 //         of stages, cp.async + mbarriers, as in the forward); warpgroups 1 and 2 each own 64
 //         keys and compute, per query tile,
-//             Sᵀ  = K·Qᵀ,  dPᵀ = V·dOᵀ          (wgmma, both operands in shared memory)
+//             Sᵀ  = K·Qᵀ,  dPᵀ = V·dOᵀ          (wgmma, both operands in shared memory; at head
+//                                                dim 64 K and V from registers, loaded once)
 //             Pᵀ  = exp2(s·log2e·Sᵀ − lse₂),  dSᵀ = Pᵀ ∘ (dPᵀ − Δ)
 //             dV += Pᵀ·dO,  dK += dSᵀ·Q         (wgmma, Pᵀ and dSᵀ from registers)
 //             dQ += dS·K                        (wgmma: dSᵀ goes through shared memory, read
@@ -82,6 +83,16 @@ struct BwdSm90Config {
   static_assert(kD == 64 || kD == 128, "the sm_90 backward takes head dim 64 or 128");
   // Per consumer thread: dK, dV (kD / 2 each), Sᵀ and dPᵀ (32 each); dQ reuses Sᵀ's.
   static_assert(kD + 64 <= 200, "too many accumulators for the consumers");
+  // Whether a consumer holds its 64 keys of K and V in registers (the A fragments of Sᵀ and dPᵀ)
+  // instead of reading them from shared memory for every query tile: a third of those products'
+  // shared-memory traffic. Head dim 64 only: 2 · kD / 4 more registers a thread, which head dim 128
+  // (dK and dV alone take 128) does not have.
+#ifdef FLASHMLIR_KV_REGISTERS
+  static constexpr bool kKvInRegisters = FLASHMLIR_KV_REGISTERS != 0;
+#else
+  static constexpr bool kKvInRegisters = kD == 64;
+#endif
+  static_assert(!kKvInRegisters || kD == 64, "K and V fit the consumers' registers at head dim 64 only");
 };
 
 // The bulk copy engine's reduction (sm_90): dst[i] += src[i] over `bytes` of fp32, read from shared
@@ -270,17 +281,40 @@ __device__ __forceinline__ void attention_bwd_dkdv_sm90(const T* __restrict__ q,
     }
   };
 
-  // acc = A·Bᵀ over the head dim: A this consumer's 64 key rows (of K or V), B a query tile (Q or dO).
-  auto issue_keys_by_queries = [&](float (&acc)[32], uint32_t a_rows, uint32_t b_rows) {
+  // K's and V's rows of this consumer as m64k16 A fragments, when held in registers: word r of step
+  // kk is key consumer·64 + 16·warp + lane / 4 + 8·(r % 2), head-dim columns 16·kk + 8·(r / 2) +
+  // 2·(lane % 4) + {0, 1} (the accumulator order `pack` gives P too).
+  constexpr bool kKvRegs = Cfg::kKvInRegisters;
+  uint32_t k_frag[kKvRegs ? kD / 16 : 1][4], v_frag[kKvRegs ? kD / 16 : 1][4];
+  // acc = A·Bᵀ over the head dim: A this consumer's 64 key rows (of K or V: `a_rows` in shared
+  // memory, or `a_frag` in registers), B a query tile (Q or dO).
+  auto issue_keys_by_queries = [&](float (&acc)[32], uint32_t a_rows, const uint32_t (&a_frag)[kKvRegs ? kD / 16 : 1][4],
+                                   uint32_t b_rows) {
 #pragma unroll
     for (int kk = 0; kk < kD / 16; ++kk) {
       const uint32_t column = ((kk % 4) * 32) >> 4;
       const uint32_t a_panel = ((kk / 4) * kBlockN * 128) >> 4, b_panel = ((kk / 4) * kBlockM * 128) >> 4;
-      Wgmma<T, 64>::ss(acc, operand(a_rows + a_panel + column), operand(b_rows + b_panel + column), kk > 0);
+      if constexpr (kKvRegs) {
+        Wgmma<T, 64>::rs_k(acc, a_frag[kk], operand(b_rows + b_panel + column), kk > 0);
+      } else {
+        Wgmma<T, 64>::ss(acc, operand(a_rows + a_panel + column), operand(b_rows + b_panel + column), kk > 0);
+      }
     }
   };
 
   mbarrier_wait(bar_kv, 0);
+  if constexpr (kKvRegs) {
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int row = consumer * 64 + warp * 16 + lane / 4 + 8 * (r & 1);
+        const int col = 16 * kk + 8 * (r >> 1) + 2 * (lane % 4);
+        const uint32_t at = (col / 64) * kBlockN * 128 + row * 128 + ((((col % 64) / 8) ^ (row & 7)) << 4) + (col % 8) * 2;
+        asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(k_frag[kk][r]) : "r"(tile_k + at));
+        asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(v_frag[kk][r]) : "r"(tile_v + at));
+      }
+  }
   for (int t = 0; t < items; ++t) {
     const int stage = t % kStages, buffer = t & 1;
     const int row0 = (first + t % per_head) * kBlockM;
@@ -289,8 +323,8 @@ __device__ __forceinline__ void attention_bwd_dkdv_sm90(const T* __restrict__ q,
 
     // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ.
     wgmma_fence();
-    issue_keys_by_queries(s, k_rows, q_rows + stage * kQStageStep);
-    issue_keys_by_queries(dp, v_rows, do_rows + stage * kQStageStep);
+    issue_keys_by_queries(s, k_rows, k_frag, q_rows + stage * kQStageStep);
+    issue_keys_by_queries(dp, v_rows, v_frag, do_rows + stage * kQStageStep);
     wgmma_commit();
     if (t > 0) reduce_dq(t - 1);
     wgmma_wait<0>();

@@ -20,6 +20,9 @@
 #ifndef FLASHMLIR_PINGPONG
 #define FLASHMLIR_PINGPONG 0
 #endif
+#ifndef FLASHMLIR_BLOCK_M
+#define FLASHMLIR_BLOCK_M 128
+#endif
 
 #define FLASHMLIR_KERNEL FLASHMLIR_KERNEL_NAME(sm90)
 #define FLASHMLIR_KERNEL_LSE FLASHMLIR_KERNEL_NAME_LSE(sm90)
@@ -30,14 +33,22 @@ constexpr int kHeadDim = FLASHMLIR_HEAD_DIM;
 constexpr int kBlockN = FLASHMLIR_BLOCK_N;
 constexpr int kStages = FLASHMLIR_STAGES;
 constexpr bool kPingPong = FLASHMLIR_PINGPONG != 0;
-using Config = flashmlir::sm90::Sm90Config<Element, kHeadDim, kBlockN, kStages>;
+constexpr int kConsumers = FLASHMLIR_BLOCK_M / 64;  // a consumer warpgroup per 64 query rows
+using Config = flashmlir::sm90::Sm90Config<Element, kHeadDim, kBlockN, kStages, kConsumers>;
 }  // namespace
+
+// The catalog's tile fields (what the passes compute grids and shared memory from) must be the tiles
+// this code has.
+static_assert(FLASHMLIR_BLOCK_M == Config::kBlockM, "block_m must be 64 per consumer warpgroup");
+#ifdef FLASHMLIR_WARPS
+static_assert(FLASHMLIR_WARPS * 32 == Config::kThreads, "kernels.json's warps differ from Sm90Config's threads");
+#endif
 
 extern "C" __global__ void __launch_bounds__(Config::kThreads, 1)
     FLASHMLIR_KERNEL(const Element* __restrict__ q, const Element* __restrict__ k, const Element* __restrict__ v,
                      Element* __restrict__ o, uint32_t group, uint32_t seq_q, uint32_t seq_k, uint32_t scale_bits,
                      uint32_t causal, uint32_t batch_heads) {
-  flashmlir::sm90::attention_fwd_sm90<Element, kHeadDim, kBlockN, kStages, kPingPong>(
+  flashmlir::sm90::attention_fwd_sm90<Element, kHeadDim, kBlockN, kStages, kPingPong, kConsumers>(
       q, k, v, o, nullptr, group, batch_heads, seq_q, seq_k, __uint_as_float(scale_bits), causal != 0);
 }
 
@@ -45,6 +56,6 @@ extern "C" __global__ void __launch_bounds__(Config::kThreads, 1)
     FLASHMLIR_KERNEL_LSE(const Element* __restrict__ q, const Element* __restrict__ k, const Element* __restrict__ v,
                          Element* __restrict__ o, float* __restrict__ lse, uint32_t group, uint32_t seq_q,
                          uint32_t seq_k, uint32_t scale_bits, uint32_t causal, uint32_t batch_heads) {
-  flashmlir::sm90::attention_fwd_sm90<Element, kHeadDim, kBlockN, kStages, kPingPong>(
+  flashmlir::sm90::attention_fwd_sm90<Element, kHeadDim, kBlockN, kStages, kPingPong, kConsumers>(
       q, k, v, o, lse, group, batch_heads, seq_q, seq_k, __uint_as_float(scale_bits), causal != 0);
 }

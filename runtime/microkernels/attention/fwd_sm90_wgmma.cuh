@@ -1,22 +1,25 @@
 // Flash-attention forward for sm_90a (Hopper): warp-specialized, WGMMA, mbarrier pipelines.
 //
-//   grid  (workgroups, 1, 1) over the B·Hq·⌈Sq / 128⌉ (head, 128-row query block) tiles: one block
+//   grid  (workgroups, 1, 1) over the B·Hq·⌈Sq / kBlockM⌉ (head, query block) tiles: one block
 //         per tile, or (below head dim 256) fewer, each taking its share one after another
 //         (scheduled_tile); with GQA, `group` = Hq / Hkv consecutive query heads read one K/V head
-//   block three warpgroups. Warpgroup 0 is the producer: it loads each query block's Q and its
-//         K, V tiles into a kStages-deep ring of shared-memory stages (the next query block's
-//         while the consumers finish the last) and gives most of its registers away (setmaxnreg).
-//         Warpgroups 1 and 2 are consumers of 64 query rows each: S = Q·Kᵀ is wgmma with both
-//         operands in shared memory, O += P·V takes P from registers.
-//   sync  per stage, a "full" mbarrier (the producer's copies landed) and an "empty" one (both
-//         consumers' products that read the stage completed), for K and V separately; Q's pair
+//   block a producer warpgroup and two or three consumers (kConsumers; kBlockM = 64 · kConsumers).
+//         Warpgroup 0 is the producer: it loads each query block's Q and its K, V tiles into a
+//         kStages-deep ring of shared-memory stages (the next query block's while the consumers
+//         finish the last) and gives most of its registers away (setmaxnreg). The others are
+//         consumers of 64 query rows each: S = Q·Kᵀ is wgmma with both operands in shared memory,
+//         O += P·V takes P from registers. Three consumers (head dim 64, long sequences: the
+//         catalog's `min_seq` entry) keep the tensor cores busier through the softmax's latency
+//         than two, at 160 registers a thread (benchmarks/results/h200-2026-12-01-sm90-d64-three-consumers.md).
+//   sync  per stage, a "full" mbarrier (the producer's copies landed) and an "empty" one (every
+//         consumer's products that read the stage completed), for K and V separately; Q's pair
 //         likewise, per query block.
 //
 // Within a consumer the softmax of tile j overlaps the tensor cores: S(j) = Q·K(j)ᵀ and
 // O += P(j-1)·V(j-1) are issued together; the softmax of S(j) runs while the second product is
-// in flight, and O is rescaled once it has landed. With FLASHMLIR_PINGPONG the two consumers also
-// take turns at the tensor cores (named barriers), so one's softmax hides under the other's
-// products.
+// in flight, and O is rescaled once it has landed. With FLASHMLIR_PINGPONG the consumers also
+// take turns at the tensor cores (named barriers), so one's softmax hides under the others'
+// products. A consumer whose rows all lie past the sequence's end issues nothing.
 //
 // Loads are cp.async (16 bytes per thread) into the layout wgmma reads with the 128-byte swizzle:
 // a tile is D/64 column panels of 64 elements; in a panel row r is 128 bytes at r·128, its
@@ -122,18 +125,24 @@ __device__ __forceinline__ uint64_t operand(uint32_t low) {
 
 // ---- configuration --------------------------------------------------------------------------------
 
-template <typename T, int kD, int kBlockN, int kStages>
+template <typename T, int kD, int kBlockN, int kStages, int kConsumers = 2>
 struct Sm90Config {
-  static constexpr int kBlockM = 128;           // two consumers × 64 rows (one wgmma M)
-  static constexpr int kThreads = 3 * 128;      // producer + two consumers
-  // Registers per thread after setmaxnreg: 128 · producer + 256 · consumer ≤ 64 K. The least that
-  // spills neither role (ptxas -v): head dim 256 consumers need 240 (O alone is 128).
+  static constexpr int kBlockM = 64 * kConsumers;       // one wgmma M of query rows a consumer
+  static constexpr int kThreads = 128 * (kConsumers + 1);  // producer + consumers
+  // Registers per thread after setmaxnreg: 128 · producer + 128 · consumers · consumer ≤ 64 K. With
+  // two consumers, the least that spills neither role (ptxas -v): head dim 256 consumers need 240 (O
+  // alone is 128). Three consumers (head dim 64, FlashAttention-3's arrangement there) get 160, and
+  // the producer 32 (with 24 it spilled 8-12 bytes taking the persistent grid's tiles).
 #ifdef FLASHMLIR_PRODUCER_REGISTERS
   static constexpr int kProducerRegisters = FLASHMLIR_PRODUCER_REGISTERS;
 #else
-  static constexpr int kProducerRegisters = kD == 128 ? 32 : 24;
+  static constexpr int kProducerRegisters = kD == 128 || kConsumers == 3 ? 32 : 24;
 #endif
-  static constexpr int kConsumerRegisters = kProducerRegisters <= 24 ? 240 : kProducerRegisters <= 40 ? 232 : 224;
+  static constexpr int kConsumerRegisters =
+      kConsumers == 3 ? 160 : kProducerRegisters <= 24 ? 240 : kProducerRegisters <= 40 ? 232 : 224;
+  static_assert(kConsumers == 2 || kConsumers == 3, "two or three consumer warpgroups");
+  static_assert(128 * kProducerRegisters + 128 * kConsumers * kConsumerRegisters <= 64 * 1024,
+                "more registers than an SM has");
   static constexpr int kPanelRowBytes = 128;    // 64 elements of 16 bits: one swizzle row
   static constexpr int kTileBytesQ = kBlockM * kD * 2;
   static constexpr int kTileBytesKV = kBlockN * kD * 2;
@@ -149,7 +158,7 @@ struct Sm90Config {
   // (~100 bytes against 8) and the long sequences lost 10%, so there a block takes one.
   static constexpr bool kPersistent = kD < 256;
   // Per consumer thread: O (kD / 2), S (kBlockN / 2) and two sets of P (kBlockN / 4 each).
-  static_assert(kD / 2 + kBlockN / 2 + kBlockN / 2 <= 200, "too many accumulators for the consumers");
+  static_assert(kD / 2 + kBlockN / 2 + kBlockN / 2 <= kConsumerRegisters - 32, "too many accumulators for the consumers");
 };
 
 // Copy rows [row0, row0 + kRows) of a [rows, kD] matrix into a swizzled tile (zero past `rows`),
@@ -207,12 +216,12 @@ __device__ __forceinline__ int2 scheduled_tile(int n, int q_blocks, int tiles, b
   return make_int2(position / q_blocks, qb);
 }
 
-template <typename T, int kD, int kBlockN, int kStages, bool kPingPong>
+template <typename T, int kD, int kBlockN, int kStages, bool kPingPong, int kConsumers = 2>
 __device__ __forceinline__ void attention_fwd_sm90(const T* __restrict__ q, const T* __restrict__ k,
                                                    const T* __restrict__ v, T* __restrict__ o,
                                                    float* __restrict__ lse, int group, int batch_heads,
                                                    int seq_q, int seq_k, float scale, bool causal) {
-  using Cfg = Sm90Config<T, kD, kBlockN, kStages>;
+  using Cfg = Sm90Config<T, kD, kBlockN, kStages, kConsumers>;
   using E = Element<T>;
   constexpr int kBlockM = Cfg::kBlockM;
   constexpr int kSRegs = kBlockN / 2;   // S accumulators per thread (m64 × kBlockN over 128 threads)
@@ -246,12 +255,12 @@ __device__ __forceinline__ void attention_fwd_sm90(const T* __restrict__ q, cons
   const int warpgroup = threadIdx.x / 128;
   if (threadIdx.x == 0) {
     mbarrier_init(bar_q, 128);
-    mbarrier_init(empty_q, 8);
+    mbarrier_init(empty_q, 4 * kConsumers);
     for (int s = 0; s < kStages; ++s) {
       mbarrier_init(full_k(s), 128);  // every producer thread's copies
       mbarrier_init(full_v(s), 128);
-      mbarrier_init(empty_k(s), 8);  // one arrival per consumer warp
-      mbarrier_init(empty_v(s), 8);
+      mbarrier_init(empty_k(s), 4 * kConsumers);  // one arrival per consumer warp
+      mbarrier_init(empty_v(s), 4 * kConsumers);
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
@@ -298,15 +307,15 @@ __device__ __forceinline__ void attention_fwd_sm90(const T* __restrict__ q, cons
   const int consumer = warpgroup - 1;
   const int thread = threadIdx.x % 128, warp = thread / 32, lane = thread % 32;
   const float scale_log2 = scale * kLog2e;
-  // Ping-pong: consumer c issues its products after barrier 1 + c, then lets the other go; per
-  // query block consumer 0 goes first and consumer 1 passes no turn after its last, so every
-  // arrival on a barrier meets a sync within the query block.
+  // Ping-pong: consumer c issues its products after barrier 1 + c, then lets the next one go (the
+  // last lets consumer 0 go); per query block consumer 0 goes first and the last consumer passes no
+  // turn after its last, so every arrival on a barrier meets a sync within the query block.
   auto take_turn = [&] {
     if constexpr (kPingPong) named_barrier_sync(1 + consumer, 256);
   };
   auto pass_turn = [&](bool last) {
     if constexpr (kPingPong) {
-      if (!(last && consumer == 1)) named_barrier_arrive(2 - consumer, 256);
+      if (!(last && consumer == kConsumers - 1)) named_barrier_arrive(1 + (consumer + 1) % kConsumers, 256);
     }
   };
 
@@ -411,7 +420,7 @@ __device__ __forceinline__ void attention_fwd_sm90(const T* __restrict__ q, cons
     const int qb = tile.y, q0 = qb * kBlockM, end = key_tiles(qb);
     const int row_base = q0 + consumer * 64 + warp * 16 + lane / 4;  // rows row_base and row_base + 8
     if constexpr (kPingPong) {
-      if (consumer == 1) named_barrier_arrive(1, 256);  // consumer 0 goes first
+      if (consumer == kConsumers - 1) named_barrier_arrive(1, 256);  // consumer 0 goes first
     }
     row_max[0] = row_max[1] = kNegInf;
     row_sum[0] = row_sum[1] = 0.f;
@@ -450,6 +459,26 @@ __device__ __forceinline__ void attention_fwd_sm90(const T* __restrict__ q, cons
     };
 
     mbarrier_wait(bar_q, n & 1);
+    if (q0 + consumer * 64 >= seq_q) {
+      // Rows past the sequence's end (a ragged last query block): no products, only this consumer's
+      // part in the barriers, so that the others get the tensor cores to themselves. A stage is let go
+      // after its copies landed, so the arrival counts toward that use of it; the turns are as many as
+      // the products would have taken (one per key tile and the last P·V, or one).
+      for (int j = 0; j < end; ++j) {
+        const int at = first + j, stage = at % kStages;
+        mbarrier_wait(full_k(stage), (at / kStages) & 1);
+        release(empty_k(stage));
+        mbarrier_wait(full_v(stage), (at / kStages) & 1);
+        release(empty_v(stage));
+        take_turn();
+        pass_turn(false);
+      }
+      take_turn();
+      pass_turn(true);
+      release(empty_q);
+      first += end;
+      continue;
+    }
     if (end > 0) {
       const int stage = first % kStages;
       mbarrier_wait(full_k(stage), (first / kStages) & 1);

@@ -15,6 +15,9 @@ SHAPES = (64, 80, 96, 128, 176, 192, 256)
 # N of the products with both operands MN-major in shared memory: the backward's dQ = dS·K, 64
 # head-dim columns a warpgroup.
 MN_MAJOR_SHAPES = (64,)
+# N of the products with A in registers and B K-major in shared memory: the backward's Sᵀ = K·Qᵀ and
+# dPᵀ = V·dOᵀ at head dim 64, with K and V held in registers.
+RS_K_MAJOR_SHAPES = (64,)
 TYPES = {"half": "f16", "__nv_bfloat16": "bf16"}
 OUT = Path(__file__).resolve().parents[1] / "attention" / "wgmma_sm90.cuh"
 
@@ -58,7 +61,17 @@ def _wrappers(ctype: str, ptx: str, n: int) -> str:
         f"        : {acc}\n"
         f'        : "l"(a), "l"(b), "r"(accumulate));\n'
         f"  }}\n") if n in MN_MAJOR_SHAPES else ""
-    return f"template <>\nstruct Wgmma<{ctype}, {n}> {{\n{ss}{rs}{ss_mn}}};\n"
+    rs_k = (
+        f"  // d (+)= A·B, A in registers (the m64k16 fragment), B K-major in shared memory.\n"
+        f"  __device__ static void rs_k(float (&d)[{count}], const uint32_t (&a)[4], uint64_t b, int accumulate) {{\n"
+        f"    asm volatile(\n"
+        f'        "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{count + 5}, 0;\\n"\n'
+        f'        "wgmma.mma_async.sync.aligned.{shape} {regs}, {{%{count}, %{count + 1}, %{count + 2}, '
+        f'%{count + 3}}}, %{count + 4}, p, 1, 1, 0;\\n}}\\n"\n'
+        f"        : {acc}\n"
+        f'        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));\n'
+        f"  }}\n") if n in RS_K_MAJOR_SHAPES else ""
+    return f"template <>\nstruct Wgmma<{ctype}, {n}> {{\n{ss}{rs}{ss_mn}{rs_k}}};\n"
 
 
 def main() -> None:
