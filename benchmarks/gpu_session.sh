@@ -41,6 +41,13 @@ for step in "$@"; do
     sanitize) for tool in memcheck racecheck; do
                 compute-sanitizer --tool $tool --print-limit 5 python benchmarks/profile_microkernel.py \
                   --seq 333 --batch 1 --heads 2 --causal 2>&1 | tail -3 || status=1
+                # head dim 64's three-consumer tiling; 200 rows: two of the last block's consumers idle
+                compute-sanitizer --tool $tool --print-limit 5 python benchmarks/profile_microkernel.py \
+                  --seq 200 --batch 1 --heads 2 --causal --head-dim 64 --select-seq 4096 2>&1 | tail -2 || status=1
+                for d in 64 128; do  # the backward (sm_90: dkdv's mbarrier hand-offs), causal, GQA 4:2
+                  compute-sanitizer --tool $tool --print-limit 5 python benchmarks/profile_microkernel.py \
+                    --seq 333 --batch 1 --heads 4 --kv-heads 2 --causal --head-dim $d --backward 2>&1 | tail -2 || status=1
+                done
               done ;;
     profile) ncu --section WarpStateStats --section ComputeWorkloadAnalysis --section SchedulerStats \
                --section MemoryWorkloadAnalysis --section Occupancy -k regex:flash -s 1 -c 3 \

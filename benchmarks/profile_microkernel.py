@@ -2,6 +2,8 @@
 
     ncu --section WarpStateStats -k regex:flash python benchmarks/profile_microkernel.py --sdpa flash
     compute-sanitizer --tool racecheck python benchmarks/profile_microkernel.py --seq 300
+    compute-sanitizer --tool racecheck python benchmarks/profile_microkernel.py --seq 333 --batch 1 --heads 4 \
+        --kv-heads 2 --causal --head-dim 64 --backward
 
 Shapes as benchmarks/attention.py (B·S = 16k tokens, H·D = 2048) unless --batch/--heads say
 otherwise. Each kernel runs twice (a warm-up, then the one to look at).
@@ -14,8 +16,8 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from flashmlir.compiler.microkernels import select_attention_forward
-from flashmlir.runtime.cuda_launcher import attention_forward
+from flashmlir.compiler.microkernels import select_attention_backward, select_attention_forward
+from flashmlir.runtime.cuda_launcher import attention_backward, attention_forward
 
 
 def main() -> None:
@@ -24,6 +26,11 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--batch", type=int)
     p.add_argument("--heads", type=int)
+    p.add_argument("--kv-heads", type=int, help="K/V heads (GQA); as many as --heads unless given")
+    p.add_argument("--backward", action="store_true", help="run the backward kernels too (after a forward with lse)")
+    p.add_argument("--select-seq", type=int,
+                   help="the length the forward kernel is chosen for (default --seq): e.g. 4096 runs head dim "
+                        "64's long-sequence tiling on a small problem")
     p.add_argument("--dtype", choices=["f16", "bf16"], default="f16")
     p.add_argument("--causal", action="store_true")
     p.add_argument("--arch", default="sm_90", help="the target whose kernel is chosen (sm_90: the Hopper one)")
@@ -32,10 +39,19 @@ def main() -> None:
     dtype = {"f16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     batch = args.batch or max(1, 16384 // args.seq)
     heads = args.heads or 2048 // args.head_dim
-    q, k, v = (torch.randn(batch, heads, args.seq, args.head_dim, device="cuda", dtype=dtype) for _ in range(3))
-    kernel = select_attention_forward(args.arch, args.dtype, args.head_dim)
+    q = torch.randn(batch, heads, args.seq, args.head_dim, device="cuda", dtype=dtype)
+    k, v = (torch.randn(batch, args.kv_heads or heads, args.seq, args.head_dim, device="cuda", dtype=dtype)
+            for _ in range(2))
+    chosen_for = args.select_seq or args.seq
+    kernel = select_attention_forward(args.arch, args.dtype, args.head_dim, chosen_for, chosen_for)
     for _ in range(2):
-        attention_forward(kernel, q, k, v, causal=args.causal)
+        out = attention_forward(kernel, q, k, v, causal=args.causal, with_lse=args.backward)
+    if args.backward:
+        backward = select_attention_backward(args.arch, args.dtype, args.head_dim)
+        o, lse = out
+        d_o = torch.randn_like(q)
+        for _ in range(2):
+            attention_backward(backward, q, k, v, o, d_o, lse, causal=args.causal)
     if args.sdpa:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 

@@ -160,11 +160,11 @@ class CudaAttentionBackwardKernel:
             if part != "dkdv":
                 return 0
             # BwdSm90Config: K, V; per stage Q, dO and the rows' lse₂, Δ; two dSᵀ tiles; four fp32
-            # 64 x 64 dQ staging tiles (two a consumer); 8-byte mbarriers (K/V landed, full and empty
-            # per stage); 1024 bytes to align to the swizzle period.
+            # 64 x 64 dQ staging tiles; 8-byte mbarriers (K/V landed, full and empty per stage and
+            # per dSᵀ tile); 1024 bytes to align to the swizzle period.
             tiles = (2 * self.block_n + 2 * self.stages * self.block_m) * self.head_dim * e
             return (tiles + 2 * self.block_n * self.block_m * e + self.stages * 2 * self.block_m * 4
-                    + 4 * 64 * 64 * 4 + 8 * (1 + 2 * self.stages) + 1024)
+                    + 4 * 64 * 64 * 4 + 8 * (1 + 2 * self.stages + 4) + 1024)
         resident = 2 * self.rows * self.head_dim * e  # Q and dO (dq), K and V (dkdv)
         if part == "dq":
             return resident + 4 * self.block_n * self.head_dim * e  # two stages of K, V

@@ -15,9 +15,15 @@
 //             dV += Pᵀ·dO,  dK += dSᵀ·Q         (wgmma, Pᵀ and dSᵀ from registers)
 //             dQ += dS·K                        (wgmma: dSᵀ goes through shared memory, read
 //                                                transposed; the fp32 product is staged in shared
-//                                                memory and added into the accumulator by one
+//                                                memory and added into the accumulator by
 //                                                cp.reduce.async.bulk of 16 KB, issued under the
 //                                                next tile's Sᵀ and dPᵀ)
+//         At head dim 64 warpgroup 0 computes dQ itself, besides its loads (kDqWarpgroup): the
+//         consumers hand it each dSᵀ tile through a pair of mbarriers and go on with the next
+//         tile, and it multiplies, stages and reduces while they do (+6-15%,
+//         benchmarks/results/h200-2026-12-01-sm90-backward-dq-warpgroup.md). At head dim 128 the
+//         registers do not allow it: dQ's 32 accumulators need 64 registers in warpgroup 0, which
+//         leaves the consumers 216 of the 168 × 384 the launch gives, and theirs serialize.
 //   dq    grid (⌈Sq / 64⌉, B·Hq): dQ = s · accumulator, in the element type and row-major order.
 //
 // Five tile products per (query tile, key block), FlashAttention-2/3's count, against seven for the
@@ -59,8 +65,23 @@ struct BwdSm90Config {
   static constexpr int kBlockN = 128;       // resident keys: two consumers × 64
   static constexpr int kThreads = 3 * 128;  // producer + two consumers
   static constexpr int kPrepThreads = 256;  // prep and dq kernels: 8 warps over kBlockM rows
-  static constexpr int kProducerRegisters = 32;
-  static constexpr int kConsumerRegisters = 232;
+  // Whether warpgroup 0 computes dQ = dS·K and hands it to the copy engine, besides its loads, so
+  // that the consumers only write dSᵀ and go on (else each consumer computes, stages and reduces its
+  // own share of dQ).
+#ifdef FLASHMLIR_DQ_WARPGROUP
+  static constexpr bool kDqWarpgroup = FLASHMLIR_DQ_WARPGROUP != 0;
+#else
+  static constexpr bool kDqWarpgroup = kD == 64;
+#endif
+  // dQ's 64-column share (32 fp32 accumulators) in warpgroup 0 needs more than a copier's 32 (at 56
+  // ptxas ignored the setmaxnreg); the consumers then get 216, which head dim 128's do not fit in
+  // (ptxas serialized their wgmmas).
+  static constexpr int kProducerRegisters = kDqWarpgroup ? 64 : 32;
+  static constexpr int kConsumerRegisters = kDqWarpgroup ? 216 : 232;
+  // setmaxnreg moves registers within what the launch gave the block (kThreads × the per-thread
+  // count __launch_bounds__ leaves, 168): a consumer's setmaxnreg.inc past that waits forever.
+  static_assert(kProducerRegisters + 2 * kConsumerRegisters <= 3 * (64 * 1024 / kThreads / 8 * 8),
+                "setmaxnreg would ask for more registers than the launch gives the block");
   static constexpr int kTileBytesKV = kBlockN * kD * 2;
   static constexpr int kTileBytesQ = kBlockM * kD * 2;  // Q or dO
   static constexpr int kTileBytesDs = kBlockN * kBlockM * 2;
@@ -70,10 +91,12 @@ struct BwdSm90Config {
   static constexpr int kOffsetDo = kOffsetQ + kStages * kTileBytesQ;
   static constexpr int kOffsetDs = kOffsetDo + kStages * kTileBytesQ;
   static constexpr int kOffsetStats = kOffsetDs + 2 * kTileBytesDs;
-  static constexpr int kTileBytesDq = 64 * 64 * 4;  // a consumer's fp32 dQ share, staged for the bulk reduction
+  static constexpr int kTileBytesDq = 64 * 64 * 4;  // an fp32 64 × 64 dQ share, staged for the bulk reduction
   static constexpr int kOffsetDq = kOffsetStats + kStages * kStatsBytes;
-  static constexpr int kOffsetBarriers = kOffsetDq + 4 * kTileBytesDq;  // two a consumer, alternating
-  static constexpr int kBarriers = 1 + 2 * kStages;  // K and V landed; per stage full and empty
+  // Four staging tiles: two a consumer, alternating; with the dQ warpgroup, two (column halves) a dSᵀ tile.
+  static constexpr int kOffsetBarriers = kOffsetDq + 4 * kTileBytesDq;
+  // K and V landed; per stage full and empty; per dSᵀ tile full and empty (the dQ warpgroup's)
+  static constexpr int kBarriers = 1 + 2 * kStages + 4;
   static constexpr int kSharedBytes = kOffsetBarriers + 8 * kBarriers + 1024;  // + alignment slack
   static_assert(kSharedBytes <= 227 * 1024, "more shared memory than an sm_90 block may have");
   // dQ's product per consumer: 64 head-dim columns over all 128 keys (head dim 128), or all 64
@@ -116,6 +139,16 @@ __device__ __forceinline__ void bulk_wait() { asm volatile("cp.async.bulk.wait_g
 // bytes): element r of it is row 16 · (t / 32) + (t % 32) / 4 + 8 · (r / 2), column
 // 8 j + 2 · (t % 4) + r % 2 of the block.
 constexpr int kDqBlock = 64 * 64;
+
+// A 64 × 64 fp32 dQ share (m64n64 accumulators) into a staging tile, in kDqBlock's order: float4 j
+// of thread t at 16 · (128 j + t) bytes, conflict-free.
+__device__ __forceinline__ void stage_dq_share(uint32_t tile, int thread, const float (&acc)[32]) {
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+    asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(tile + (128 * j + thread) * 16), "f"(acc[4 * j]),
+                 "f"(acc[4 * j + 1]), "f"(acc[4 * j + 2]), "f"(acc[4 * j + 3])
+                 : "memory");
+}
 
 // Rows a padded sequence has: whole query tiles (the prep kernel's statistics and the accumulator).
 __device__ __forceinline__ int padded_rows(int seq_q) { return (seq_q + 63) / 64 * 64; }
@@ -188,6 +221,9 @@ __device__ __forceinline__ void attention_bwd_dkdv_sm90(const T* __restrict__ q,
   const uint32_t bar_kv = base + Cfg::kOffsetBarriers;
   auto full = [&](int stage) { return bar_kv + 8 * (1 + stage); };
   auto empty = [&](int stage) { return bar_kv + 8 * (1 + kStages + stage); };
+  auto ds_full = [&](int buffer) { return bar_kv + 8 * (1 + 2 * kStages + buffer); };
+  auto ds_empty = [&](int buffer) { return bar_kv + 8 * (3 + 2 * kStages + buffer); };
+  constexpr uint32_t kDsStep = Cfg::kTileBytesDs >> 4;
 
   const int k0 = blockIdx.x * kBlockN;
   const int64_t bh_kv = blockIdx.y;
@@ -205,6 +241,10 @@ __device__ __forceinline__ void attention_bwd_dkdv_sm90(const T* __restrict__ q,
       mbarrier_init(full(s), 128);  // every producer thread's copies
       mbarrier_init(empty(s), 256);  // every consumer thread: each read lse₂, Δ itself
     }
+    for (int b = 0; b < 2; ++b) {
+      mbarrier_init(ds_full(b), 256);  // every consumer thread, after its own stores and proxy fence
+      mbarrier_init(ds_empty(b), 128);  // every thread of warpgroup 0, its products that read the tile done
+    }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
@@ -217,7 +257,7 @@ __device__ __forceinline__ void attention_bwd_dkdv_sm90(const T* __restrict__ q,
     load_tile<T, kBlockN, kD>(tile_k, k + bh_kv * seq_k * kD, k0, seq_k, thread);
     load_tile<T, kBlockN, kD>(tile_v, v + bh_kv * seq_k * kD, k0, seq_k, thread);
     mbarrier_arrive_on_copies(bar_kv);
-    for (int t = 0; t < items; ++t) {
+    auto load_item = [&](int t) {
       const int stage = t % kStages;
       const int64_t bh = bh_kv * group + t / per_head;
       const int row0 = (first + t % per_head) * kBlockM;
@@ -229,9 +269,58 @@ __device__ __forceinline__ void attention_bwd_dkdv_sm90(const T* __restrict__ q,
         cp_async_16(base + Cfg::kOffsetStats + stage * Cfg::kStatsBytes + thread * 16, src, 16);
       }
       mbarrier_arrive_on_copies(full(stage));
+    };
+    if constexpr (!Cfg::kDqWarpgroup) {
+      for (int t = 0; t < items; ++t) load_item(t);
+      asm volatile("cp.async.wait_all;\n" ::: "memory");
+      return;
+    } else {
+      // Item u's dQ = dS·K (64 queries × kD, over the block's 128 keys), 64 columns at a time, each
+      // staged in the accumulator's block order and added by the copy engine; item u + 1's loads go
+      // out first, so the consumers never wait on this. A: the dSᵀ tile read MN-major; B: K's panel.
+      const uint32_t ds_mn = operand_low(tile_ds(0), kBlockN * 128);
+      auto staging = [&](int buffer, int half) {
+        return base + Cfg::kOffsetDq + (2 * buffer + half) * Cfg::kTileBytesDq;
+      };
+      float acc[32];
+      mbarrier_wait(bar_kv, 0);
+      fence_proxy_async();  // K's copies (generic proxy), read next by wgmma
+      for (int t = 0; t <= items; ++t) {
+        if (t < items) load_item(t);
+        if (t == 0) continue;
+        const int u = t - 1, buffer = u & 1;
+        mbarrier_wait(ds_full(buffer), (u >> 1) & 1);
+        if (thread == 0) bulk_wait_read<1>();  // item u − 2's reductions have read the buffer's staging tiles
+        named_barrier_sync(1, 128);
+#pragma unroll
+        for (int half = 0; half < kD / 64; ++half) {
+          const uint32_t k_mn = operand_low(tile_k + half * kBlockN * 128, kBlockN * 128);
+          wgmma_fence();
+#pragma unroll
+          for (int kk = 0; kk < kBlockN / 16; ++kk)
+            Wgmma<T, 64>::ss_mn(acc, operand(ds_mn + buffer * kDsStep + kk * (2048 >> 4)),
+                                operand(k_mn + kk * (2048 >> 4)), kk > 0);
+          wgmma_commit();
+          wgmma_wait<0>();
+          fence_registers(acc);
+          if (half == kD / 64 - 1) mbarrier_arrive(ds_empty(buffer));
+          stage_dq_share(staging(buffer, half), thread, acc);
+        }
+        fence_proxy_async();  // the staging stores, read next by the copy engine
+        named_barrier_sync(1, 128);
+        if (thread == 0) {
+          const int64_t bh = bh_kv * group + u / per_head;
+          const int tile = first + u % per_head;
+#pragma unroll
+          for (int half = 0; half < kD / 64; ++half)
+            bulk_reduce_add(dq_accum + ((bh * q_tiles + tile) * (kD / 64) + half) * kDqBlock, staging(buffer, half),
+                            Cfg::kTileBytesDq);
+          bulk_commit();
+        }
+      }
+      if (thread == 0) bulk_wait();
+      return;
     }
-    asm volatile("cp.async.wait_all;\n" ::: "memory");
-    return;
   }
 
   // Consumers: 64 keys each.
@@ -264,7 +353,6 @@ __device__ __forceinline__ void attention_bwd_dkdv_sm90(const T* __restrict__ q,
   const uint32_t k_mn = operand_low(tile_k + (Cfg::kSplitColumns ? consumer * kBlockN * 128 : 0) + dq_key_row * 128,
                                     kBlockN * 128);
   const uint32_t ds_mn = operand_low(tile_ds(0) + dq_key_row * 128, kBlockN * 128);
-  constexpr uint32_t kDsStep = Cfg::kTileBytesDs >> 4;
   const int dq_col0 = Cfg::kSplitColumns ? consumer * 64 : 0;
   auto dq_stage = [&](int t) { return base + Cfg::kOffsetDq + (2 * consumer + (t & 1)) * Cfg::kTileBytesDq; };
   // Item t's staged dQ share into the accumulator: issued under item t + 1's Sᵀ and dPᵀ, so that the
@@ -326,7 +414,9 @@ __device__ __forceinline__ void attention_bwd_dkdv_sm90(const T* __restrict__ q,
     issue_keys_by_queries(s, k_rows, k_frag, q_rows + stage * kQStageStep);
     issue_keys_by_queries(dp, v_rows, v_frag, do_rows + stage * kQStageStep);
     wgmma_commit();
-    if (t > 0) reduce_dq(t - 1);
+    if constexpr (!Cfg::kDqWarpgroup) {
+      if (t > 0) reduce_dq(t - 1);
+    }
     wgmma_wait<0>();
     fence_registers(s);
     fence_registers(dp);
@@ -366,6 +456,7 @@ __device__ __forceinline__ void attention_bwd_dkdv_sm90(const T* __restrict__ q,
 
     // dSᵀ into the buffer's tile (key rows, 64 query columns: one 128-byte swizzled row a key): the
     // fragment word [kk][r] holds key lane_key + 8·(r % 2), queries 16·kk + 8·(r / 2) + 2·(lane % 4) + {0, 1}.
+    if constexpr (Cfg::kDqWarpgroup) mbarrier_wait(ds_empty(buffer), ((t >> 1) & 1) ^ 1);  // item t − 2's dQ read it
     {
       const uint32_t tile = tile_ds(buffer);
 #pragma unroll
@@ -377,6 +468,15 @@ __device__ __forceinline__ void attention_bwd_dkdv_sm90(const T* __restrict__ q,
           const uint32_t at = tile + row * 128 + ((chunk ^ (row & 7)) << 4) + (lane % 4) * 4;
           asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(at), "r"(ds_frag[kk][r]) : "memory");
         }
+    }
+    if constexpr (Cfg::kDqWarpgroup) {
+      fence_proxy_async();  // generic stores, read next by warpgroup 0's wgmma
+      mbarrier_arrive(ds_full(buffer));
+      wgmma_wait<0>();
+      fence_registers(acc_dk);
+      fence_registers(acc_dv);
+      mbarrier_arrive(empty(stage));  // Q, dO and the statistics are read (every thread: its lse₂, Δ loads)
+      continue;
     }
     if (thread == 0) bulk_wait_read<1>();  // item t − 2's reduction has read the staging tile item t takes
     fence_proxy_async();                    // generic stores, read next by wgmma
@@ -402,14 +502,12 @@ __device__ __forceinline__ void attention_bwd_dkdv_sm90(const T* __restrict__ q,
     mbarrier_arrive(empty(stage));
 
     // Staged in the accumulator's block order (added by the copy engine, one 16 KB run, next item).
-#pragma unroll
-    for (int j = 0; j < 8; ++j)
-      asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(dq_stage(t) + (128 * j + thread) * 16),
-                   "f"(s[4 * j]), "f"(s[4 * j + 1]), "f"(s[4 * j + 2]), "f"(s[4 * j + 3])
-                   : "memory");
+    stage_dq_share(dq_stage(t), thread, s);
   }
-  if (items > 0) reduce_dq(items - 1);
-  if (thread == 0) bulk_wait();
+  if constexpr (!Cfg::kDqWarpgroup) {
+    if (items > 0) reduce_dq(items - 1);
+    if (thread == 0) bulk_wait();
+  }
 
   // dK = s · Σ dSᵀ·Q, dV = Σ Pᵀ·dO, for the keys that exist.
 #pragma unroll

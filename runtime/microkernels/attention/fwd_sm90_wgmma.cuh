@@ -141,8 +141,10 @@ struct Sm90Config {
   static constexpr int kConsumerRegisters =
       kConsumers == 3 ? 160 : kProducerRegisters <= 24 ? 240 : kProducerRegisters <= 40 ? 232 : 224;
   static_assert(kConsumers == 2 || kConsumers == 3, "two or three consumer warpgroups");
-  static_assert(128 * kProducerRegisters + 128 * kConsumers * kConsumerRegisters <= 64 * 1024,
-                "more registers than an SM has");
+  // setmaxnreg moves registers within what the launch gave the block (kThreads × the per-thread
+  // count __launch_bounds__ leaves): a consumer's setmaxnreg.inc past that waits forever.
+  static_assert(kProducerRegisters + kConsumers * kConsumerRegisters <= (kConsumers + 1) * (64 * 1024 / kThreads / 8 * 8),
+                "setmaxnreg would ask for more registers than the launch gives the block");
   static constexpr int kPanelRowBytes = 128;    // 64 elements of 16 bits: one swizzle row
   static constexpr int kTileBytesQ = kBlockM * kD * 2;
   static constexpr int kTileBytesKV = kBlockN * kD * 2;

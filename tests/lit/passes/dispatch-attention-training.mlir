@@ -58,7 +58,7 @@
 // HOPPERBWD:       %[[SUM:[0-9]+]]:3 = hal.dispatch.extern "flashmlir_attention_bwd_sm90_f16_d64_dkdv"({{.+}}, %[[PREP]]#0, %[[PREP]]#1, %[[PREP]]#2)
 // HOPPERBWD-SAME:    -> (%[[PREP]]#2, tensor<2x2x100x64xf16>, tensor<2x2x100x64xf16>)
 // HOPPERBWD:         hal.return %c1, %c4, %c1{{.*}} : index, index, index
-// HOPPERBWD:       workgroup_size = [384 : index, 1 : index, 1 : index], workgroup_local_memory = 165928>
+// HOPPERBWD:       workgroup_size = [384 : index, 1 : index, 1 : index], workgroup_local_memory = 165960>
 // HOPPERBWD:       hal.dispatch.extern "flashmlir_attention_bwd_sm90_f16_d64_dq"({{.+}}, %[[SUM]]#0)
 // HOPPERBWD-SAME:    -> tensor<2x8x100x64xf16>
 // HOPPERBWD-NOT:   torch.operator
