@@ -31,6 +31,12 @@ ELEMENT_BYTES = {"f16": 2, "bf16": 2}
 PERSISTENT_MAX_Q_BLOCKS = 32
 
 
+def length_tag(min_seq: int) -> str:
+    """`_from<min_seq>` for a tiling meant for long sequences, as CMakeLists.txt names its object and
+    -DFLASHMLIR_NAME_TAG its symbols; nothing for the tiling that serves any length."""
+    return f"_from{min_seq}" if min_seq else ""
+
+
 @dataclass(frozen=True)
 class CudaAttentionKernel:
     """One CUDA forward attention kernel: an (element type, head dim) instance with its tile sizes."""
@@ -53,7 +59,7 @@ class CudaAttentionKernel:
     @property
     def tag(self) -> str:
         """What tells this tiling apart in file and symbol names: `_from<min_seq>`, or nothing."""
-        return f"_from{self.min_seq}" if self.min_seq else ""
+        return length_tag(self.min_seq)
 
     @property
     def name(self) -> str:
@@ -300,7 +306,7 @@ def _load(directory: Path | None) -> Library:
     catalog = json.loads((directory / CATALOG).read_text())
 
     def cuda_object(e: dict) -> Path:
-        tag = f"_from{e['min_seq']}" if e.get("min_seq") else ""  # as CudaAttentionKernel.tag and CMake name it
+        tag = length_tag(e.get("min_seq", 0))
         return directory / "cuda" / f"{e['family']}_{e['element']}_d{e['head_dim']}{tag}.{_CUDA_FORMAT[e['min_arch']]}"
 
     entries = catalog.get("cuda", [])
