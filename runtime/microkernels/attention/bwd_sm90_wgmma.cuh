@@ -21,9 +21,9 @@
 //         At head dim 64 warpgroup 0 computes dQ itself, besides its loads (kDqWarpgroup): the
 //         consumers hand it each dSᵀ tile through a pair of mbarriers and go on with the next
 //         tile, and it multiplies, stages and reduces while they do (+6-15%,
-//         benchmarks/results/h200-2026-12-01-sm90-backward-dq-warpgroup.md). At head dim 128 the
-//         registers do not allow it: dQ's 32 accumulators need 64 registers in warpgroup 0, which
-//         leaves the consumers 216 of the 168 × 384 the launch gives, and theirs serialize.
+//         benchmarks/results/h200-2026-12-01-sm90-backward-dq-warpgroup.md). At head dim 128 only
+//         in 32-column products, for want of registers (BwdSm90Config::kDqColumns), and not yet
+//         by default: that build has not run on a GPU.
 //   dq    grid (⌈Sq / 64⌉, B·Hq): dQ = s · accumulator, in the element type and row-major order.
 //
 // Five tile products per (query tile, key block), FlashAttention-2/3's count, against seven for the
@@ -73,11 +73,14 @@ struct BwdSm90Config {
 #else
   static constexpr bool kDqWarpgroup = kD == 64;
 #endif
-  // dQ's 64-column share (32 fp32 accumulators) in warpgroup 0 needs more than a copier's 32 (at 56
-  // ptxas ignored the setmaxnreg); the consumers then get 216, which head dim 128's do not fit in
-  // (ptxas serialized their wgmmas).
-  static constexpr int kProducerRegisters = kDqWarpgroup ? 64 : 32;
-  static constexpr int kConsumerRegisters = kDqWarpgroup ? 216 : 232;
+  // Warpgroup 0's dQ products: 64 columns each at head dim 64 (32 fp32 accumulators: 64 registers,
+  // at 56 ptxas ignored the setmaxnreg; the consumers then get 216). Head dim 128's consumers need
+  // 224 (at 216 ptxas serialized their wgmmas), which leaves warpgroup 0 56: enough for products of
+  // 32 columns (16 accumulators), each reading dS again. That arrangement builds clean but has not
+  // run on a GPU yet, hence off at head dim 128 (an A/B: attention_backward.py sm90:DQ_WARPGROUP=1).
+  static constexpr int kDqColumns = kD == 64 ? 64 : 32;
+  static constexpr int kProducerRegisters = kDqWarpgroup ? (kDqColumns == 64 ? 64 : 56) : 32;
+  static constexpr int kConsumerRegisters = kDqWarpgroup ? (kDqColumns == 64 ? 216 : 224) : 232;
   // setmaxnreg moves registers within what the launch gave the block (kThreads × the per-thread
   // count __launch_bounds__ leaves, 168): a consumer's setmaxnreg.inc past that waits forever.
   static_assert(kProducerRegisters + 2 * kConsumerRegisters <= 3 * (64 * 1024 / kThreads / 8 * 8),
@@ -140,11 +143,12 @@ __device__ __forceinline__ void bulk_wait() { asm volatile("cp.async.bulk.wait_g
 // 8 j + 2 · (t % 4) + r % 2 of the block.
 constexpr int kDqBlock = 64 * 64;
 
-// A 64 × 64 fp32 dQ share (m64n64 accumulators) into a staging tile, in kDqBlock's order: float4 j
-// of thread t at 16 · (128 j + t) bytes, conflict-free.
-__device__ __forceinline__ void stage_dq_share(uint32_t tile, int thread, const float (&acc)[32]) {
+// A 64 × N fp32 dQ share (m64nN accumulators) into a staging tile, in kDqBlock's order: float4 j of
+// thread t at 16 · (128 j + t) bytes, conflict-free (a 32-column share fills half a 64 × 64 block).
+template <int N>
+__device__ __forceinline__ void stage_dq_share(uint32_t tile, int thread, const float (&acc)[N]) {
 #pragma unroll
-  for (int j = 0; j < 8; ++j)
+  for (int j = 0; j < N / 4; ++j)
     asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(tile + (128 * j + thread) * 16), "f"(acc[4 * j]),
                  "f"(acc[4 * j + 1]), "f"(acc[4 * j + 2]), "f"(acc[4 * j + 3])
                  : "memory");
@@ -275,14 +279,16 @@ __device__ __forceinline__ void attention_bwd_dkdv_sm90(const T* __restrict__ q,
       asm volatile("cp.async.wait_all;\n" ::: "memory");
       return;
     } else {
-      // Item u's dQ = dS·K (64 queries × kD, over the block's 128 keys), 64 columns at a time, each
-      // staged in the accumulator's block order and added by the copy engine; item u + 1's loads go
-      // out first, so the consumers never wait on this. A: the dSᵀ tile read MN-major; B: K's panel.
+      // Item u's dQ = dS·K (64 queries × kD, over the block's 128 keys), kDqColumns at a time, staged
+      // in the accumulator's block order (64-column blocks) and added by the copy engine; item u + 1's
+      // loads go out first, so the consumers never wait on this. A: the dSᵀ tile read MN-major; B:
+      // kDqColumns of K's panel (a 32-column product starts 64 bytes into the swizzled rows).
       const uint32_t ds_mn = operand_low(tile_ds(0), kBlockN * 128);
       auto staging = [&](int buffer, int half) {
         return base + Cfg::kOffsetDq + (2 * buffer + half) * Cfg::kTileBytesDq;
       };
-      float acc[32];
+      constexpr int kCols = Cfg::kDqColumns, kPerBlock = 64 / kCols;  // products per 64-column block
+      float acc[kCols / 2];
       mbarrier_wait(bar_kv, 0);
       fence_proxy_async();  // K's copies (generic proxy), read next by wgmma
       for (int t = 0; t <= items; ++t) {
@@ -293,18 +299,19 @@ __device__ __forceinline__ void attention_bwd_dkdv_sm90(const T* __restrict__ q,
         if (thread == 0) bulk_wait_read<1>();  // item u − 2's reductions have read the buffer's staging tiles
         named_barrier_sync(1, 128);
 #pragma unroll
-        for (int half = 0; half < kD / 64; ++half) {
-          const uint32_t k_mn = operand_low(tile_k + half * kBlockN * 128, kBlockN * 128);
+        for (int part = 0; part < kD / kCols; ++part) {
+          const int block = part / kPerBlock, within = part % kPerBlock;  // 64-column block, and where in it
+          const uint32_t k_mn = operand_low(tile_k + block * kBlockN * 128 + within * kCols * 2, kBlockN * 128);
           wgmma_fence();
 #pragma unroll
           for (int kk = 0; kk < kBlockN / 16; ++kk)
-            Wgmma<T, 64>::ss_mn(acc, operand(ds_mn + buffer * kDsStep + kk * (2048 >> 4)),
-                                operand(k_mn + kk * (2048 >> 4)), kk > 0);
+            Wgmma<T, kCols>::ss_mn(acc, operand(ds_mn + buffer * kDsStep + kk * (2048 >> 4)),
+                                   operand(k_mn + kk * (2048 >> 4)), kk > 0);
           wgmma_commit();
           wgmma_wait<0>();
           fence_registers(acc);
-          if (half == kD / 64 - 1) mbarrier_arrive(ds_empty(buffer));
-          stage_dq_share(staging(buffer, half), thread, acc);
+          if (part == kD / kCols - 1) mbarrier_arrive(ds_empty(buffer));
+          stage_dq_share(staging(buffer, block) + within * (kCols / 8) * 128 * 16, thread, acc);
         }
         fence_proxy_async();  // the staging stores, read next by the copy engine
         named_barrier_sync(1, 128);

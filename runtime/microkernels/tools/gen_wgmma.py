@@ -11,10 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 # (N) of the m64nNk16 products: the keys of a KV tile (S = Q·Kᵀ) and the head dims (O += P·V).
-SHAPES = (64, 80, 96, 128, 176, 192, 256)
+SHAPES = (32, 64, 80, 96, 128, 176, 192, 256)
 # N of the products with both operands MN-major in shared memory: the backward's dQ = dS·K, 64
 # head-dim columns a warpgroup.
-MN_MAJOR_SHAPES = (64,)
+MN_MAJOR_SHAPES = (32, 64)
 # N of the products with A in registers and B K-major in shared memory: the backward's Sᵀ = K·Qᵀ and
 # dPᵀ = V·dOᵀ at head dim 64, with K and V held in registers.
 RS_K_MAJOR_SHAPES = (64,)
