@@ -47,8 +47,10 @@ def build(variant: str, head_dim: int, dtype: str, out_dir: Path) -> tuple[CudaA
     element, ctype, _ = ELEMENTS[dtype]
     major, minor = torch.cuda.get_device_capability()
     variant, _, switches = variant.partition(":")
-    defines = [f"-DFLASHMLIR_{switch}" for switch in switches.split(",") if switch]
-    path = out_dir / f"bwd_{variant}{'_'.join([''] + [d.replace('=', '') for d in switches.split(',') if d])}_{element}_d{head_dim}.cubin"
+    switches = [switch for switch in switches.split(",") if switch]
+    defines = [f"-DFLASHMLIR_{switch}" for switch in switches]
+    tag = "".join(f"_{switch.replace('=', '')}" for switch in switches)
+    path = out_dir / f"bwd_{variant}{tag}_{element}_d{head_dim}.cubin"
     if variant == "sm90":
         block_m, block_n, warps = SM90_TILES
         kernel = CudaAttentionBackwardKernel("attention_bwd_sm90", element, head_dim, block_m, block_n, warps,

@@ -100,7 +100,7 @@ def _forward(q, k, v, is_causal, scale, with_lse):
     forward, _ = _kernels(q.shape[-1], False)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out = torch.empty_like(q)
-    lse = torch.empty(q.shape[:-1], dtype=torch.float32)
+    lse = torch.empty(q.shape[:-1], dtype=torch.float32) if with_lse else None
     name = forward.name(q.shape[-1]) + ("_lse" if with_lse else "")
     function = _function(str(forward.shared_library), name, 5 if with_lse else 4)
     workgroups = forward.workgroups(q.shape[-2], math.prod(q.shape[:-2]), torch.get_num_threads())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -24,3 +25,24 @@ def attention64(q, k, v, mask=None, causal=False, scale=None):
     if causal:
         s = s.masked_fill(~torch.ones(s.shape[-2:], dtype=torch.bool).tril(), float("-inf"))
     return torch.softmax(s, -1) @ v
+
+
+def sdpa_training_problem(b, hq, hkv, sq, sk, d, causal):
+    """Random q [b, hq, sq, d] and k, v [b, hkv, sk, d] that need gradients, an upstream gradient, a
+    scale other than the default, and SDPA over them (causal or not, GQA where hkv < hq)."""
+    q = torch.randn(b, hq, sq, d, requires_grad=True)
+    k, v = (torch.randn(b, hkv, sk, d, requires_grad=True) for _ in range(2))
+    grad = torch.randn(b, hq, sq, d)
+    scale = 0.7 / d ** 0.5
+
+    def attention(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=hq != hkv)
+
+    return q, k, v, grad, scale, attention
+
+
+def float64_gradients(q, k, v, grad, causal, scale):
+    """attention64's output for q, k, v and its gradients (dq, dk, dv) for the upstream `grad`."""
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref = attention64(q64, k64, v64, None, causal, scale)
+    return ref, torch.autograd.grad(ref, (q64, k64, v64), grad.double())

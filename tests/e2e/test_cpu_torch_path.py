@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from flashmlir.compiler import microkernels
 from flashmlir.compiler.targets import get_target
 from flashmlir.runtime import cpu_kernels
-from tests.helpers import attention64, rel_err
+from tests.helpers import float64_gradients, rel_err, sdpa_training_problem
 
 
 @pytest.fixture(autouse=True)
@@ -55,14 +55,7 @@ CASES = [
 @pytest.mark.parametrize("rest, b, hq, hkv, sq, sk, d, causal",
                          [("inductor", *case) for case in CASES] + [("auto", *CASES[-1])], ids=lambda x: str(x))
 def test_gradients_come_from_the_kernels_and_match_float64(calls, rest, b, hq, hkv, sq, sk, d, causal):
-    q = torch.randn(b, hq, sq, d, requires_grad=True)
-    k, v = (torch.randn(b, hkv, sk, d, requires_grad=True) for _ in range(2))
-    grad = torch.randn(b, hq, sq, d)
-    scale = 0.7 / d ** 0.5
-
-    def attention(q, k, v):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=hq != hkv)
-
+    q, k, v, grad, scale, attention = sdpa_training_problem(b, hq, hkv, sq, sk, d, causal)
     torch._dynamo.reset()
     out = torch.compile(attention, backend="flashmlir", options={"rest": rest})(q, k, v)
     got = torch.autograd.grad(out, (q, k, v), grad)
@@ -71,10 +64,8 @@ def test_gradients_come_from_the_kernels_and_match_float64(calls, rest, b, hq, h
         b * hkv, torch.get_num_threads())
     assert calls == [f"flashmlir_attention_fwd_cpu_f32_d{d}_lse",
                      *([f"{name}_fused"] if fused else [f"{name}_dq", f"{name}_dkdv"])], calls
-    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
-    ref = attention64(q64, k64, v64, None, causal, scale)
+    ref, want = float64_gradients(q, k, v, grad, causal, scale)
     assert rel_err(out, ref) < 1e-5
-    want = torch.autograd.grad(ref, (q64, k64, v64), grad.double())
     for n, g, w in zip("qkv", got, want, strict=True):
         assert rel_err(g, w) < 2e-5, n
 

@@ -11,12 +11,11 @@ causal masking, GQA groups (dK/dV summed over the group), every head dim the lib
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from flashmlir.compiler import microkernels
 from flashmlir.compiler.targets import get_target
 from flashmlir.dynamo.backend import recording
-from tests.helpers import attention64, rel_err
+from tests.helpers import float64_gradients, rel_err, sdpa_training_problem
 
 
 @pytest.fixture(autouse=True)
@@ -58,23 +57,14 @@ CASES = [
 
 @pytest.mark.parametrize("b, hq, hkv, sq, sk, d, causal", CASES, ids=lambda x: str(x))
 def test_gradients_come_from_the_kernels_and_match_float64(b, hq, hkv, sq, sk, d, causal):
-    q = torch.randn(b, hq, sq, d, requires_grad=True)
-    k, v = (torch.randn(b, hkv, sk, d, requires_grad=True) for _ in range(2))
-    grad = torch.randn(b, hq, sq, d)
-    scale = 0.7 / d ** 0.5
-
-    def attention(q, k, v):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=hq != hkv)
-
+    q, k, v, grad, scale, attention = sdpa_training_problem(b, hq, hkv, sq, sk, d, causal)
     seen = _Compiled()
     with recording(seen):
         out = torch.compile(attention, backend="flashmlir", options={"rest": "iree"})(q, k, v)
         got = torch.autograd.grad(out, (q, k, v), grad)
     assert seen.microkernels == {"(forward)": 1, "(backward)": 1}, seen.microkernels
-    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
-    ref = attention64(q64, k64, v64, None, causal, scale)
+    ref, want = float64_gradients(q, k, v, grad, causal, scale)
     assert rel_err(out, ref) < 1e-5
-    want = torch.autograd.grad(ref, (q64, k64, v64), grad.double())
     for name, g, w in zip("qkv", got, want, strict=True):
         if w.abs().max() < 1e-9:  # one key: dq = dk = 0 exactly (softmax of one score is 1)
             assert g.abs().max() < 1e-5, name

@@ -242,19 +242,29 @@ class GraphCompiler:
         return backend(aten, example_inputs)
 
 
-def _training_check(target: Target, torch_path: bool) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool],
-                                                                   str | None]:
-    """Whether `target`'s microkernel library has the forward-with-lse and backward kernels for a
-    site (`torch_path`: called from torch, which on the CPU needs the shared library too)."""
+def _library_problem(target: Target, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backward: bool,
+                     torch_path: bool) -> str | None:
+    """Why `target`'s microkernel library cannot take these operands (its forward, and with
+    `backward` the forward-with-lse and backward kernels), else None. `torch_path`: called from
+    torch, which on the CPU needs the shared library too."""
     from flashmlir.runtime import cpu_kernels
     from flashmlir.runtime.torch_kernels import kernel_problem
 
-    def check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool) -> str | None:
-        if target.gpu is not None:
-            return kernel_problem(target.gpu.arch, q, k, v, backward=True)
-        if target.kind == "cpu":
-            return cpu_kernels.kernel_problem(q, k, v, backward=True, library=torch_path)
+    if target.gpu is not None:
+        return kernel_problem(target.gpu.arch, q, k, v, backward=backward)
+    if target.kind == "cpu":
+        return cpu_kernels.kernel_problem(q, k, v, backward=backward, library=torch_path)
+    if backward:
         return f"no backward kernels for {target.name} (the op's textbook backward runs instead)"
+    return f"no microkernels for {target.name}"
+
+
+def _training_check(target: Target, torch_path: bool) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool],
+                                                                   str | None]:
+    """Whether `target`'s microkernel library has the forward-with-lse and backward kernels for a site."""
+
+    def check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool) -> str | None:
+        return _library_problem(target, q, k, v, backward=True, torch_path=torch_path)
 
     return check
 
@@ -265,8 +275,6 @@ def _kernel_sites(gm: fx.GraphModule, target: Target) -> int:
     whose operands the kernels take."""
     from flashmlir.frontend.attention_op import attention_overload
     from flashmlir.frontend.training_ops import forward_overload, kernel_site
-    from flashmlir.runtime import cpu_kernels
-    from flashmlir.runtime.torch_kernels import kernel_problem
 
     count = 0
     for node in gm.graph.nodes:
@@ -279,10 +287,7 @@ def _kernel_sites(gm: fx.GraphModule, target: Target) -> int:
             if isinstance(site, str):
                 continue
             operands, _ = site
-            if target.gpu is not None:
-                count += kernel_problem(target.gpu.arch, *operands, backward=False) is None
-            elif target.kind == "cpu":
-                count += cpu_kernels.kernel_problem(*operands, backward=False, library=True) is None
+            count += _library_problem(target, *operands, backward=False, torch_path=True) is None
     return count
 
 
