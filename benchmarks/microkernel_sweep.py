@@ -6,7 +6,9 @@
 
 An sm_80 variant is block_m x block_n x warps; an sm_90 one is [m<block_m>]n<block_n>s<stages>,
 with a `p` for ping-pong between the consumer warpgroups (block_m 128: two consumers of 64 rows, the
-default; 192: three). Each is compiled here with nvcc from the library's
+default; 192: three). Either may end in `:NAME=V,...`, built with -DFLASHMLIR_NAME=V (an A/B of a
+compile-time switch); `--sources DIR` builds from a patched copy of the kernels' folder (timing what
+a change would gain before making it). Each is compiled here with nvcc from the library's
 source (the same -D switches CMake uses) for this GPU, checked against float64 on a small odd-sized
 problem, then timed over the grid (B·S = 16k tokens, H·D = 2048, as benchmarks/attention.py).
 ptxas' register and spill counts are printed with it. The winners go into
@@ -40,7 +42,9 @@ ELEMENTS = {"fp16": ("f16", "half"), "bf16": ("bf16", "__nv_bfloat16")}
 
 
 def _kernel(family: str, variant: str, element: str, head_dim: int, out_dir: Path) -> CudaAttentionKernel:
-    path = out_dir / f"{family}_{variant}_{element}_d{head_dim}.cubin"
+    variant, _, switches = variant.partition(":")
+    tag = "".join(f"_{switch.replace('=', '')}" for switch in switches.split(",") if switch)
+    path = out_dir / f"{family}_{variant}{tag}_{element}_d{head_dim}.cubin"
     if family == "sm90":
         found = re.fullmatch(r"(?:m(\d+))?n(\d+)s(\d+)(p?)", variant)
         if not found:
@@ -53,10 +57,12 @@ def _kernel(family: str, variant: str, element: str, head_dim: int, out_dir: Pat
     return CudaAttentionKernel("attention_fwd_sm80", element, head_dim, block_m, block_n, warps, "sm_80", path)
 
 
-def build(family: str, variant: str, head_dim: int, dtype: str, out_dir: Path) -> tuple[CudaAttentionKernel, str]:
+def build(family: str, variant: str, head_dim: int, dtype: str, out_dir: Path,
+          sources: Path = SOURCES) -> tuple[CudaAttentionKernel, str]:
     element, ctype = ELEMENTS[dtype]
     major, minor = torch.cuda.get_device_capability()
     kernel = _kernel(family, variant, element, head_dim, out_dir)
+    defines = [f"-DFLASHMLIR_{switch}" for switch in variant.partition(":")[2].split(",") if switch]
     gencode = ("-gencode=arch=compute_90a,code=sm_90a" if family == "sm90"
                else f"-gencode=arch=compute_80,code=sm_{major}{minor}")
     command = ["nvcc", "--cubin", "-O3", "-std=c++17", gencode,
@@ -64,7 +70,7 @@ def build(family: str, variant: str, head_dim: int, dtype: str, out_dir: Path) -
                f"-DFLASHMLIR_HEAD_DIM={head_dim}", f"-DFLASHMLIR_BLOCK_M={kernel.block_m}",
                f"-DFLASHMLIR_BLOCK_N={kernel.block_n}", f"-DFLASHMLIR_WARPS={kernel.warps}",
                f"-DFLASHMLIR_STAGES={kernel.stages}", f"-DFLASHMLIR_PINGPONG={int(kernel.pingpong)}",
-               str(SOURCES / f"fwd_{family}_kernels.cu"), "-o", str(kernel.object_path)]
+               *defines, str(sources / f"fwd_{family}_kernels.cu"), "-o", str(kernel.object_path)]
     done = subprocess.run(command, capture_output=True, text=True, check=True)
     # ptxas reports the lse entry first, then the plain one: keep the plain one's line.
     regs = re.findall(r"Used (\d+) registers", done.stderr)
@@ -131,6 +137,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10, help="back-to-back calls per timing")
     p.add_argument("--rounds", type=int, default=4, help="interleaved timings per variant; the best counts")
+    p.add_argument("--sources", type=Path, default=SOURCES, help="the kernels' folder to build from")
     p.add_argument("--json")
     p.add_argument("--markdown")
     args = p.parse_args()
@@ -145,7 +152,7 @@ def main() -> None:
     def build_job(job):
         variant, d, dtype = job
         try:
-            return build(args.family, variant, d, dtype, out_dir)
+            return build(args.family, variant, d, dtype, out_dir, args.sources)
         except (subprocess.CalledProcessError, ValueError) as e:
             return e
 

@@ -21,9 +21,9 @@
 //         At head dim 64 warpgroup 0 computes dQ itself, besides its loads (kDqWarpgroup): the
 //         consumers hand it each dSᵀ tile through a pair of mbarriers and go on with the next
 //         tile, and it multiplies, stages and reduces while they do (+6-15%,
-//         benchmarks/results/h200-2026-12-01-sm90-backward-dq-warpgroup.md). At head dim 128 only
-//         in 32-column products, for want of registers (BwdSm90Config::kDqColumns), and not yet
-//         by default: that build has not run on a GPU.
+//         benchmarks/results/h200-2026-12-01-sm90-backward-dq-warpgroup.md). At head dim 128 it
+//         can only do so in 32-column products, for want of registers (BwdSm90Config::kDqColumns),
+//         which are bound by shared-memory reads: correct but 12-18% slower (same file), so off.
 //   dq    grid (⌈Sq / 64⌉, B·Hq): dQ = s · accumulator, in the element type and row-major order.
 //
 // Five tile products per (query tile, key block), FlashAttention-2/3's count, against seven for the
@@ -76,8 +76,9 @@ struct BwdSm90Config {
   // Warpgroup 0's dQ products: 64 columns each at head dim 64 (32 fp32 accumulators: 64 registers,
   // at 56 ptxas ignored the setmaxnreg; the consumers then get 216). Head dim 128's consumers need
   // 224 (at 216 ptxas serialized their wgmmas), which leaves warpgroup 0 56: enough for products of
-  // 32 columns (16 accumulators), each reading dS again. That arrangement builds clean but has not
-  // run on a GPU yet, hence off at head dim 128 (an A/B: attention_backward.py sm90:DQ_WARPGROUP=1).
+  // 32 columns (16 accumulators), each reading dS again. That arrangement is correct but 12-18%
+  // slower (a 32-column product reads 3 KB of shared memory for 64 K flops), hence off at head dim
+  // 128 (the A/B: attention_backward.py sm90:DQ_WARPGROUP=1).
   static constexpr int kDqColumns = kD == 64 ? 64 : 32;
   static constexpr int kProducerRegisters = kDqWarpgroup ? (kDqColumns == 64 ? 64 : 56) : 32;
   static constexpr int kConsumerRegisters = kDqWarpgroup ? (kDqColumns == 64 ? 216 : 224) : 232;
