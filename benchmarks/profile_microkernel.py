@@ -34,7 +34,8 @@ def main() -> None:
     p.add_argument("--dtype", choices=["f16", "bf16"], default="f16")
     p.add_argument("--causal", action="store_true")
     p.add_argument("--arch", default="sm_90", help="the target whose kernel is chosen (sm_90: the Hopper one)")
-    p.add_argument("--sdpa", choices=["flash", "cudnn", "efficient"], help="also run this SDPA backend")
+    p.add_argument("--sdpa", choices=["flash", "cudnn", "efficient"],
+                   help="also run this SDPA backend (with --backward: its forward and backward)")
     args = p.parse_args()
     dtype = {"f16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     batch = args.batch or max(1, 16384 // args.seq)
@@ -59,7 +60,11 @@ def main() -> None:
                    "efficient": SDPBackend.EFFICIENT_ATTENTION}[args.sdpa]
         with sdpa_kernel(backend):
             for _ in range(2):
-                F.scaled_dot_product_attention(q, k, v, is_causal=args.causal)
+                if args.backward:  # its backward too, from the same gradient of O
+                    q_, k_, v_ = (t.detach().requires_grad_() for t in (q, k, v))
+                    F.scaled_dot_product_attention(q_, k_, v_, is_causal=args.causal).backward(d_o)
+                else:
+                    F.scaled_dot_product_attention(q, k, v, is_causal=args.causal)
     torch.cuda.synchronize()
 
 

@@ -120,6 +120,15 @@ struct BwdSm90Config {
   static constexpr bool kKvInRegisters = kD == 64;
 #endif
   static_assert(!kKvInRegisters || kD == 64, "K and V fit the consumers' registers at head dim 64 only");
+  // Whether the dq kernel writes dQ through shared memory, whole rows a warp (attention_bwd_dq_sm90).
+  // Built clean and checked against the old order on the CPU (an emulation of its indexing), but
+  // not yet run on a GPU (the device machine was lost before the run): off until it has, then an
+  // A/B with attention_backward.py sm90:DQ_STAGED=1.
+#ifdef FLASHMLIR_DQ_STAGED
+  static constexpr bool kDqStaged = FLASHMLIR_DQ_STAGED != 0;
+#else
+  static constexpr bool kDqStaged = false;
+#endif
 };
 
 // The bulk copy engine's reduction (sm_90): dst[i] += src[i] over `bytes` of fp32, read from shared
@@ -181,20 +190,53 @@ __device__ __forceinline__ void attention_bwd_prep_sm90(const T* __restrict__ o,
 }
 
 // ---- dq: dQ = s · accumulator, back from the accumulator's block order -------------------------------
-template <typename T, int kD>
+// Straight from the accumulator's order, a thread writes 4 bytes of a row at a time (a warp: 8 rows
+// × 16 bytes), and the kernel ran at 38% of DRAM's rate on an H200 (110 µs where cuDNN's conversion
+// takes 55, head dim 128, 16k tokens × 16 heads; ncu). With kStaged (BwdSm90Config::kDqStaged) a
+// block's 64 rows go through shared memory instead: read as coalesced float4s, all in flight at
+// once; written there in the accumulator's order (rows padded by 16 bytes: a warp's 8 rows × 4
+// words fall in 32 banks); written out a 16-byte chunk a thread, whole rows a warp.
+template <typename T, int kD, int kThreads, bool kStaged>
 __device__ __forceinline__ void attention_bwd_dq_sm90(const float* __restrict__ dq_accum, T* __restrict__ dq,
                                                       int seq_q, float scale) {
   const int64_t bh = blockIdx.y;
   const int tile = blockIdx.x, row0 = tile * 64;
   const float* src = dq_accum + (bh * (padded_rows(seq_q) / 64) + tile) * (kD / 64) * kDqBlock;
-  for (int f = threadIdx.x; f < kD / 64 * kDqBlock / 4; f += blockDim.x) {
-    const int block = f / (kDqBlock / 4), j = (f / 128) % 8, t = f % 128;
-    const int row = row0 + 16 * (t / 32) + (t % 32) / 4, col = 64 * block + 8 * j + 2 * (t % 4);
-    const float4 x = *reinterpret_cast<const float4*>(src + 4 * f);
-    if (row < seq_q)
-      *reinterpret_cast<uint32_t*>(dq + (bh * seq_q + row) * kD + col) = Element<T>::pack(x.x * scale, x.y * scale);
-    if (row + 8 < seq_q)
-      *reinterpret_cast<uint32_t*>(dq + (bh * seq_q + row + 8) * kD + col) = Element<T>::pack(x.z * scale, x.w * scale);
+  if constexpr (!kStaged) {
+    for (int f = threadIdx.x; f < kD / 64 * kDqBlock / 4; f += blockDim.x) {
+      const int block = f / (kDqBlock / 4), j = (f / 128) % 8, t = f % 128;
+      const int row = row0 + 16 * (t / 32) + (t % 32) / 4, col = 64 * block + 8 * j + 2 * (t % 4);
+      const float4 x = *reinterpret_cast<const float4*>(src + 4 * f);
+      if (row < seq_q)
+        *reinterpret_cast<uint32_t*>(dq + (bh * seq_q + row) * kD + col) = Element<T>::pack(x.x * scale, x.y * scale);
+      if (row + 8 < seq_q)
+        *reinterpret_cast<uint32_t*>(dq + (bh * seq_q + row + 8) * kD + col) = Element<T>::pack(x.z * scale, x.w * scale);
+    }
+  } else {
+    constexpr int kLoads = kD / 64 * kDqBlock / 4 / kThreads;  // float4s a thread
+    constexpr int kPitch = kD / 2 + 4;                          // 32-bit words a staged row
+    constexpr int kChunks = kD / 8;                             // 16-byte chunks a row
+    static_assert(kD / 64 * kDqBlock / 4 % kThreads == 0 && 64 * kChunks % kThreads == 0, "uneven share");
+    __shared__ __align__(16) uint32_t rows[64 * kPitch];
+    float4 x[kLoads];
+#pragma unroll
+    for (int i = 0; i < kLoads; ++i) x[i] = reinterpret_cast<const float4*>(src)[threadIdx.x + kThreads * i];
+#pragma unroll
+    for (int i = 0; i < kLoads; ++i) {
+      const int f = threadIdx.x + kThreads * i;
+      const int block = f / (kDqBlock / 4), j = (f / 128) % 8, t = f % 128;
+      const int r = 16 * (t / 32) + (t % 32) / 4, word = 32 * block + 4 * j + t % 4;
+      rows[r * kPitch + word] = Element<T>::pack(x[i].x * scale, x[i].y * scale);
+      rows[(r + 8) * kPitch + word] = Element<T>::pack(x[i].z * scale, x[i].w * scale);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int c = threadIdx.x; c < 64 * kChunks; c += kThreads) {
+      const int r = c / kChunks, chunk = c % kChunks;
+      if (row0 + r < seq_q)
+        *reinterpret_cast<uint4*>(dq + (bh * seq_q + row0 + r) * kD + chunk * 8) =
+            *reinterpret_cast<const uint4*>(&rows[r * kPitch + chunk * 4]);
+    }
   }
 }
 
