@@ -59,5 +59,6 @@ extern "C" __global__ void __launch_bounds__(Config::kPrepThreads)
     FLASHMLIR_BWD_KERNEL_NAME(sm90, _dq)(const float* __restrict__ dq_accum, Element* __restrict__ dq, uint32_t group,
                                          uint32_t seq_q, uint32_t seq_k, uint32_t scale_bits, uint32_t causal,
                                          uint32_t batch_heads) {
-  flashmlir::sm90::attention_bwd_dq_sm90<Element, kHeadDim, Config::kPrepThreads, Config::kDqStaged>(dq_accum, dq, seq_q, __uint_as_float(scale_bits));
+  flashmlir::sm90::attention_bwd_dq_sm90<Element, kHeadDim, Config::kPrepThreads, Config::kDqStaged>(
+      dq_accum, dq, seq_q, __uint_as_float(scale_bits));
 }

@@ -121,9 +121,9 @@ struct BwdSm90Config {
 #endif
   static_assert(!kKvInRegisters || kD == 64, "K and V fit the consumers' registers at head dim 64 only");
   // Whether the dq kernel writes dQ through shared memory, whole rows a warp (attention_bwd_dq_sm90).
-  // Built clean and checked against the old order on the CPU (an emulation of its indexing), but
-  // not yet run on a GPU (the device machine was lost before the run): off until it has, then an
-  // A/B with attention_backward.py sm90:DQ_STAGED=1.
+  // Builds clean, and its indexing matched the direct order in an emulation on the CPU, but it has
+  // not run on a GPU yet: off until an A/B (attention_backward.py sm90:DQ_STAGED=1, which checks
+  // against float64 first) shows it correct and faster.
 #ifdef FLASHMLIR_DQ_STAGED
   static constexpr bool kDqStaged = FLASHMLIR_DQ_STAGED != 0;
 #else
