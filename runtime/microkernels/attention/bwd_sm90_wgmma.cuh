@@ -281,7 +281,7 @@ __device__ __forceinline__ void attention_bwd_dkdv_sm90(const T* __restrict__ q,
   const int per_head = q_tiles - first;
   const int items = group * per_head;
 
-  const int warpgroup = threadIdx.x / 128;
+  const int warpgroup = warpgroup_index();
   if (threadIdx.x == 0) {
     mbarrier_init(bar_kv, 128);
     for (int s = 0; s < kStages; ++s) {

@@ -102,6 +102,20 @@ __device__ __forceinline__ void check_shared_size() {
   if (size < kBytes) __trap();
 }
 
+// The calling thread's warpgroup. With FLASHMLIR_UNIFORM_WARPGROUP it is broadcast from lane 0, so
+// that ptxas sees it is the same across the warp and keeps what derives from it (the wgmma
+// descriptors) in uniform registers: the key loops then lose their R2UR moves before each wgmma
+// (forward head dim 128: 96 of 1,472 instructions a two-tile iteration, 1,375 after; backward
+// dkdv: 55, 801 → 741; sass_report.py; at head dim 256 the forward spills 12 bytes more). Not yet
+// run on a GPU: off until an A/B (microkernel_sweep.py n128s2:UNIFORM_WARPGROUP=1,
+// attention_backward.py sm90:UNIFORM_WARPGROUP=1).
+#ifndef FLASHMLIR_UNIFORM_WARPGROUP
+#define FLASHMLIR_UNIFORM_WARPGROUP 0
+#endif
+__device__ __forceinline__ int warpgroup_index() {
+  return FLASHMLIR_UNIFORM_WARPGROUP ? __shfl_sync(0xffffffff, threadIdx.x / 128, 0) : threadIdx.x / 128;
+}
+
 // Named barrier `id` over `threads` threads (ids 0.. are free: __syncthreads is not used after setup).
 __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
@@ -254,7 +268,7 @@ __device__ __forceinline__ void attention_fwd_sm90(const T* __restrict__ q, cons
   // A grid too narrow for a kernel that takes one query block per block would leave rows unwritten.
   if (!kPersistent && gridDim.x < tiles) __trap();
 
-  const int warpgroup = threadIdx.x / 128;
+  const int warpgroup = warpgroup_index();
   if (threadIdx.x == 0) {
     mbarrier_init(bar_q, 128);
     mbarrier_init(empty_q, 4 * kConsumers);
