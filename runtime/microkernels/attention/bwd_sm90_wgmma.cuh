@@ -120,6 +120,15 @@ struct BwdSm90Config {
   static constexpr bool kKvInRegisters = kD == 64;
 #endif
   static_assert(!kKvInRegisters || kD == 64, "K and V fit the consumers' registers at head dim 64 only");
+  // Whether Pᵀ and dSᵀ of an item that needs no mask (most of them) are computed by a copy of the
+  // loop without the mask's tests (ptxas predicates them: 64 compares and 32 selects an item,
+  // whether or not they apply). Builds clean; not yet run on a GPU: off until an A/B
+  // (attention_backward.py sm90:SPLIT_MASK=1).
+#ifdef FLASHMLIR_SPLIT_MASK
+  static constexpr bool kSplitMask = FLASHMLIR_SPLIT_MASK != 0;
+#else
+  static constexpr bool kSplitMask = false;
+#endif
   // Whether the dq kernel writes dQ through shared memory, whole rows a warp (attention_bwd_dq_sm90).
   // Builds clean, and its indexing matched the direct order in an emulation on the CPU, but it has
   // not run on a GPU yet: off until an A/B (attention_backward.py sm90:DQ_STAGED=1, which checks
@@ -475,16 +484,27 @@ __device__ __forceinline__ void attention_bwd_dkdv_sm90(const T* __restrict__ q,
     const float* lse2_tile = stats(stage);
     const float* delta_tile = lse2_tile + kBlockM;
     const bool masked = (causal && key_base + 63 > row0) || key_base + 64 > seq_k;
+    // ptxas predicates the mask's tests rather than branch around them, so they run on every item;
+    // with kSplitMask an item that needs none takes a copy of the loop without them.
+    if (!Cfg::kSplitMask || masked) {
 #pragma unroll
-    for (int i = 0; i < 32; ++i) {
-      const int col = (i / 4) * 8 + (lane % 4) * 2 + (i & 1);
-      float p = fast_exp2(fmaf(s[i], scale_log2, -lse2_tile[col]));
-      if (masked) {
-        const int key = lane_key + 8 * ((i / 2) & 1);
-        if (key >= seq_k || (causal && key > row0 + col)) p = 0.f;
+      for (int i = 0; i < 32; ++i) {
+        const int col = (i / 4) * 8 + (lane % 4) * 2 + (i & 1);
+        float p = fast_exp2(fmaf(s[i], scale_log2, -lse2_tile[col]));
+        if (masked) {
+          const int key = lane_key + 8 * ((i / 2) & 1);
+          if (key >= seq_k || (causal && key > row0 + col)) p = 0.f;
+        }
+        s[i] = p;
+        dp[i] = p * (dp[i] - delta_tile[col]);
       }
-      s[i] = p;
-      dp[i] = p * (dp[i] - delta_tile[col]);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 32; ++i) {
+        const int col = (i / 4) * 8 + (lane % 4) * 2 + (i & 1);
+        s[i] = fast_exp2(fmaf(s[i], scale_log2, -lse2_tile[col]));
+        dp[i] = s[i] * (dp[i] - delta_tile[col]);
+      }
     }
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk)
