@@ -18,7 +18,9 @@ inputs, as in training); SDPA's is
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
+import os
 import re
 import subprocess
 import sys
@@ -142,25 +144,35 @@ def main() -> None:
     kernels, forwards, notes = {}, {}, []
     for d in args.head_dims:
         for dtype in args.dtypes:
-            element, _, torch_dtype = ELEMENTS[dtype]
             try:
-                forwards[(d, dtype)] = microkernels.select_attention_forward("sm_80", element, d)
+                forwards[(d, dtype)] = microkernels.select_attention_forward("sm_80", ELEMENTS[dtype][0], d)
             except microkernels.NoKernel as why:
                 notes.append(f"- d{d} {dtype}: no forward kernel for the lse: {why}")
-                continue
-            for variant in args.variants:
-                try:
-                    kernel, ptxas = build(variant, d, dtype, out_dir)
-                    err = reference_error(forwards[(d, dtype)], kernel, torch_dtype)
-                except (subprocess.CalledProcessError, RuntimeError) as e:
-                    text = e.stderr if isinstance(e, subprocess.CalledProcessError) else str(e)
-                    notes.append(f"- {variant} d{d} {dtype}: failed: {text.strip().splitlines()[-1][:160]}")
-                    continue
-                kernels[(variant, d, dtype)] = kernel
-                shared = " / ".join(f"{part} {kernel.shared_bytes(part) // 1024} KB" for part in kernel.parts)
-                notes.append(f"- {variant} d{d} {dtype}: {ptxas}, shared {shared}, worst rel. error of dq/dk/dv vs "
-                             f"float64 {err:.1e}")
-                print(notes[-1], flush=True)
+    jobs = [(variant, d, dtype) for (d, dtype) in forwards for variant in args.variants]
+
+    def build_job(job):
+        try:
+            return build(*job, out_dir)
+        except subprocess.CalledProcessError as e:
+            return e
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 2) - 1)) as pool:
+        built = list(pool.map(build_job, jobs))  # nvcc runs in parallel; the checks below, one at a time
+    for (variant, d, dtype), result in zip(jobs, built, strict=True):
+        try:
+            if isinstance(result, Exception):
+                raise result
+            kernel, ptxas = result
+            err = reference_error(forwards[(d, dtype)], kernel, ELEMENTS[dtype][2])
+        except (subprocess.CalledProcessError, RuntimeError) as e:
+            text = e.stderr if isinstance(e, subprocess.CalledProcessError) else str(e)
+            notes.append(f"- {variant} d{d} {dtype}: failed: {text.strip().splitlines()[-1][:160]}")
+            continue
+        kernels[(variant, d, dtype)] = kernel
+        shared = " / ".join(f"{part} {kernel.shared_bytes(part) // 1024} KB" for part in kernel.parts)
+        notes.append(f"- {variant} d{d} {dtype}: {ptxas}, shared {shared}, worst rel. error of dq/dk/dv vs "
+                     f"float64 {err:.1e}")
+        print(notes[-1], flush=True)
 
     rows = [measure(Config(d, seq, causal, dtype), kernels, forwards, args)
             for d in args.head_dims for seq in args.seqs for causal in (False, True) for dtype in args.dtypes]
