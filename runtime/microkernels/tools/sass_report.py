@@ -29,7 +29,7 @@ _ARCH = re.compile(r"^arch = (sm_\w+)")
 _FUNCTION = re.compile(r"^\s*Function : (\S+)")
 _INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
 _RESOURCE_FUNCTION = re.compile(r"^\s*Function (\S+):")
-_RESOURCES = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)")
+_RESOURCES = re.compile(r"REG:(\d+) STACK:(\d+)")
 _MMA = ("HGMMA", "HMMA")
 
 
@@ -47,7 +47,6 @@ class FunctionReport:
     instructions: list[Instruction] = field(default_factory=list)
     registers: int | None = None
     stack: int | None = None
-    local: int | None = None
 
     def count(self, prefix: str, instructions: list[Instruction] | None = None) -> int:
         return sum(1 for i in (self.instructions if instructions is None else instructions)
@@ -99,7 +98,7 @@ def parse_sass(text: str) -> list[FunctionReport]:
 
 
 def add_resources(functions: list[FunctionReport], text: str) -> None:
-    """Registers, stack and local memory per function from `cuobjdump -res-usage` output."""
+    """Registers and stack bytes per function from `cuobjdump -res-usage` output."""
     by_key = {(f.arch, f.name): f for f in functions}
     arch, name = "?", None
     for line in text.splitlines():
@@ -109,7 +108,7 @@ def add_resources(functions: list[FunctionReport], text: str) -> None:
             name = found[1]
         elif (found := _RESOURCES.search(line)) and (arch, name) in by_key:
             f = by_key[arch, name]
-            f.registers, f.stack, f.local = int(found[1]), int(found[2]), int(found[3])
+            f.registers, f.stack = int(found[1]), int(found[2])
 
 
 def find_cuobjdump() -> str | None:
