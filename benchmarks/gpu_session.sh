@@ -7,8 +7,9 @@
 # sanitize (compute-sanitizer memcheck + racecheck on a kernel), profile (ncu vs SDPA flash, SASS mix),
 # backward (the backward kernels' direct tests and their table beside SDPA's backward),
 # train (GPT-2 small training steps, benchmarks/train_gpt2.py; TRAIN_ARGS), host (host cost per
-# attention call, benchmarks/host_overhead.py), pending (A/Bs of the kernels' compile-time switches
-# that were built but have not run on a GPU yet; each script checks against float64 first).
+# attention call, benchmarks/host_overhead.py), pending (A/Bs of kernel changes built but not yet
+# run on a GPU: compile-time switches, the sm_80 backward's tiles; each script checks against
+# float64 first).
 # Logs and tables go to $OUT (at most 8 files come back).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -64,7 +65,10 @@ for step in "$@"; do
              python benchmarks/microkernel_sweep.py --family sm90 --variants n128s2 n128s2:UNIFORM_WARPGROUP=1 \
                --head-dims 64 128 --seqs 1024 4096 16384 --markdown "$OUT/pending-forward.md" 2>&1 | grep -v '^{' || status=1
              python benchmarks/microkernel_sweep.py --family sm90 --variants m192n96s2 m192n96s2:UNIFORM_WARPGROUP=1 \
-               --head-dims 64 --seqs 4096 16384 --markdown "$OUT/pending-forward-d64-long.md" 2>&1 | grep -v '^{' || status=1 ;;
+               --head-dims 64 --seqs 4096 16384 --markdown "$OUT/pending-forward-d64-long.md" 2>&1 | grep -v '^{' || status=1
+             # the sm_80 backward at head dim 128 spills with 64-query tiles (255 registers, 56 bytes); 32 and 16 do not
+             python benchmarks/attention_backward.py --variants 64x64x4 32x64x4 16x64x4 --head-dims 128 \
+               --seqs 2048 8192 --dtypes fp16 --markdown "$OUT/pending-backward-sm80.md" 2>&1 | grep -v '^{' || status=1 ;;
     *) echo "unknown step $step"; status=1 ;;
   esac
 done
