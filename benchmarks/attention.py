@@ -24,6 +24,7 @@ import json
 import multiprocessing
 import os
 import statistics
+import subprocess
 import time
 from dataclasses import asdict, dataclass
 
@@ -157,6 +158,25 @@ def host_us(fn, calls: int = 200) -> float:
 
 
 SDPA_BACKENDS = ("flash", "cudnn", "efficient")
+
+
+def build_in_parallel(build, jobs: list[tuple], errors: tuple = (subprocess.CalledProcessError,)) -> list:
+    """`build(*job)` for every job with nvcc runs side by side (the sweeps' variants), results in the
+    jobs' order; a build that raised one of `errors` leaves the exception in its place."""
+    def one(job):
+        try:
+            return build(*job)
+        except errors as e:
+            return e
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 2) - 1)) as pool:
+        return list(pool.map(one, jobs))
+
+
+def failure_text(e: Exception) -> str:
+    """The last line of what a failed build or check said (nvcc's stderr, else the message)."""
+    text = e.stderr if isinstance(e, subprocess.CalledProcessError) else str(e)
+    return text.strip().splitlines()[-1][:160]
 
 
 def _sdpa_backend(name: str):

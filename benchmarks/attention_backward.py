@@ -18,9 +18,7 @@ inputs, as in training); SDPA's is
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import json
-import os
 import re
 import subprocess
 import sys
@@ -32,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from attention import SDPA_BACKENDS, Config, _sdpa_backend, gpu_ms  # noqa: E402
+from attention import SDPA_BACKENDS, Config, _sdpa_backend, build_in_parallel, failure_text, gpu_ms  # noqa: E402
 
 from flashmlir.compiler import microkernels  # noqa: E402
 from flashmlir.compiler.microkernels import CudaAttentionBackwardKernel  # noqa: E402
@@ -148,25 +146,16 @@ def main() -> None:
                 forwards[(d, dtype)] = microkernels.select_attention_forward("sm_80", ELEMENTS[dtype][0], d)
             except microkernels.NoKernel as why:
                 notes.append(f"- d{d} {dtype}: no forward kernel for the lse: {why}")
-    jobs = [(variant, d, dtype) for (d, dtype) in forwards for variant in args.variants]
-
-    def build_job(job):
-        try:
-            return build(*job, out_dir)
-        except subprocess.CalledProcessError as e:
-            return e
-
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 2) - 1)) as pool:
-        built = list(pool.map(build_job, jobs))  # nvcc runs in parallel; the checks below, one at a time
-    for (variant, d, dtype), result in zip(jobs, built, strict=True):
+    jobs = [(variant, d, dtype, out_dir) for (d, dtype) in forwards for variant in args.variants]
+    built = build_in_parallel(build, jobs)  # nvcc side by side; the checks below, one at a time
+    for (variant, d, dtype, _), result in zip(jobs, built, strict=True):
         try:
             if isinstance(result, Exception):
                 raise result
             kernel, ptxas = result
             err = reference_error(forwards[(d, dtype)], kernel, ELEMENTS[dtype][2])
         except (subprocess.CalledProcessError, RuntimeError) as e:
-            text = e.stderr if isinstance(e, subprocess.CalledProcessError) else str(e)
-            notes.append(f"- {variant} d{d} {dtype}: failed: {text.strip().splitlines()[-1][:160]}")
+            notes.append(f"- {variant} d{d} {dtype}: failed: {failure_text(e)}")
             continue
         kernels[(variant, d, dtype)] = kernel
         shared = " / ".join(f"{part} {kernel.shared_bytes(part) // 1024} KB" for part in kernel.parts)

@@ -18,9 +18,7 @@ runtime/microkernels/kernels.json; this script is how they were chosen.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import json
-import os
 import re
 import subprocess
 import sys
@@ -32,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from attention import SDPA_BACKENDS, Config, _sdpa_backend, burst_ms  # noqa: E402
+from attention import SDPA_BACKENDS, Config, _sdpa_backend, build_in_parallel, burst_ms, failure_text  # noqa: E402
 
 from flashmlir.compiler.microkernels import CudaAttentionKernel  # noqa: E402
 from flashmlir.runtime.cuda_launcher import attention_forward  # noqa: E402
@@ -147,26 +145,17 @@ def main() -> None:
 
     out_dir = Path(tempfile.mkdtemp(prefix="flashmlir-sweep-"))
     kernels, notes = {}, []
-    jobs = [(variant, d, dtype) for d in args.head_dims for dtype in args.dtypes for variant in args.variants]
-
-    def build_job(job):
-        variant, d, dtype = job
-        try:
-            return build(args.family, variant, d, dtype, out_dir, args.sources)
-        except (subprocess.CalledProcessError, ValueError) as e:
-            return e
-
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 2) - 1)) as pool:
-        built = list(pool.map(build_job, jobs))  # nvcc runs in parallel; the checks below, one at a time
-    for (variant, d, dtype), result in zip(jobs, built, strict=True):
+    jobs = [(args.family, variant, d, dtype, out_dir, args.sources)
+            for d in args.head_dims for dtype in args.dtypes for variant in args.variants]
+    built = build_in_parallel(build, jobs, (subprocess.CalledProcessError, ValueError))  # checks: one at a time
+    for (_, variant, d, dtype, _, _), result in zip(jobs, built, strict=True):
         try:
             if isinstance(result, Exception):
                 raise result
             kernel, ptxas = result
             err = reference_error(kernel, getattr(torch, {"fp16": "float16", "bf16": "bfloat16"}[dtype]))
         except (subprocess.CalledProcessError, ValueError, RuntimeError) as e:
-            text = e.stderr if isinstance(e, subprocess.CalledProcessError) else str(e)
-            notes.append(f"- {variant} d{d} {dtype}: failed: {text.strip().splitlines()[-1][:160]}")
+            notes.append(f"- {variant} d{d} {dtype}: failed: {failure_text(e)}")
             continue
         kernels[(variant, d, dtype)] = kernel
         notes.append(f"- {variant} d{d} {dtype}: {ptxas}, shared {kernel.shared_bytes // 1024} KB, "
