@@ -66,6 +66,9 @@ for step in "$@"; do
                --head-dims 64 128 --seqs 1024 4096 16384 --markdown "$OUT/pending-forward.md" 2>&1 | grep -v '^{' || status=1
              python benchmarks/microkernel_sweep.py --family sm90 --variants m192n96s2 m192n96s2:UNIFORM_WARPGROUP=1 \
                --head-dims 64 --seqs 4096 16384 --markdown "$OUT/pending-forward-d64-long.md" 2>&1 | grep -v '^{' || status=1
+             # what O's stores cost the forward at short sequences, with the work that feeds them kept
+             python benchmarks/forward_epilogue_ablation.py --head-dims 64 128 --seqs 512 1024 2048 4096 \
+               --markdown "$OUT/pending-forward-stores.md" 2>&1 | grep -v '^{' || status=1
              # the sm_80 backward at head dim 128 spills with 64-query tiles (255 registers, 56 bytes); 32 and 16 do not
              python benchmarks/attention_backward.py --variants 64x64x4 32x64x4 16x64x4 --head-dims 128 \
                --seqs 2048 8192 --dtypes fp16 --markdown "$OUT/pending-backward-sm80.md" 2>&1 | grep -v '^{' || status=1 ;;

@@ -32,8 +32,10 @@
 // takes the sm_80 kernels: compiler/microkernels.py select_attention_backward). The copy engine's
 // reduction replaced per-thread float2 atomics (16 a thread a tile): +13-40% end to end
 // (benchmarks/results/h100-2026-11-25-sm90-backward-ab.md), the consumers no longer wait on them.
-// dQ's trip through shared memory is still the largest cost (without it the products run ~30%
-// faster: ...-sm90-backward-ab2.md). Its fence, barrier and reduction are therefore issued one tile
+// dQ's trip through shared memory was measured as the largest cost (without it the products ran
+// ~30% faster: ...-sm90-backward-ab2.md; but that ablation very likely lost the dQ product too, as
+// ptxas deletes a wgmma whose accumulators nothing reads: docs/ARCHITECTURE.md). Its fence, barrier
+// and reduction are issued one tile
 // late, while the tensor cores work on the next tile's Sᵀ and dPᵀ (two staging tiles a consumer
 // alternate; +3-8%); staging the next share must wait for the reduction two tiles back.
 //
