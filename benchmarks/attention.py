@@ -160,6 +160,14 @@ def host_us(fn, calls: int = 200) -> float:
 SDPA_BACKENDS = ("flash", "cudnn", "efficient")
 
 
+def variant_switches(variant: str) -> tuple[str, list[str], str]:
+    """A sweep variant `TILES[:NAME=V,...]` as (TILES, nvcc -DFLASHMLIR_NAME=V flags, a file-name tag)."""
+    tiles, _, rest = variant.partition(":")
+    switches = [switch for switch in rest.split(",") if switch]
+    return (tiles, [f"-DFLASHMLIR_{switch}" for switch in switches],
+            "".join(f"_{switch.replace('=', '')}" for switch in switches))
+
+
 def build_in_parallel(build, jobs: list[tuple], errors: tuple = (subprocess.CalledProcessError,)) -> list:
     """`build(*job)` for every job with nvcc runs side by side (the sweeps' variants), results in the
     jobs' order; a build that raised one of `errors` leaves the exception in its place."""

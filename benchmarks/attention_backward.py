@@ -30,7 +30,15 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from attention import SDPA_BACKENDS, Config, _sdpa_backend, build_in_parallel, failure_text, gpu_ms  # noqa: E402
+from attention import (  # noqa: E402
+    SDPA_BACKENDS,
+    Config,
+    _sdpa_backend,
+    build_in_parallel,
+    failure_text,
+    gpu_ms,
+    variant_switches,
+)
 
 from flashmlir.compiler import microkernels  # noqa: E402
 from flashmlir.compiler.microkernels import CudaAttentionBackwardKernel  # noqa: E402
@@ -46,10 +54,7 @@ SM90_TILES = (64, 128, 12)  # block_m, block_n, warps: BwdSm90Config's (the cata
 def build(variant: str, head_dim: int, dtype: str, out_dir: Path) -> tuple[CudaAttentionBackwardKernel, str]:
     element, ctype, _ = ELEMENTS[dtype]
     major, minor = torch.cuda.get_device_capability()
-    variant, _, switches = variant.partition(":")
-    switches = [switch for switch in switches.split(",") if switch]
-    defines = [f"-DFLASHMLIR_{switch}" for switch in switches]
-    tag = "".join(f"_{switch.replace('=', '')}" for switch in switches)
+    variant, defines, tag = variant_switches(variant)
     path = out_dir / f"bwd_{variant}{tag}_{element}_d{head_dim}.cubin"
     if variant == "sm90":
         block_m, block_n, warps = SM90_TILES

@@ -30,7 +30,15 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from attention import SDPA_BACKENDS, Config, _sdpa_backend, build_in_parallel, burst_ms, failure_text  # noqa: E402
+from attention import (  # noqa: E402
+    SDPA_BACKENDS,
+    Config,
+    _sdpa_backend,
+    build_in_parallel,
+    burst_ms,
+    failure_text,
+    variant_switches,
+)
 
 from flashmlir.compiler.microkernels import CudaAttentionKernel  # noqa: E402
 from flashmlir.runtime.cuda_launcher import attention_forward  # noqa: E402
@@ -40,8 +48,7 @@ ELEMENTS = {"fp16": ("f16", "half"), "bf16": ("bf16", "__nv_bfloat16")}
 
 
 def _kernel(family: str, variant: str, element: str, head_dim: int, out_dir: Path) -> CudaAttentionKernel:
-    variant, _, switches = variant.partition(":")
-    tag = "".join(f"_{switch.replace('=', '')}" for switch in switches.split(",") if switch)
+    variant, _, tag = variant_switches(variant)
     path = out_dir / f"{family}_{variant}{tag}_{element}_d{head_dim}.cubin"
     if family == "sm90":
         found = re.fullmatch(r"(?:m(\d+))?n(\d+)s(\d+)(p?)", variant)
@@ -60,7 +67,7 @@ def build(family: str, variant: str, head_dim: int, dtype: str, out_dir: Path,
     element, ctype = ELEMENTS[dtype]
     major, minor = torch.cuda.get_device_capability()
     kernel = _kernel(family, variant, element, head_dim, out_dir)
-    defines = [f"-DFLASHMLIR_{switch}" for switch in variant.partition(":")[2].split(",") if switch]
+    defines = variant_switches(variant)[1]
     gencode = ("-gencode=arch=compute_90a,code=sm_90a" if family == "sm90"
                else f"-gencode=arch=compute_80,code=sm_{major}{minor}")
     command = ["nvcc", "--cubin", "-O3", "-std=c++17", gencode,
