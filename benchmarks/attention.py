@@ -139,6 +139,19 @@ def burst_ms(fn, calls: int) -> float:
     return start.elapsed_time(end) / calls
 
 
+def interleaved_best_ms(calls: dict, warmup: int, iters: int, rounds: int) -> dict:
+    """GPU ms per call of each of `calls` (label → fn), best of `rounds` bursts taken in turn: on a
+    power-capped GPU the clock drifts, and interleaving spreads that drift over all columns."""
+    for fn in calls.values():
+        for _ in range(warmup):
+            fn()
+    best = {}
+    for _ in range(rounds):
+        for label, fn in calls.items():
+            best[label] = min(best.get(label, float("inf")), burst_ms(fn, iters))
+    return best
+
+
 def gpu_ms(fn, warmup: int, iters: int, rounds: int = 3) -> float:
     """Best of `rounds` bursts of `iters` back-to-back calls, after `warmup` calls."""
     for _ in range(warmup):

@@ -36,7 +36,7 @@ from attention import (  # noqa: E402
     _sdpa_backend,
     build_in_parallel,
     failure_text,
-    gpu_ms,
+    interleaved_best_ms,
     variant_switches,
 )
 
@@ -108,25 +108,24 @@ def measure(config: Config, kernels: dict, forwards: dict, args) -> dict:
     row = {"head_dim": config.head_dim, "seq": config.seq, "causal": config.causal, "dtype": config.dtype,
            "tflops": {}}
     forward = forwards.get((config.head_dim, config.dtype))
+    calls = {}
     if forward is not None:
         o, lse = attention_forward(forward, q, k, v, causal=config.causal, with_lse=True)
         for variant in args.variants:
             kernel = kernels.get((variant, config.head_dim, config.dtype))
             if kernel is not None:
-                ms = gpu_ms(lambda kernel=kernel: attention_backward(kernel, q, k, v, o, d_o, lse,
-                                                                     causal=config.causal),
-                            args.warmup, args.iters)
-                row["tflops"][variant] = flops / ms / 1e9
+                calls[variant] = lambda kernel=kernel: attention_backward(kernel, q, k, v, o, d_o, lse,
+                                                                          causal=config.causal)
+    qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
     for name in SDPA_BACKENDS:
         try:
             with sdpa_kernel(_sdpa_backend(name)):
-                qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
                 out = F.scaled_dot_product_attention(qg, kg, vg, is_causal=config.causal)
-                ms = gpu_ms(lambda out=out, inputs=(qg, kg, vg): torch.autograd.grad(out, inputs, d_o, retain_graph=True),
-                            args.warmup, args.iters)
-            row["tflops"][f"sdpa-{name}"] = flops / ms / 1e9
         except RuntimeError:
-            pass
+            continue
+        calls[f"sdpa-{name}"] = lambda out=out: torch.autograd.grad(out, (qg, kg, vg), d_o, retain_graph=True)
+    best = interleaved_best_ms(calls, args.warmup, args.iters, args.rounds)
+    row["tflops"] = {label: flops / ms / 1e9 for label, ms in best.items()}
     print(json.dumps(row), flush=True)
     return row
 
@@ -138,7 +137,8 @@ def main() -> None:
     p.add_argument("--seqs", type=int, nargs="+", default=[1024, 4096, 16384])
     p.add_argument("--dtypes", nargs="+", default=["fp16", "bf16"], choices=list(ELEMENTS))
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--iters", type=int, default=10, help="back-to-back calls per timing")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved timings per column; the best counts")
     p.add_argument("--json")
     p.add_argument("--markdown")
     args = p.parse_args()
@@ -183,8 +183,8 @@ def main() -> None:
     text = (f"# Attention backward, {torch.cuda.get_device_name()}, {time.strftime('%Y-%m-%d')}\n\n"
             "Backward TFLOP/s (2.5 × forward FLOPs), B·S = 16k tokens, H·D = 2048; flashmlir variants are the "
             "library's backward kernels launched directly: sm90 (prep + dkdv + dq, WGMMA, dQ added by the copy engine) and "
-            f"the sm_80 ones (dq + dkdv) as block_m x block_n x warps, compiled from compute_80 for this GPU. GPU time per call over {args.iters} back-to-back calls, best of 3 bursts "
-            f"(host launch cost hidden, for both). torch {torch.__version__}. `python benchmarks/attention_backward.py`\n\n"
+            f"the sm_80 ones (dq + dkdv) as block_m x block_n x warps, compiled from compute_80 for this GPU. GPU time per call over {args.iters} back-to-back calls, best of "
+            f"{args.rounds} bursts taken in turn over the columns (host launch cost hidden, for both). torch {torch.__version__}. `python benchmarks/attention_backward.py`\n\n"
             + "\n".join(lines) + "\n\nBuild and correctness:\n" + "\n".join(notes))
     print("\n" + text)
     if args.markdown:
