@@ -123,18 +123,18 @@ struct BwdSm90Config {
 #endif
   static_assert(!kKvInRegisters || kD == 64, "K and V fit the consumers' registers at head dim 64 only");
   // Whether Pᵀ and dSᵀ of an item that needs no mask (most of them) are computed by a copy of the
-  // loop without the mask's tests (ptxas predicates them: 64 compares and 32 selects an item,
-  // whether or not they apply). Builds clean; not yet run on a GPU: off until an A/B
-  // (attention_backward.py sm90:SPLIT_MASK=1).
+  // loop without the mask's tests (ptxas predicates them onto every item otherwise: 64 compares and
+  // 32 selects an item, 279 instructions where an unmasked item needs 158). On an H200 +1-5% in 11
+  // of 12 rows, head dims 64 and 128 (benchmarks/results/h200-2026-12-01-sm90-backward-switches.md).
 #ifdef FLASHMLIR_SPLIT_MASK
   static constexpr bool kSplitMask = FLASHMLIR_SPLIT_MASK != 0;
 #else
-  static constexpr bool kSplitMask = false;
+  static constexpr bool kSplitMask = true;
 #endif
   // Whether the dq kernel writes dQ through shared memory, whole rows a warp (attention_bwd_dq_sm90).
-  // Builds clean, and its indexing matched the direct order in an emulation on the CPU, but it has
-  // not run on a GPU yet: off until an A/B (attention_backward.py sm90:DQ_STAGED=1, which checks
-  // against float64 first) shows it correct and faster.
+  // Correct on an H200 (float64 check), but the whole backward moved -7% to +8% with it, no
+  // consistent sign over two runs (h200-2026-12-01-sm90-backward-switches.md): off; the dq kernel's
+  // own time (ncu) is what would decide it.
 #ifdef FLASHMLIR_DQ_STAGED
   static constexpr bool kDqStaged = FLASHMLIR_DQ_STAGED != 0;
 #else
@@ -292,7 +292,7 @@ __device__ __forceinline__ void attention_bwd_dkdv_sm90(const T* __restrict__ q,
   const int per_head = q_tiles - first;
   const int items = group * per_head;
 
-  const int warpgroup = warpgroup_index();
+  const int warpgroup = warpgroup_index<false>();
   if (threadIdx.x == 0) {
     mbarrier_init(bar_kv, 128);
     for (int s = 0; s < kStages; ++s) {

@@ -102,18 +102,22 @@ __device__ __forceinline__ void check_shared_size() {
   if (size < kBytes) __trap();
 }
 
-// The calling thread's warpgroup. With FLASHMLIR_UNIFORM_WARPGROUP it is broadcast from lane 0, so
-// that ptxas sees it is the same across the warp and keeps what derives from it (the wgmma
-// descriptors) in uniform registers: the key loops then lose their R2UR moves before each wgmma
-// (forward head dim 128: 96 of 1,472 instructions a two-tile iteration, 1,375 after; backward
-// dkdv: 55, 801 → 741; sass_report.py; at head dim 256 the forward spills 12 bytes more). Not yet
-// run on a GPU: off until an A/B (microkernel_sweep.py n128s2:UNIFORM_WARPGROUP=1,
-// attention_backward.py sm90:UNIFORM_WARPGROUP=1).
-#ifndef FLASHMLIR_UNIFORM_WARPGROUP
-#define FLASHMLIR_UNIFORM_WARPGROUP 0
-#endif
+// The calling thread's warpgroup, broadcast from lane 0 (kUniform): ptxas then sees it is the same
+// across the warp and keeps what derives from it (the wgmma descriptors) in uniform registers, so
+// the key loops lose their R2UR moves before each wgmma (forward head dim 128: 96 of 1,472
+// instructions a two-tile iteration, 1,375 after; sass_report.py). On an H200 the forward gained
+// 1-5% at head dims 64 and 128 (benchmarks/results/h200-2026-12-01-sm90-uniform-warpgroup.md) and
+// lost 4-6% at 256 (its spills grow from 8 to 12 bytes); the backward, where it cut dkdv's loop
+// from 801 to 741 instructions, lost 1-6% in 11 of 12 rows. Those two take the plain index.
+// FLASHMLIR_UNIFORM_WARPGROUP=0/1 overrides both for an A/B.
+template <bool kUniform>
 __device__ __forceinline__ int warpgroup_index() {
-  return FLASHMLIR_UNIFORM_WARPGROUP ? __shfl_sync(0xffffffff, threadIdx.x / 128, 0) : threadIdx.x / 128;
+#ifdef FLASHMLIR_UNIFORM_WARPGROUP
+  constexpr bool uniform = FLASHMLIR_UNIFORM_WARPGROUP != 0;
+#else
+  constexpr bool uniform = kUniform;
+#endif
+  return uniform ? __shfl_sync(0xffffffff, threadIdx.x / 128, 0) : threadIdx.x / 128;
 }
 
 // Named barrier `id` over `threads` threads (ids 0.. are free: __syncthreads is not used after setup).
@@ -268,7 +272,7 @@ __device__ __forceinline__ void attention_fwd_sm90(const T* __restrict__ q, cons
   // A grid too narrow for a kernel that takes one query block per block would leave rows unwritten.
   if (!kPersistent && gridDim.x < tiles) __trap();
 
-  const int warpgroup = warpgroup_index();
+  const int warpgroup = warpgroup_index<(kD < 256)>();
   if (threadIdx.x == 0) {
     mbarrier_init(bar_q, 128);
     mbarrier_init(empty_q, 4 * kConsumers);
