@@ -7,9 +7,8 @@
 # sanitize (compute-sanitizer memcheck + racecheck on a kernel), profile (ncu vs SDPA flash, SASS mix),
 # backward (the backward kernels' direct tests and their table beside SDPA's backward),
 # train (GPT-2 small training steps, benchmarks/train_gpt2.py; TRAIN_ARGS), host (host cost per
-# attention call, benchmarks/host_overhead.py), pending (A/Bs of kernel changes built but not yet
-# run on a GPU: compile-time switches, the sm_80 backward's tiles; each script checks against
-# float64 first).
+# attention call, benchmarks/host_overhead.py), pending (measurements prepared but not yet run on
+# a GPU: now the forward's store and fence ablation; each script checks against float64 first).
 # Logs and tables go to $OUT (at most 8 files come back).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -59,19 +58,9 @@ for step in "$@"; do
                > "$OUT/sass_d128.txt" 2>&1
              grep -oE "(HMMA|LDSM|MUFU|FFMA|FMUL|FADD|FMNMX|SHFL|BAR|LDGSTS|STL|LDL|F2FP)[A-Z0-9._]*" "$OUT/sass_d128.txt" \
                | sort | uniq -c | sort -rn | head -20 ;;
-    pending) python benchmarks/attention_backward.py --variants sm90 sm90:SPLIT_MASK=1 sm90:UNIFORM_WARPGROUP=1 \
-               sm90:DQ_STAGED=1 sm90:SPLIT_MASK=1,UNIFORM_WARPGROUP=1,DQ_STAGED=1 --head-dims 64 128 \
-               --seqs 2048 4096 16384 --dtypes fp16 --markdown "$OUT/pending-backward.md" 2>&1 | grep -v '^{' || status=1
-             python benchmarks/microkernel_sweep.py --family sm90 --variants n128s2 n128s2:UNIFORM_WARPGROUP=1 \
-               --head-dims 64 128 --seqs 1024 4096 16384 --markdown "$OUT/pending-forward.md" 2>&1 | grep -v '^{' || status=1
-             python benchmarks/microkernel_sweep.py --family sm90 --variants m192n96s2 m192n96s2:UNIFORM_WARPGROUP=1 \
-               --head-dims 64 --seqs 4096 16384 --markdown "$OUT/pending-forward-d64-long.md" 2>&1 | grep -v '^{' || status=1
-             # what O's stores cost the forward at short sequences, with the work that feeds them kept
-             python benchmarks/forward_epilogue_ablation.py --head-dims 64 128 --seqs 512 1024 2048 4096 \
-               --markdown "$OUT/pending-forward-stores.md" 2>&1 | grep -v '^{' || status=1
-             # the sm_80 backward at head dim 128 spills with 64-query tiles (255 registers, 56 bytes); 32 and 16 do not
-             python benchmarks/attention_backward.py --variants 64x64x4 32x64x4 16x64x4 --head-dims 128 \
-               --seqs 2048 8192 --dtypes fp16 --markdown "$OUT/pending-backward-sm80.md" 2>&1 | grep -v '^{' || status=1 ;;
+    pending) # what O's stores and the consumers' proxy fences (MEMBAR.ALL.CTA) cost the forward
+             python benchmarks/forward_epilogue_ablation.py --head-dims 64 128 --seqs 512 1024 2048 4096 16384 \
+               --markdown "$OUT/pending-forward-ablation.md" 2>&1 | grep -v '^{' || status=1 ;;
     *) echo "unknown step $step"; status=1 ;;
   esac
 done
