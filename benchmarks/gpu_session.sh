@@ -7,8 +7,8 @@
 # sanitize (compute-sanitizer memcheck + racecheck on a kernel), profile (ncu vs SDPA flash, SASS mix),
 # backward (the backward kernels' direct tests and their table beside SDPA's backward),
 # train (GPT-2 small training steps, benchmarks/train_gpt2.py; TRAIN_ARGS), host (host cost per
-# attention call, benchmarks/host_overhead.py), pending (measurements prepared but not yet run on
-# a GPU: now the forward's store and fence ablation; each script checks against float64 first).
+# attention call, benchmarks/host_overhead.py), ablation (what O's stores and the proxy fences cost
+# the sm_90 forward, benchmarks/forward_epilogue_ablation.py).
 # Logs and tables go to $OUT (at most 8 files come back).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -58,9 +58,9 @@ for step in "$@"; do
                > "$OUT/sass_d128.txt" 2>&1
              grep -oE "(HMMA|LDSM|MUFU|FFMA|FMUL|FADD|FMNMX|SHFL|BAR|LDGSTS|STL|LDL|F2FP)[A-Z0-9._]*" "$OUT/sass_d128.txt" \
                | sort | uniq -c | sort -rn | head -20 ;;
-    pending) # what O's stores and the consumers' proxy fences (MEMBAR.ALL.CTA) cost the forward
-             python benchmarks/forward_epilogue_ablation.py --head-dims 64 128 --seqs 512 1024 2048 4096 16384 \
-               --markdown "$OUT/pending-forward-ablation.md" 2>&1 | grep -v '^{' || status=1 ;;
+    ablation) # what O's stores and the consumers' proxy fences (MEMBAR.ALL.CTA) cost the forward
+              python benchmarks/forward_epilogue_ablation.py --head-dims 64 128 --seqs 512 1024 2048 4096 16384 \
+                --markdown "$OUT/forward-ablation.md" 2>&1 | grep -v '^{' || status=1 ;;
     *) echo "unknown step $step"; status=1 ;;
   esac
 done
