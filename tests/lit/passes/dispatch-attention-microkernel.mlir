@@ -13,7 +13,7 @@
 // With the Hopper kernels built as well (the sm_90 run above had only sm_80 objects: it falls back to them):
 // RUN: rm -rf %t90 && mkdir -p %t90/cuda && cp %t/kernels.json %t/cuda/* %t90/ 2>/dev/null; mv %t90/*.fatbin %t90/*.ptx %t90/cuda/
 // RUN: touch %t90/cuda/attention_fwd_sm90_f16_d64.fatbin %t90/cuda/attention_fwd_sm90_f16_d128.fatbin %t90/cuda/attention_fwd_sm90_bf16_d64.fatbin
-// RUN: touch %t90/cuda/attention_fwd_sm90_f16_d64_from4096.fatbin
+// RUN: touch %t90/cuda/attention_fwd_sm90_f16_d64_from3072.fatbin
 // RUN: env FLASHMLIR_MICROKERNEL_DIR=%t90 flashmlir-opt --split-input-file --flashmlir-dispatch-attention-microkernel=target=sm_90 %s | filecheck %s --check-prefix=HOPPER
 // RUN: env FLASHMLIR_MICROKERNEL_DIR=%t90 flashmlir-opt --split-input-file --flashmlir-dispatch-attention-microkernel=target=sm_90 --debug %s 2>&1 >/dev/null | filecheck %s --check-prefix=HOPPERWHY
 // RUN: env FLASHMLIR_MICROKERNEL_DIR=%t90 flashmlir-opt --split-input-file --flashmlir-dispatch-attention-microkernel=target=sm_80 %s | filecheck %s
@@ -300,18 +300,18 @@ func.func @device_with_114_sms(%q: tensor<2x16x1000x128xf16>, %k: tensor<2x16x10
 }
 // -----
 
-// Long sequences at head dim 64 take the catalog's tiling for them (min_seq 4096): three consumer
+// Long sequences at head dim 64 take the catalog's tiling for them (min_seq 3072): three consumer
 // warpgroups (512 threads), 192 query rows a block, 96 keys a stage; ⌈4096/192⌉ · B·H = 88 tiles on
 // 88 workgroups; shared memory Q + 2 stages × (K, V) of 96 keys + 10 mbarriers + 1024 bytes. A key
-// length under 4096, or (bf16 here) a long tiling that was not built, keeps the default one.
+// length under 3072, or (bf16 here) a long tiling that was not built, keeps the default one.
 // HOPPER-LABEL: func.func @long_f16_d64
-// HOPPER:         hal.dispatch.extern "flashmlir_attention_fwd_sm90_f16_d64_from4096"(%c1_i32, %c4096_i32, %c4096_i32_0,
+// HOPPER:         hal.dispatch.extern "flashmlir_attention_fwd_sm90_f16_d64_from3072"(%c1_i32, %c4096_i32, %c4096_i32_0,
 // HOPPER-DAG:       %[[X:.+]] = arith.constant 88 : index
 // HOPPER:           hal.return %[[X]], %{{.+}}, %{{.+}} : index, index, index
-// HOPPER:           ordinal(0) = [#hal.executable.object<{path = "{{.+}}/cuda/attention_fwd_sm90_f16_d64_from4096.fatbin"}>]
+// HOPPER:           ordinal(0) = [#hal.executable.object<{path = "{{.+}}/cuda/attention_fwd_sm90_f16_d64_from3072.fatbin"}>]
 // HOPPER-NEXT:    }) <workgroup_size = [512 : index, 1 : index, 1 : index], workgroup_local_memory = 74832>
 // HOPPER-LABEL: func.func @long_queries_short_keys_f16_d64
-// HOPPER:         hal.dispatch.extern "flashmlir_attention_fwd_sm90_f16_d64"(%c1_i32, %c4096_i32, %c4000_i32,
+// HOPPER:         hal.dispatch.extern "flashmlir_attention_fwd_sm90_f16_d64"(%c1_i32, %c4096_i32, %c3000_i32,
 // HOPPER:         workgroup_size = [384 : index, 1 : index, 1 : index], workgroup_local_memory = 83024>
 // HOPPER-LABEL: func.func @long_bf16_d64
 // HOPPER:         hal.dispatch.extern "flashmlir_attention_fwd_sm90_bf16_d64"(%c1_i32, %c4096_i32, %c4096_i32_0,
@@ -334,11 +334,11 @@ func.func @long_f16_d64(%q: tensor<1x4x4096x64xf16>, %k: tensor<1x4x4096x64xf16>
   } -> tensor<1x4x4096x64xf16>
   return %r : tensor<1x4x4096x64xf16>
 }
-func.func @long_queries_short_keys_f16_d64(%q: tensor<1x4x4096x64xf16>, %k: tensor<1x4x4000x64xf16>, %v: tensor<1x4x4000x64xf16>) -> tensor<1x4x4096x64xf16> {
+func.func @long_queries_short_keys_f16_d64(%q: tensor<1x4x4096x64xf16>, %k: tensor<1x4x3000x64xf16>, %v: tensor<1x4x3000x64xf16>) -> tensor<1x4x4096x64xf16> {
   %scale = arith.constant 0.125 : f32
   %e = tensor.empty() : tensor<1x4x4096x64xf16>
   %r = iree_linalg_ext.attention <indexing_maps = [#q, #k, #v, #s, #o]>
-      ins(%q, %k, %v, %scale : tensor<1x4x4096x64xf16>, tensor<1x4x4000x64xf16>, tensor<1x4x4000x64xf16>, f32)
+      ins(%q, %k, %v, %scale : tensor<1x4x4096x64xf16>, tensor<1x4x3000x64xf16>, tensor<1x4x3000x64xf16>, f32)
       outs(%e : tensor<1x4x4096x64xf16>) {
     ^bb0(%x: f32):
       iree_linalg_ext.yield %x : f32
