@@ -8,8 +8,9 @@
 # backward (the backward kernels' direct tests and their table beside SDPA's backward),
 # train (GPT-2 small training steps, benchmarks/train_gpt2.py; TRAIN_ARGS), host (host cost per
 # attention call, benchmarks/host_overhead.py), ablation (what O's stores and the proxy fences cost
-# the sm_90 forward, benchmarks/forward_epilogue_ablation.py), pending (A/Bs of kernel switches
-# built but not yet run on a GPU; each script checks against float64 first).
+# the sm_90 forward, benchmarks/forward_epilogue_ablation.py), tma (whether a TMA tensor map can be
+# made on the device, benchmarks/tma_probe.py), pending (A/Bs of kernel switches built but not yet
+# run on a GPU; each script checks against float64 first).
 # Logs and tables go to $OUT (at most 8 files come back).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -62,6 +63,7 @@ for step in "$@"; do
     ablation) # what O's stores and the consumers' proxy fences (MEMBAR.ALL.CTA) cost the forward
               python benchmarks/forward_epilogue_ablation.py --head-dims 64 128 --seqs 512 1024 2048 4096 16384 \
                 --markdown "$OUT/forward-ablation.md" 2>&1 | grep -v '^{' || status=1 ;;
+    tma) python benchmarks/tma_probe.py --markdown "$OUT/tma-probe.md" 2>&1 | tail -12 || status=1 ;;
     pending) # FLASHMLIR_MASK_BOUNDS (built, not yet run): the masked tiles' one-compare form, forward and backward
              python benchmarks/microkernel_sweep.py --family sm90 --variants n128s2 n128s2:MASK_BOUNDS=1 --head-dims 64 128 \
                --seqs 512 1024 2048 4096 16384 --markdown "$OUT/pending-forward.md" 2>&1 | grep -v '^{' || status=1

@@ -1,0 +1,142 @@
+// Can a TMA tensor map be made on the device, and does a TMA load then land a tile in the layout the
+// sm_90 kernels read (128-byte swizzle)? benchmarks/tma_probe.py builds this for sm_90a and drives it.
+//
+// IREE launches our kernels with buffer pointers and 32-bit constants, so a tensor map holding the
+// operands' addresses cannot come from the host (issue 8's hazard). Two ways to make one on the device:
+//   from scratch: every field of a zeroed 128-byte map set with tensormap.replace;
+//   from a template: a map the host encoded once (cuTensorMapEncodeTiled, any address and lengths),
+//     with only the address and the lengths replaced.
+// make_map writes either to global memory (tensormap.cp_fenceproxy: the copy and the release fence the
+// tensormap proxy needs); tma_load uses a map from global memory (acquire fence first), loads one box
+// into shared memory and copies the bytes out as they landed. Nothing waits forever: a load whose
+// mbarrier does not complete within a bound reports it instead of hanging the GPU.
+#include <stdint.h>
+
+namespace {
+
+__device__ __forceinline__ uint32_t smem(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Field setters on a map in shared memory. `ord`, the element type, swizzle and the other modes are
+// immediates in PTX, hence the templates.
+template <int kOrd>
+__device__ __forceinline__ void set_box_dim(uint32_t map, uint32_t value) {
+  asm volatile("tensormap.replace.tile.box_dim.shared::cta.b1024.b32 [%0], %1, %2;" ::"r"(map), "n"(kOrd), "r"(value)
+               : "memory");
+}
+template <int kOrd>
+__device__ __forceinline__ void set_global_dim(uint32_t map, uint32_t value) {
+  asm volatile("tensormap.replace.tile.global_dim.shared::cta.b1024.b32 [%0], %1, %2;" ::"r"(map), "n"(kOrd),
+               "r"(value)
+               : "memory");
+}
+template <int kOrd>
+__device__ __forceinline__ void set_global_stride(uint32_t map, uint64_t bytes) {
+  asm volatile("tensormap.replace.tile.global_stride.shared::cta.b1024.b64 [%0], %1, %2;" ::"r"(map), "n"(kOrd),
+               "l"(bytes)
+               : "memory");
+}
+template <int kOrd>
+__device__ __forceinline__ void set_element_stride(uint32_t map, uint32_t value) {
+  asm volatile("tensormap.replace.tile.element_stride.shared::cta.b1024.b32 [%0], %1, %2;" ::"r"(map), "n"(kOrd),
+               "r"(value)
+               : "memory");
+}
+template <int kType>
+__device__ __forceinline__ void set_elemtype(uint32_t map) {
+  asm volatile("tensormap.replace.tile.elemtype.shared::cta.b1024.b32 [%0], %1;" ::"r"(map), "n"(kType) : "memory");
+}
+template <int kMode>
+__device__ __forceinline__ void set_swizzle(uint32_t map) {
+  asm volatile("tensormap.replace.tile.swizzle_mode.shared::cta.b1024.b32 [%0], %1;" ::"r"(map), "n"(kMode)
+               : "memory");
+}
+__device__ __forceinline__ void set_interleave_none(uint32_t map) {
+  asm volatile("tensormap.replace.tile.interleave_layout.shared::cta.b1024.b32 [%0], 0;" ::"r"(map) : "memory");
+}
+__device__ __forceinline__ void set_fill_zero(uint32_t map) {
+  asm volatile("tensormap.replace.tile.fill_mode.shared::cta.b1024.b32 [%0], 0;" ::"r"(map) : "memory");
+}
+__device__ __forceinline__ void set_address(uint32_t map, const void* base) {
+  asm volatile("tensormap.replace.tile.global_address.shared::cta.b1024.b64 [%0], %1;" ::"r"(map), "l"(base)
+               : "memory");
+}
+__device__ __forceinline__ void set_rank(uint32_t map, uint32_t value) {
+  asm volatile("tensormap.replace.tile.rank.shared::cta.b1024.b32 [%0], %1;" ::"r"(map), "r"(value) : "memory");
+}
+
+}  // namespace
+
+// A rank-3 map of a [planes, rows, cols] fp16 tensor (planes = B·H, rows = S, cols = D), boxes of
+// box_cols × box_rows × 1 with the 128-byte swizzle; into out (128 bytes, 128-aligned). template_map
+// null: from scratch, with `rank_value` as the rank field (the probe tries rank and rank - 1, PTX's
+// encoding of it being what this finds out); else from that template, replacing the address and
+// lengths only. One warp.
+extern "C" __global__ void probe_make_map(uint8_t* out, const uint8_t* template_map, const void* base, uint32_t cols,
+                                          uint32_t rows, uint32_t planes, uint32_t box_cols, uint32_t box_rows,
+                                          uint32_t rank_value) {
+  __shared__ __align__(128) uint8_t map[128];
+  const int lane = threadIdx.x;
+  for (int i = lane; i < 128; i += 32) map[i] = template_map != nullptr ? template_map[i] : 0;
+  __syncwarp();
+  if (lane == 0) {
+    const uint32_t m = smem(map);
+    set_address(m, base);
+    set_global_dim<0>(m, cols);
+    set_global_dim<1>(m, rows);
+    set_global_dim<2>(m, planes);
+    set_global_stride<0>(m, static_cast<uint64_t>(cols) * 2);         // bytes from row to row
+    set_global_stride<1>(m, static_cast<uint64_t>(cols) * rows * 2);  // from plane to plane
+    if (template_map == nullptr) {
+      set_rank(m, rank_value);
+      set_box_dim<0>(m, box_cols);
+      set_box_dim<1>(m, box_rows);
+      set_box_dim<2>(m, 1);
+      set_element_stride<0>(m, 1);
+      set_element_stride<1>(m, 1);
+      set_element_stride<2>(m, 1);
+      set_elemtype<6>(m);  // as CU_TENSOR_MAP_DATA_TYPE_FLOAT16
+      set_interleave_none(m);
+      set_swizzle<3>(m);  // as CU_TENSOR_MAP_SWIZZLE_128B
+      set_fill_zero(m);
+    }
+  }
+  __syncwarp();
+  asm volatile("tensormap.cp_fenceproxy.global.shared::cta.tensormap::generic.release.gpu.sync.aligned [%0], [%1], 128;"
+               ::"l"(out), "r"(smem(map))
+               : "memory");
+}
+
+// One box at (col0, row0, plane0) through `map` (global memory) into shared memory; its bytes as they
+// landed go to out (box_bytes of them), and status[0] = 1 when the load completed (0: it did not
+// within the bound). One block of 128 threads; box_bytes ≤ 32 KB.
+extern "C" __global__ void probe_tma_load(const uint8_t* map, uint8_t* out, uint32_t* status, uint32_t col0,
+                                          uint32_t row0, uint32_t plane0, uint32_t box_bytes) {
+  extern __shared__ __align__(1024) uint8_t tile[];
+  __shared__ __align__(8) uint64_t bar;
+  __shared__ uint32_t landed;
+  if (threadIdx.x == 0) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem(&bar)) : "memory");
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    asm volatile("fence.proxy.tensormap::generic.acquire.gpu [%0], 128;" ::"l"(map) : "memory");
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem(&bar)), "r"(box_bytes)
+                 : "memory");
+    asm volatile(
+        "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];" ::
+            "r"(smem(tile)),
+        "l"(map), "r"(col0), "r"(row0), "r"(plane0), "r"(smem(&bar))
+        : "memory");
+    uint32_t done = 0;
+    for (int spin = 0; spin < (1 << 22) && !done; ++spin)
+      asm volatile(
+          "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], 0;\nselp.u32 %0, 1, 0, p;\n}" : "=r"(done)
+          : "r"(smem(&bar))
+          : "memory");
+    landed = done;
+    status[0] = done;
+  }
+  __syncthreads();
+  if (!landed) return;
+  for (uint32_t i = threadIdx.x; i < box_bytes; i += blockDim.x) out[i] = tile[i];
+}
