@@ -10,8 +10,8 @@ benchmarks/microkernel_sweep.py on it (any further arguments go to it), variants
 kernel as it is), `n128s2:X_NO_STORE=1`: O's stores behind a test that is false at run time
 (seq_q < 0) but that the compilers cannot decide, so that all the work that feeds them stays;
 `n128s2:X_NO_FENCE=1`: no `fence.proxy.async` before the consumers' wgmmas (ptxas makes it a
-MEMBAR.ALL.CTA, which may wait for the query block's O stores before the next one's first
-product); and both.
+MEMBAR.ALL.CTA, which might have waited for the query block's O stores before the next one's first
+product: on an H200 it did not, benchmarks/results/h200-2026-12-02-sm90-forward-ablation.md); and both.
 Simply deleting the stores does not measure them: ptxas then drops, as dead code, everything only
 they used — P·V's wgmmas, P's packing, O's rescales (the SASS of such a build has 28 of its 56
 HGMMAs left) — which is what the first "stores skipped" column of
