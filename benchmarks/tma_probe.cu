@@ -19,28 +19,21 @@ __device__ __forceinline__ uint32_t smem(const void* p) {
 }
 
 // Field setters on a map in shared memory. `ord`, the element type, swizzle and the other modes are
-// immediates in PTX, hence the templates.
-template <int kOrd>
-__device__ __forceinline__ void set_box_dim(uint32_t map, uint32_t value) {
-  asm volatile("tensormap.replace.tile.box_dim.shared::cta.b1024.b32 [%0], %1, %2;" ::"r"(map), "n"(kOrd), "r"(value)
-               : "memory");
-}
-template <int kOrd>
-__device__ __forceinline__ void set_global_dim(uint32_t map, uint32_t value) {
-  asm volatile("tensormap.replace.tile.global_dim.shared::cta.b1024.b32 [%0], %1, %2;" ::"r"(map), "n"(kOrd),
-               "r"(value)
-               : "memory");
-}
+// immediates in PTX, hence the templates; the 32-bit per-dimension fields differ in name only.
+#define PROBE_DIMENSION_SETTER(function, field)                                                      \
+  template <int kOrd>                                                                                \
+  __device__ __forceinline__ void function(uint32_t map, uint32_t value) {                           \
+    asm volatile("tensormap.replace.tile." field ".shared::cta.b1024.b32 [%0], %1, %2;" ::"r"(map), \
+                 "n"(kOrd), "r"(value)                                                               \
+                 : "memory");                                                                        \
+  }
+PROBE_DIMENSION_SETTER(set_box_dim, "box_dim")
+PROBE_DIMENSION_SETTER(set_global_dim, "global_dim")
+PROBE_DIMENSION_SETTER(set_element_stride, "element_stride")
 template <int kOrd>
 __device__ __forceinline__ void set_global_stride(uint32_t map, uint64_t bytes) {
   asm volatile("tensormap.replace.tile.global_stride.shared::cta.b1024.b64 [%0], %1, %2;" ::"r"(map), "n"(kOrd),
                "l"(bytes)
-               : "memory");
-}
-template <int kOrd>
-__device__ __forceinline__ void set_element_stride(uint32_t map, uint32_t value) {
-  asm volatile("tensormap.replace.tile.element_stride.shared::cta.b1024.b32 [%0], %1, %2;" ::"r"(map), "n"(kOrd),
-               "r"(value)
                : "memory");
 }
 template <int kType>
