@@ -8,7 +8,8 @@
 # backward (the backward kernels' direct tests and their table beside SDPA's backward),
 # train (GPT-2 small training steps, benchmarks/train_gpt2.py; TRAIN_ARGS), host (host cost per
 # attention call, benchmarks/host_overhead.py), ablation (what O's stores and the proxy fences cost
-# the sm_90 forward, benchmarks/forward_epilogue_ablation.py), tma (whether a TMA tensor map can be
+# the sm_90 forward, benchmarks/forward_epilogue_ablation.py), stalls (ncu: where the forward's
+# consumers wait at 512 tokens with and without O's stores), tma (whether a TMA tensor map can be
 # made on the device, benchmarks/tma_probe.py), pending (A/Bs of kernel switches built but not yet
 # run on a GPU; each script checks against float64 first).
 # Logs and tables go to $OUT (at most 8 files come back).
@@ -63,6 +64,18 @@ for step in "$@"; do
     ablation) # what O's stores and the consumers' proxy fences (MEMBAR.ALL.CTA) cost the forward
               python benchmarks/forward_epilogue_ablation.py --head-dims 64 128 --seqs 512 1024 2048 4096 16384 \
                 --markdown "$OUT/forward-ablation.md" 2>&1 | grep -v '^{' || status=1 ;;
+    stalls) # where the forward's consumers wait at head dim 128, 512 tokens, with and without O's stores (ncu)
+            dir=$(mktemp -d)
+            python -c "import sys, pathlib; sys.path.insert(0, 'benchmarks'); import forward_epilogue_ablation as f; f.patched_copy(pathlib.Path('$dir'))"
+            for x in 0 1; do
+              nvcc --cubin -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -DFLASHMLIR_ELEMENT=half \
+                -DFLASHMLIR_ELEMENT_NAME=f16 -DFLASHMLIR_HEAD_DIM=128 -DFLASHMLIR_X_NO_STORE=$x \
+                "$dir/fwd_sm90_kernels.cu" -o "$dir/x$x.cubin" || status=1
+              ncu --launch-skip 1 --launch-count 1 --section SpeedOfLight --section WarpStateStats --section SchedulerStats \
+                --section MemoryWorkloadAnalysis -k regex:attention_fwd python benchmarks/profile_microkernel.py --seq 512 \
+                --object "$dir/x$x.cubin" > "$OUT/stalls-x$x.txt" 2>&1 || status=1
+              echo "--- X_NO_STORE=$x"; grep -E "Duration|Stall|Warp Cycles|Issue Slots|Eligible|DRAM Throughput|L2 Hit" "$OUT/stalls-x$x.txt" | head -30
+            done ;;
     tma) python benchmarks/tma_probe.py --markdown "$OUT/tma-probe.md" 2>&1 | tail -12 || status=1 ;;
     pending) # FLASHMLIR_MASK_BOUNDS (built, not yet run): the masked tiles' one-compare form, forward and backward
              python benchmarks/microkernel_sweep.py --family sm90 --variants n128s2 n128s2:MASK_BOUNDS=1 --head-dims 64 128 \

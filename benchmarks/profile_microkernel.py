@@ -4,6 +4,7 @@
     compute-sanitizer --tool racecheck python benchmarks/profile_microkernel.py --seq 300
     compute-sanitizer --tool racecheck python benchmarks/profile_microkernel.py --seq 333 --batch 1 --heads 4 \
         --kv-heads 2 --causal --head-dim 64 --backward
+    ncu --section WarpStateStats python benchmarks/profile_microkernel.py --seq 512 --object patched.cubin
 
 Shapes as benchmarks/attention.py (B·S = 16k tokens, H·D = 2048) unless --batch/--heads say
 otherwise. Each kernel runs twice (a warm-up, then the one to look at).
@@ -12,6 +13,8 @@ otherwise. Each kernel runs twice (a warm-up, then the one to look at).
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +37,9 @@ def main() -> None:
     p.add_argument("--dtype", choices=["f16", "bf16"], default="f16")
     p.add_argument("--causal", action="store_true")
     p.add_argument("--arch", default="sm_90", help="the target whose kernel is chosen (sm_90: the Hopper one)")
+    p.add_argument("--object", type=Path,
+                   help="run the forward from this cubin/fatbin instead of the library's (a patched build of "
+                        "the kernel the catalog chooses: same symbol, same tiles)")
     p.add_argument("--sdpa", choices=["flash", "cudnn", "efficient"],
                    help="also run this SDPA backend (with --backward: its forward and backward)")
     args = p.parse_args()
@@ -45,6 +51,8 @@ def main() -> None:
             for _ in range(2))
     chosen_for = args.select_seq or args.seq
     kernel = select_attention_forward(args.arch, args.dtype, args.head_dim, chosen_for, chosen_for)
+    if args.object:
+        kernel = dataclasses.replace(kernel, object_path=args.object)
     for _ in range(2):
         out = attention_forward(kernel, q, k, v, causal=args.causal, with_lse=args.backward)
     if args.backward:
