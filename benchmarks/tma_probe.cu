@@ -133,3 +133,53 @@ extern "C" __global__ void probe_tma_load(const uint8_t* map, uint8_t* out, uint
   if (!landed) return;
   for (uint32_t i = threadIdx.x; i < box_bytes; i += blockDim.x) out[i] = tile[i];
 }
+
+// The same box multicast to both blocks of a two-block cluster (cluster dims compiled in, so that a
+// plain cuLaunchKernel, IREE's launch, makes clusters): block rank 0 issues one load that lands in
+// both blocks' shared memory and completes on each block's own mbarrier. Block b writes its rank and
+// the cluster's size to ranks[2b], ranks[2b + 1], status[b] = 1 when its copy landed, and its bytes
+// to out + b·box_bytes. Grid (2), 128 threads; shares the tensor map with probe_tma_load.
+extern "C" __global__ void __cluster_dims__(2, 1, 1)
+    probe_tma_multicast(const uint8_t* map, uint8_t* out, uint32_t* status, uint32_t* ranks, uint32_t col0,
+                        uint32_t row0, uint32_t plane0, uint32_t box_bytes) {
+  extern __shared__ __align__(1024) uint8_t tile[];
+  __shared__ __align__(8) uint64_t bar;
+  __shared__ uint32_t landed;
+  uint32_t rank, size;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
+  asm volatile("mov.u32 %0, %%cluster_nctarank;" : "=r"(size));
+  if (threadIdx.x == 0) {
+    ranks[2 * blockIdx.x] = rank;
+    ranks[2 * blockIdx.x + 1] = size;
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem(&bar)) : "memory");
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  // Both blocks' barriers exist before either load can complete on them.
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+  if (threadIdx.x == 0) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem(&bar)), "r"(box_bytes)
+                 : "memory");
+    if (rank == 0) {
+      asm volatile("fence.proxy.tensormap::generic.acquire.gpu [%0], 128;" ::"l"(map) : "memory");
+      const uint16_t both = 0b11;
+      asm volatile(
+          "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
+          " [%0], [%1, {%2, %3, %4}], [%5], %6;" ::"r"(smem(tile)),
+          "l"(map), "r"(col0), "r"(row0), "r"(plane0), "r"(smem(&bar)), "h"(both)
+          : "memory");
+    }
+    uint32_t done = 0;
+    for (int spin = 0; spin < (1 << 22) && !done; ++spin)
+      asm volatile(
+          "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], 0;\nselp.u32 %0, 1, 0, p;\n}" : "=r"(done)
+          : "r"(smem(&bar))
+          : "memory");
+    landed = done;
+    status[blockIdx.x] = done;
+  }
+  __syncthreads();
+  if (landed)
+    for (uint32_t i = threadIdx.x; i < box_bytes; i += blockDim.x) out[blockIdx.x * box_bytes + i] = tile[i];
+  // Neither block leaves while the other's copy may still be on its way.
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}

@@ -9,7 +9,11 @@ addresses must be made or finished on the device (issue 8's hazard); benchmarks/
 how. Prints, per map: its bytes against cuTensorMapEncodeTiled's for the same tensor, and whether a
 load of a 64 × 64 box at (cols 64.., rows 100.., plane 1) of a [3, 130, 128] fp16 tensor landed
 within a bound and matches the swizzled layout (row r's 16-byte chunk c at c ^ (r % 8); rows past
-130 zero). Timing is not its business: the kernels' A/B would come after.
+130 zero). Then the same box multicast to both blocks of a two-block cluster whose size is compiled
+into the kernel (`__cluster_dims__`), launched with plain cuLaunchKernel as IREE launches: whether
+IREE's launch path makes clusters at all, and whether one load can feed two query blocks' K/V (what
+FlashAttention-3 does to halve the L2 traffic of short sequences). Timing is not its business: the
+kernels' A/B would come after.
 """
 
 from __future__ import annotations
@@ -80,6 +84,7 @@ def main() -> None:
                     "-o", str(cubin)], check=True)
     image = cubin.read_bytes()
     make_map, tma_load = CudaKernel(image, "probe_make_map"), CudaKernel(image, "probe_tma_load")
+    multicast = CudaKernel(image, "probe_tma_multicast")
 
     torch.manual_seed(0)
     tensor = torch.randn(PLANES, ROWS, COLS, dtype=torch.float16, device="cuda")
@@ -101,18 +106,43 @@ def main() -> None:
             "device, from scratch, rank field 3": device_map(False, 3),
             "device, from scratch, rank field 2": device_map(False, 2)}
     want = expected_box(tensor)
+
+    # The host map first (a bad map can fault the context for everything after it).
+    out = torch.zeros(2 * len(want), dtype=torch.uint8, device="cuda")
+    status = torch.zeros(2, dtype=torch.int32, device="cuda")
+    ranks = torch.full((4,), 99, dtype=torch.int32, device="cuda")
+    cluster = ["| two-block cluster, cuLaunchKernel | (rank, cluster size) of blocks 0, 1 | landed in | both boxes match |",
+               "|---|---|---|---|"]
+    try:
+        multicast.launch((2, 1, 1), (128, 1, 1), len(want) + 1024,
+                         [maps["host (cuTensorMapEncodeTiled)"].data_ptr(), out.data_ptr(), status.data_ptr(),
+                          ranks.data_ptr(), *AT, len(want)])
+        torch.cuda.synchronize()
+    except RuntimeError as e:  # the launch refused or faulted: say so, keep the table
+        cluster.append(f"| multicast of the host map's box | failed: {str(e)[:100]} | - | - |")
+    else:
+        boxes = bytes(out.cpu().tolist())
+        cluster.append(f"| multicast of the host map's box | {tuple(ranks[:2].tolist())}, {tuple(ranks[2:].tolist())} | "
+                       f"{', '.join(f'block {b}' for b in range(2) if status[b].item()) or 'neither'} | "
+                       f"{'yes' if boxes[:len(want)] == want and boxes[len(want):] == want else 'no'} |")
+
     lines = ["| map | bytes vs the host's | load landed | box matches the kernels' layout |", "|---|---|---|---|"]
     for label, m in maps.items():
         got = bytes(m.cpu().tolist())
         out = torch.zeros(BOX_ROWS * BOX_COLS * 2, dtype=torch.uint8, device="cuda")
         status = torch.zeros(1, dtype=torch.int32, device="cuda")
-        tma_load.launch((1, 1, 1), (128, 1, 1), len(want) + 1024,
-                        [m.data_ptr(), out.data_ptr(), status.data_ptr(), *AT, len(want)])
-        torch.cuda.synchronize()
+        try:
+            tma_load.launch((1, 1, 1), (128, 1, 1), len(want) + 1024,
+                            [m.data_ptr(), out.data_ptr(), status.data_ptr(), *AT, len(want)])
+            torch.cuda.synchronize()
+        except RuntimeError as e:
+            lines.append(f"| {label} | {differing_bytes(got, reference)} | failed: {str(e)[:80]} | - |")
+            continue
         landed = bool(status.item())
         matches = landed and bytes(out.cpu().tolist()) == want
         lines.append(f"| {label} | {differing_bytes(got, reference)} | {'yes' if landed else 'no'} | "
                      f"{'yes' if matches else 'no'} |")
+    lines += [""] + cluster
     text = (f"# TMA from a device-made tensor map, {torch.cuda.get_device_name()}\n\n"
             "`python benchmarks/tma_probe.py`: a [3, 130, 128] fp16 tensor, boxes of 64 × 64 with the 128-byte "
             "swizzle, the box at cols 64, rows 100 (30 past the end: zero), plane 1.\n\n" + "\n".join(lines))
