@@ -50,7 +50,7 @@ def main() -> None:
     k, v = (torch.randn(batch, args.kv_heads or heads, args.seq, args.head_dim, device="cuda", dtype=dtype)
             for _ in range(2))
     chosen_for = args.select_seq or args.seq
-    kernel = select_attention_forward(args.arch, args.dtype, args.head_dim, chosen_for, chosen_for)
+    kernel = select_attention_forward(args.arch, args.dtype, args.head_dim, chosen_for, chosen_for, args.causal)
     if args.object:
         kernel = dataclasses.replace(kernel, object_path=args.object)
     for _ in range(2):

@@ -55,11 +55,18 @@ class CudaAttentionKernel:
     # (element, head dim) may have several such tilings; select_attention_forward takes the one
     # with the largest min_seq the problem reaches.
     min_seq: int = 0
+    # Causal problems take the entry from this length instead (0: min_seq): a causal query block's
+    # work is shorter and more uneven, so a larger tiling pays off later.
+    min_seq_causal: int = 0
 
     @property
     def tag(self) -> str:
         """What tells this tiling apart in file and symbol names: `_from<min_seq>`, or nothing."""
         return length_tag(self.min_seq)
+
+    def serves_from(self, causal: bool) -> int:
+        """The length both of a problem's sequences must reach for this entry to serve it."""
+        return self.min_seq_causal if causal and self.min_seq_causal else self.min_seq
 
     @property
     def name(self) -> str:
@@ -313,7 +320,7 @@ def _load(directory: Path | None) -> Library:
     cuda = tuple(
         CudaAttentionKernel(e["family"], e["element"], e["head_dim"], e["block_m"], e["block_n"], e["warps"],
                             e["min_arch"], cuda_object(e), e.get("stages", 2), e.get("pingpong", False),
-                            e.get("min_seq", 0))
+                            e.get("min_seq", 0), e.get("min_seq_causal", 0))
         for e in entries if e["family"].startswith("attention_fwd"))
     cuda_backward = tuple(
         CudaAttentionBackwardKernel(e["family"], e["element"], e["head_dim"], e["block_m"], e["block_n"],
@@ -338,9 +345,10 @@ class NoKernel(Exception):
 
 
 def select_attention_forward(arch: str, element: str, head_dim: int, seq_q: int | None = None,
-                             seq_k: int | None = None) -> CudaAttentionKernel:
+                             seq_k: int | None = None, causal: bool = False) -> CudaAttentionKernel:
     """The CUDA kernel for `arch` (the target's), or NoKernel with the reason. With the problem's
-    lengths, the tiling for them (the largest `min_seq` both reach); without, the one for any."""
+    lengths (and whether it is causal), the tiling for them (the largest `min_seq`, or
+    `min_seq_causal`, both reach); without, the one for any."""
     kernels = library().cuda
     if not kernels:
         raise NoKernel("the microkernel library is not installed (no kernels.json next to the package)")
@@ -356,8 +364,8 @@ def select_attention_forward(arch: str, element: str, head_dim: int, seq_q: int 
     # right on a newer GPU, only slower), in it the tiling for the lengths; if none was built, say
     # why for the newest.
     shortest = min(seq_q, seq_k) if seq_q is not None and seq_k is not None else 0
-    fitting = [k for k in matching if k.min_seq <= shortest] or matching
-    fitting.sort(key=lambda k: (_arch_number(k.min_arch), k.min_seq), reverse=True)
+    fitting = [k for k in matching if k.serves_from(causal) <= shortest] or matching
+    fitting.sort(key=lambda k: (_arch_number(k.min_arch), k.serves_from(causal)), reverse=True)
     kernel = next((k for k in fitting if k.object_path.is_file()), fitting[0])
     if not kernel.object_path.is_file():
         if kernel.min_arch == "sm_70":

@@ -125,7 +125,7 @@ def _plan_cuda(attn: Attention, site: _Site, arch: str, multiprocessors: int) ->
     """The CUDA launch for `attn`, or NotCanonical / NoKernel saying why there is none."""
     if site.scale <= 0:
         raise NotCanonical(f"scale {site.scale}: the CUDA kernel needs a positive scale")
-    kernel = select_attention_forward(arch, site.element, site.head_dim, attn.sq, attn.sk)
+    kernel = select_attention_forward(arch, site.element, site.head_dim, attn.sq, attn.sk, site.causal)
     grid = kernel.grid(attn.sq, site.batch_heads, multiprocessors, site.causal)
     if grid[1] > MAX_GRID_Y:
         raise NotCanonical(f"batch × heads = {grid[1]} exceeds the grid's y limit {MAX_GRID_Y}")

@@ -270,7 +270,8 @@ def _cuda_extern(site: _Site, io: tuple[tuple[str, ...], tuple[str, ...]], name:
 def _cuda_forward_calls(site: _Site, arch: str, multiprocessors: int) -> str:
     if site.element not in CUDA_ELEMENTS:
         raise UnsupportedError(f"dtype {site.element}: the CUDA kernels take f16 or bf16")
-    kernel = select_attention_forward(arch, site.element, site.head_dim, site.q.shape[-2], site.k.shape[-2])
+    kernel = select_attention_forward(arch, site.element, site.head_dim, site.q.shape[-2], site.k.shape[-2],
+                                      site.causal)
     grid = kernel.grid(site.q.shape[-2], site.batch_heads, multiprocessors, site.causal)[:2]
     extern = _cuda_extern(site, FORWARD_IO, kernel.name + "_lse", grid, kernel, kernel.threads, kernel.shared_bytes)
     return f"{site.constants}\n{extern}"

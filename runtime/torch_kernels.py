@@ -91,7 +91,8 @@ def _forward_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal
         if kernel_problem(arch, q, k, v, backward=False) is not None:
             return _REFERENCE
         # The tiling for these lengths (kernel_problem checked that the library serves the rest).
-        forward = microkernels.select_attention_forward(arch, ELEMENTS[q.dtype], q.shape[-1], q.shape[-2], k.shape[-2])
+        forward = microkernels.select_attention_forward(arch, ELEMENTS[q.dtype], q.shape[-1], q.shape[-2], k.shape[-2],
+                                                        is_causal)
         return cuda_launcher.AttentionForwardLaunch(forward, q.shape, k.shape, is_causal, scale, with_lse, device)
 
     return _memo((with_lse, q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, device, is_causal, scale), build)

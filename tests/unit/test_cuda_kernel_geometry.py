@@ -65,21 +65,25 @@ def _library_with_objects(tmp_path, monkeypatch, built):
     return microkernels
 
 
-@pytest.mark.parametrize("seq_q, seq_k, tiles", [
-    (None, None, (128, 128, 12)),  # lengths unknown: the tiling for any
-    (1000, 1000, (128, 128, 12)),
-    (3072, 3071, (128, 128, 12)),  # both lengths must reach min_seq
-    (3071, 8192, (128, 128, 12)),
-    (3072, 3072, (192, 96, 16)),
-    (16384, 8192, (192, 96, 16)),
+@pytest.mark.parametrize("seq_q, seq_k, causal, tiles", [
+    (None, None, False, (128, 128, 12)),  # lengths unknown: the tiling for any
+    (1000, 1000, False, (128, 128, 12)),
+    (2048, 2047, False, (128, 128, 12)),  # both lengths must reach min_seq
+    (2047, 8192, False, (128, 128, 12)),
+    (2048, 2048, False, (192, 96, 16)),
+    (2048, 2048, True, (128, 128, 12)),  # causal: from min_seq_causal
+    (3072, 3071, True, (128, 128, 12)),
+    (3072, 3072, True, (192, 96, 16)),
+    (16384, 8192, True, (192, 96, 16)),
 ])
-def test_head_dim_64_takes_the_long_sequence_tiling_from_3072(tmp_path, monkeypatch, seq_q, seq_k, tiles):
-    microkernels = _library_with_objects(tmp_path, monkeypatch, ["f16_d64", "f16_d64_from3072"])
-    kernel = microkernels.select_attention_forward("sm_90", "f16", 64, seq_q, seq_k)
+def test_head_dim_64_takes_the_long_sequence_tiling_from_2048_causal_3072(tmp_path, monkeypatch, seq_q, seq_k,
+                                                                          causal, tiles):
+    microkernels = _library_with_objects(tmp_path, monkeypatch, ["f16_d64", "f16_d64_from2048"])
+    kernel = microkernels.select_attention_forward("sm_90", "f16", 64, seq_q, seq_k, causal)
     assert (kernel.block_m, kernel.block_n, kernel.warps) == tiles
     long = tiles[0] == 192
-    assert kernel.name == "flashmlir_attention_fwd_sm90_f16_d64" + ("_from3072" if long else "")
-    assert kernel.object_path.name == "attention_fwd_sm90_f16_d64" + ("_from3072" if long else "") + ".fatbin"
+    assert kernel.name == "flashmlir_attention_fwd_sm90_f16_d64" + ("_from2048" if long else "")
+    assert kernel.object_path.name == "attention_fwd_sm90_f16_d64" + ("_from2048" if long else "") + ".fatbin"
     assert kernel.threads == (512 if long else 384)
 
 
@@ -91,7 +95,7 @@ def test_an_unbuilt_long_sequence_tiling_leaves_the_default(tmp_path, monkeypatc
 
 
 def test_three_consumer_shared_memory():
-    kernel = CudaAttentionKernel("attention_fwd_sm90", "f16", 64, 192, 96, 16, "sm_90a", Path("k.fatbin"), min_seq=3072)
+    kernel = CudaAttentionKernel("attention_fwd_sm90", "f16", 64, 192, 96, 16, "sm_90a", Path("k.fatbin"), min_seq=2048)
     # Sm90Config<half, 64, 96, 2, 3>: Q 192×64, 2 stages × (K, V) of 96×64, 10 mbarriers, 1024 of alignment
     assert kernel.shared_bytes == 192 * 128 + 4 * 96 * 128 + 80 + 1024
     assert kernel.grid(4096, 4, 132, False) == (88, 1, 1)  # ⌈4096/192⌉ = 22 query blocks × 4 heads

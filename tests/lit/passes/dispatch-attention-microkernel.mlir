@@ -13,7 +13,7 @@
 // With the Hopper kernels built as well (the sm_90 run above had only sm_80 objects: it falls back to them):
 // RUN: rm -rf %t90 && mkdir -p %t90/cuda && cp %t/kernels.json %t/cuda/* %t90/ 2>/dev/null; mv %t90/*.fatbin %t90/*.ptx %t90/cuda/
 // RUN: touch %t90/cuda/attention_fwd_sm90_f16_d64.fatbin %t90/cuda/attention_fwd_sm90_f16_d128.fatbin %t90/cuda/attention_fwd_sm90_bf16_d64.fatbin
-// RUN: touch %t90/cuda/attention_fwd_sm90_f16_d64_from3072.fatbin
+// RUN: touch %t90/cuda/attention_fwd_sm90_f16_d64_from2048.fatbin
 // RUN: env FLASHMLIR_MICROKERNEL_DIR=%t90 flashmlir-opt --split-input-file --flashmlir-dispatch-attention-microkernel=target=sm_90 %s | filecheck %s --check-prefix=HOPPER
 // RUN: env FLASHMLIR_MICROKERNEL_DIR=%t90 flashmlir-opt --split-input-file --flashmlir-dispatch-attention-microkernel=target=sm_90 --debug %s 2>&1 >/dev/null | filecheck %s --check-prefix=HOPPERWHY
 // RUN: env FLASHMLIR_MICROKERNEL_DIR=%t90 flashmlir-opt --split-input-file --flashmlir-dispatch-attention-microkernel=target=sm_80 %s | filecheck %s
@@ -300,18 +300,18 @@ func.func @device_with_114_sms(%q: tensor<2x16x1000x128xf16>, %k: tensor<2x16x10
 }
 // -----
 
-// Long sequences at head dim 64 take the catalog's tiling for them (min_seq 3072): three consumer
+// Long sequences at head dim 64 take the catalog's tiling for them (min_seq 2048): three consumer
 // warpgroups (512 threads), 192 query rows a block, 96 keys a stage; ⌈4096/192⌉ · B·H = 88 tiles on
 // 88 workgroups; shared memory Q + 2 stages × (K, V) of 96 keys + 10 mbarriers + 1024 bytes. A key
-// length under 3072, or (bf16 here) a long tiling that was not built, keeps the default one.
+// length under 2048, or (bf16 here) a long tiling that was not built, keeps the default one.
 // HOPPER-LABEL: func.func @long_f16_d64
-// HOPPER:         hal.dispatch.extern "flashmlir_attention_fwd_sm90_f16_d64_from3072"(%c1_i32, %c4096_i32, %c4096_i32_0,
+// HOPPER:         hal.dispatch.extern "flashmlir_attention_fwd_sm90_f16_d64_from2048"(%c1_i32, %c4096_i32, %c4096_i32_0,
 // HOPPER-DAG:       %[[X:.+]] = arith.constant 88 : index
 // HOPPER:           hal.return %[[X]], %{{.+}}, %{{.+}} : index, index, index
-// HOPPER:           ordinal(0) = [#hal.executable.object<{path = "{{.+}}/cuda/attention_fwd_sm90_f16_d64_from3072.fatbin"}>]
+// HOPPER:           ordinal(0) = [#hal.executable.object<{path = "{{.+}}/cuda/attention_fwd_sm90_f16_d64_from2048.fatbin"}>]
 // HOPPER-NEXT:    }) <workgroup_size = [512 : index, 1 : index, 1 : index], workgroup_local_memory = 74832>
 // HOPPER-LABEL: func.func @long_queries_short_keys_f16_d64
-// HOPPER:         hal.dispatch.extern "flashmlir_attention_fwd_sm90_f16_d64"(%c1_i32, %c4096_i32, %c3000_i32,
+// HOPPER:         hal.dispatch.extern "flashmlir_attention_fwd_sm90_f16_d64"(%c1_i32, %c4096_i32, %c2000_i32,
 // HOPPER:         workgroup_size = [384 : index, 1 : index, 1 : index], workgroup_local_memory = 83024>
 // HOPPER-LABEL: func.func @long_bf16_d64
 // HOPPER:         hal.dispatch.extern "flashmlir_attention_fwd_sm90_bf16_d64"(%c1_i32, %c4096_i32, %c4096_i32_0,
@@ -334,11 +334,11 @@ func.func @long_f16_d64(%q: tensor<1x4x4096x64xf16>, %k: tensor<1x4x4096x64xf16>
   } -> tensor<1x4x4096x64xf16>
   return %r : tensor<1x4x4096x64xf16>
 }
-func.func @long_queries_short_keys_f16_d64(%q: tensor<1x4x4096x64xf16>, %k: tensor<1x4x3000x64xf16>, %v: tensor<1x4x3000x64xf16>) -> tensor<1x4x4096x64xf16> {
+func.func @long_queries_short_keys_f16_d64(%q: tensor<1x4x4096x64xf16>, %k: tensor<1x4x2000x64xf16>, %v: tensor<1x4x2000x64xf16>) -> tensor<1x4x4096x64xf16> {
   %scale = arith.constant 0.125 : f32
   %e = tensor.empty() : tensor<1x4x4096x64xf16>
   %r = iree_linalg_ext.attention <indexing_maps = [#q, #k, #v, #s, #o]>
-      ins(%q, %k, %v, %scale : tensor<1x4x4096x64xf16>, tensor<1x4x3000x64xf16>, tensor<1x4x3000x64xf16>, f32)
+      ins(%q, %k, %v, %scale : tensor<1x4x4096x64xf16>, tensor<1x4x2000x64xf16>, tensor<1x4x2000x64xf16>, f32)
       outs(%e : tensor<1x4x4096x64xf16>) {
     ^bb0(%x: f32):
       iree_linalg_ext.yield %x : f32
@@ -355,4 +355,40 @@ func.func @long_bf16_d64(%q: tensor<1x4x4096x64xbf16>, %k: tensor<1x4x4096x64xbf
       iree_linalg_ext.yield %x : f32
   } -> tensor<1x4x4096x64xbf16>
   return %r : tensor<1x4x4096x64xbf16>
+}
+// -----
+
+// Causal problems take the long tiling later (min_seq_causal 3072: a causal query block's work is
+// shorter and uneven): at 2560 tokens the default one.
+// HOPPER-LABEL: func.func @causal_2560_f16_d64
+// HOPPER:         hal.dispatch.extern "flashmlir_attention_fwd_sm90_f16_d64"(%c1_i32, %c2560_i32, %c2560_i32_0,
+// HOPPER:         workgroup_size = [384 : index, 1 : index, 1 : index], workgroup_local_memory = 83024>
+#q = affine_map<(b, m, n, k1, k2) -> (b, m, k1)>
+#k = affine_map<(b, m, n, k1, k2) -> (b, k2, k1)>
+#v = affine_map<(b, m, n, k1, k2) -> (b, k2, n)>
+#s = affine_map<(b, m, n, k1, k2) -> ()>
+#mk = affine_map<(b, m, n, k1, k2) -> (m, k2)>
+#o = affine_map<(b, m, n, k1, k2) -> (b, m, n)>
+#id = affine_map<(i, j) -> (i, j)>
+func.func @causal_2560_f16_d64(%q: tensor<4x2560x64xf16>, %k: tensor<4x2560x64xf16>, %v: tensor<4x2560x64xf16>) -> tensor<4x2560x64xf16> {
+  %scale = arith.constant 0.125 : f32
+  %em = tensor.empty() : tensor<2560x2560xf16>
+  %mask = linalg.generic {indexing_maps = [#id], iterator_types = ["parallel", "parallel"]} outs(%em : tensor<2560x2560xf16>) {
+  ^bb0(%out: f16):
+    %zero = arith.constant 0.0 : f16
+    %ninf = arith.constant 0xFC00 : f16
+    %i = linalg.index 0 : index
+    %j = linalg.index 1 : index
+    %c = arith.cmpi ule, %j, %i : index
+    %r = arith.select %c, %zero, %ninf : f16
+    linalg.yield %r : f16
+  } -> tensor<2560x2560xf16>
+  %e = tensor.empty() : tensor<4x2560x64xf16>
+  %r = iree_linalg_ext.attention <indexing_maps = [#q, #k, #v, #s, #mk, #o]>
+      ins(%q, %k, %v, %scale, %mask : tensor<4x2560x64xf16>, tensor<4x2560x64xf16>, tensor<4x2560x64xf16>, f32, tensor<2560x2560xf16>)
+      outs(%e : tensor<4x2560x64xf16>) {
+    ^bb0(%x: f32):
+      iree_linalg_ext.yield %x : f32
+  } -> tensor<4x2560x64xf16>
+  return %r : tensor<4x2560x64xf16>
 }
