@@ -55,6 +55,17 @@ __device__ __forceinline__ void set_address(uint32_t map, const void* base) {
   asm volatile("tensormap.replace.tile.global_address.shared::cta.b1024.b64 [%0], %1;" ::"r"(map), "l"(base)
                : "memory");
 }
+// Waits for phase 0 of the mbarrier at `bar`, at most ~4 M tries: 1 when it completed, 0 when not
+// (a load that never lands reports instead of hanging the GPU).
+__device__ __forceinline__ uint32_t wait_bounded(uint32_t bar) {
+  uint32_t done = 0;
+  for (int spin = 0; spin < (1 << 22) && !done; ++spin)
+    asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], 0;\nselp.u32 %0, 1, 0, p;\n}"
+                 : "=r"(done)
+                 : "r"(bar)
+                 : "memory");
+  return done;
+}
 __device__ __forceinline__ void set_rank(uint32_t map, uint32_t value) {
   asm volatile("tensormap.replace.tile.rank.shared::cta.b1024.b32 [%0], %1;" ::"r"(map), "r"(value) : "memory");
 }
@@ -120,12 +131,7 @@ extern "C" __global__ void probe_tma_load(const uint8_t* map, uint8_t* out, uint
             "r"(smem(tile)),
         "l"(map), "r"(col0), "r"(row0), "r"(plane0), "r"(smem(&bar))
         : "memory");
-    uint32_t done = 0;
-    for (int spin = 0; spin < (1 << 22) && !done; ++spin)
-      asm volatile(
-          "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], 0;\nselp.u32 %0, 1, 0, p;\n}" : "=r"(done)
-          : "r"(smem(&bar))
-          : "memory");
+    const uint32_t done = wait_bounded(smem(&bar));
     landed = done;
     status[0] = done;
   }
@@ -168,12 +174,7 @@ extern "C" __global__ void __cluster_dims__(2, 1, 1)
           "l"(map), "r"(col0), "r"(row0), "r"(plane0), "r"(smem(&bar)), "h"(both)
           : "memory");
     }
-    uint32_t done = 0;
-    for (int spin = 0; spin < (1 << 22) && !done; ++spin)
-      asm volatile(
-          "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], 0;\nselp.u32 %0, 1, 0, p;\n}" : "=r"(done)
-          : "r"(smem(&bar))
-          : "memory");
+    const uint32_t done = wait_bounded(smem(&bar));
     landed = done;
     status[blockIdx.x] = done;
   }
