@@ -154,9 +154,7 @@ def interleaved_best_ms(calls: dict, warmup: int, iters: int, rounds: int) -> di
 
 def gpu_ms(fn, warmup: int, iters: int, rounds: int = 3) -> float:
     """Best of `rounds` bursts of `iters` back-to-back calls, after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
-    return min(burst_ms(fn, iters) for _ in range(rounds))
+    return interleaved_best_ms({"fn": fn}, warmup, iters, rounds)["fn"]
 
 
 def host_us(fn, calls: int = 200) -> float:
