@@ -1,12 +1,15 @@
 """How far a bf16 flash-attention output can be from float64, by arithmetic alone (CPU, seconds).
 
     python benchmarks/bf16_error_budget.py [--markdown FILE]
+    python benchmarks/bf16_error_budget.py --gpu [--markdown FILE]   # and the GPU kernels beside it
 
 The GPU forward's bf16 outputs measure 2.3-2.4e-3 norm-wise relative error against torch's fp32
 attention (benchmarks/attention.py). This emulates the kernels' arithmetic step by step on random
 bf16 inputs against a float64 reference: rounding the output to bf16 alone, then P rounded to bf16
 before P·V as well (what the tensor cores need: P and V of one type, as in FlashAttention and
-cuDNN), with fp32 scores, sums and accumulation. Relative error = ‖out − ref‖ / ‖ref‖.
+cuDNN), with fp32 scores, sums and accumulation. Relative error = ‖out − ref‖ / ‖ref‖. With --gpu,
+the same problems also go through the library's sm_90 forward (the catalog's choice) and torch SDPA's
+flash, cuDNN and efficient kernels, measured the same way: where an exact bf16 kernel can land.
 """
 
 from __future__ import annotations
@@ -17,8 +20,37 @@ from pathlib import Path
 
 import torch
 
+SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION"}
 
-def errors(head_dim: int, seq: int, causal: bool) -> tuple[float, float]:
+
+def gpu_errors(q, k, v, causal: bool, ref: torch.Tensor) -> list[str]:
+    """Relative errors of the sm_90 forward and SDPA's kernels on the same bf16 inputs (cells)."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from flashmlir.compiler.microkernels import select_attention_forward
+    from flashmlir.runtime.cuda_launcher import attention_forward
+
+    q, k, v = (t.cuda() for t in (q, k, v))
+    seq, head_dim = q.shape[-2], q.shape[-1]
+    outputs = {"flashmlir": lambda: attention_forward(
+        select_attention_forward("sm_90", "bf16", head_dim, seq, seq, causal), q, k, v, causal=causal)}
+    for name in SDPA_BACKENDS:
+        def sdpa(name=name):
+            with sdpa_kernel(getattr(SDPBackend, SDPA_BACKENDS[name])):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        outputs[f"sdpa-{name}"] = sdpa
+    cells = []
+    for run in outputs.values():
+        try:
+            out = run().cpu().double()
+            cells.append(f"{((out - ref).norm() / ref.norm()).item():.2e}")
+        except RuntimeError as e:  # a backend that does not take the problem
+            cells.append(f"- ({str(e).splitlines()[0][:40]})")
+    return cells
+
+
+def errors(head_dim: int, seq: int, causal: bool, gpu: bool = False) -> list[str]:
     q, k, v = (torch.randn(1, 4, seq, head_dim).to(torch.bfloat16) for _ in range(3))
     mask = torch.ones(seq, seq, dtype=torch.bool).tril() if causal else None
 
@@ -36,21 +68,27 @@ def errors(head_dim: int, seq: int, causal: bool) -> tuple[float, float]:
 
     rounded_out = rel(((p @ v.float()) / row_sum).to(torch.bfloat16))
     rounded_p = rel(((p.to(torch.bfloat16).float() @ v.float()) / row_sum).to(torch.bfloat16))
-    return rounded_out, rounded_p
+    return [f"{rounded_out:.2e}", f"{rounded_p:.2e}"] + (gpu_errors(q, k, v, causal, ref) if gpu else [])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--markdown")
+    parser.add_argument("--gpu", action="store_true", help="also the sm_90 forward and SDPA's kernels (a GPU)")
     args = parser.parse_args()
     torch.manual_seed(0)
-    lines = ["| head dim | seq | causal | O rounded to bf16 | and P rounded to bf16 before P·V |", "|---:|---:|---:|---:|---:|"]
+    columns = ["O rounded to bf16", "and P rounded to bf16 before P·V"]
+    if args.gpu:
+        columns += ["flashmlir sm_90"] + [f"sdpa-{name}" for name in SDPA_BACKENDS]
+    lines = ["| head dim | seq | causal | " + " | ".join(columns) + " |", "|---:|---:|---:|" + "---:|" * len(columns)]
     for head_dim in (64, 128, 256):
         for seq in (512, 2048):
             for causal in (False, True):
-                a, b = errors(head_dim, seq, causal)
-                lines.append(f"| {head_dim} | {seq} | {'yes' if causal else 'no'} | {a:.2e} | {b:.2e} |")
-    text = "# bf16 attention: relative error vs float64 from the arithmetic alone (CPU emulation)\n\n" + "\n".join(lines)
+                cells = errors(head_dim, seq, causal, args.gpu)
+                lines.append(f"| {head_dim} | {seq} | {'yes' if causal else 'no'} | " + " | ".join(cells) + " |")
+    where = (f"CPU emulation beside the GPU kernels, {torch.cuda.get_device_name()}" if args.gpu
+             else "CPU emulation")
+    text = f"# bf16 attention: relative error vs float64 from the arithmetic alone ({where})\n\n" + "\n".join(lines)
     print(text)
     if args.markdown:
         Path(args.markdown).write_text(text + "\n")
