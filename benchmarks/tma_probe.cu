@@ -140,6 +140,18 @@ extern "C" __global__ void probe_tma_load(const uint8_t* map, uint8_t* out, uint
   for (uint32_t i = threadIdx.x; i < box_bytes; i += blockDim.x) out[i] = tile[i];
 }
 
+// Only the cluster's shape as the blocks see it (no cluster barrier, no load): whether a plain
+// cuLaunchKernel of a kernel with compiled-in cluster dims makes clusters at all. ranks as below.
+extern "C" __global__ void __cluster_dims__(2, 1, 1) probe_cluster_ranks(uint32_t* ranks) {
+  uint32_t rank, size;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
+  asm volatile("mov.u32 %0, %%cluster_nctarank;" : "=r"(size));
+  if (threadIdx.x == 0) {
+    ranks[2 * blockIdx.x] = rank;
+    ranks[2 * blockIdx.x + 1] = size;
+  }
+}
+
 // The same box multicast to both blocks of a two-block cluster (cluster dims compiled in, so that a
 // plain cuLaunchKernel, IREE's launch, makes clusters): block rank 0 issues one load that lands in
 // both blocks' shared memory and completes on each block's own mbarrier. Block b writes its rank and

@@ -12,14 +12,16 @@ within a bound and matches the swizzled layout (row r's 16-byte chunk c at c ^ (
 130 zero). Then the same box multicast to both blocks of a two-block cluster whose size is compiled
 into the kernel (`__cluster_dims__`), launched with plain cuLaunchKernel as IREE launches: whether
 IREE's launch path makes clusters at all, and whether one load can feed two query blocks' K/V (what
-FlashAttention-3 does to halve the L2 traffic of short sequences). Timing is not its business: the
-kernels' A/B would come after.
+FlashAttention-3 does to halve the L2 traffic of short sequences); before it, a cluster kernel that
+only reads its rank. Each case runs in a child process, as a fault leaves the CUDA context unusable
+for whatever follows it. Timing is not its business: the kernels' A/B comes after.
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import json
 import subprocess
 import sys
 import tempfile
@@ -73,79 +75,111 @@ def differing_bytes(a: bytes, b: bytes) -> str:
     return "identical" if not diff else f"{len(diff)} bytes differ (at {diff[:12]}{'…' if len(diff) > 12 else ''})"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--markdown")
-    args = parser.parse_args()
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
-        sys.exit("tma_probe: needs an sm_90 GPU")
-    cubin = Path(tempfile.mkdtemp(prefix="flashmlir-tma-")) / "tma_probe.cubin"
-    subprocess.run(["nvcc", "--cubin", "-O3", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", str(SOURCE),
-                    "-o", str(cubin)], check=True)
-    image = cubin.read_bytes()
-    make_map, tma_load = CudaKernel(image, "probe_make_map"), CudaKernel(image, "probe_tma_load")
-    multicast = CudaKernel(image, "probe_tma_multicast")
+MAPS = {"host": "host (cuTensorMapEncodeTiled)", "template": "device, from a host template",
+        "scratch3": "device, from scratch, rank field 3", "scratch2": "device, from scratch, rank field 2"}
+CASES = [*(f"load:{m}" for m in MAPS), "cluster:ranks", "cluster:multicast"]
 
+
+def run_case(case: str, cubin: Path) -> dict:
+    """One case in this process (its CUDA context is lost if the case faults): a dict of results."""
+    image = cubin.read_bytes()
     torch.manual_seed(0)
     tensor = torch.randn(PLANES, ROWS, COLS, dtype=torch.float16, device="cuda")
     reference = host_map(tensor)
-    # A template as a compiler could make it once: another address and other lengths, same box and modes.
-    dummy = torch.zeros(1, 64, 64, dtype=torch.float16, device="cuda")
-    template = torch.tensor(list(host_map(dummy)), dtype=torch.uint8, device="cuda")
-
-    def device_map(from_template: bool, rank_value: int) -> torch.Tensor:
-        out = torch.zeros(256, dtype=torch.uint8, device="cuda")[:128]  # torch's allocations are 256-aligned
-        words = [out.data_ptr(), template.data_ptr() if from_template else 0, tensor.data_ptr(),
-                 COLS, ROWS, PLANES, BOX_COLS, BOX_ROWS, rank_value]
-        make_map.launch((1, 1, 1), (32, 1, 1), 0, words)
-        torch.cuda.synchronize()
-        return out
-
-    maps = {"host (cuTensorMapEncodeTiled)": torch.tensor(list(reference), dtype=torch.uint8, device="cuda"),
-            "device, from a host template": device_map(True, 0),
-            "device, from scratch, rank field 3": device_map(False, 3),
-            "device, from scratch, rank field 2": device_map(False, 2)}
     want = expected_box(tensor)
-
-    # The host map first (a bad map can fault the context for everything after it).
-    out = torch.zeros(2 * len(want), dtype=torch.uint8, device="cuda")
-    status = torch.zeros(2, dtype=torch.int32, device="cuda")
     ranks = torch.full((4,), 99, dtype=torch.int32, device="cuda")
-    cluster = ["| two-block cluster, cuLaunchKernel | (rank, cluster size) of blocks 0, 1 | landed in | both boxes match |",
-               "|---|---|---|---|"]
-    try:
-        multicast.launch((2, 1, 1), (128, 1, 1), len(want) + 1024,
-                         [maps["host (cuTensorMapEncodeTiled)"].data_ptr(), out.data_ptr(), status.data_ptr(),
-                          ranks.data_ptr(), *AT, len(want)])
+    if case == "cluster:ranks":
+        CudaKernel(image, "probe_cluster_ranks").launch((2, 1, 1), (128, 1, 1), 0, [ranks.data_ptr()])
         torch.cuda.synchronize()
-    except RuntimeError as e:  # the launch refused or faulted: say so, keep the table
-        cluster.append(f"| multicast of the host map's box | failed: {str(e)[:100]} | - | - |")
-    else:
+        return {"ranks": ranks.tolist()}
+    if case == "cluster:multicast":
+        host = torch.tensor(list(reference), dtype=torch.uint8, device="cuda")
+        out = torch.zeros(2 * len(want), dtype=torch.uint8, device="cuda")
+        status = torch.zeros(2, dtype=torch.int32, device="cuda")
+        CudaKernel(image, "probe_tma_multicast").launch(
+            (2, 1, 1), (128, 1, 1), len(want) + 1024,
+            [host.data_ptr(), out.data_ptr(), status.data_ptr(), ranks.data_ptr(), *AT, len(want)])
+        torch.cuda.synchronize()
         boxes = bytes(out.cpu().tolist())
-        cluster.append(f"| multicast of the host map's box | {tuple(ranks[:2].tolist())}, {tuple(ranks[2:].tolist())} | "
-                       f"{', '.join(f'block {b}' for b in range(2) if status[b].item()) or 'neither'} | "
-                       f"{'yes' if boxes[:len(want)] == want and boxes[len(want):] == want else 'no'} |")
+        return {"ranks": ranks.tolist(), "landed": status.tolist(),
+                "match": boxes[:len(want)] == want and boxes[len(want):] == want}
+    which = case.split(":")[1]
+    if which == "host":
+        m = torch.tensor(list(reference), dtype=torch.uint8, device="cuda")
+    else:
+        # A template as a compiler could make it once: another address and other lengths, same box and modes.
+        dummy = torch.zeros(1, 64, 64, dtype=torch.float16, device="cuda")
+        template = torch.tensor(list(host_map(dummy)), dtype=torch.uint8, device="cuda")
+        m = torch.zeros(256, dtype=torch.uint8, device="cuda")[:128]  # torch's allocations are 256-aligned
+        rank_value = {"template": 0, "scratch3": 3, "scratch2": 2}[which]
+        CudaKernel(image, "probe_make_map").launch(
+            (1, 1, 1), (32, 1, 1), 0,
+            [m.data_ptr(), template.data_ptr() if which == "template" else 0, tensor.data_ptr(),
+             COLS, ROWS, PLANES, BOX_COLS, BOX_ROWS, rank_value])
+        torch.cuda.synchronize()
+    got = bytes(m.cpu().tolist())
+    out = torch.zeros(BOX_ROWS * BOX_COLS * 2, dtype=torch.uint8, device="cuda")
+    status = torch.zeros(1, dtype=torch.int32, device="cuda")
+    result = {"bytes": differing_bytes(got, reference), "map": got.hex()}
+    CudaKernel(image, "probe_tma_load").launch((1, 1, 1), (128, 1, 1), len(want) + 1024,
+                                               [m.data_ptr(), out.data_ptr(), status.data_ptr(), *AT, len(want)])
+    torch.cuda.synchronize()
+    result["landed"] = bool(status.item())
+    result["match"] = result["landed"] and bytes(out.cpu().tolist()) == want
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--markdown")
+    parser.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)  # one case, in a child process
+    parser.add_argument("--cubin", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
+        sys.exit("tma_probe: needs an sm_90 GPU")
+    if args.case:
+        print(json.dumps(run_case(args.case, args.cubin)))
+        return
+    cubin = Path(tempfile.mkdtemp(prefix="flashmlir-tma-")) / "tma_probe.cubin"
+    subprocess.run(["nvcc", "--cubin", "-O3", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", str(SOURCE),
+                    "-o", str(cubin)], check=True)
+    results = {}
+    for case in CASES:  # each in a process of its own: a fault makes a CUDA context unusable
+        done = subprocess.run([sys.executable, __file__, "--case", case, "--cubin", str(cubin)],
+                              capture_output=True, text=True, timeout=120)
+        lines = done.stdout.strip().splitlines()
+        if done.returncode == 0 and lines:
+            results[case] = json.loads(lines[-1])
+        else:
+            error = [line for line in done.stderr.splitlines() if "Error" in line or "error" in line]
+            results[case] = {"failed": (error[-1] if error else f"exit {done.returncode}")[:120]}
+        print(case, {k: v for k, v in results[case].items() if k != "map"}, flush=True)
 
     lines = ["| map | bytes vs the host's | load landed | box matches the kernels' layout |", "|---|---|---|---|"]
-    for label, m in maps.items():
-        got = bytes(m.cpu().tolist())
-        out = torch.zeros(BOX_ROWS * BOX_COLS * 2, dtype=torch.uint8, device="cuda")
-        status = torch.zeros(1, dtype=torch.int32, device="cuda")
-        try:
-            tma_load.launch((1, 1, 1), (128, 1, 1), len(want) + 1024,
-                            [m.data_ptr(), out.data_ptr(), status.data_ptr(), *AT, len(want)])
-            torch.cuda.synchronize()
-        except RuntimeError as e:
-            lines.append(f"| {label} | {differing_bytes(got, reference)} | failed: {str(e)[:80]} | - |")
+    for key, label in MAPS.items():
+        r = results[f"load:{key}"]
+        if "failed" in r:
+            lines.append(f"| {label} | - | failed: {r['failed']} | - |")
+        else:
+            lines.append(f"| {label} | {r['bytes']} | {'yes' if r['landed'] else 'no'} | "
+                         f"{'yes' if r['match'] else 'no'} |")
+    lines += ["", "| two-block cluster, cuLaunchKernel | (rank, cluster size) of blocks 0, 1 | landed in | "
+              "both boxes match |", "|---|---|---|---|"]
+    for case, label in (("cluster:ranks", "ranks only"), ("cluster:multicast", "multicast of the host map's box")):
+        r = results[case]
+        if "failed" in r:
+            lines.append(f"| {label} | failed: {r['failed']} | - | - |")
             continue
-        landed = bool(status.item())
-        matches = landed and bytes(out.cpu().tolist()) == want
-        lines.append(f"| {label} | {differing_bytes(got, reference)} | {'yes' if landed else 'no'} | "
-                     f"{'yes' if matches else 'no'} |")
-    lines += [""] + cluster
+        ranks = r["ranks"]
+        landed = ", ".join(f"block {b}" for b, ok in enumerate(r.get("landed", [])) if ok) or "neither"
+        lines.append(f"| {label} | {tuple(ranks[:2])}, {tuple(ranks[2:])} | "
+                     f"{landed if 'landed' in r else '-'} | {('yes' if r['match'] else 'no') if 'match' in r else '-'} |")
+    maps = "\n".join(f"- {MAPS[c.split(':')[1]]}: `{r['map']}`" for c, r in results.items() if "map" in r)
     text = (f"# TMA from a device-made tensor map, {torch.cuda.get_device_name()}\n\n"
             "`python benchmarks/tma_probe.py`: a [3, 130, 128] fp16 tensor, boxes of 64 × 64 with the 128-byte "
-            "swizzle, the box at cols 64, rows 100 (30 past the end: zero), plane 1.\n\n" + "\n".join(lines))
+            "swizzle, the box at cols 64, rows 100 (30 past the end: zero), plane 1. Each case runs in a "
+            "process of its own (a fault is fatal to a CUDA context).\n\n" + "\n".join(lines)
+            + "\n\nThe maps' bytes:\n" + maps)
     print(text)
     if args.markdown:
         Path(args.markdown).write_text(text + "\n")

@@ -23,6 +23,7 @@ from flashmlir import config
 CATALOG = "kernels.json"
 CPU_TILE_KEYS = ("row_vectors", "key_tile", "dim_tile", "keys")  # as CMakeLists.txt passes them
 ELEMENT_BYTES = {"f16": 2, "bf16": 2}
+TENSOR_MAP_BYTES = 128  # a TMA tensor map (CUtensorMap), 128-aligned
 
 # Up to this many query blocks (4k rows) the sm_90 grid is persistent, one workgroup per SM taking
 # tiles in turn: no cold start per tile (+2-16% at 512-4k tokens). Beyond it a workgroup per tile
@@ -60,6 +61,9 @@ class CudaAttentionKernel:
     min_seq_causal: int = 0
     # sm_90, persistent: the consumers leave O in shared memory and the producer writes it out.
     o_staged: bool = False
+    # sm_90: the producer loads through TMA, from tensor maps each workgroup makes on the device in a
+    # workspace binding after the outputs (`workspace_bytes`).
+    tma: bool = False
 
     @property
     def tag(self) -> str:
@@ -98,7 +102,8 @@ class CudaAttentionKernel:
             consumers = self.block_m // 64
             staged = consumers * 64 * (self.head_dim * e + 16) if self.o_staged else 0
             barriers = 2 + 4 * self.stages + (2 * consumers if self.o_staged else 0)
-            return tiles + staged + 8 * barriers + 1024
+            maps = 3 * TENSOR_MAP_BYTES if self.tma else 0  # where the Q, K, V maps are made
+            return tiles + staged + maps + 8 * barriers + 1024
         # fwd_sm80_mma_sync.cuh: the Q tile and two stages of (K, V) tiles.
         return (self.block_m + 4 * self.block_n) * self.head_dim * e
 
@@ -107,6 +112,12 @@ class CudaAttentionKernel:
         """Whether a workgroup can take tiles one after another (the sm_90 kernel below head dim 256:
         `Sm90Config::kPersistent`); `grid` decides whether it does."""
         return self.family == "attention_fwd_sm90" and self.head_dim < 256
+
+    def workspace_bytes(self, grid: tuple[int, int, int]) -> int:
+        """The workspace binding a `tma` kernel takes after its outputs (0: none): three tensor maps a
+        workgroup (fwd_sm90_wgmma.cuh, tma_sm90.cuh) and room to align them, as a binding's offset
+        in IREE's buffers need not be."""
+        return 3 * TENSOR_MAP_BYTES * grid[0] + TENSOR_MAP_BYTES if self.tma else 0
 
     def grid(self, seq_q: int, batch_heads: int, multiprocessors: int, causal: bool) -> tuple[int, int, int]:
         """The launch grid; `multiprocessors` is the device's SM count (what a persistent grid fills)."""
@@ -327,7 +338,8 @@ def _load(directory: Path | None) -> Library:
     cuda = tuple(
         CudaAttentionKernel(e["family"], e["element"], e["head_dim"], e["block_m"], e["block_n"], e["warps"],
                             e["min_arch"], cuda_object(e), e.get("stages", 2), e.get("pingpong", False),
-                            e.get("min_seq", 0), e.get("min_seq_causal", 0), e.get("o_staged", False))
+                            e.get("min_seq", 0), e.get("min_seq_causal", 0), e.get("o_staged", False),
+                            e.get("tma", False))
         for e in entries if e["family"].startswith("attention_fwd"))
     cuda_backward = tuple(
         CudaAttentionBackwardKernel(e["family"], e["element"], e["head_dim"], e["block_m"], e["block_n"],

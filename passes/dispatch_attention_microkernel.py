@@ -10,7 +10,9 @@ CUDA:
                objects → the kernel's fatbin from the microkernel library
   IREE outlines the extern op into its own executable whose only code is our kernel, binds Q, K,
   V and O as the kernel's pointer arguments, and passes the six i32 constants after them (IREE's
-  CUDA ABI, runtime/microkernels/attention/fwd_sm80_kernels.cu). The SM count is the module's
+  CUDA ABI, runtime/microkernels/attention/fwd_sm80_kernels.cu). A kernel that loads through TMA
+  (the catalog's `tma`) returns a second result, an i8 workspace where its workgroups make their
+  tensor maps (IREE passes pointers, not maps): a transient nothing reads. The SM count is the module's
   `flashmlir.gpu_multiprocessors` (the device torch.compile compiles for), else the arch's
   flagship part's (compiler/targets.py).
 
@@ -137,6 +139,13 @@ def _cuda_function(attn: Attention, launch: _Launch) -> str:
     qt, kt, vt, ot = attn.q.type(), attn.k.type(), attn.v.type(), attn.out.type()
     gx, gy, gz = launch.grid
     binding = "#hal.pipeline.binding<storage_buffer, ReadOnly>"
+    written = "#hal.pipeline.binding<storage_buffer>"
+    # A TMA kernel also writes its tensor maps to a workspace, a result nothing reads.
+    workspace = k.workspace_bytes(launch.grid)
+    results, result_types, bindings = "%o", ot, f"{binding}, {binding}, {binding}, {written}"
+    if workspace:
+        results, result_types = "%o, %maps", f"{ot}, tensor<{workspace}xi8>"
+        bindings += f", {written}"
     return f"""func.func @microkernel(%q: {qt}, %k: {kt}, %v: {vt}, %scale: f32) -> {ot} {{
   %group = arith.constant {launch.group} : i32
   %seq_q = arith.constant {attn.sq} : i32
@@ -144,16 +153,15 @@ def _cuda_function(attn: Attention, launch: _Launch) -> str:
   %scale_bits = arith.bitcast %scale : f32 to i32
   %causal = arith.constant {int(launch.causal)} : i32
   %batch_heads = arith.constant {launch.batch_heads} : i32
-  %o = hal.dispatch.extern "{k.name}"(%group, %seq_q, %seq_k, %scale_bits, %causal, %batch_heads, %q, %k, %v)
-      : (i32, i32, i32, i32, i32, i32, {qt}, {kt}, {vt}) -> {ot}
+  {results} = hal.dispatch.extern "{k.name}"(%group, %seq_q, %seq_k, %scale_bits, %causal, %batch_heads, %q, %k, %v)
+      : (i32, i32, i32, i32, i32, i32, {qt}, {kt}, {vt}) -> ({result_types})
     count(%device: !hal.device) -> (index, index, index) {{
       %x = arith.constant {gx} : index
       %y = arith.constant {gy} : index
       %z = arith.constant {gz} : index
       hal.return %x, %y, %z : index, index, index
     }}
-    layout(#hal.pipeline.layout<constants = 6, bindings = [{binding}, {binding}, {binding},
-                                                           #hal.pipeline.binding<storage_buffer>]>)
+    layout(#hal.pipeline.layout<constants = 6, bindings = [{bindings}]>)
     objects({{
       #hal.executable.target<"cuda", "cuda-nvptx-fb"> ordinal(0) = [
         #hal.executable.object<{{path = "{k.object_path}"}}>

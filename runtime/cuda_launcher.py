@@ -118,19 +118,20 @@ class AttentionForwardLaunch:
         self._block, self._shared = (kernel.threads, 1, 1), kernel.shared_bytes
         self._constants = [hq // hkv, sq, sk, f32_bits(scale), int(causal), batch_heads]
         self._lse_shape = tuple(q_shape[:-1]) if with_lse else None
+        self._workspace = kernel.workspace_bytes(self._grid)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """O (shaped as q), or (O, lse) with lse float32 q.shape[:-1]; q, k, v contiguous."""
         o = torch.empty_like(q)
-        if self._lse_shape is None:
-            self._function.launch(self._grid, self._block, self._shared,
-                                  [q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), *self._constants])
-            return o
-        lse = torch.empty(self._lse_shape, device=q.device, dtype=torch.float32)
+        outputs = [o]
+        if self._lse_shape is not None:
+            outputs.append(torch.empty(self._lse_shape, device=q.device, dtype=torch.float32))
+        # A TMA kernel's tensor maps: per call, as IREE's transient would be (torch's allocator keeps
+        # it from another launch's use until this one's stream has passed it).
+        workspace = ([torch.empty(self._workspace, device=q.device, dtype=torch.uint8)] if self._workspace else [])
         self._function.launch(self._grid, self._block, self._shared,
-                              [q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr(),
-                               *self._constants])
-        return o, lse
+                              [t.data_ptr() for t in (q, k, v, *outputs, *workspace)] + self._constants)
+        return o if self._lse_shape is None else tuple(outputs)
 
 
 class AttentionBackwardLaunch:

@@ -48,18 +48,30 @@ static_assert(FLASHMLIR_BLOCK_M == Config::kBlockM, "block_m must be 64 per cons
 static_assert(FLASHMLIR_WARPS * 32 == Config::kThreads, "kernels.json's warps differ from Sm90Config's threads");
 #endif
 
+// With TMA (FLASHMLIR_TMA, catalog `tma`) the last binding is a workspace of 384 bytes a block and
+// 128 more (the kernel aligns it) where each block makes its tensor maps; nothing reads it after.
+#if FLASHMLIR_TMA
+#define FLASHMLIR_MAPS_PARAMETER , uint8_t* __restrict__ maps
+#define FLASHMLIR_MAPS maps
+#else
+#define FLASHMLIR_MAPS_PARAMETER
+#define FLASHMLIR_MAPS nullptr
+#endif
+
 extern "C" __global__ void __launch_bounds__(Config::kThreads, 1)
     FLASHMLIR_KERNEL(const Element* __restrict__ q, const Element* __restrict__ k, const Element* __restrict__ v,
-                     Element* __restrict__ o, uint32_t group, uint32_t seq_q, uint32_t seq_k, uint32_t scale_bits,
-                     uint32_t causal, uint32_t batch_heads) {
+                     Element* __restrict__ o FLASHMLIR_MAPS_PARAMETER, uint32_t group, uint32_t seq_q,
+                     uint32_t seq_k, uint32_t scale_bits, uint32_t causal, uint32_t batch_heads) {
   flashmlir::sm90::attention_fwd_sm90<Element, kHeadDim, kBlockN, kStages, kPingPong, kConsumers, kOStaged>(
-      q, k, v, o, nullptr, group, batch_heads, seq_q, seq_k, __uint_as_float(scale_bits), causal != 0);
+      q, k, v, o, nullptr, FLASHMLIR_MAPS, group, batch_heads, seq_q, seq_k, __uint_as_float(scale_bits),
+      causal != 0);
 }
 
 extern "C" __global__ void __launch_bounds__(Config::kThreads, 1)
     FLASHMLIR_KERNEL_LSE(const Element* __restrict__ q, const Element* __restrict__ k, const Element* __restrict__ v,
-                         Element* __restrict__ o, float* __restrict__ lse, uint32_t group, uint32_t seq_q,
-                         uint32_t seq_k, uint32_t scale_bits, uint32_t causal, uint32_t batch_heads) {
+                         Element* __restrict__ o, float* __restrict__ lse FLASHMLIR_MAPS_PARAMETER, uint32_t group,
+                         uint32_t seq_q, uint32_t seq_k, uint32_t scale_bits, uint32_t causal,
+                         uint32_t batch_heads) {
   flashmlir::sm90::attention_fwd_sm90<Element, kHeadDim, kBlockN, kStages, kPingPong, kConsumers, kOStaged>(
-      q, k, v, o, lse, group, batch_heads, seq_q, seq_k, __uint_as_float(scale_bits), causal != 0);
+      q, k, v, o, lse, FLASHMLIR_MAPS, group, batch_heads, seq_q, seq_k, __uint_as_float(scale_bits), causal != 0);
 }

@@ -34,6 +34,7 @@
 
 #include "mma_sm80.cuh"  // kLog2e, fast_exp2, cp_async_16, smem_address, Element<T>::pack
 #include "online_softmax.cuh"  // tree_reduce, advance_shift
+#include "tma_sm90.cuh"
 #include "wgmma_sm90.cuh"
 
 namespace flashmlir {
@@ -130,6 +131,15 @@ __device__ __forceinline__ int warpgroup_index() {
 #define FLASHMLIR_MASK_BOUNDS 0
 #endif
 
+// Whether the producer loads through TMA (tensor maps each block makes on the device, in a global
+// workspace the launch passes: tma_sm90.cuh) instead of cp.async: one thread issues a tile's
+// kD / 64 box loads, against 128 threads' 16-byte copies that take the load/store unit the
+// consumers' stores of O need too. Catalog `tma`; the entry points then take the workspace.
+#ifndef FLASHMLIR_TMA
+#define FLASHMLIR_TMA 0
+#endif
+constexpr bool kTma = FLASHMLIR_TMA != 0;
+
 // Named barrier `id` over `threads` threads (ids 0.. are free: __syncthreads is not used after setup).
 __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
@@ -183,7 +193,9 @@ struct Sm90Config {
   // writes them out, 16 coalesced bytes a thread, while the consumers go on.
   static constexpr int kOPitch = kD * 2 + 16;
   static constexpr int kOffsetO = kOffsetV + kStages * kTileBytesKV;
-  static constexpr int kOffsetBarriers = kOffsetO + (kOStaged ? kConsumers * 64 * kOPitch : 0);
+  // With TMA, where one producer warp makes the Q, K and V tensor maps before they go to global memory.
+  static constexpr int kOffsetMaps = kOffsetO + (kOStaged ? kConsumers * 64 * kOPitch : 0);
+  static constexpr int kOffsetBarriers = kOffsetMaps + (kTma ? 3 * kTensorMapBytes : 0);
   // Q full and empty; K, V full and empty per stage; with kOStaged O full and empty per consumer
   static constexpr int kBarriers = 2 + 4 * kStages + (kOStaged ? 2 * kConsumers : 0);
   // The tiles start on a 1024-byte boundary (the swizzle's period): slack to align the base.
@@ -194,6 +206,7 @@ struct Sm90Config {
   // (~100 bytes against 8) and the long sequences lost 10%, so there a block takes one.
   static constexpr bool kPersistent = kD < 256;
   static_assert(!kOStaged || kPersistent, "the producer writes O out between a persistent block's query blocks");
+  static_assert(!(kOStaged && kTma), "with TMA one producer thread is left; kOStaged needs the warpgroup");
   // Per consumer thread: O (kD / 2), S (kBlockN / 2) and two sets of P (kBlockN / 4 each).
   static_assert(kD / 2 + kBlockN / 2 + kBlockN / 2 <= kConsumerRegisters - 32, "too many accumulators for the consumers");
 };
@@ -256,8 +269,9 @@ __device__ __forceinline__ int2 scheduled_tile(int n, int q_blocks, int tiles, b
 template <typename T, int kD, int kBlockN, int kStages, bool kPingPong, int kConsumers = 2, bool kOStaged = false>
 __device__ __forceinline__ void attention_fwd_sm90(const T* __restrict__ q, const T* __restrict__ k,
                                                    const T* __restrict__ v, T* __restrict__ o,
-                                                   float* __restrict__ lse, int group, int batch_heads,
-                                                   int seq_q, int seq_k, float scale, bool causal) {
+                                                   float* __restrict__ lse, uint8_t* __restrict__ maps,
+                                                   int group, int batch_heads, int seq_q, int seq_k, float scale,
+                                                   bool causal) {
   using Cfg = Sm90Config<T, kD, kBlockN, kStages, kConsumers, kOStaged>;
   using E = Element<T>;
   constexpr int kBlockM = Cfg::kBlockM;
@@ -294,7 +308,8 @@ __device__ __forceinline__ void attention_fwd_sm90(const T* __restrict__ q, cons
 
   const int warpgroup = warpgroup_index<(kD < 256)>();
   if (threadIdx.x == 0) {
-    mbarrier_init(bar_q, 128);
+    constexpr uint32_t kLoaders = kTma ? 1 : 128;  // arrivals a full stage waits for besides its bytes
+    mbarrier_init(bar_q, kLoaders);
     mbarrier_init(empty_q, 4 * kConsumers);
     if constexpr (kOStaged) {
       for (int c = 0; c < kConsumers; ++c) {
@@ -303,8 +318,8 @@ __device__ __forceinline__ void attention_fwd_sm90(const T* __restrict__ q, cons
       }
     }
     for (int s = 0; s < kStages; ++s) {
-      mbarrier_init(full_k(s), 128);  // every producer thread's copies
-      mbarrier_init(full_v(s), 128);
+      mbarrier_init(full_k(s), kLoaders);  // every producer thread's copies, or the one TMA thread
+      mbarrier_init(full_v(s), kLoaders);
       mbarrier_init(empty_k(s), 4 * kConsumers);  // one arrival per consumer warp
       mbarrier_init(empty_v(s), 4 * kConsumers);
     }
@@ -319,6 +334,53 @@ __device__ __forceinline__ void attention_fwd_sm90(const T* __restrict__ q, cons
     // Producer: per query block Q (once the consumers are done with the last one), then K(j) and
     // V(j) into their stages once both consumers let them go.
     release_registers<Cfg::kProducerRegisters>();
+    if constexpr (kTma) {
+      // Warps 0, 1, 2 make the block's Q, K and V maps side by side (a block per query block pays
+      // this at its start); thread 0 then issues every load, the rest leave.
+      const int maker = threadIdx.x / 32;
+      if (maker > 2) return;
+      // 128-aligned whatever the binding's offset (the workspace has 128 bytes of slack for it).
+      uint8_t* map_q = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(maps) + 127) & ~uintptr_t{127}) +
+                       static_cast<int64_t>(blockIdx.x) * 3 * kTensorMapBytes;
+      uint8_t* map_k = map_q + kTensorMapBytes;
+      uint8_t* map_v = map_k + kTensorMapBytes;
+      const uint32_t staging = base + Cfg::kOffsetMaps + maker * kTensorMapBytes;
+      if (maker == 0) make_tensor_map<kD, kBlockM>(map_q, staging, q, batch_heads, seq_q);
+      if (maker == 1) make_tensor_map<kD, kBlockN>(map_k, staging, k, batch_heads / group, seq_k);
+      if (maker == 2) make_tensor_map<kD, kBlockN>(map_v, staging, v, batch_heads / group, seq_k);
+      constexpr int kMapsMade = 1 + kConsumers;  // named barrier: after the consumers' turn ones
+      if (maker > 0) {
+        named_barrier_arrive(kMapsMade, 96);
+        return;
+      }
+      named_barrier_sync(kMapsMade, 96);
+      if (threadIdx.x != 0) return;
+      acquire_tensor_map(map_q);
+      acquire_tensor_map(map_k);
+      acquire_tensor_map(map_v);
+      int first = 0;
+      for (int n = 0; n < (kPersistent ? tiles : 1); ++n) {
+        const int2 tile = tile_at(n);
+        if (tile.x < 0) break;
+        const int bh = tile.x, bh_kv = bh / group, qb = tile.y;
+        if (n > 0) mbarrier_wait(empty_q, (n - 1) & 1);
+        mbarrier_arrive_expect_bytes(bar_q, Cfg::kTileBytesQ);
+        tma_load_tile<kBlockM, kD>(tile_q, map_q, qb * kBlockM, bh, bar_q);
+        const int end = key_tiles(qb);
+        for (int j = 0; j < end; ++j) {
+          const int stage = (first + j) % kStages;
+          const uint32_t free_parity = (((first + j) / kStages) & 1) ^ 1;
+          mbarrier_wait(empty_k(stage), free_parity);
+          mbarrier_arrive_expect_bytes(full_k(stage), Cfg::kTileBytesKV);
+          tma_load_tile<kBlockN, kD>(tile_k(stage), map_k, j * kBlockN, bh_kv, full_k(stage));
+          mbarrier_wait(empty_v(stage), free_parity);
+          mbarrier_arrive_expect_bytes(full_v(stage), Cfg::kTileBytesKV);
+          tma_load_tile<kBlockN, kD>(tile_v(stage), map_v, j * kBlockN, bh_kv, full_v(stage));
+        }
+        first += end;
+      }
+      return;
+    }
     const int thread = threadIdx.x;
     // kOStaged: query block t's O, once its consumers left it in shared memory, to global memory, 16
     // bytes a thread a step (a warp writes two whole 256-byte rows at head dim 128); rows past the

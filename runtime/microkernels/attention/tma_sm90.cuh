@@ -1,0 +1,123 @@
+// TMA (the copy engine's tensor loads) for sm_90a kernels launched the way IREE launches them.
+//
+// IREE passes a kernel its buffers as device pointers and its constants as 32-bit words, so a TMA
+// tensor map, which holds the tensor's address, cannot come from the host: each block makes its
+// own on the device. One warp zeroes 128 bytes of shared memory, lane 0 sets every field with
+// `tensormap.replace`, and the warp copies the map to its slot of a global workspace with
+// `tensormap.cp_fenceproxy` (the copy and the release fence the tensormap proxy needs); the thread
+// that loads through it then acquires it (`fence.proxy.tensormap`). benchmarks/tma_probe.py checks
+// such a map against cuTensorMapEncodeTiled's, and a load through it against the layout below.
+//
+// The maps here are of [planes, rows, kD] 16-bit tensors (planes = batch · heads), boxes of
+// 64 columns × kBoxRows rows × 1 plane with the 128-byte swizzle: a box lands as one panel of the
+// layout the wgmma operands read (row r at r · 128 bytes, its 16-byte chunk c at chunk c ^ (r % 8)),
+// rows past the tensor's end as zeros. The element type is given as f16 for bf16 too: the copy
+// engine moves 2-byte elements and converts nothing, and zero fill is the same bits in both.
+#pragma once
+
+#include <stdint.h>
+
+namespace flashmlir {
+namespace sm90 {
+
+// The rank field's value for a rank-3 map (PTX's encoding; the probe tells whether it is the rank
+// or the rank less one).
+#ifndef FLASHMLIR_TMA_RANK_FIELD
+#define FLASHMLIR_TMA_RANK_FIELD 2
+#endif
+
+constexpr int kTensorMapBytes = 128;
+
+namespace tma_detail {
+template <int kOrd>
+__device__ __forceinline__ void set_box_dim(uint32_t map, uint32_t value) {
+  asm volatile("tensormap.replace.tile.box_dim.shared::cta.b1024.b32 [%0], %1, %2;" ::"r"(map), "n"(kOrd), "r"(value)
+               : "memory");
+}
+template <int kOrd>
+__device__ __forceinline__ void set_global_dim(uint32_t map, uint32_t value) {
+  asm volatile("tensormap.replace.tile.global_dim.shared::cta.b1024.b32 [%0], %1, %2;" ::"r"(map), "n"(kOrd),
+               "r"(value)
+               : "memory");
+}
+template <int kOrd>
+__device__ __forceinline__ void set_element_stride(uint32_t map) {
+  asm volatile("tensormap.replace.tile.element_stride.shared::cta.b1024.b32 [%0], %1, 1;" ::"r"(map), "n"(kOrd)
+               : "memory");
+}
+template <int kOrd>
+__device__ __forceinline__ void set_global_stride(uint32_t map, uint64_t bytes) {
+  asm volatile("tensormap.replace.tile.global_stride.shared::cta.b1024.b64 [%0], %1, %2;" ::"r"(map), "n"(kOrd),
+               "l"(bytes)
+               : "memory");
+}
+}  // namespace tma_detail
+
+// Makes the map of a [planes, rows, kD] tensor at `base` in `global` (128 bytes, 128-aligned), using
+// `staging` (128 bytes of shared memory, 128-aligned). Every lane of one warp calls it.
+template <int kD, int kBoxRows>
+__device__ __forceinline__ void make_tensor_map(void* global, uint32_t staging, const void* base, uint32_t planes,
+                                                uint32_t rows) {
+  using namespace tma_detail;
+  const int lane = threadIdx.x % 32;
+  asm volatile("st.shared.u32 [%0], 0;" ::"r"(staging + 4 * lane) : "memory");
+  __syncwarp();
+  if (lane == 0) {
+    asm volatile("tensormap.replace.tile.global_address.shared::cta.b1024.b64 [%0], %1;" ::"r"(staging), "l"(base)
+                 : "memory");
+    asm volatile("tensormap.replace.tile.rank.shared::cta.b1024.b32 [%0], %1;" ::"r"(staging),
+                 "n"(FLASHMLIR_TMA_RANK_FIELD)
+                 : "memory");
+    set_global_dim<0>(staging, kD);
+    set_global_dim<1>(staging, rows);
+    set_global_dim<2>(staging, planes);
+    set_global_stride<0>(staging, static_cast<uint64_t>(kD) * 2);         // row to row, bytes
+    set_global_stride<1>(staging, static_cast<uint64_t>(kD) * 2 * rows);  // plane to plane
+    set_box_dim<0>(staging, 64);
+    set_box_dim<1>(staging, kBoxRows);
+    set_box_dim<2>(staging, 1);
+    set_element_stride<0>(staging);
+    set_element_stride<1>(staging);
+    set_element_stride<2>(staging);
+    asm volatile("tensormap.replace.tile.elemtype.shared::cta.b1024.b32 [%0], 6;" ::"r"(staging) : "memory");  // f16
+    asm volatile("tensormap.replace.tile.interleave_layout.shared::cta.b1024.b32 [%0], 0;" ::"r"(staging) : "memory");
+    asm volatile("tensormap.replace.tile.swizzle_mode.shared::cta.b1024.b32 [%0], 3;" ::"r"(staging) : "memory");  // 128 B
+    asm volatile("tensormap.replace.tile.fill_mode.shared::cta.b1024.b32 [%0], 0;" ::"r"(staging) : "memory");  // zeros
+  }
+  __syncwarp();
+  asm volatile(
+      "tensormap.cp_fenceproxy.global.shared::cta.tensormap::generic.release.gpu.sync.aligned [%0], [%1], 128;" ::"l"(
+          global),
+      "r"(staging)
+      : "memory");
+}
+
+// Before the first load through a map this thread (or its warp) made: the acquire half.
+__device__ __forceinline__ void acquire_tensor_map(const void* global) {
+  asm volatile("fence.proxy.tensormap::generic.acquire.gpu [%0], 128;" ::"l"(global) : "memory");
+}
+
+// One arrival on `bar` that also expects `bytes` more of copies to complete on it.
+__device__ __forceinline__ void mbarrier_arrive_expect_bytes(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+}
+
+// The box at (column, row, plane) through `map` into `tile`, completing `bytes` on `bar`.
+__device__ __forceinline__ void tma_load_box(uint32_t tile, const void* map, int column, int row, int plane,
+                                             uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];" ::
+          "r"(tile),
+      "l"(map), "r"(column), "r"(row), "r"(plane), "r"(bar)
+      : "memory");
+}
+
+// Rows [row, row + kRows) of plane `plane` as the kD / 64 panels of a tile at `tile`, on `bar`.
+template <int kRows, int kD>
+__device__ __forceinline__ void tma_load_tile(uint32_t tile, const void* map, int row, int plane, uint32_t bar) {
+#pragma unroll
+  for (int panel = 0; panel < kD / 64; ++panel) tma_load_box(tile + panel * kRows * 128, map, panel * 64, row, plane, bar);
+}
+
+}  // namespace sm90
+}  // namespace flashmlir
