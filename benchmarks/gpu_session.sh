@@ -77,8 +77,7 @@ for step in "$@"; do
               echo "--- X_NO_STORE=$x"; grep -E "Duration|Stall|Warp Cycles|Issue Slots|Eligible|DRAM Throughput|L2 Hit" "$OUT/stalls-x$x.txt" | head -30
             done ;;
     tma) python benchmarks/tma_probe.py --markdown "$OUT/tma-probe.md" 2>&1 | tail -12 || status=1 ;;
-    pending) # FLASHMLIR_MASK_BOUNDS (built, not yet run): the masked tiles' one-compare form, forward and backward;
-             # catalog o_staged (below)
+    pending) # FLASHMLIR_MASK_BOUNDS (built, not yet run): the masked tiles' one-compare form, forward and backward
              python benchmarks/microkernel_sweep.py --family sm90 --variants n128s2 n128s2:MASK_BOUNDS=1 --head-dims 64 128 \
                --seqs 512 1024 2048 4096 16384 --markdown "$OUT/pending-forward.md" 2>&1 | grep -v '^{' || status=1
              python benchmarks/microkernel_sweep.py --family sm90 --variants m192n96s2 m192n96s2:MASK_BOUNDS=1 --head-dims 64 \
@@ -86,12 +85,7 @@ for step in "$@"; do
              python benchmarks/microkernel_sweep.py --family sm90 --variants n64s2p n64s2p:MASK_BOUNDS=1 --head-dims 256 \
                --seqs 1024 4096 --markdown "$OUT/pending-forward-d256.md" 2>&1 | grep -v '^{' || status=1
              python benchmarks/attention_backward.py --variants sm90 sm90:MASK_BOUNDS=1 --head-dims 64 128 --seqs 1024 4096 16384 \
-               --dtypes fp16 --rounds 4 --markdown "$OUT/pending-backward.md" 2>&1 | grep -v '^{' || status=1
-             # o: O left in shared memory and written out by the producer (built, not yet run)
-             python benchmarks/microkernel_sweep.py --family sm90 --variants n128s2 n128s2o --head-dims 64 128 \
-               --seqs 512 1024 2048 4096 --markdown "$OUT/pending-forward-o.md" 2>&1 | grep -v '^{' || status=1
-             python benchmarks/microkernel_sweep.py --family sm90 --variants m192n96s2 m192n96s2o --head-dims 64 \
-               --seqs 2048 4096 --markdown "$OUT/pending-forward-o-d64-long.md" 2>&1 | grep -v '^{' || status=1 ;;
+               --dtypes fp16 --rounds 4 --markdown "$OUT/pending-backward.md" 2>&1 | grep -v '^{' || status=1 ;;
     *) echo "unknown step $step"; status=1 ;;
   esac
 done

@@ -59,8 +59,6 @@ class CudaAttentionKernel:
     # Causal problems take the entry from this length instead (0: min_seq): a causal query block's
     # work is shorter and more uneven, so a larger tiling pays off later.
     min_seq_causal: int = 0
-    # sm_90, persistent: the consumers leave O in shared memory and the producer writes it out.
-    o_staged: bool = False
     # sm_90: the producer loads through TMA, from tensor maps each workgroup makes on the device in a
     # workspace binding after the outputs (`workspace_bytes`).
     tma: bool = False
@@ -94,16 +92,11 @@ class CudaAttentionKernel:
             per_warp = 16 * ((self.block_n + 4) * 4 + (self.block_n + 8) * 2 + 4)
             return tiles + self.warps * per_warp
         if self.family == "attention_fwd_sm90":
-            # fwd_sm90_wgmma.cuh `Sm90Config`: Q, `stages` K and V tiles, with `o_staged` a consumer's
-            # 64 rows of O (rows padded by 16 bytes), 8-byte mbarriers (Q full and empty; K, V full and
-            # empty per stage; O full and empty per consumer), and 1024 bytes to align the tiles to the
-            # swizzle period.
+            # fwd_sm90_wgmma.cuh `Sm90Config`: Q, `stages` K and V tiles, 8-byte mbarriers (Q full and
+            # empty; K, V full and empty per stage), and 1024 bytes to align the tiles to the swizzle period.
             tiles = (self.block_m + 2 * self.stages * self.block_n) * self.head_dim * e
-            consumers = self.block_m // 64
-            staged = consumers * 64 * (self.head_dim * e + 16) if self.o_staged else 0
-            barriers = 2 + 4 * self.stages + (2 * consumers if self.o_staged else 0)
-            maps = 3 * TENSOR_MAP_BYTES if self.tma else 0  # where the Q, K, V maps are made
-            return tiles + staged + maps + 8 * barriers + 1024
+            maps = 3 * TENSOR_MAP_BYTES if self.tma else 0  # with `tma`: where the Q, K, V maps are made
+            return tiles + maps + 8 * (2 + 4 * self.stages) + 1024
         # fwd_sm80_mma_sync.cuh: the Q tile and two stages of (K, V) tiles.
         return (self.block_m + 4 * self.block_n) * self.head_dim * e
 
@@ -338,8 +331,7 @@ def _load(directory: Path | None) -> Library:
     cuda = tuple(
         CudaAttentionKernel(e["family"], e["element"], e["head_dim"], e["block_m"], e["block_n"], e["warps"],
                             e["min_arch"], cuda_object(e), e.get("stages", 2), e.get("pingpong", False),
-                            e.get("min_seq", 0), e.get("min_seq_causal", 0), e.get("o_staged", False),
-                            e.get("tma", False))
+                            e.get("min_seq", 0), e.get("min_seq_causal", 0), e.get("tma", False))
         for e in entries if e["family"].startswith("attention_fwd"))
     cuda_backward = tuple(
         CudaAttentionBackwardKernel(e["family"], e["element"], e["head_dim"], e["block_m"], e["block_n"],

@@ -94,16 +94,6 @@ def test_an_unbuilt_long_sequence_tiling_leaves_the_default(tmp_path, monkeypatc
     assert microkernels.select_attention_forward("sm_90", "f16", 128, 8192, 8192).block_m == 128
 
 
-def test_staged_output_shared_memory():
-    """With o_staged each consumer's 64 rows of O (rows padded by 16 bytes) and an O full/empty
-    mbarrier pair per consumer join Sm90Config's layout (the device computes the same, 199,792 bytes
-    at head dim 128: a build of Sm90Config<half, 128, 128, 2, 2, true> printed it)."""
-    kernel = CudaAttentionKernel("attention_fwd_sm90", "f16", 128, 128, 128, 12, "sm_90a", Path("k.fatbin"),
-                                 o_staged=True)
-    plain = CudaAttentionKernel("attention_fwd_sm90", "f16", 128, 128, 128, 12, "sm_90a", Path("k.fatbin"))
-    assert kernel.shared_bytes == plain.shared_bytes + 2 * 64 * (128 * 2 + 16) + 8 * 4 == 199792
-
-
 def test_three_consumer_shared_memory():
     kernel = CudaAttentionKernel("attention_fwd_sm90", "f16", 64, 192, 96, 16, "sm_90a", Path("k.fatbin"), min_seq=2048)
     # Sm90Config<half, 64, 96, 2, 3>: Q 192×64, 2 stages × (K, V) of 96×64, 10 mbarriers, 1024 of alignment

@@ -23,9 +23,6 @@
 #ifndef FLASHMLIR_BLOCK_M
 #define FLASHMLIR_BLOCK_M 128
 #endif
-#ifndef FLASHMLIR_O_STAGED
-#define FLASHMLIR_O_STAGED 0
-#endif
 
 #define FLASHMLIR_KERNEL FLASHMLIR_KERNEL_NAME(sm90)
 #define FLASHMLIR_KERNEL_LSE FLASHMLIR_KERNEL_NAME_LSE(sm90)
@@ -37,8 +34,7 @@ constexpr int kBlockN = FLASHMLIR_BLOCK_N;
 constexpr int kStages = FLASHMLIR_STAGES;
 constexpr bool kPingPong = FLASHMLIR_PINGPONG != 0;
 constexpr int kConsumers = FLASHMLIR_BLOCK_M / 64;  // a consumer warpgroup per 64 query rows
-constexpr bool kOStaged = FLASHMLIR_O_STAGED != 0;
-using Config = flashmlir::sm90::Sm90Config<Element, kHeadDim, kBlockN, kStages, kConsumers, kOStaged>;
+using Config = flashmlir::sm90::Sm90Config<Element, kHeadDim, kBlockN, kStages, kConsumers>;
 }  // namespace
 
 // The catalog's tile fields (what the passes compute grids and shared memory from) must be the tiles
@@ -62,7 +58,7 @@ extern "C" __global__ void __launch_bounds__(Config::kThreads, 1)
     FLASHMLIR_KERNEL(const Element* __restrict__ q, const Element* __restrict__ k, const Element* __restrict__ v,
                      Element* __restrict__ o FLASHMLIR_MAPS_PARAMETER, uint32_t group, uint32_t seq_q,
                      uint32_t seq_k, uint32_t scale_bits, uint32_t causal, uint32_t batch_heads) {
-  flashmlir::sm90::attention_fwd_sm90<Element, kHeadDim, kBlockN, kStages, kPingPong, kConsumers, kOStaged>(
+  flashmlir::sm90::attention_fwd_sm90<Element, kHeadDim, kBlockN, kStages, kPingPong, kConsumers>(
       q, k, v, o, nullptr, FLASHMLIR_MAPS, group, batch_heads, seq_q, seq_k, __uint_as_float(scale_bits),
       causal != 0);
 }
@@ -72,6 +68,6 @@ extern "C" __global__ void __launch_bounds__(Config::kThreads, 1)
                          Element* __restrict__ o, float* __restrict__ lse FLASHMLIR_MAPS_PARAMETER, uint32_t group,
                          uint32_t seq_q, uint32_t seq_k, uint32_t scale_bits, uint32_t causal,
                          uint32_t batch_heads) {
-  flashmlir::sm90::attention_fwd_sm90<Element, kHeadDim, kBlockN, kStages, kPingPong, kConsumers, kOStaged>(
+  flashmlir::sm90::attention_fwd_sm90<Element, kHeadDim, kBlockN, kStages, kPingPong, kConsumers>(
       q, k, v, o, lse, FLASHMLIR_MAPS, group, batch_heads, seq_q, seq_k, __uint_as_float(scale_bits), causal != 0);
 }

@@ -163,7 +163,7 @@ __device__ __forceinline__ uint64_t operand(uint32_t low) {
 
 // ---- configuration --------------------------------------------------------------------------------
 
-template <typename T, int kD, int kBlockN, int kStages, int kConsumers = 2, bool kOStaged = false>
+template <typename T, int kD, int kBlockN, int kStages, int kConsumers = 2>
 struct Sm90Config {
   static constexpr int kBlockM = 64 * kConsumers;       // one wgmma M of query rows a consumer
   static constexpr int kThreads = 128 * (kConsumers + 1);  // producer + consumers
@@ -188,16 +188,11 @@ struct Sm90Config {
   static constexpr int kTileBytesKV = kBlockN * kD * 2;
   static constexpr int kOffsetK = kTileBytesQ;
   static constexpr int kOffsetV = kOffsetK + kStages * kTileBytesKV;
-  // With kOStaged (catalog `o_staged`), each consumer leaves its 64 rows of O in shared memory (rows
-  // padded by 16 bytes: a warp's 8 rows × 4 words fall in 32 banks) and the producer warpgroup
-  // writes them out, 16 coalesced bytes a thread, while the consumers go on.
-  static constexpr int kOPitch = kD * 2 + 16;
-  static constexpr int kOffsetO = kOffsetV + kStages * kTileBytesKV;
-  // With TMA, where one producer warp makes the Q, K and V tensor maps before they go to global memory.
-  static constexpr int kOffsetMaps = kOffsetO + (kOStaged ? kConsumers * 64 * kOPitch : 0);
+  // With TMA, where three producer warps make the Q, K and V tensor maps before they go to global memory.
+  static constexpr int kOffsetMaps = kOffsetV + kStages * kTileBytesKV;
   static constexpr int kOffsetBarriers = kOffsetMaps + (kTma ? 3 * kTensorMapBytes : 0);
-  // Q full and empty; K, V full and empty per stage; with kOStaged O full and empty per consumer
-  static constexpr int kBarriers = 2 + 4 * kStages + (kOStaged ? 2 * kConsumers : 0);
+  // Q full and empty; K, V full and empty per stage
+  static constexpr int kBarriers = 2 + 4 * kStages;
   // The tiles start on a 1024-byte boundary (the swizzle's period): slack to align the base.
   static constexpr int kSharedBytes = kOffsetBarriers + 8 * kBarriers + 1024;
   static_assert(kD % 64 == 0 && kBlockN % 16 == 0 && kTileBytesKV % 1024 == 0, "unsupported tile shape");
@@ -205,8 +200,6 @@ struct Sm90Config {
   // consumers have no registers left for the loop's state: ptxas spilled inside the key loop
   // (~100 bytes against 8) and the long sequences lost 10%, so there a block takes one.
   static constexpr bool kPersistent = kD < 256;
-  static_assert(!kOStaged || kPersistent, "the producer writes O out between a persistent block's query blocks");
-  static_assert(!(kOStaged && kTma), "with TMA one producer thread is left; kOStaged needs the warpgroup");
   // Per consumer thread: O (kD / 2), S (kBlockN / 2) and two sets of P (kBlockN / 4 each).
   static_assert(kD / 2 + kBlockN / 2 + kBlockN / 2 <= kConsumerRegisters - 32, "too many accumulators for the consumers");
 };
@@ -266,13 +259,13 @@ __device__ __forceinline__ int2 scheduled_tile(int n, int q_blocks, int tiles, b
   return make_int2(position / q_blocks, qb);
 }
 
-template <typename T, int kD, int kBlockN, int kStages, bool kPingPong, int kConsumers = 2, bool kOStaged = false>
+template <typename T, int kD, int kBlockN, int kStages, bool kPingPong, int kConsumers = 2>
 __device__ __forceinline__ void attention_fwd_sm90(const T* __restrict__ q, const T* __restrict__ k,
                                                    const T* __restrict__ v, T* __restrict__ o,
                                                    float* __restrict__ lse, uint8_t* __restrict__ maps,
                                                    int group, int batch_heads, int seq_q, int seq_k, float scale,
                                                    bool causal) {
-  using Cfg = Sm90Config<T, kD, kBlockN, kStages, kConsumers, kOStaged>;
+  using Cfg = Sm90Config<T, kD, kBlockN, kStages, kConsumers>;
   using E = Element<T>;
   constexpr int kBlockM = Cfg::kBlockM;
   constexpr int kSRegs = kBlockN / 2;   // S accumulators per thread (m64 × kBlockN over 128 threads)
@@ -291,9 +284,6 @@ __device__ __forceinline__ void attention_fwd_sm90(const T* __restrict__ q, cons
   auto empty_k = [&](int stage) { return bar_q + 8 * (1 + 2 * kStages + stage); };
   auto empty_v = [&](int stage) { return bar_q + 8 * (1 + 3 * kStages + stage); };
   const uint32_t empty_q = bar_q + 8 * (1 + 4 * kStages);
-  auto o_full = [&](int consumer) { return bar_q + 8 * (2 + 4 * kStages + consumer); };
-  auto o_empty = [&](int consumer) { return bar_q + 8 * (2 + 4 * kStages + kConsumers + consumer); };
-  auto o_tile = [&](int consumer) { return base + Cfg::kOffsetO + consumer * 64 * Cfg::kOPitch; };
 
   const int q_blocks = (seq_q + kBlockM - 1) / kBlockM, tiles = q_blocks * batch_heads;
   // A block takes its tiles n = 0, 1, ... (one where the kernel is not persistent).
@@ -311,12 +301,6 @@ __device__ __forceinline__ void attention_fwd_sm90(const T* __restrict__ q, cons
     constexpr uint32_t kLoaders = kTma ? 1 : 128;  // arrivals a full stage waits for besides its bytes
     mbarrier_init(bar_q, kLoaders);
     mbarrier_init(empty_q, 4 * kConsumers);
-    if constexpr (kOStaged) {
-      for (int c = 0; c < kConsumers; ++c) {
-        mbarrier_init(o_full(c), 128);   // every thread of the consumer wrote its part
-        mbarrier_init(o_empty(c), 128);  // every producer thread read its part
-      }
-    }
     for (int s = 0; s < kStages; ++s) {
       mbarrier_init(full_k(s), kLoaders);  // every producer thread's copies, or the one TMA thread
       mbarrier_init(full_v(s), kLoaders);
@@ -382,38 +366,10 @@ __device__ __forceinline__ void attention_fwd_sm90(const T* __restrict__ q, cons
       return;
     }
     const int thread = threadIdx.x;
-    // kOStaged: query block t's O, once its consumers left it in shared memory, to global memory, 16
-    // bytes a thread a step (a warp writes two whole 256-byte rows at head dim 128); rows past the
-    // sequence are not written. The block's n-th copy is phase n of each consumer's pair.
-    auto write_output = [&](int t) {
-      const int2 done = tile_at(t);
-      constexpr int kChunks = kD / 8;  // 16-byte chunks a row
-#pragma unroll 1
-      for (int c = 0; c < kConsumers; ++c) {
-        mbarrier_wait(o_full(c), t & 1);
-        const int row0 = done.y * kBlockM + c * 64;
-        T* out = o + (static_cast<int64_t>(done.x) * seq_q + row0) * kD;
-#pragma unroll 2
-        for (int at = thread; at < 64 * kChunks; at += 128) {
-          const int r = at / kChunks, chunk = at % kChunks;
-          uint4 x;
-          asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-                       : "=r"(x.x), "=r"(x.y), "=r"(x.z), "=r"(x.w)
-                       : "r"(o_tile(c) + r * Cfg::kOPitch + chunk * 16));
-          if (row0 + r < seq_q) *reinterpret_cast<uint4*>(out + r * kD + chunk * 8) = x;
-        }
-        mbarrier_arrive(o_empty(c));
-      }
-    };
     int first = 0;
-    int n = 0;
-    for (; n < (kPersistent ? tiles : 1); ++n) {
+    for (int n = 0; n < (kPersistent ? tiles : 1); ++n) {
       const int2 tile = tile_at(n);
       if (tile.x < 0) break;
-      // Query block n - 2's O: ready since the consumers started n - 1, while they are still in it.
-      if constexpr (kOStaged) {
-        if (n >= 2) write_output(n - 2);
-      }
       const int64_t bh = tile.x, bh_kv = bh / group;
       const int qb = tile.y;
       const T* kb = k + bh_kv * seq_k * kD;
@@ -433,9 +389,6 @@ __device__ __forceinline__ void attention_fwd_sm90(const T* __restrict__ q, cons
         mbarrier_arrive_on_copies(full_v(stage));
       }
       first += end;
-    }
-    if constexpr (kOStaged) {  // the last two query blocks' O
-      for (int t = n >= 2 ? n - 2 : 0; t < n; ++t) write_output(t);
     }
     asm volatile("cp.async.wait_all;\n" ::: "memory");
     return;
@@ -630,10 +583,6 @@ __device__ __forceinline__ void attention_fwd_sm90(const T* __restrict__ q, cons
       pass_turn(true);
       release(empty_q);
       first += end;
-      if constexpr (kOStaged) {  // no rows, but its part in the query block's O hand-off
-        if (n > 0) mbarrier_wait(o_empty(consumer), (n - 1) & 1);
-        mbarrier_arrive(o_full(consumer));
-      }
       continue;
     }
     if (end > 0) {
@@ -685,11 +634,6 @@ __device__ __forceinline__ void attention_fwd_sm90(const T* __restrict__ q, cons
     first += end;
 
     // O = acc / row sum (0 for a row with every key masked); lse = ln Σ exp(scale · s), -inf there.
-    // kOStaged: O goes to this consumer's shared tile (every row: the producer skips those past the
-    // sequence), once the producer has written the last query block's out.
-    if constexpr (kOStaged) {
-      if (n > 0) mbarrier_wait(o_empty(consumer), (n - 1) & 1);
-    }
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       float sum = row_sum[h];
@@ -697,17 +641,6 @@ __device__ __forceinline__ void attention_fwd_sm90(const T* __restrict__ q, cons
       sum += __shfl_xor_sync(0xffffffff, sum, 2);
       const float inv = sum == 0.f ? 0.f : 1.f / sum;
       const int row = row_base + h * 8;
-      if constexpr (kOStaged) {
-        const uint32_t at = o_tile(consumer) + (warp * 16 + lane / 4 + 8 * h) * Cfg::kOPitch + (lane % 4) * 4;
-#pragma unroll
-        for (int c = 0; c < kD / 8; ++c)
-          asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(at + c * 16),
-                       "r"(E::pack(acc[4 * c + 2 * h] * inv, acc[4 * c + 2 * h + 1] * inv))
-                       : "memory");
-        if (row < seq_q && lse != nullptr && lane % 4 == 0)
-          lse[bh * seq_q + row] = sum == 0.f ? kNegInf : (row_max[h] + __log2f(sum)) * kLn2;
-        continue;
-      }
       if (row >= seq_q) continue;
       if (lse != nullptr && lane % 4 == 0)
         lse[bh * seq_q + row] = sum == 0.f ? kNegInf : (row_max[h] + __log2f(sum)) * kLn2;
@@ -716,7 +649,6 @@ __device__ __forceinline__ void attention_fwd_sm90(const T* __restrict__ q, cons
       for (int c = 0; c < kD / 8; ++c)
         *reinterpret_cast<uint32_t*>(out + c * 8) = E::pack(acc[4 * c + 2 * h] * inv, acc[4 * c + 2 * h + 1] * inv);
     }
-    if constexpr (kOStaged) mbarrier_arrive(o_full(consumer));
   }
 }
 
