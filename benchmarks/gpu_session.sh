@@ -10,8 +10,7 @@
 # attention call, benchmarks/host_overhead.py), ablation (what O's stores and the proxy fences cost
 # the sm_90 forward, benchmarks/forward_epilogue_ablation.py), stalls (ncu: where the forward's
 # consumers wait at 512 tokens with and without O's stores), tma (whether a TMA tensor map can be
-# made on the device, benchmarks/tma_probe.py), pending (A/Bs of kernel switches built but not yet
-# run on a GPU; each script checks against float64 first).
+# made on the device; each case in its own process, benchmarks/tma_probe.py).
 # Logs and tables go to $OUT (at most 8 files come back).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -77,15 +76,6 @@ for step in "$@"; do
               echo "--- X_NO_STORE=$x"; grep -E "Duration|Stall|Warp Cycles|Issue Slots|Eligible|DRAM Throughput|L2 Hit" "$OUT/stalls-x$x.txt" | head -30
             done ;;
     tma) python benchmarks/tma_probe.py --markdown "$OUT/tma-probe.md" 2>&1 | tail -12 || status=1 ;;
-    pending) # FLASHMLIR_MASK_BOUNDS (built, not yet run): the masked tiles' one-compare form, forward and backward
-             python benchmarks/microkernel_sweep.py --family sm90 --variants n128s2 n128s2:MASK_BOUNDS=1 --head-dims 64 128 \
-               --seqs 512 1024 2048 4096 16384 --markdown "$OUT/pending-forward.md" 2>&1 | grep -v '^{' || status=1
-             python benchmarks/microkernel_sweep.py --family sm90 --variants m192n96s2 m192n96s2:MASK_BOUNDS=1 --head-dims 64 \
-               --seqs 4096 16384 --markdown "$OUT/pending-forward-d64-long.md" 2>&1 | grep -v '^{' || status=1
-             python benchmarks/microkernel_sweep.py --family sm90 --variants n64s2p n64s2p:MASK_BOUNDS=1 --head-dims 256 \
-               --seqs 1024 4096 --markdown "$OUT/pending-forward-d256.md" 2>&1 | grep -v '^{' || status=1
-             python benchmarks/attention_backward.py --variants sm90 sm90:MASK_BOUNDS=1 --head-dims 64 128 --seqs 1024 4096 16384 \
-               --dtypes fp16 --rounds 4 --markdown "$OUT/pending-backward.md" 2>&1 | grep -v '^{' || status=1 ;;
     *) echo "unknown step $step"; status=1 ;;
   esac
 done

@@ -55,8 +55,6 @@
 // non-zero P, which must not reach dQ as inf · 0).
 #pragma once
 
-#include <climits>
-
 #include "backward_rows.cuh"   // lse_log2, warp_row_delta
 #include "fwd_sm90_wgmma.cuh"  // mbarriers, operand descriptors, load_tile, Wgmma wrappers
 
@@ -491,26 +489,13 @@ __device__ __forceinline__ void attention_bwd_dkdv_sm90(const T* __restrict__ q,
     // ptxas predicates the mask's tests rather than branch around them, so they run on every item;
     // with kSplitMask an item that needs none takes a copy of the loop without them.
     if (!Cfg::kSplitMask || masked) {
-      // FLASHMLIR_MASK_BOUNDS (fwd_sm90_wgmma.cuh): accumulator i is query row0 + 2·(lane % 4) + c(i),
-      // c(i) = 8·(i / 4) + i % 2, and key lane_key + 8·h(i), h(i) = (i / 2) % 2: masked iff that key
-      // is past the keys, or (causal) c(i) < key - row0 - 2·(lane % 4); so iff c(i) < bound[h(i)].
-      int bound[2];
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int key = lane_key + 8 * h;
-        bound[h] = key >= seq_k ? INT_MAX : causal ? key - row0 - (lane % 4) * 2 : INT_MIN;
-      }
 #pragma unroll
       for (int i = 0; i < 32; ++i) {
         const int col = (i / 4) * 8 + (lane % 4) * 2 + (i & 1);
         float p = fast_exp2(fmaf(s[i], scale_log2, -lse2_tile[col]));
         if (masked) {
-          if constexpr (FLASHMLIR_MASK_BOUNDS) {
-            if ((i / 4) * 8 + (i & 1) < bound[(i / 2) & 1]) p = 0.f;
-          } else {
-            const int key = lane_key + 8 * ((i / 2) & 1);
-            if (key >= seq_k || (causal && key > row0 + col)) p = 0.f;
-          }
+          const int key = lane_key + 8 * ((i / 2) & 1);
+          if (key >= seq_k || (causal && key > row0 + col)) p = 0.f;
         }
         s[i] = p;
         dp[i] = p * (dp[i] - delta_tile[col]);

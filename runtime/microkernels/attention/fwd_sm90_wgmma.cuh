@@ -121,16 +121,6 @@ __device__ __forceinline__ int warpgroup_index() {
   return uniform ? __shfl_sync(0xffffffff, threadIdx.x / 128, 0) : threadIdx.x / 128;
 }
 
-// Whether the masks of diagonal and ragged tiles (forward and backward) test each element with one
-// compare against a per-thread bound, not by working out its key and row (ptxas: an add and two
-// compares an element). The two forms agreed on every element of an emulation over all lanes,
-// 0-640 keys and rows, ragged lengths, causal or not; built, not yet run on a GPU: off until an A/B
-// (microkernel_sweep.py n128s2:MASK_BOUNDS=1, attention_backward.py sm90:MASK_BOUNDS=1, both
-// checking against float64 first).
-#ifndef FLASHMLIR_MASK_BOUNDS
-#define FLASHMLIR_MASK_BOUNDS 0
-#endif
-
 // Whether the producer loads through TMA (tensor maps each block makes on the device, in a global
 // workspace the launch passes: tma_sm90.cuh) instead of cp.async: one thread issues a tile's
 // kD / 64 box loads, against 128 threads' 16-byte copies that take the load/store unit the
@@ -454,25 +444,11 @@ __device__ __forceinline__ void attention_fwd_sm90(const T* __restrict__ q, cons
     const bool diagonal = causal && key0 + kBlockN - 1 > q0 + consumer * 64 + warp * 16;
     if (tail || diagonal) {
       const int row0 = q0 + consumer * 64 + warp * 16 + lane / 4;
-      if constexpr (FLASHMLIR_MASK_BOUNDS) {
-        // Element i is key key0 + 2·(lane % 4) + c(i), c(i) = 8·(i / 4) + i % 2, of row row0 + 8·h(i),
-        // h(i) = (i / 2) % 2: past the keys iff c(i) > seq_k - key0 - 2·(lane % 4) - 1, after the row
-        // iff c(i) > row0 + 8·h(i) - key0 - 2·(lane % 4); so masked iff c(i) > bound[h(i)].
-        const int lane_key0 = key0 + (lane % 4) * 2;
-        int bound[2];
 #pragma unroll
-        for (int h = 0; h < 2; ++h)
-          bound[h] = causal ? min(seq_k - lane_key0 - 1, row0 + 8 * h - lane_key0) : seq_k - lane_key0 - 1;
-#pragma unroll
-        for (int i = 0; i < kSRegs; ++i)
-          if ((i / 4) * 8 + (i & 1) > bound[(i / 2) & 1]) s[i] = kNegInf;
-      } else {
-#pragma unroll
-        for (int i = 0; i < kSRegs; ++i) {
-          const int key = key0 + (i / 4) * 8 + (lane % 4) * 2 + (i & 1);
-          const int row = row0 + ((i / 2) & 1) * 8;
-          if (key >= seq_k || (causal && key > row)) s[i] = kNegInf;
-        }
+      for (int i = 0; i < kSRegs; ++i) {
+        const int key = key0 + (i / 4) * 8 + (lane % 4) * 2 + (i & 1);
+        const int row = row0 + ((i / 2) & 1) * 8;
+        if (key >= seq_k || (causal && key > row)) s[i] = kNegInf;
       }
     }
     // Row maxima and sums as trees, not chains: more independent instructions in flight.
