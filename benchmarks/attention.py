@@ -141,13 +141,16 @@ def burst_ms(fn, calls: int) -> float:
 
 def interleaved_best_ms(calls: dict, warmup: int, iters: int, rounds: int) -> dict:
     """GPU ms per call of each of `calls` (label → fn), best of `rounds` bursts taken in turn: on a
-    power-capped GPU the clock drifts, and interleaving spreads that drift over all columns."""
+    power-capped GPU the clock drifts, and interleaving spreads that drift over all columns. Each
+    round starts one column later: the first burst of a round ran up to 8% faster than the same
+    kernel's later ones (H200, 16k tokens: h200-2026-12-02-sm90-tma.md), so no column keeps it."""
     for fn in calls.values():
         for _ in range(warmup):
             fn()
     best = {}
-    for _ in range(rounds):
-        for label, fn in calls.items():
+    order = list(calls.items())
+    for r in range(rounds):
+        for label, fn in order[r % len(order):] + order[:r % len(order)]:
             best[label] = min(best.get(label, float("inf")), burst_ms(fn, iters))
     return best
 

@@ -151,7 +151,7 @@ def main() -> None:
         if done.returncode == 0 and lines:
             results[case] = json.loads(lines[-1])
         else:
-            error = [line for line in done.stderr.splitlines() if "Error" in line or "error" in line]
+            error = [line for line in done.stderr.splitlines() if "CUDA error" in line or line.startswith("RuntimeError")]
             results[case] = {"failed": (error[-1] if error else f"exit {done.returncode}")[:120]}
         print(case, {k: v for k, v in results[case].items() if k != "map"}, flush=True)
 

@@ -27,8 +27,10 @@ TENSOR_MAP_BYTES = 128  # a TMA tensor map (CUtensorMap), 128-aligned
 
 # Up to this many query blocks (4k rows) the sm_90 grid is persistent, one workgroup per SM taking
 # tiles in turn: no cold start per tile (+2-16% at 512-4k tokens). Beyond it a workgroup per tile
-# measured as fast or faster (the hardware's dynamic scheduling evens out SMs of different speed,
-# which a static share cannot): benchmarks/results/h100-2026-11-24-sm90-persistent.md.
+# measured as fast or faster for the cp.async kernels (the hardware's dynamic scheduling evens out
+# SMs of different speed, which a static share cannot): h100-2026-11-24-sm90-persistent.md. A TMA
+# kernel is persistent at every length: its workgroups make their tensor maps once, not per tile,
+# and it gained 2-10% at 8k-16k so (h200-2026-12-02-sm90-tma.md).
 PERSISTENT_MAX_Q_BLOCKS = 32
 
 
@@ -119,7 +121,7 @@ class CudaAttentionKernel:
             return (q_blocks, batch_heads, 1)
         # sm_90: a 1-d list of (head, query block) tiles (fwd_sm90_wgmma.cuh `scheduled_tile`).
         tiles = q_blocks * batch_heads
-        if not self.persistent or q_blocks > PERSISTENT_MAX_Q_BLOCKS:
+        if not self.persistent or (q_blocks > PERSISTENT_MAX_Q_BLOCKS and not self.tma):
             return (tiles, 1, 1)
         shares = -(-tiles // 2) if causal else tiles  # causal tiles go out in pairs
         return (min(shares, multiprocessors), 1, 1)

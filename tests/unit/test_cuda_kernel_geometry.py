@@ -7,8 +7,9 @@ import pytest
 from flashmlir.compiler.microkernels import PERSISTENT_MAX_Q_BLOCKS, CudaAttentionKernel
 
 
-def _sm90(head_dim: int) -> CudaAttentionKernel:
-    return CudaAttentionKernel("attention_fwd_sm90", "f16", head_dim, 128, 128, 12, "sm_90a", Path("k.fatbin"))
+def _sm90(head_dim: int, tma: bool = False) -> CudaAttentionKernel:
+    return CudaAttentionKernel("attention_fwd_sm90", "f16", head_dim, 128, 128, 12, "sm_90a", Path("k.fatbin"),
+                               tma=tma)
 
 
 @pytest.mark.parametrize("seq_q, batch_heads, causal, workgroups", [
@@ -33,6 +34,28 @@ def test_long_sequences_take_a_workgroup_per_tile(causal):
     seq = PERSISTENT_MAX_Q_BLOCKS * 128
     assert _sm90(128).grid(seq, 4, 132, causal)[0] <= 132
     assert _sm90(128).grid(seq + 1, 4, 132, causal) == ((PERSISTENT_MAX_Q_BLOCKS + 1) * 4, 1, 1)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_tma_kernels_are_persistent_at_every_length(causal):
+    assert _sm90(128, tma=True).grid(16384, 32, 132, causal) == (132, 1, 1)
+    assert _sm90(64, tma=True).grid(16384, 1, 132, causal) == (128 // (2 if causal else 1), 1, 1)
+
+
+def test_tma_workspace_holds_three_aligned_maps_a_workgroup():
+    assert _sm90(128, tma=True).workspace_bytes((132, 1, 1)) == 132 * 3 * 128 + 128
+    assert _sm90(128).workspace_bytes((132, 1, 1)) == 0
+    # and Sm90Config's shared memory: the tiles, 3 maps, 10 mbarriers, 1024 bytes of alignment
+    assert _sm90(128, tma=True).shared_bytes == 32768 + 4 * 32768 + 384 + 80 + 1024
+
+
+def test_the_catalog_loads_through_tma_below_head_dim_256():
+    from flashmlir.compiler.microkernels import library
+
+    forward = [k for k in library().cuda if k.family == "attention_fwd_sm90"]
+    if not forward:
+        pytest.skip("the microkernel library is not installed")
+    assert {(k.head_dim, k.tma) for k in forward} == {(64, True), (128, True), (256, False)}
 
 
 def test_head_dim_256_takes_a_workgroup_per_tile():

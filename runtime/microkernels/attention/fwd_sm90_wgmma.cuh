@@ -21,12 +21,12 @@
 // take turns at the tensor cores (named barriers), so one's softmax hides under the others'
 // products. A consumer whose rows all lie past the sequence's end issues nothing.
 //
-// Loads are cp.async (16 bytes per thread) into the layout wgmma reads with the 128-byte swizzle:
-// a tile is D/64 column panels of 64 elements; in a panel row r is 128 bytes at r·128, its
-// 16-byte chunk c at chunk c ^ (r % 8). K's panels are K-major operands (keys × head dim) of
-// Q·Kᵀ; V's, the same bytes, are the MN-major operand of P·V. TMA is the alternative: IREE
-// launches with plain pointers and 32-bit constants, so a tensor map would have to be made on the
-// device; docs/ARCHITECTURE.md says why the copy engine was not used (yet).
+// Tiles land in the layout wgmma reads with the 128-byte swizzle: a tile is D/64 column panels of
+// 64 elements; in a panel row r is 128 bytes at r·128, its 16-byte chunk c at chunk c ^ (r % 8).
+// K's panels are K-major operands (keys × head dim) of Q·Kᵀ; V's, the same bytes, are the MN-major
+// operand of P·V. With kTma (head dims 64, 128) the copy engine puts them there, one box a panel,
+// through tensor maps the workgroup makes on the device (tma_sm90.cuh; IREE passes pointers, not
+// maps); otherwise the producer's 128 threads copy 16 bytes each with cp.async.
 //
 // Causal masking is top-left (key > row is masked), as in the sm_80 kernel; only diagonal and
 // ragged-tail tiles are masked, tiles right of the diagonal are never loaded.
