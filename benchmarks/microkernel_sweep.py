@@ -6,7 +6,8 @@
 
 An sm_80 variant is block_m x block_n x warps; an sm_90 one is [m<block_m>]n<block_n>s<stages>,
 with a `p` for ping-pong between the consumer warpgroups (block_m 128: two consumers of 64 rows, the
-default; 192: three) and a `t` for loads through TMA (tensor maps made on the device). Either may
+default; 192: three), a `t` for loads through TMA (tensor maps made on the device) or a `T` for
+O's stores through it as well. Either may
 end in `:NAME=V,...`, built with -DFLASHMLIR_NAME=V (an A/B of a compile-time switch); `--sources DIR` builds from a patched copy of the kernels' folder (timing what
 a change would gain before making it). Each is compiled here with nvcc from the library's
 source (the same -D switches CMake uses) for this GPU, checked against float64 on a small odd-sized
@@ -52,14 +53,14 @@ def _kernel(family: str, variant: str, element: str, head_dim: int, out_dir: Pat
     variant, _, tag = variant_switches(variant)
     path = out_dir / f"{family}_{variant}{tag}_{element}_d{head_dim}.cubin"
     if family == "sm90":
-        found = re.fullmatch(r"(?:m(\d+))?n(\d+)s(\d+)(p?)(t?)", variant)
+        found = re.fullmatch(r"(?:m(\d+))?n(\d+)s(\d+)(p?)([tT]?)", variant)
         if not found:
-            raise ValueError(f"sm90 variants are [m<block_m>]n<block_n>s<stages>[p][t], not {variant!r}")
+            raise ValueError(f"sm90 variants are [m<block_m>]n<block_n>s<stages>[p][t|T], not {variant!r}")
         block_m = int(found[1] or 128)
         warps = 4 * (block_m // 64 + 1)  # a producer warpgroup and a consumer per 64 rows
         return CudaAttentionKernel("attention_fwd_sm90", element, head_dim, block_m, int(found[2]), warps,
                                    "sm_90a", path, int(found[3]), found[4] == "p",
-                                   tma=found[5] == "t")
+                                   tma=found[5] != "", tma_store=found[5] == "T")
     block_m, block_n, warps = (int(x) for x in variant.split("x"))
     return CudaAttentionKernel("attention_fwd_sm80", element, head_dim, block_m, block_n, warps, "sm_80", path)
 
@@ -77,7 +78,7 @@ def build(family: str, variant: str, head_dim: int, dtype: str, out_dir: Path,
                f"-DFLASHMLIR_HEAD_DIM={head_dim}", f"-DFLASHMLIR_BLOCK_M={kernel.block_m}",
                f"-DFLASHMLIR_BLOCK_N={kernel.block_n}", f"-DFLASHMLIR_WARPS={kernel.warps}",
                f"-DFLASHMLIR_STAGES={kernel.stages}", f"-DFLASHMLIR_PINGPONG={int(kernel.pingpong)}",
-               f"-DFLASHMLIR_TMA={int(kernel.tma)}",
+               f"-DFLASHMLIR_TMA={int(kernel.tma)}", f"-DFLASHMLIR_TMA_STORE={int(kernel.tma_store)}",
                *defines, str(sources / f"fwd_{family}_kernels.cu"), "-o", str(kernel.object_path)]
     done = subprocess.run(command, capture_output=True, text=True, check=True)
     # ptxas reports the lse entry first, then the plain one: keep the plain one's line.

@@ -64,6 +64,8 @@ class CudaAttentionKernel:
     # sm_90: the producer loads through TMA, from tensor maps each workgroup makes on the device in a
     # workspace binding after the outputs (`workspace_bytes`).
     tma: bool = False
+    # With `tma`: O leaves through the copy engine too, from a shared tile per consumer warpgroup.
+    tma_store: bool = False
 
     @property
     def tag(self) -> str:
@@ -97,8 +99,9 @@ class CudaAttentionKernel:
             # fwd_sm90_wgmma.cuh `Sm90Config`: Q, `stages` K and V tiles, 8-byte mbarriers (Q full and
             # empty; K, V full and empty per stage), and 1024 bytes to align the tiles to the swizzle period.
             tiles = (self.block_m + 2 * self.stages * self.block_n) * self.head_dim * e
-            maps = 3 * TENSOR_MAP_BYTES if self.tma else 0  # with `tma`: where the Q, K, V maps are made
-            return tiles + maps + 8 * (2 + 4 * self.stages) + 1024
+            maps = self.tensor_maps * TENSOR_MAP_BYTES  # with `tma`: where the maps are made
+            o_tiles = self.block_m * self.head_dim * e if self.tma_store else 0  # a 64-row O tile a consumer
+            return tiles + o_tiles + maps + 8 * (2 + 4 * self.stages) + 1024
         # fwd_sm80_mma_sync.cuh: the Q tile and two stages of (K, V) tiles.
         return (self.block_m + 4 * self.block_n) * self.head_dim * e
 
@@ -108,11 +111,16 @@ class CudaAttentionKernel:
         `Sm90Config::kPersistent`); `grid` decides whether it does."""
         return self.family == "attention_fwd_sm90" and self.head_dim < 256
 
+    @property
+    def tensor_maps(self) -> int:
+        """Tensor maps a workgroup makes: Q, K, V with `tma`, and O with `tma_store`."""
+        return (4 if self.tma_store else 3) if self.tma else 0
+
     def workspace_bytes(self, grid: tuple[int, int, int]) -> int:
-        """The workspace binding a `tma` kernel takes after its outputs (0: none): three tensor maps a
+        """The workspace binding a `tma` kernel takes after its outputs (0: none): its tensor maps a
         workgroup (fwd_sm90_wgmma.cuh, tma_sm90.cuh) and room to align them, as a binding's offset
         in IREE's buffers need not be."""
-        return 3 * TENSOR_MAP_BYTES * grid[0] + TENSOR_MAP_BYTES if self.tma else 0
+        return self.tensor_maps * TENSOR_MAP_BYTES * grid[0] + TENSOR_MAP_BYTES if self.tma else 0
 
     def grid(self, seq_q: int, batch_heads: int, multiprocessors: int, causal: bool) -> tuple[int, int, int]:
         """The launch grid; `multiprocessors` is the device's SM count (what a persistent grid fills)."""
@@ -333,7 +341,8 @@ def _load(directory: Path | None) -> Library:
     cuda = tuple(
         CudaAttentionKernel(e["family"], e["element"], e["head_dim"], e["block_m"], e["block_n"], e["warps"],
                             e["min_arch"], cuda_object(e), e.get("stages", 2), e.get("pingpong", False),
-                            e.get("min_seq", 0), e.get("min_seq_causal", 0), e.get("tma", False))
+                            e.get("min_seq", 0), e.get("min_seq_causal", 0), e.get("tma", False),
+                            e.get("tma_store", False))
         for e in entries if e["family"].startswith("attention_fwd"))
     cuda_backward = tuple(
         CudaAttentionBackwardKernel(e["family"], e["element"], e["head_dim"], e["block_m"], e["block_n"],

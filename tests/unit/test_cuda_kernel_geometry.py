@@ -56,6 +56,16 @@ def test_the_catalog_loads_through_tma_below_head_dim_256():
     if not forward:
         pytest.skip("the microkernel library is not installed")
     assert {(k.head_dim, k.tma) for k in forward} == {(64, True), (128, True), (256, False)}
+    # O through the copy engine at head dim 128 below 2048 tokens only
+    assert {(k.head_dim, k.min_seq) for k in forward if k.tma_store} == {(128, 0)}
+    assert {(k.min_seq, k.tma_store) for k in forward if k.head_dim == 128} == {(0, True), (2048, False)}
+
+
+def test_tma_store_adds_an_o_tile_a_consumer_and_a_fourth_map():
+    kernel = CudaAttentionKernel("attention_fwd_sm90", "f16", 128, 128, 128, 12, "sm_90a", Path("k.fatbin"),
+                                 tma=True, tma_store=True)
+    assert kernel.shared_bytes == 32768 + 4 * 32768 + 2 * 64 * 128 * 2 + 4 * 128 + 80 + 1024
+    assert kernel.workspace_bytes((132, 1, 1)) == 132 * 4 * 128 + 128
 
 
 def test_head_dim_256_takes_a_workgroup_per_tile():

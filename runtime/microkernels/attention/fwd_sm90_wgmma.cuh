@@ -129,6 +129,15 @@ __device__ __forceinline__ int warpgroup_index() {
 #define FLASHMLIR_TMA 0
 #endif
 constexpr bool kTma = FLASHMLIR_TMA != 0;
+// With TMA, whether O leaves through it too (FlashAttention-3's epilogue): each consumer writes its
+// 64 rows into a swizzled shared tile of its own and one of its threads hands the tile to the copy
+// engine, which writes it out while the consumer goes on with its next query block. A fourth map,
+// made by the fourth producer warp. Catalog `tma_store`.
+#ifndef FLASHMLIR_TMA_STORE
+#define FLASHMLIR_TMA_STORE 0
+#endif
+constexpr bool kTmaStore = kTma && FLASHMLIR_TMA_STORE != 0;
+constexpr int kMaps = kTmaStore ? 4 : 3;  // tensor maps a workgroup makes: Q, K, V (and O)
 
 // Named barrier `id` over `threads` threads (ids 0.. are free: __syncthreads is not used after setup).
 __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
@@ -179,8 +188,11 @@ struct Sm90Config {
   static constexpr int kOffsetK = kTileBytesQ;
   static constexpr int kOffsetV = kOffsetK + kStages * kTileBytesKV;
   // With TMA, where three producer warps make the Q, K and V tensor maps before they go to global memory.
-  static constexpr int kOffsetMaps = kOffsetV + kStages * kTileBytesKV;
-  static constexpr int kOffsetBarriers = kOffsetMaps + (kTma ? 3 * kTensorMapBytes : 0);
+  // With kTmaStore, each consumer's 64 rows of O, swizzled as the operands (1024-aligned).
+  static constexpr int kTileBytesO = 64 * kD * 2;
+  static constexpr int kOffsetO = kOffsetV + kStages * kTileBytesKV;
+  static constexpr int kOffsetMaps = kOffsetO + (kTmaStore ? kConsumers * kTileBytesO : 0);
+  static constexpr int kOffsetBarriers = kOffsetMaps + (kTma ? kMaps * kTensorMapBytes : 0);
   // Q full and empty; K, V full and empty per stage
   static constexpr int kBarriers = 2 + 4 * kStages;
   // The tiles start on a 1024-byte boundary (the swizzle's period): slack to align the base.
@@ -287,6 +299,16 @@ __device__ __forceinline__ void attention_fwd_sm90(const T* __restrict__ q, cons
   if (!kPersistent && gridDim.x < tiles) __trap();
 
   const int warpgroup = warpgroup_index<(kD < 256)>();
+  // With TMA, this block's tensor maps in the workspace: Q, K, V (and O), 128-aligned whatever the
+  // binding's offset (the workspace has 128 bytes of slack for it).
+  uint8_t* const block_maps =
+      kTma ? reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(maps) + 127) & ~uintptr_t{127}) +
+                 static_cast<int64_t>(blockIdx.x) * kMaps * kTensorMapBytes
+           : nullptr;
+  // Named barriers: 1 + c, consumer c's turn (ping-pong); the producer warps' maps made; consumer
+  // c's O tile written or free (TMA stores).
+  constexpr int kMapsMade = 1 + kConsumers;
+  auto o_tile_barrier = [&](int c) { return 2 + kConsumers + c; };
   if (threadIdx.x == 0) {
     constexpr uint32_t kLoaders = kTma ? 1 : 128;  // arrivals a full stage waits for besides its bytes
     mbarrier_init(bar_q, kLoaders);
@@ -309,25 +331,26 @@ __device__ __forceinline__ void attention_fwd_sm90(const T* __restrict__ q, cons
     // V(j) into their stages once both consumers let them go.
     release_registers<Cfg::kProducerRegisters>();
     if constexpr (kTma) {
-      // Warps 0, 1, 2 make the block's Q, K and V maps side by side (a block per query block pays
-      // this at its start); thread 0 then issues every load, the rest leave.
+      // Warps 0, 1, 2 (and 3) make the block's Q, K and V (and O) maps side by side (a block per
+      // query block pays this at its start); thread 0 then issues every load, the rest leave.
       const int maker = threadIdx.x / 32;
-      if (maker > 2) return;
-      // 128-aligned whatever the binding's offset (the workspace has 128 bytes of slack for it).
-      uint8_t* map_q = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(maps) + 127) & ~uintptr_t{127}) +
-                       static_cast<int64_t>(blockIdx.x) * 3 * kTensorMapBytes;
+      if (maker >= kMaps) return;
+      uint8_t* map_q = block_maps;
       uint8_t* map_k = map_q + kTensorMapBytes;
       uint8_t* map_v = map_k + kTensorMapBytes;
       const uint32_t staging = base + Cfg::kOffsetMaps + maker * kTensorMapBytes;
       if (maker == 0) make_tensor_map<kD, kBlockM>(map_q, staging, q, batch_heads, seq_q);
       if (maker == 1) make_tensor_map<kD, kBlockN>(map_k, staging, k, batch_heads / group, seq_k);
       if (maker == 2) make_tensor_map<kD, kBlockN>(map_v, staging, v, batch_heads / group, seq_k);
-      constexpr int kMapsMade = 1 + kConsumers;  // named barrier: after the consumers' turn ones
+      if constexpr (kTmaStore) {
+        // O's: the consumers acquire it before their first store, which follows Q's first load.
+        if (maker == 3) make_tensor_map<kD, 64>(map_v + kTensorMapBytes, staging, o, batch_heads, seq_q);
+      }
       if (maker > 0) {
-        named_barrier_arrive(kMapsMade, 96);
+        named_barrier_arrive(kMapsMade, 32 * kMaps);
         return;
       }
-      named_barrier_sync(kMapsMade, 96);
+      named_barrier_sync(kMapsMade, 32 * kMaps);
       if (threadIdx.x != 0) return;
       acquire_tensor_map(map_q);
       acquire_tensor_map(map_k);
@@ -495,6 +518,7 @@ __device__ __forceinline__ void attention_fwd_sm90(const T* __restrict__ q, cons
   };
 
   int first = 0;
+  bool o_map_acquired = false;  // kTmaStore: by this consumer's thread 0, before its first store
   for (int n = 0; n < (kPersistent ? tiles : 1); ++n) {
     const int2 tile = tile_at(n);
     if (tile.x < 0) break;
@@ -610,6 +634,13 @@ __device__ __forceinline__ void attention_fwd_sm90(const T* __restrict__ q, cons
     first += end;
 
     // O = acc / row sum (0 for a row with every key masked); lse = ln Σ exp(scale · s), -inf there.
+    // With kTmaStore, O goes into this consumer's shared tile (once the copy engine has read the
+    // last query block's out of it) and the copy engine writes it; rows past seq_q it leaves out.
+    const uint32_t o_tile = base + Cfg::kOffsetO + consumer * Cfg::kTileBytesO;
+    if constexpr (kTmaStore) {
+      if (thread == 0) wait_bulk_stores<true>();
+      named_barrier_sync(o_tile_barrier(consumer), 128);
+    }
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       float sum = row_sum[h];
@@ -617,6 +648,19 @@ __device__ __forceinline__ void attention_fwd_sm90(const T* __restrict__ q, cons
       sum += __shfl_xor_sync(0xffffffff, sum, 2);
       const float inv = sum == 0.f ? 0.f : 1.f / sum;
       const int row = row_base + h * 8;
+      if constexpr (kTmaStore) {
+        // Row r of the tile, its 16-byte chunk c of panel p at p · 8 KB + r · 128 + (c ^ r % 8) · 16.
+        const int r = warp * 16 + lane / 4 + 8 * h;
+#pragma unroll
+        for (int c = 0; c < kD / 8; ++c)
+          asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(o_tile + (c / 8) * 64 * 128 + r * 128 +
+                                                           (((c % 8) ^ (r % 8)) << 4) + (lane % 4) * 4),
+                       "r"(E::pack(acc[4 * c + 2 * h] * inv, acc[4 * c + 2 * h + 1] * inv))
+                       : "memory");
+        if (row < seq_q && lse != nullptr && lane % 4 == 0)
+          lse[bh * seq_q + row] = sum == 0.f ? kNegInf : (row_max[h] + __log2f(sum)) * kLn2;
+        continue;
+      }
       if (row >= seq_q) continue;
       if (lse != nullptr && lane % 4 == 0)
         lse[bh * seq_q + row] = sum == 0.f ? kNegInf : (row_max[h] + __log2f(sum)) * kLn2;
@@ -625,6 +669,25 @@ __device__ __forceinline__ void attention_fwd_sm90(const T* __restrict__ q, cons
       for (int c = 0; c < kD / 8; ++c)
         *reinterpret_cast<uint32_t*>(out + c * 8) = E::pack(acc[4 * c + 2 * h] * inv, acc[4 * c + 2 * h + 1] * inv);
     }
+    if constexpr (kTmaStore) {
+      fence_proxy_async();  // the tile's generic stores, read next by the copy engine
+      named_barrier_sync(o_tile_barrier(consumer), 128);
+      if (thread == 0) {
+        const uint8_t* map_o = block_maps + 3 * kTensorMapBytes;
+        if (!o_map_acquired) {
+          acquire_tensor_map(map_o);
+          o_map_acquired = true;
+        }
+#pragma unroll
+        for (int p = 0; p < kD / 64; ++p)
+          tma_store_box(map_o, p * 64, q0 + consumer * 64, static_cast<int>(bh), o_tile + p * 64 * 128);
+        commit_bulk_stores();
+      }
+    }
+  }
+  // The copy engine reads a tile until its store is done: the block's shared memory must outlive it.
+  if constexpr (kTmaStore) {
+    if (thread == 0) wait_bulk_stores<false>();
   }
 }
 

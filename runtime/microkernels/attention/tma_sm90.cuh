@@ -112,6 +112,23 @@ __device__ __forceinline__ void tma_load_box(uint32_t tile, const void* map, int
       : "memory");
 }
 
+// The box at `tile` (shared memory, this layout) to (column, row, plane) through `map`: rows past the
+// tensor's end are not written. Joins the calling thread's bulk group (commit_bulk_stores).
+__device__ __forceinline__ void tma_store_box(const void* map, int column, int row, int plane, uint32_t tile) {
+  asm volatile("cp.async.bulk.tensor.3d.global.shared::cta.bulk_group [%0, {%1, %2, %3}], [%4];" ::"l"(map),
+               "r"(column), "r"(row), "r"(plane), "r"(tile)
+               : "memory");
+}
+__device__ __forceinline__ void commit_bulk_stores() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
+// Until the calling thread's committed stores have read their shared memory (kRead), or are done.
+template <bool kRead>
+__device__ __forceinline__ void wait_bulk_stores() {
+  if constexpr (kRead)
+    asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+  else
+    asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+}
+
 // Rows [row, row + kRows) of plane `plane` as the kD / 64 panels of a tile at `tile`, on `bar`.
 template <int kRows, int kD>
 __device__ __forceinline__ void tma_load_tile(uint32_t tile, const void* map, int row, int plane, uint32_t bar) {

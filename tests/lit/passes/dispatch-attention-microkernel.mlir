@@ -22,19 +22,21 @@
 // ⌈1000/128⌉ · B·H = 256 (head, query block) tiles over one workgroup per SM, so the grid is
 // (132, 1, 1) for the sm_90 flagship (H100 SXM) and the kernel gets B·H = 32 as its sixth constant
 // (causal_f16_d64: 4 tiles, causal ones in pairs, 2 workgroups); shared memory Q + 2 stages × (K, V)
-// of 128 keys + 3 tensor maps + 10 mbarriers + 1024 bytes of alignment. The kernel loads through
-// TMA (catalog `tma`): a second result, 3 maps a workgroup + 128 bytes (132 · 384 + 128), is the
-// workspace where its workgroups make them, a fifth binding; only O is used.
+// of 128 keys + 10 mbarriers + 1024 bytes of alignment, and at head dim 128 (below 2048 tokens) a
+// 64-row O tile a consumer for the copy engine to write out and 4 tensor maps (Q, K, V, O; 3 at
+// head dim 64). The kernel loads through TMA (catalog `tma`): a second result, the maps of each
+// workgroup + 128 bytes (132 · 512 + 128), is the workspace where they are made, a fifth
+// binding; only O is used.
 // HOPPER:       #[[LAYOUT:.+]] = #hal.pipeline.layout<constants = 6, bindings = [#hal.pipeline.binding<storage_buffer, ReadOnly>, #hal.pipeline.binding<storage_buffer, ReadOnly>, #hal.pipeline.binding<storage_buffer, ReadOnly>, #hal.pipeline.binding<storage_buffer>, #hal.pipeline.binding<storage_buffer>]>
 // HOPPER-LABEL: func.func @mha_f16_d128
 // HOPPER:         %[[O:.+]]:2 = hal.dispatch.extern "flashmlir_attention_fwd_sm90_f16_d128"(%c1_i32, %c1000_i32, %c1000_i32_0, %{{.+}}, %c0_i32, %c32_i32, %arg0, %arg1, %arg2)
-// HOPPER-SAME:      -> (tensor<2x16x1000x128xf16>, tensor<50816xi8>)
+// HOPPER-SAME:      -> (tensor<2x16x1000x128xf16>, tensor<67712xi8>)
 // HOPPER-DAG:       %[[X:.+]] = arith.constant 132 : index
 // HOPPER-DAG:       %[[Y:.+]] = arith.constant 1 : index
 // HOPPER:           hal.return %[[X]], %[[Y]], %{{.+}} : index, index, index
 // HOPPER:         } layout(#[[LAYOUT]]) objects({
 // HOPPER:           ordinal(0) = [#hal.executable.object<{path = "{{.+}}/cuda/attention_fwd_sm90_f16_d128.fatbin"}>]
-// HOPPER-NEXT:    }) <workgroup_size = [384 : index, 1 : index, 1 : index], workgroup_local_memory = 165328>
+// HOPPER-NEXT:    }) <workgroup_size = [384 : index, 1 : index, 1 : index], workgroup_local_memory = 198224>
 // HOPPER:         return %[[O]]#0
 // HOPPER-LABEL: func.func @causal_f16_d64
 // HOPPER:         hal.dispatch.extern "flashmlir_attention_fwd_sm90_f16_d64"(%{{.+}}, %{{.+}}, %{{.+}}, %{{.+}}, %c1_i32{{(_[0-9]+)?}}, %c4_i32{{(_[0-9]+)?}}, %arg0, %arg1, %arg2)
