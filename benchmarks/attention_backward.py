@@ -3,8 +3,9 @@
     python benchmarks/attention_backward.py                              # sm_90 and sm_80 kernels, default grid
     python benchmarks/attention_backward.py --variants 64x64x4 32x64x4 --head-dims 128
 
-A variant is `sm90` (bwd_sm90_wgmma.cuh, the catalog's tiles, sm_90a: Hopper only; `sm90:NAME=V,...`
-builds it with -DFLASHMLIR_NAME=V, e.g. `sm90:KV_REGISTERS=0` for an A/B of a BwdSm90Config switch) or an sm_80
+A variant is `sm90` (bwd_sm90_wgmma.cuh, the catalog's tiles, sm_90a: Hopper only; `sm90t`: dkdv loads
+through TMA; `sm90:NAME=V,...` builds it with -DFLASHMLIR_NAME=V, e.g. `sm90:KV_REGISTERS=0` for an A/B of
+a BwdSm90Config switch) or an sm_80
 block_m x block_n x warps (bwd_sm80_mma_sync.cuh: 16·warps resident rows a block; dkdv streams
 block_m queries a tile, dq block_n keys), compiled here with nvcc from the library's source for this
 GPU (the -D switches CMake uses), checked against float64 autograd on odd-sized problems, then
@@ -56,10 +57,11 @@ def build(variant: str, head_dim: int, dtype: str, out_dir: Path) -> tuple[CudaA
     major, minor = torch.cuda.get_device_capability()
     variant, defines, tag = variant_switches(variant)
     path = out_dir / f"bwd_{variant}{tag}_{element}_d{head_dim}.cubin"
-    if variant == "sm90":
+    if variant in ("sm90", "sm90t"):  # t: dkdv loads through TMA
         block_m, block_n, warps = SM90_TILES
         kernel = CudaAttentionBackwardKernel("attention_bwd_sm90", element, head_dim, block_m, block_n, warps,
-                                             "sm_90a", path)
+                                             "sm_90a", path, tma=variant == "sm90t")
+        defines = [*defines, f"-DFLASHMLIR_TMA={int(kernel.tma)}"]
         source, gencode = "bwd_sm90_kernels.cu", "-gencode=arch=compute_90a,code=sm_90a"
     else:
         block_m, block_n, warps = (int(x) for x in variant.split("x"))

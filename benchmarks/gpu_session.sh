@@ -10,7 +10,8 @@
 # attention call, benchmarks/host_overhead.py), ablation (what O's stores and the proxy fences cost
 # the sm_90 forward, benchmarks/forward_epilogue_ablation.py), stalls (ncu: where the forward's
 # consumers wait at 512 tokens with and without O's stores), tma (whether a TMA tensor map can be
-# made on the device; each case in its own process, benchmarks/tma_probe.py).
+# made on the device; each case in its own process, benchmarks/tma_probe.py), pending (A/Bs of kernel
+# switches built but not yet run on a GPU; each script checks against float64 first).
 # Logs and tables go to $OUT (at most 8 files come back).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -76,6 +77,9 @@ for step in "$@"; do
               echo "--- X_NO_STORE=$x"; grep -E "Duration|Stall|Warp Cycles|Issue Slots|Eligible|DRAM Throughput|L2 Hit" "$OUT/stalls-x$x.txt" | head -30
             done ;;
     tma) python benchmarks/tma_probe.py --markdown "$OUT/tma-probe.md" 2>&1 | tail -12 || status=1 ;;
+    pending) # the sm_90 backward's dkdv loading through TMA (sm90t: built, not yet run)
+             python benchmarks/attention_backward.py --variants sm90 sm90t --head-dims 64 128 --seqs 1024 4096 16384 \
+               --dtypes fp16 --rounds 4 --markdown "$OUT/pending-backward-tma.md" 2>&1 | grep -v '^{' || status=1 ;;
     *) echo "unknown step $step"; status=1 ;;
   esac
 done

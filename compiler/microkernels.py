@@ -157,6 +157,9 @@ class CudaAttentionBackwardKernel:
     min_arch: str
     object_path: Path
     stages: int = 2  # sm_90: shared-memory stages of the query-side tiles
+    # sm_90: dkdv loads through TMA, from tensor maps each block makes in a workspace binding after
+    # its outputs (`workspace_bytes`), as the forward's `tma`.
+    tma: bool = False
 
     @property
     def accumulates_dq(self) -> bool:
@@ -197,12 +200,20 @@ class CudaAttentionBackwardKernel:
             # 64 x 64 dQ staging tiles; 8-byte mbarriers (K/V landed, full and empty per stage and
             # per dSᵀ tile); 1024 bytes to align to the swizzle period.
             tiles = (2 * self.block_n + 2 * self.stages * self.block_m) * self.head_dim * e
+            maps = 4 * TENSOR_MAP_BYTES if self.tma else 0  # Q, dO, K, V, made in shared memory first
             return (tiles + 2 * self.block_n * self.block_m * e + self.stages * 2 * self.block_m * 4
-                    + 4 * 64 * 64 * 4 + 8 * (1 + 2 * self.stages + 4) + 1024)
+                    + 4 * 64 * 64 * 4 + maps + 8 * (1 + 2 * self.stages + 4) + 1024)
         resident = 2 * self.rows * self.head_dim * e  # Q and dO (dq), K and V (dkdv)
         if part == "dq":
             return resident + 4 * self.block_n * self.head_dim * e  # two stages of K, V
         return resident + 2 * (2 * self.block_m * self.head_dim * e + 2 * self.block_m * 4)  # Q, dO, lse, Δ
+
+    def workspace_bytes(self, part: str, grid: tuple[int, int, int]) -> int:
+        """The workspace binding `part` takes after its outputs (0: none): with `tma`, dkdv's four
+        tensor maps a block and room to align them."""
+        if not (self.tma and part == "dkdv"):
+            return 0
+        return 4 * TENSOR_MAP_BYTES * grid[0] * grid[1] + TENSOR_MAP_BYTES
 
     def grid(self, part: str, seq: int, batch_heads: int) -> tuple[int, int, int]:
         """dkdv: seq = Sk, batch_heads = B·Hkv; the others: seq = Sq, batch_heads = B·Hq."""
@@ -346,7 +357,7 @@ def _load(directory: Path | None) -> Library:
         for e in entries if e["family"].startswith("attention_fwd"))
     cuda_backward = tuple(
         CudaAttentionBackwardKernel(e["family"], e["element"], e["head_dim"], e["block_m"], e["block_n"],
-                                    e["warps"], e["min_arch"], cuda_object(e), e.get("stages", 2))
+                                    e["warps"], e["min_arch"], cuda_object(e), e.get("stages", 2), e.get("tma", False))
         for e in entries if e["family"].startswith("attention_bwd"))
     cpu_entries = [
         CpuAttentionKernel(e["family"], e["isa"], e["element"], tuple(e["head_dims"]), e["row_vectors"],

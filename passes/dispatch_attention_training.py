@@ -259,12 +259,14 @@ def _backward_function(site: _Site, calls: str) -> str:
 
 
 def _cuda_extern(site: _Site, io: tuple[tuple[str, ...], tuple[str, ...]], name: str, grid: tuple[int, int],
-                 kernel, threads: int, shared: int, padded_rows: int = 0) -> str:
+                 kernel, threads: int, shared: int, padded_rows: int = 0, workspace: int = 0) -> str:
+    """`workspace` bytes: a TMA kernel's tensor maps, one more result after the outputs, never read."""
     inputs, outputs = io
-    return _extern(", ".join(f"%{n}" for n in outputs), name,
-                   [(_ssa(n), _type_of(site, n, padded_rows).builtin()) for n in inputs],
-                   [_ssa(TIED[n]) if n in TIED else _type_of(site, n, padded_rows).builtin() for n in outputs], grid,
-                   str(kernel.object_path), threads, shared)
+    results = [f"%{n}" for n in outputs] + ([f"%{name}_maps"] if workspace else [])
+    types = [_ssa(TIED[n]) if n in TIED else _type_of(site, n, padded_rows).builtin() for n in outputs]
+    return _extern(", ".join(results), name, [(_ssa(n), _type_of(site, n, padded_rows).builtin()) for n in inputs],
+                   types + ([f"tensor<{workspace}xi8>"] if workspace else []), grid, str(kernel.object_path),
+                   threads, shared)
 
 
 def _cuda_forward_calls(site: _Site, arch: str, multiprocessors: int) -> str:
@@ -289,9 +291,9 @@ def _cuda_backward_calls(site: _Site, arch: str, deterministic: bool) -> str:
     ios = ({"prep": PREP_IO, "dkdv": DKDV_ACCUM_IO, "dq": DQ_FROM_SUM_IO} if kernel.accumulates_dq
            else {"dq": DQ_IO, "dkdv": DKDV_IO})
     padded = kernel.padded_rows(sq) if kernel.accumulates_dq else 0
-    calls = [_cuda_extern(site, ios[part], kernel.name(part),
-                          kernel.grid(part, *((sk, bh_kv) if part == "dkdv" else (sq, bh)))[:2], kernel,
-                          kernel.threads(part), kernel.shared_bytes(part), padded)
+    grids = {part: kernel.grid(part, *((sk, bh_kv) if part == "dkdv" else (sq, bh))) for part in kernel.parts}
+    calls = [_cuda_extern(site, ios[part], kernel.name(part), grids[part][:2], kernel, kernel.threads(part),
+                          kernel.shared_bytes(part), padded, kernel.workspace_bytes(part, grids[part]))
              for part in kernel.parts]
     return "\n".join([site.constants, *calls])
 

@@ -152,9 +152,10 @@ class AttentionBackwardLaunch:
         self._launches = {}
         for part in kernel.parts:
             seq, batch_heads = (sk, batch * hkv) if part == "dkdv" else (sq, batch * hq)
-            self._launches[part] = (_loaded(str(kernel.object_path), kernel.name(part), device),
-                                    kernel.grid(part, seq, batch_heads), (kernel.threads(part), 1, 1),
-                                    kernel.shared_bytes(part))
+            grid = kernel.grid(part, seq, batch_heads)
+            self._launches[part] = (_loaded(str(kernel.object_path), kernel.name(part), device), grid,
+                                    (kernel.threads(part), 1, 1), kernel.shared_bytes(part))
+        self._workspace = kernel.workspace_bytes("dkdv", self._launches["dkdv"][1])
         rows = kernel.padded_rows(sq) if self._accumulates else sq
         self._statistics = batch * hq * rows  # floats in each of lse₂ and Δ (sm_80: Δ only)
         self._scratch = self._statistics * ((2 + d) if self._accumulates else 1)
@@ -174,7 +175,10 @@ class AttentionBackwardLaunch:
         if self._accumulates:
             lse2, delta, accumulator = scratch, scratch + 4 * self._statistics, scratch + 8 * self._statistics
             self._launch("prep", o, d_o, lse, lse2, delta, accumulator)
-            self._launch("dkdv", q, k, v, d_o, lse2, delta, accumulator, dk.data_ptr(), dv.data_ptr())
+            # A TMA dkdv's tensor maps (see AttentionForwardLaunch), after its outputs.
+            workspace = torch.empty(self._workspace, device=dq.device, dtype=torch.uint8) if self._workspace else None
+            self._launch("dkdv", q, k, v, d_o, lse2, delta, accumulator, dk.data_ptr(), dv.data_ptr(),
+                         *([workspace.data_ptr()] if workspace is not None else []))
             self._launch("dq", accumulator, dq.data_ptr())
         else:
             self._launch("dq", q, k, v, o, d_o, lse, dq.data_ptr(), scratch)

@@ -132,3 +132,16 @@ def test_three_consumer_shared_memory():
     # Sm90Config<half, 64, 96, 2, 3>: Q 192×64, 2 stages × (K, V) of 96×64, 10 mbarriers, 1024 of alignment
     assert kernel.shared_bytes == 192 * 128 + 4 * 96 * 128 + 80 + 1024
     assert kernel.grid(4096, 4, 132, False) == (88, 1, 1)  # ⌈4096/192⌉ = 22 query blocks × 4 heads
+
+
+def test_sm90_backward_tma_workspace_and_shared_memory():
+    from flashmlir.compiler.microkernels import CudaAttentionBackwardKernel
+
+    plain = CudaAttentionBackwardKernel("attention_bwd_sm90", "f16", 128, 64, 128, 12, "sm_90a", Path("k.fatbin"))
+    tma = CudaAttentionBackwardKernel("attention_bwd_sm90", "f16", 128, 64, 128, 12, "sm_90a", Path("k.fatbin"),
+                                      tma=True)
+    grid = tma.grid("dkdv", 1000, 8)
+    assert grid == (8, 8, 1)
+    assert tma.workspace_bytes("dkdv", grid) == 8 * 8 * 4 * 128 + 128
+    assert tma.workspace_bytes("dq", grid) == plain.workspace_bytes("dkdv", grid) == 0
+    assert tma.shared_bytes("dkdv") == plain.shared_bytes("dkdv") + 4 * 128 <= 227 * 1024

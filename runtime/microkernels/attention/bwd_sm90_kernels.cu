@@ -44,15 +44,27 @@ extern "C" __global__ void __launch_bounds__(Config::kPrepThreads)
   flashmlir::sm90::attention_bwd_prep_sm90<Element, kHeadDim>(o, d_o, lse, lse2, delta, dq_accum, seq_q);
 }
 
+// With TMA (FLASHMLIR_TMA, catalog `tma`) dkdv's last binding is a workspace of 512 bytes a block
+// and 128 more (the kernel aligns it) where each block makes its Q, dO, K and V tensor maps.
+#if FLASHMLIR_TMA
+#define FLASHMLIR_MAPS_PARAMETER , uint8_t* __restrict__ maps
+#define FLASHMLIR_MAPS maps
+#else
+#define FLASHMLIR_MAPS_PARAMETER
+#define FLASHMLIR_MAPS nullptr
+#endif
+
 extern "C" __global__ void __launch_bounds__(Config::kThreads, 1)
     FLASHMLIR_BWD_KERNEL_NAME(sm90, _dkdv)(const Element* __restrict__ q, const Element* __restrict__ k,
                                            const Element* __restrict__ v, const Element* __restrict__ d_o,
                                            const float* __restrict__ lse2, const float* __restrict__ delta,
                                            float* __restrict__ dq_accum, Element* __restrict__ dk,
-                                           Element* __restrict__ dv, uint32_t group, uint32_t seq_q, uint32_t seq_k,
-                                           uint32_t scale_bits, uint32_t causal, uint32_t batch_heads) {
-  flashmlir::sm90::attention_bwd_dkdv_sm90<Element, kHeadDim, kStages>(
-      q, k, v, d_o, lse2, delta, dq_accum, dk, dv, group, seq_q, seq_k, __uint_as_float(scale_bits), causal != 0);
+                                           Element* __restrict__ dv FLASHMLIR_MAPS_PARAMETER, uint32_t group,
+                                           uint32_t seq_q, uint32_t seq_k, uint32_t scale_bits, uint32_t causal,
+                                           uint32_t batch_heads) {
+  flashmlir::sm90::attention_bwd_dkdv_sm90<Element, kHeadDim, kStages>(q, k, v, d_o, lse2, delta, dq_accum, dk, dv,
+                                                                       FLASHMLIR_MAPS, group, seq_q, seq_k,
+                                                                       __uint_as_float(scale_bits), causal != 0);
 }
 
 extern "C" __global__ void __launch_bounds__(Config::kPrepThreads)

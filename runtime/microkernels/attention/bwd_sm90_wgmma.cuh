@@ -100,7 +100,10 @@ struct BwdSm90Config {
   static constexpr int kTileBytesDq = 64 * 64 * 4;  // an fp32 64 × 64 dQ share, staged for the bulk reduction
   static constexpr int kOffsetDq = kOffsetStats + kStages * kStatsBytes;
   // Four staging tiles: two a consumer, alternating; with the dQ warpgroup, two (column halves) a dSᵀ tile.
-  static constexpr int kOffsetBarriers = kOffsetDq + 4 * kTileBytesDq;
+  static constexpr int kOffsetMaps = kOffsetDq + 4 * kTileBytesDq;
+  // With TMA (FLASHMLIR_TMA, catalog `tma`): where the producer's warps make the Q, dO, K, V maps.
+  static constexpr int kMaps = kTma ? 4 : 0;
+  static constexpr int kOffsetBarriers = kOffsetMaps + kMaps * kTensorMapBytes;
   // K and V landed; per stage full and empty; per dSᵀ tile full and empty (the dQ warpgroup's)
   static constexpr int kBarriers = 1 + 2 * kStages + 4;
   static constexpr int kSharedBytes = kOffsetBarriers + 8 * kBarriers + 1024;  // + alignment slack
@@ -258,8 +261,8 @@ __device__ __forceinline__ void attention_bwd_dkdv_sm90(const T* __restrict__ q,
                                                         const float* __restrict__ lse2,
                                                         const float* __restrict__ delta,
                                                         float* __restrict__ dq_accum, T* __restrict__ dk,
-                                                        T* __restrict__ dv, int group, int seq_q, int seq_k,
-                                                        float scale, bool causal) {
+                                                        T* __restrict__ dv, uint8_t* __restrict__ maps, int group,
+                                                        int seq_q, int seq_k, float scale, bool causal) {
   using Cfg = BwdSm90Config<T, kD, kStages>;
   using E = Element<T>;
   constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN;
@@ -294,9 +297,10 @@ __device__ __forceinline__ void attention_bwd_dkdv_sm90(const T* __restrict__ q,
 
   const int warpgroup = warpgroup_index<false>();
   if (threadIdx.x == 0) {
-    mbarrier_init(bar_kv, 128);
+    constexpr uint32_t kLoaders = kTma ? 1 : 128;  // arrivals a full stage waits for besides its bytes
+    mbarrier_init(bar_kv, kLoaders);
     for (int s = 0; s < kStages; ++s) {
-      mbarrier_init(full(s), 128);  // every producer thread's copies
+      mbarrier_init(full(s), kLoaders);  // every producer thread's copies, or the one TMA thread
       mbarrier_init(empty(s), 256);  // every consumer thread: each read lse₂, Δ itself
     }
     for (int b = 0; b < 2; ++b) {
@@ -312,25 +316,63 @@ __device__ __forceinline__ void attention_bwd_dkdv_sm90(const T* __restrict__ q,
     // the padded statistics: threads 0-15 lse₂, 16-31 Δ) into the item's stage.
     release_registers<Cfg::kProducerRegisters>();
     const int thread = threadIdx.x;
-    load_tile<T, kBlockN, kD>(tile_k, k + bh_kv * seq_k * kD, k0, seq_k, thread);
-    load_tile<T, kBlockN, kD>(tile_v, v + bh_kv * seq_k * kD, k0, seq_k, thread);
-    mbarrier_arrive_on_copies(bar_kv);
+    // With TMA: the block's maps in the workspace (128-aligned whatever the binding's offset; the
+    // workspace has 128 bytes of slack), made by the four warps side by side; thread 0 issues every
+    // load, the statistics as two 256-byte bulk copies.
+    uint8_t* const map_q = kTma ? reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(maps) + 127) & ~uintptr_t{127}) +
+                                      (static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * 4 * kTensorMapBytes
+                                : nullptr;
+    uint8_t* const map_do = map_q + kTensorMapBytes;
+    uint8_t* const map_k = map_q + 2 * kTensorMapBytes;
+    uint8_t* const map_v = map_q + 3 * kTensorMapBytes;
+    if constexpr (kTma) {
+      const int maker = thread / 32;
+      const uint32_t staging = base + Cfg::kOffsetMaps + maker * kTensorMapBytes;
+      const int planes_q = static_cast<int>(gridDim.y) * group;
+      if (maker == 0) make_tensor_map<kD, kBlockM>(map_q, staging, q, planes_q, seq_q);
+      if (maker == 1) make_tensor_map<kD, kBlockM>(map_do, staging, d_o, planes_q, seq_q);
+      if (maker == 2) make_tensor_map<kD, kBlockN>(map_k, staging, k, gridDim.y, seq_k);
+      if (maker == 3) make_tensor_map<kD, kBlockN>(map_v, staging, v, gridDim.y, seq_k);
+      named_barrier_sync(5, 128);  // (1-4 are the consumers' and the dQ warpgroup's)
+      if (thread == 0) {
+        for (const uint8_t* map : {map_q, map_do, map_k, map_v}) acquire_tensor_map(map);
+        mbarrier_arrive_expect_bytes(bar_kv, 2 * Cfg::kTileBytesKV);
+        tma_load_tile<kBlockN, kD>(tile_k, map_k, k0, static_cast<int>(bh_kv), bar_kv);
+        tma_load_tile<kBlockN, kD>(tile_v, map_v, k0, static_cast<int>(bh_kv), bar_kv);
+      }
+    } else {
+      load_tile<T, kBlockN, kD>(tile_k, k + bh_kv * seq_k * kD, k0, seq_k, thread);
+      load_tile<T, kBlockN, kD>(tile_v, v + bh_kv * seq_k * kD, k0, seq_k, thread);
+      mbarrier_arrive_on_copies(bar_kv);
+    }
     auto load_item = [&](int t) {
       const int stage = t % kStages;
       const int64_t bh = bh_kv * group + t / per_head;
       const int row0 = (first + t % per_head) * kBlockM;
+      const uint32_t stats_tile = base + Cfg::kOffsetStats + stage * Cfg::kStatsBytes;
+      if constexpr (kTma) {
+        if (thread != 0) return;
+        mbarrier_wait(empty(stage), ((t / kStages) & 1) ^ 1);
+        mbarrier_arrive_expect_bytes(full(stage), 2 * Cfg::kTileBytesQ + Cfg::kStatsBytes);
+        tma_load_tile<kBlockM, kD>(tile_q(stage), map_q, row0, static_cast<int>(bh), full(stage));
+        tma_load_tile<kBlockM, kD>(tile_do(stage), map_do, row0, static_cast<int>(bh), full(stage));
+        bulk_load(stats_tile, lse2 + bh * padded + row0, kBlockM * 4, full(stage));
+        bulk_load(stats_tile + kBlockM * 4, delta + bh * padded + row0, kBlockM * 4, full(stage));
+        return;
+      }
       mbarrier_wait(empty(stage), ((t / kStages) & 1) ^ 1);  // the first use finds every stage free
       load_tile<T, kBlockM, kD>(tile_q(stage), q + bh * seq_q * kD, row0, seq_q, thread);
       load_tile<T, kBlockM, kD>(tile_do(stage), d_o + bh * seq_q * kD, row0, seq_q, thread);
       if (thread < 32) {
         const float* src = (thread < 16 ? lse2 : delta) + bh * padded + row0 + (thread % 16) * 4;
-        cp_async_16(base + Cfg::kOffsetStats + stage * Cfg::kStatsBytes + thread * 16, src, 16);
+        cp_async_16(stats_tile + thread * 16, src, 16);
       }
       mbarrier_arrive_on_copies(full(stage));
     };
     if constexpr (!Cfg::kDqWarpgroup) {
+      if (kTma && thread != 0) return;
       for (int t = 0; t < items; ++t) load_item(t);
-      asm volatile("cp.async.wait_all;\n" ::: "memory");
+      if constexpr (!kTma) asm volatile("cp.async.wait_all;\n" ::: "memory");
       return;
     } else {
       // Item u's dQ = dS·K (64 queries × kD, over the block's 128 keys), kDqColumns at a time, staged

@@ -129,6 +129,13 @@ __device__ __forceinline__ void wait_bulk_stores() {
     asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
 }
 
+// `bytes` (a multiple of 16) from `src` (16-aligned) to `dst` in shared memory, completing on `bar`.
+__device__ __forceinline__ void bulk_load(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(dst),
+               "l"(src), "r"(bytes), "r"(bar)
+               : "memory");
+}
+
 // Rows [row, row + kRows) of plane `plane` as the kD / 64 panels of a tile at `tile`, on `bar`.
 template <int kRows, int kD>
 __device__ __forceinline__ void tma_load_tile(uint32_t tile, const void* map, int row, int plane, uint32_t bar) {

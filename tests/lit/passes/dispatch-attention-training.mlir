@@ -11,6 +11,9 @@
 // RUN: touch %t/cuda/attention_bwd_sm90_f16_d64.fatbin
 // RUN: env FLASHMLIR_MICROKERNEL_DIR=%t flashmlir-opt --split-input-file --flashmlir-dispatch-attention-training=target=sm_90 %s | filecheck %s --check-prefix=HOPPERBWD
 // RUN: env FLASHMLIR_MICROKERNEL_DIR=%t flashmlir-opt --split-input-file --flashmlir-dispatch-attention-training='target=sm_90 deterministic=1' %s | filecheck %s --check-prefix=HOPPER
+// A catalog whose sm_90 backward loads through TMA (`tma`): dkdv gains the maps' workspace result:
+// RUN: rm -rf %ttma && cp -r %t %ttma && sed -i '/"attention_bwd_sm90"/{n;s/"stages": 2}/"stages": 2, "tma": true}/}' %ttma/kernels.json
+// RUN: env FLASHMLIR_MICROKERNEL_DIR=%ttma flashmlir-opt --split-input-file --flashmlir-dispatch-attention-training=target=sm_90 %s | filecheck %s --check-prefix=BWDTMA
 // What it cannot serve is an error naming the op and the reason (nothing else lowers these ops):
 // RUN: rm %t/cuda/attention_bwd_sm80_f16_d64.fatbin
 // RUN: env FLASHMLIR_MICROKERNEL_DIR=%t not flashmlir-opt --flashmlir-dispatch-attention-training=target=sm_80 %s 2>&1 | filecheck %s --check-prefix=NOTBUILT
@@ -63,6 +66,13 @@
 // HOPPERBWD:         hal.return %c1, %c4, %c1{{.*}} : index, index, index
 // HOPPERBWD:       workgroup_size = [384 : index, 1 : index, 1 : index], workgroup_local_memory = 165960>
 // HOPPERBWD:       hal.dispatch.extern "flashmlir_attention_bwd_sm90_f16_d64_dq"({{.+}}, %[[SUM]]#0)
+// With TMA, dkdv's fourth result is its workspace: 4 maps a block over its (1, 4) grid + 128 bytes,
+// and the shared memory holds the 4 maps while they are made.
+// BWDTMA-LABEL: func.func @train_gqa_causal
+// BWDTMA:       %[[SUM:[0-9]+]]:4 = hal.dispatch.extern "flashmlir_attention_bwd_sm90_f16_d64_dkdv"
+// BWDTMA-SAME:    -> (%{{.+}}#2, tensor<2x2x100x64xf16>, tensor<2x2x100x64xf16>, tensor<2176xi8>)
+// BWDTMA:       workgroup_size = [384 : index, 1 : index, 1 : index], workgroup_local_memory = 166472>
+// BWDTMA:       hal.dispatch.extern "flashmlir_attention_bwd_sm90_f16_d64_dq"({{.+}}, %[[SUM]]#0)
 // HOPPERBWD-SAME:    -> tensor<2x8x100x64xf16>
 // HOPPERBWD-NOT:   torch.operator
 
