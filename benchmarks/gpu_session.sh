@@ -10,7 +10,8 @@
 # attention call, benchmarks/host_overhead.py), ablation (what O's stores and the proxy fences cost
 # the sm_90 forward, benchmarks/forward_epilogue_ablation.py), stalls (ncu: where the forward's
 # consumers wait at 512 tokens with and without O's stores), tma (whether a TMA tensor map can be
-# made on the device; each case in its own process, benchmarks/tma_probe.py), pending (A/Bs of kernel
+# made on the device; each case in its own process, benchmarks/tma_probe.py), store-stalls (ncu: O
+# through TMA against O from registers at 4k tokens), pending (A/Bs of kernel
 # switches built but not yet run on a GPU; each script checks against float64 first).
 # Logs and tables go to $OUT (at most 8 files come back).
 set -uo pipefail
@@ -77,6 +78,19 @@ for step in "$@"; do
               echo "--- X_NO_STORE=$x"; grep -E "Duration|Stall|Warp Cycles|Issue Slots|Eligible|DRAM Throughput|L2 Hit" "$OUT/stalls-x$x.txt" | head -30
             done ;;
     tma) python benchmarks/tma_probe.py --markdown "$OUT/tma-probe.md" 2>&1 | tail -12 || status=1 ;;
+    store-stalls) # why O through TMA (tma_store) loses 3-12% from 2k tokens: ncu at head dim 128, 4096 tokens,
+                  # the catalog's kernel there (O from registers) against the same entry built with it
+                  dir=$(mktemp -d)
+                  nvcc --cubin -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -DFLASHMLIR_ELEMENT=half \
+                    -DFLASHMLIR_ELEMENT_NAME=f16 -DFLASHMLIR_HEAD_DIM=128 -DFLASHMLIR_NAME_TAG=_from2048 -DFLASHMLIR_TMA=1 \
+                    -DFLASHMLIR_TMA_STORE=1 runtime/microkernels/attention/fwd_sm90_kernels.cu -o "$dir/store.cubin" || status=1
+                  for v in registers store; do
+                    extra=(); [ $v = store ] && extra=(--object "$dir/store.cubin" --set tma_store=1)
+                    ncu --launch-skip 1 --launch-count 1 --section SpeedOfLight --section WarpStateStats --section SchedulerStats \
+                      --section MemoryWorkloadAnalysis --section SourceCounters -k regex:attention_fwd \
+                      python benchmarks/profile_microkernel.py --seq 4096 "${extra[@]}" > "$OUT/store-stalls-$v.txt" 2>&1 || status=1
+                    echo "--- O from $v"; grep -E "Duration|Warp Cycles|Eligible|stall|Stall" "$OUT/store-stalls-$v.txt" | head -24
+                  done ;;
     pending) # the sm_90 backward's dkdv loading through TMA (sm90t: built, not yet run)
              python benchmarks/attention_backward.py --variants sm90 sm90t --head-dims 64 128 --seqs 1024 4096 16384 \
                --dtypes fp16 --rounds 4 --markdown "$OUT/pending-backward-tma.md" 2>&1 | grep -v '^{' || status=1 ;;

@@ -5,6 +5,7 @@
     compute-sanitizer --tool racecheck python benchmarks/profile_microkernel.py --seq 333 --batch 1 --heads 4 \
         --kv-heads 2 --causal --head-dim 64 --backward
     ncu --section WarpStateStats python benchmarks/profile_microkernel.py --seq 512 --object patched.cubin
+    ncu ... python benchmarks/profile_microkernel.py --seq 4096 --object t_store.cubin --set tma_store=1
 
 Shapes as benchmarks/attention.py (B·S = 16k tokens, H·D = 2048) unless --batch/--heads say
 otherwise. Each kernel runs twice (a warm-up, then the one to look at).
@@ -40,6 +41,9 @@ def main() -> None:
     p.add_argument("--object", type=Path,
                    help="run the forward from this cubin/fatbin instead of the library's (a patched build of "
                         "the kernel the catalog chooses: same symbol, same tiles)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="with --object: a catalog field of the kernel it was built as (e.g. tma_store=1, for "
+                        "a variant the catalog does not choose at this length): the launch follows it")
     p.add_argument("--sdpa", choices=["flash", "cudnn", "efficient"],
                    help="also run this SDPA backend (with --backward: its forward and backward)")
     args = p.parse_args()
@@ -52,7 +56,12 @@ def main() -> None:
     chosen_for = args.select_seq or args.seq
     kernel = select_attention_forward(args.arch, args.dtype, args.head_dim, chosen_for, chosen_for, args.causal)
     if args.object:
-        kernel = dataclasses.replace(kernel, object_path=args.object)
+        fields = {}
+        for item in args.set:
+            name, _, value = item.partition("=")
+            current = getattr(kernel, name)  # AttributeError names a field the kernel does not have
+            fields[name] = bool(int(value)) if isinstance(current, bool) else type(current)(value)
+        kernel = dataclasses.replace(kernel, object_path=args.object, **fields)
     for _ in range(2):
         out = attention_forward(kernel, q, k, v, causal=args.causal, with_lse=args.backward)
     if args.backward:
