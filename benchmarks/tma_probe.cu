@@ -12,49 +12,18 @@
 // mbarrier does not complete within a bound reports it instead of hanging the GPU.
 #include <stdint.h>
 
+// The library's field setters (tensormap.replace) and its publishing copy; the probe sets the rank
+// field to a value of its own to find PTX's encoding of it.
+#include "../runtime/microkernels/attention/tma_sm90.cuh"
+
+using namespace flashmlir::sm90::tma_detail;
+
 namespace {
 
 __device__ __forceinline__ uint32_t smem(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
-// Field setters on a map in shared memory. `ord`, the element type, swizzle and the other modes are
-// immediates in PTX, hence the templates; the 32-bit per-dimension fields differ in name only.
-#define PROBE_DIMENSION_SETTER(function, field)                                                      \
-  template <int kOrd>                                                                                \
-  __device__ __forceinline__ void function(uint32_t map, uint32_t value) {                           \
-    asm volatile("tensormap.replace.tile." field ".shared::cta.b1024.b32 [%0], %1, %2;" ::"r"(map), \
-                 "n"(kOrd), "r"(value)                                                               \
-                 : "memory");                                                                        \
-  }
-PROBE_DIMENSION_SETTER(set_box_dim, "box_dim")
-PROBE_DIMENSION_SETTER(set_global_dim, "global_dim")
-PROBE_DIMENSION_SETTER(set_element_stride, "element_stride")
-template <int kOrd>
-__device__ __forceinline__ void set_global_stride(uint32_t map, uint64_t bytes) {
-  asm volatile("tensormap.replace.tile.global_stride.shared::cta.b1024.b64 [%0], %1, %2;" ::"r"(map), "n"(kOrd),
-               "l"(bytes)
-               : "memory");
-}
-template <int kType>
-__device__ __forceinline__ void set_elemtype(uint32_t map) {
-  asm volatile("tensormap.replace.tile.elemtype.shared::cta.b1024.b32 [%0], %1;" ::"r"(map), "n"(kType) : "memory");
-}
-template <int kMode>
-__device__ __forceinline__ void set_swizzle(uint32_t map) {
-  asm volatile("tensormap.replace.tile.swizzle_mode.shared::cta.b1024.b32 [%0], %1;" ::"r"(map), "n"(kMode)
-               : "memory");
-}
-__device__ __forceinline__ void set_interleave_none(uint32_t map) {
-  asm volatile("tensormap.replace.tile.interleave_layout.shared::cta.b1024.b32 [%0], 0;" ::"r"(map) : "memory");
-}
-__device__ __forceinline__ void set_fill_zero(uint32_t map) {
-  asm volatile("tensormap.replace.tile.fill_mode.shared::cta.b1024.b32 [%0], 0;" ::"r"(map) : "memory");
-}
-__device__ __forceinline__ void set_address(uint32_t map, const void* base) {
-  asm volatile("tensormap.replace.tile.global_address.shared::cta.b1024.b64 [%0], %1;" ::"r"(map), "l"(base)
-               : "memory");
-}
 // Waits for phase 0 of the mbarrier at `bar`, at most ~4 M tries: 1 when it completed, 0 when not
 // (a load that never lands reports instead of hanging the GPU).
 __device__ __forceinline__ uint32_t wait_bounded(uint32_t bar) {
@@ -66,8 +35,17 @@ __device__ __forceinline__ uint32_t wait_bounded(uint32_t bar) {
                  : "memory");
   return done;
 }
-__device__ __forceinline__ void set_rank(uint32_t map, uint32_t value) {
-  asm volatile("tensormap.replace.tile.rank.shared::cta.b1024.b32 [%0], %1;" ::"r"(map), "r"(value) : "memory");
+// The cluster's shape as block `blockIdx.x` sees it: its rank at ranks[2b], the cluster's size at
+// ranks[2b + 1]; returns the rank.
+__device__ __forceinline__ uint32_t record_cluster_shape(uint32_t* ranks) {
+  uint32_t rank, size;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
+  asm volatile("mov.u32 %0, %%cluster_nctarank;" : "=r"(size));
+  if (threadIdx.x == 0) {
+    ranks[2 * blockIdx.x] = rank;
+    ranks[2 * blockIdx.x + 1] = size;
+  }
+  return rank;
 }
 
 }  // namespace
@@ -87,29 +65,15 @@ extern "C" __global__ void probe_make_map(uint8_t* out, const uint8_t* template_
   if (lane == 0) {
     const uint32_t m = smem(map);
     set_address(m, base);
-    set_global_dim<0>(m, cols);
-    set_global_dim<1>(m, rows);
-    set_global_dim<2>(m, planes);
-    set_global_stride<0>(m, static_cast<uint64_t>(cols) * 2);         // bytes from row to row
-    set_global_stride<1>(m, static_cast<uint64_t>(cols) * rows * 2);  // from plane to plane
+    set_shape(m, cols, rows, planes);
     if (template_map == nullptr) {
-      set_rank(m, rank_value);
-      set_box_dim<0>(m, box_cols);
-      set_box_dim<1>(m, box_rows);
-      set_box_dim<2>(m, 1);
-      set_element_stride<0>(m, 1);
-      set_element_stride<1>(m, 1);
-      set_element_stride<2>(m, 1);
-      set_elemtype<6>(m);  // as CU_TENSOR_MAP_DATA_TYPE_FLOAT16
-      set_interleave_none(m);
-      set_swizzle<3>(m);  // as CU_TENSOR_MAP_SWIZZLE_128B
-      set_fill_zero(m);
+      set_rank_field(m, rank_value);
+      set_box(m, box_cols, box_rows);
+      set_modes(m);  // f16 (CU_TENSOR_MAP_DATA_TYPE_FLOAT16), the 128-byte swizzle, zero fill
     }
   }
   __syncwarp();
-  asm volatile("tensormap.cp_fenceproxy.global.shared::cta.tensormap::generic.release.gpu.sync.aligned [%0], [%1], 128;"
-               ::"l"(out), "r"(smem(map))
-               : "memory");
+  publish(out, smem(map));
 }
 
 // One box at (col0, row0, plane0) through `map` (global memory) into shared memory; its bytes as they
@@ -143,13 +107,7 @@ extern "C" __global__ void probe_tma_load(const uint8_t* map, uint8_t* out, uint
 // Only the cluster's shape as the blocks see it (no cluster barrier, no load): whether a plain
 // cuLaunchKernel of a kernel with compiled-in cluster dims makes clusters at all. ranks as below.
 extern "C" __global__ void __cluster_dims__(2, 1, 1) probe_cluster_ranks(uint32_t* ranks) {
-  uint32_t rank, size;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
-  asm volatile("mov.u32 %0, %%cluster_nctarank;" : "=r"(size));
-  if (threadIdx.x == 0) {
-    ranks[2 * blockIdx.x] = rank;
-    ranks[2 * blockIdx.x + 1] = size;
-  }
+  record_cluster_shape(ranks);
 }
 
 // The same box multicast to both blocks of a two-block cluster (cluster dims compiled in, so that a
@@ -163,12 +121,8 @@ extern "C" __global__ void __cluster_dims__(2, 1, 1)
   extern __shared__ __align__(1024) uint8_t tile[];
   __shared__ __align__(8) uint64_t bar;
   __shared__ uint32_t landed;
-  uint32_t rank, size;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
-  asm volatile("mov.u32 %0, %%cluster_nctarank;" : "=r"(size));
+  const uint32_t rank = record_cluster_shape(ranks);
   if (threadIdx.x == 0) {
-    ranks[2 * blockIdx.x] = rank;
-    ranks[2 * blockIdx.x + 1] = size;
     asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem(&bar)) : "memory");
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }

@@ -45,14 +45,7 @@ extern "C" __global__ void __launch_bounds__(Config::kPrepThreads)
 }
 
 // With TMA (FLASHMLIR_TMA, catalog `tma`) dkdv's last binding is a workspace of 512 bytes a block
-// and 128 more (the kernel aligns it) where each block makes its Q, dO, K and V tensor maps.
-#if FLASHMLIR_TMA
-#define FLASHMLIR_MAPS_PARAMETER , uint8_t* __restrict__ maps
-#define FLASHMLIR_MAPS maps
-#else
-#define FLASHMLIR_MAPS_PARAMETER
-#define FLASHMLIR_MAPS nullptr
-#endif
+// and 128 more where each block makes its Q, dO, K and V tensor maps (kernel_entry.cuh).
 
 extern "C" __global__ void __launch_bounds__(Config::kThreads, 1)
     FLASHMLIR_BWD_KERNEL_NAME(sm90, _dkdv)(const Element* __restrict__ q, const Element* __restrict__ k,

@@ -44,15 +44,8 @@ static_assert(FLASHMLIR_BLOCK_M == Config::kBlockM, "block_m must be 64 per cons
 static_assert(FLASHMLIR_WARPS * 32 == Config::kThreads, "kernels.json's warps differ from Sm90Config's threads");
 #endif
 
-// With TMA (FLASHMLIR_TMA, catalog `tma`) the last binding is a workspace of 384 bytes a block and
-// 128 more (the kernel aligns it) where each block makes its tensor maps; nothing reads it after.
-#if FLASHMLIR_TMA
-#define FLASHMLIR_MAPS_PARAMETER , uint8_t* __restrict__ maps
-#define FLASHMLIR_MAPS maps
-#else
-#define FLASHMLIR_MAPS_PARAMETER
-#define FLASHMLIR_MAPS nullptr
-#endif
+// With TMA (FLASHMLIR_TMA, catalog `tma`) the last binding is a workspace of 384 bytes a block (512
+// with tma_store) and 128 more where each block makes its tensor maps (kernel_entry.cuh).
 
 extern "C" __global__ void __launch_bounds__(Config::kThreads, 1)
     FLASHMLIR_KERNEL(const Element* __restrict__ q, const Element* __restrict__ k, const Element* __restrict__ v,

@@ -30,3 +30,18 @@
 #define FLASHMLIR_BWD_KERNEL_NAME(family, part)                                                    \
   FLASHMLIR_CAT(FLASHMLIR_CAT(flashmlir_attention_bwd_##family##_, FLASHMLIR_ELEMENT_NAME, _d, FLASHMLIR_HEAD_DIM), \
                 part, , )
+
+// A TMA kernel's last binding (FLASHMLIR_TMA, catalog `tma`): a workspace where each block makes its
+// tensor maps (IREE passes pointers, not maps), 128 bytes of slack for the kernel to align them;
+// nothing reads it after the launch. FLASHMLIR_MAPS_PARAMETER follows the outputs in a signature,
+// FLASHMLIR_MAPS is the argument passed on (nullptr without TMA).
+#ifndef FLASHMLIR_TMA
+#define FLASHMLIR_TMA 0
+#endif
+#if FLASHMLIR_TMA
+#define FLASHMLIR_MAPS_PARAMETER , uint8_t* __restrict__ maps
+#define FLASHMLIR_MAPS maps
+#else
+#define FLASHMLIR_MAPS_PARAMETER
+#define FLASHMLIR_MAPS nullptr
+#endif

@@ -20,36 +20,75 @@
 namespace flashmlir {
 namespace sm90 {
 
-// The rank field's value for a rank-3 map (PTX's encoding; the probe tells whether it is the rank
-// or the rank less one).
+// The rank field's value for a rank-3 map: the rank less one (benchmarks/tma_probe.py: with the
+// rank itself the load faults).
 #ifndef FLASHMLIR_TMA_RANK_FIELD
 #define FLASHMLIR_TMA_RANK_FIELD 2
 #endif
 
 constexpr int kTensorMapBytes = 128;
 
+// Field setters on a map in shared memory (`tensormap.replace`). Ordinals, the element type and
+// the modes are immediates in PTX, hence the templates; the 32-bit per-dimension fields differ in
+// name only.
 namespace tma_detail {
-template <int kOrd>
-__device__ __forceinline__ void set_box_dim(uint32_t map, uint32_t value) {
-  asm volatile("tensormap.replace.tile.box_dim.shared::cta.b1024.b32 [%0], %1, %2;" ::"r"(map), "n"(kOrd), "r"(value)
-               : "memory");
-}
-template <int kOrd>
-__device__ __forceinline__ void set_global_dim(uint32_t map, uint32_t value) {
-  asm volatile("tensormap.replace.tile.global_dim.shared::cta.b1024.b32 [%0], %1, %2;" ::"r"(map), "n"(kOrd),
-               "r"(value)
-               : "memory");
-}
-template <int kOrd>
-__device__ __forceinline__ void set_element_stride(uint32_t map) {
-  asm volatile("tensormap.replace.tile.element_stride.shared::cta.b1024.b32 [%0], %1, 1;" ::"r"(map), "n"(kOrd)
-               : "memory");
-}
+#define FLASHMLIR_TMA_DIMENSION_SETTER(function, field)                                              \
+  template <int kOrd>                                                                                \
+  __device__ __forceinline__ void function(uint32_t map, uint32_t value) {                           \
+    asm volatile("tensormap.replace.tile." field ".shared::cta.b1024.b32 [%0], %1, %2;" ::"r"(map), \
+                 "n"(kOrd), "r"(value)                                                               \
+                 : "memory");                                                                        \
+  }
+FLASHMLIR_TMA_DIMENSION_SETTER(set_box_dim, "box_dim")
+FLASHMLIR_TMA_DIMENSION_SETTER(set_global_dim, "global_dim")
+FLASHMLIR_TMA_DIMENSION_SETTER(set_element_stride, "element_stride")
+#undef FLASHMLIR_TMA_DIMENSION_SETTER
 template <int kOrd>
 __device__ __forceinline__ void set_global_stride(uint32_t map, uint64_t bytes) {
   asm volatile("tensormap.replace.tile.global_stride.shared::cta.b1024.b64 [%0], %1, %2;" ::"r"(map), "n"(kOrd),
                "l"(bytes)
                : "memory");
+}
+__device__ __forceinline__ void set_address(uint32_t map, const void* base) {
+  asm volatile("tensormap.replace.tile.global_address.shared::cta.b1024.b64 [%0], %1;" ::"r"(map), "l"(base)
+               : "memory");
+}
+__device__ __forceinline__ void set_rank_field(uint32_t map, uint32_t value) {
+  asm volatile("tensormap.replace.tile.rank.shared::cta.b1024.b32 [%0], %1;" ::"r"(map), "r"(value) : "memory");
+}
+// The modes the kernels use: 16-bit elements (given as f16), no interleave, the 128-byte swizzle,
+// zeros past the tensor's end.
+__device__ __forceinline__ void set_modes(uint32_t map) {
+  asm volatile("tensormap.replace.tile.elemtype.shared::cta.b1024.b32 [%0], 6;" ::"r"(map) : "memory");
+  asm volatile("tensormap.replace.tile.interleave_layout.shared::cta.b1024.b32 [%0], 0;" ::"r"(map) : "memory");
+  asm volatile("tensormap.replace.tile.swizzle_mode.shared::cta.b1024.b32 [%0], 3;" ::"r"(map) : "memory");
+  asm volatile("tensormap.replace.tile.fill_mode.shared::cta.b1024.b32 [%0], 0;" ::"r"(map) : "memory");
+}
+// The shape of a [planes, rows, cols] 16-bit tensor, densely laid out.
+__device__ __forceinline__ void set_shape(uint32_t map, uint32_t cols, uint32_t rows, uint32_t planes) {
+  set_global_dim<0>(map, cols);
+  set_global_dim<1>(map, rows);
+  set_global_dim<2>(map, planes);
+  set_global_stride<0>(map, static_cast<uint64_t>(cols) * 2);         // row to row, bytes
+  set_global_stride<1>(map, static_cast<uint64_t>(cols) * 2 * rows);  // plane to plane
+}
+// The box: box_cols × box_rows × 1 elements, every element.
+__device__ __forceinline__ void set_box(uint32_t map, uint32_t box_cols, uint32_t box_rows) {
+  set_box_dim<0>(map, box_cols);
+  set_box_dim<1>(map, box_rows);
+  set_box_dim<2>(map, 1);
+  set_element_stride<0>(map, 1);
+  set_element_stride<1>(map, 1);
+  set_element_stride<2>(map, 1);
+}
+// The warp's copy of the map at `staging` to `global`, with the release fence the tensormap proxy
+// needs (every lane).
+__device__ __forceinline__ void publish(void* global, uint32_t staging) {
+  asm volatile(
+      "tensormap.cp_fenceproxy.global.shared::cta.tensormap::generic.release.gpu.sync.aligned [%0], [%1], 128;" ::"l"(
+          global),
+      "r"(staging)
+      : "memory");
 }
 }  // namespace tma_detail
 
@@ -63,33 +102,14 @@ __device__ __forceinline__ void make_tensor_map(void* global, uint32_t staging, 
   asm volatile("st.shared.u32 [%0], 0;" ::"r"(staging + 4 * lane) : "memory");
   __syncwarp();
   if (lane == 0) {
-    asm volatile("tensormap.replace.tile.global_address.shared::cta.b1024.b64 [%0], %1;" ::"r"(staging), "l"(base)
-                 : "memory");
-    asm volatile("tensormap.replace.tile.rank.shared::cta.b1024.b32 [%0], %1;" ::"r"(staging),
-                 "n"(FLASHMLIR_TMA_RANK_FIELD)
-                 : "memory");
-    set_global_dim<0>(staging, kD);
-    set_global_dim<1>(staging, rows);
-    set_global_dim<2>(staging, planes);
-    set_global_stride<0>(staging, static_cast<uint64_t>(kD) * 2);         // row to row, bytes
-    set_global_stride<1>(staging, static_cast<uint64_t>(kD) * 2 * rows);  // plane to plane
-    set_box_dim<0>(staging, 64);
-    set_box_dim<1>(staging, kBoxRows);
-    set_box_dim<2>(staging, 1);
-    set_element_stride<0>(staging);
-    set_element_stride<1>(staging);
-    set_element_stride<2>(staging);
-    asm volatile("tensormap.replace.tile.elemtype.shared::cta.b1024.b32 [%0], 6;" ::"r"(staging) : "memory");  // f16
-    asm volatile("tensormap.replace.tile.interleave_layout.shared::cta.b1024.b32 [%0], 0;" ::"r"(staging) : "memory");
-    asm volatile("tensormap.replace.tile.swizzle_mode.shared::cta.b1024.b32 [%0], 3;" ::"r"(staging) : "memory");  // 128 B
-    asm volatile("tensormap.replace.tile.fill_mode.shared::cta.b1024.b32 [%0], 0;" ::"r"(staging) : "memory");  // zeros
+    set_address(staging, base);
+    set_rank_field(staging, FLASHMLIR_TMA_RANK_FIELD);
+    set_shape(staging, kD, rows, planes);
+    set_box(staging, 64, kBoxRows);
+    set_modes(staging);
   }
   __syncwarp();
-  asm volatile(
-      "tensormap.cp_fenceproxy.global.shared::cta.tensormap::generic.release.gpu.sync.aligned [%0], [%1], 128;" ::"l"(
-          global),
-      "r"(staging)
-      : "memory");
+  publish(global, staging);
 }
 
 // Before the first load through a map this thread (or its warp) made: the acquire half.
