@@ -123,8 +123,10 @@ __device__ __forceinline__ int warpgroup_index() {
 
 // Whether the producer loads through TMA (tensor maps each block makes on the device, in a global
 // workspace the launch passes: tma_sm90.cuh) instead of cp.async: one thread issues a tile's
-// kD / 64 box loads, against 128 threads' 16-byte copies that take the load/store unit the
-// consumers' stores of O need too. Catalog `tma`; the entry points then take the workspace.
+// kD / 64 box loads instead of 128 threads' 16-byte copies, which share the schedulers with the
+// consumers. On an H200 +3-6% at 1k-4k tokens, +2-10% at 8k-16k with the grid persistent there
+// too (benchmarks/results/h200-2026-12-02-sm90-tma.md); nothing at 512, where O's stores are what
+// costs. Catalog `tma`; the entry points then take the workspace.
 #ifndef FLASHMLIR_TMA
 #define FLASHMLIR_TMA 0
 #endif
