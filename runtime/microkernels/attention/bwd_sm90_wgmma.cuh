@@ -351,13 +351,16 @@ __device__ __forceinline__ void attention_bwd_dkdv_sm90(const T* __restrict__ q,
       const int row0 = (first + t % per_head) * kBlockM;
       const uint32_t stats_tile = base + Cfg::kOffsetStats + stage * Cfg::kStatsBytes;
       if constexpr (kTma) {
-        if (thread != 0) return;
-        mbarrier_wait(empty(stage), ((t / kStages) & 1) ^ 1);
-        mbarrier_arrive_expect_bytes(full(stage), 2 * Cfg::kTileBytesQ + Cfg::kStatsBytes);
-        tma_load_tile<kBlockM, kD>(tile_q(stage), map_q, row0, static_cast<int>(bh), full(stage));
-        tma_load_tile<kBlockM, kD>(tile_do(stage), map_do, row0, static_cast<int>(bh), full(stage));
-        bulk_load(stats_tile, lse2 + bh * padded + row0, kBlockM * 4, full(stage));
-        bulk_load(stats_tile + kBlockM * 4, delta + bh * padded + row0, kBlockM * 4, full(stage));
+        if (thread == 0) {
+          mbarrier_wait(empty(stage), ((t / kStages) & 1) ^ 1);
+          mbarrier_arrive_expect_bytes(full(stage), 2 * Cfg::kTileBytesQ + Cfg::kStatsBytes);
+          tma_load_tile<kBlockM, kD>(tile_q(stage), map_q, row0, static_cast<int>(bh), full(stage));
+          tma_load_tile<kBlockM, kD>(tile_do(stage), map_do, row0, static_cast<int>(bh), full(stage));
+          bulk_load(stats_tile, lse2 + bh * padded + row0, kBlockM * 4, full(stage));
+          bulk_load(stats_tile + kBlockM * 4, delta + bh * padded + row0, kBlockM * 4, full(stage));
+        }
+        // The dQ warpgroup's wgmmas next are warp-collective: its warp 0 goes on together.
+        __syncwarp();
         return;
       }
       mbarrier_wait(empty(stage), ((t / kStages) & 1) ^ 1);  // the first use finds every stage free
