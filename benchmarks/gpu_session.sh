@@ -93,7 +93,11 @@ for step in "$@"; do
                   done ;;
     pending) # the sm_90 backward's dkdv loading through TMA (sm90t: built, not yet run)
              python benchmarks/attention_backward.py --variants sm90 sm90t --head-dims 64 128 --seqs 1024 4096 16384 \
-               --dtypes fp16 --rounds 4 --markdown "$OUT/pending-backward-tma.md" 2>&1 | grep -v '^{' || status=1 ;;
+               --dtypes fp16 --rounds 4 --markdown "$OUT/pending-backward-tma.md" 2>&1 | grep -v '^{' || status=1
+             # the shift tracking the row maximum (MAX_SLACK=0): cuDNN's bf16 error in the CPU emulation
+             # (bf16_error_budget.py), at the cost of more rescales; the sweep prints both error and speed
+             python benchmarks/microkernel_sweep.py --family sm90 --variants n128s2t n128s2t:MAX_SLACK=0 --head-dims 64 128 \
+               --seqs 1024 4096 16384 --dtypes bf16 --markdown "$OUT/pending-slack.md" 2>&1 | grep -v '^{' || status=1 ;;
     *) echo "unknown step $step"; status=1 ;;
   esac
 done
