@@ -25,6 +25,13 @@ CPU_TILE_KEYS = ("row_vectors", "key_tile", "dim_tile", "keys")  # as CMakeLists
 ELEMENT_BYTES = {"f16": 2, "bf16": 2}
 TENSOR_MAP_BYTES = 128  # a TMA tensor map (CUtensorMap), 128-aligned
 
+
+def tma_workspace_bytes(maps: int, workgroups: int) -> int:
+    """The workspace binding of a kernel whose workgroups each make `maps` tensor maps on the device
+    (tma_sm90.cuh block_tensor_maps): theirs, and room to align them, as a binding's offset in IREE's
+    buffers need not be."""
+    return maps * TENSOR_MAP_BYTES * workgroups + TENSOR_MAP_BYTES
+
 # Up to this many query blocks (4k rows) the sm_90 grid is persistent, one workgroup per SM taking
 # tiles in turn: no cold start per tile (+2-16% at 512-4k tokens). Beyond it a workgroup per tile
 # measured as fast or faster for the cp.async kernels (the hardware's dynamic scheduling evens out
@@ -117,10 +124,8 @@ class CudaAttentionKernel:
         return (4 if self.tma_store else 3) if self.tma else 0
 
     def workspace_bytes(self, grid: tuple[int, int, int]) -> int:
-        """The workspace binding a `tma` kernel takes after its outputs (0: none): its tensor maps a
-        workgroup (fwd_sm90_wgmma.cuh, tma_sm90.cuh) and room to align them, as a binding's offset
-        in IREE's buffers need not be."""
-        return self.tensor_maps * TENSOR_MAP_BYTES * grid[0] + TENSOR_MAP_BYTES if self.tma else 0
+        """The workspace binding a `tma` kernel takes after its outputs (0: none)."""
+        return tma_workspace_bytes(self.tensor_maps, grid[0]) if self.tma else 0
 
     def grid(self, seq_q: int, batch_heads: int, multiprocessors: int, causal: bool) -> tuple[int, int, int]:
         """The launch grid; `multiprocessors` is the device's SM count (what a persistent grid fills)."""
@@ -209,11 +214,9 @@ class CudaAttentionBackwardKernel:
         return resident + 2 * (2 * self.block_m * self.head_dim * e + 2 * self.block_m * 4)  # Q, dO, lse, Δ
 
     def workspace_bytes(self, part: str, grid: tuple[int, int, int]) -> int:
-        """The workspace binding `part` takes after its outputs (0: none): with `tma`, dkdv's four
-        tensor maps a block and room to align them."""
-        if not (self.tma and part == "dkdv"):
-            return 0
-        return 4 * TENSOR_MAP_BYTES * grid[0] * grid[1] + TENSOR_MAP_BYTES
+        """The workspace binding `part` takes after its outputs (0: none): with `tma`, dkdv's Q, dO,
+        K and V maps a block."""
+        return tma_workspace_bytes(4, grid[0] * grid[1]) if self.tma and part == "dkdv" else 0
 
     def grid(self, part: str, seq: int, batch_heads: int) -> tuple[int, int, int]:
         """dkdv: seq = Sk, batch_heads = B·Hkv; the others: seq = Sq, batch_heads = B·Hq."""

@@ -275,12 +275,8 @@ def _cuda_forward_calls(site: _Site, arch: str, multiprocessors: int) -> str:
     kernel = select_attention_forward(arch, site.element, site.head_dim, site.q.shape[-2], site.k.shape[-2],
                                       site.causal)
     grid = kernel.grid(site.q.shape[-2], site.batch_heads, multiprocessors, site.causal)
-    results, outputs = "%o, %lse", [_type_of(site, n).builtin() for n in FORWARD_IO[1]]
-    workspace = kernel.workspace_bytes(grid)
-    if workspace:  # a TMA kernel's tensor maps (dispatch_attention_microkernel.py): written, never read
-        results, outputs = results + ", %maps", [*outputs, f"tensor<{workspace}xi8>"]
-    extern = _extern(results, kernel.name + "_lse", [(_ssa(n), _type_of(site, n).builtin()) for n in FORWARD_IO[0]],
-                     outputs, grid[:2], str(kernel.object_path), kernel.threads, kernel.shared_bytes)
+    extern = _cuda_extern(site, FORWARD_IO, kernel.name + "_lse", grid[:2], kernel, kernel.threads,
+                          kernel.shared_bytes, workspace=kernel.workspace_bytes(grid))
     return f"{site.constants}\n{extern}"
 
 

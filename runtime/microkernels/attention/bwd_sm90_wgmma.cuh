@@ -316,12 +316,10 @@ __device__ __forceinline__ void attention_bwd_dkdv_sm90(const T* __restrict__ q,
     // the padded statistics: threads 0-15 lse₂, 16-31 Δ) into the item's stage.
     release_registers<Cfg::kProducerRegisters>();
     const int thread = threadIdx.x;
-    // With TMA: the block's maps in the workspace (128-aligned whatever the binding's offset; the
-    // workspace has 128 bytes of slack), made by the four warps side by side; thread 0 issues every
-    // load, the statistics as two 256-byte bulk copies.
-    uint8_t* const map_q = kTma ? reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(maps) + 127) & ~uintptr_t{127}) +
-                                      (static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * 4 * kTensorMapBytes
-                                : nullptr;
+    // With TMA: the block's maps in the workspace, made by the four warps side by side; thread 0
+    // issues every load, the statistics as two 256-byte bulk copies.
+    uint8_t* const map_q =
+        kTma ? block_tensor_maps(maps, static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x, Cfg::kMaps) : nullptr;
     uint8_t* const map_do = map_q + kTensorMapBytes;
     uint8_t* const map_k = map_q + 2 * kTensorMapBytes;
     uint8_t* const map_v = map_q + 3 * kTensorMapBytes;

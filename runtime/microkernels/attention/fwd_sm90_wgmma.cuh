@@ -301,12 +301,8 @@ __device__ __forceinline__ void attention_fwd_sm90(const T* __restrict__ q, cons
   if (!kPersistent && gridDim.x < tiles) __trap();
 
   const int warpgroup = warpgroup_index<(kD < 256)>();
-  // With TMA, this block's tensor maps in the workspace: Q, K, V (and O), 128-aligned whatever the
-  // binding's offset (the workspace has 128 bytes of slack for it).
-  uint8_t* const block_maps =
-      kTma ? reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(maps) + 127) & ~uintptr_t{127}) +
-                 static_cast<int64_t>(blockIdx.x) * kMaps * kTensorMapBytes
-           : nullptr;
+  // With TMA, this block's tensor maps in the workspace: Q, K, V (and O).
+  uint8_t* const block_maps = kTma ? block_tensor_maps(maps, blockIdx.x, kMaps) : nullptr;
   // Named barriers: 1 + c, consumer c's turn (ping-pong); the producer warps' maps made; consumer
   // c's O tile written or free (TMA stores).
   constexpr int kMapsMade = 1 + kConsumers;

@@ -112,6 +112,14 @@ __device__ __forceinline__ void make_tensor_map(void* global, uint32_t staging, 
   publish(global, staging);
 }
 
+// Block `block`'s `count` maps in a workspace binding: 128-aligned whatever the binding's offset (the
+// launch gives the workspace 128 bytes of slack for it; compiler/microkernels.py
+// tma_workspace_bytes), then `count` maps a block.
+__device__ __forceinline__ uint8_t* block_tensor_maps(uint8_t* workspace, int64_t block, int count) {
+  return reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(workspace) + 127) & ~uintptr_t{127}) +
+         block * count * kTensorMapBytes;
+}
+
 // Before the first load through a map this thread (or its warp) made: the acquire half.
 __device__ __forceinline__ void acquire_tensor_map(const void* global) {
   asm volatile("fence.proxy.tensormap::generic.acquire.gpu [%0], 128;" ::"l"(global) : "memory");
