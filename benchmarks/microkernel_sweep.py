@@ -7,9 +7,9 @@
 An sm_80 variant is block_m x block_n x warps; an sm_90 one is [m<block_m>]n<block_n>s<stages>,
 with a `p` for ping-pong between the consumer warpgroups (block_m 128: two consumers of 64 rows, the
 default; 192: three), a `t` for loads through TMA (tensor maps made on the device) or a `T` for
-O's stores through it as well. Either may
-end in `:NAME=V,...`, built with -DFLASHMLIR_NAME=V (an A/B of a compile-time switch); `--sources DIR` builds from a patched copy of the kernels' folder (timing what
-a change would gain before making it). Each is compiled here with nvcc from the library's
+O's stores through it as well. Either may end in `:NAME=V,...`, built with -DFLASHMLIR_NAME=V (an
+A/B of a compile-time switch); `--sources DIR` builds from a patched copy of the kernels' folder
+(timing what a change would gain before making it). Each is compiled here with nvcc from the library's
 source (the same -D switches CMake uses) for this GPU, checked against float64 on a small odd-sized
 problem, then timed over the grid (B·S = 16k tokens, H·D = 2048, as benchmarks/attention.py).
 ptxas' register and spill counts are printed with it. The winners go into
