@@ -127,10 +127,20 @@ def median_ms(fn, warmup: int, iters: int) -> float:
     return statistics.median(times)
 
 
+# ~2 ms of GPU sleep ahead of a burst: longer than the host takes to issue 10 calls of any launch
+# path here (a torch.compile'd call costs 70-110 µs of host, benchmarks/host_overhead.py).
+QUEUE_SLEEP_CYCLES = 4_000_000
+
+
 def burst_ms(fn, calls: int) -> float:
     """GPU time per call of `calls` back-to-back calls: the host's launch cost stays hidden, as it is
-    when a model queues its kernels, so kernels of different launch paths compare fairly."""
+    when a model queues its kernels, so kernels of different launch paths compare fairly. The calls
+    queue behind a sleeping kernel: timed from an idle GPU, the first call's host time counted,
+    70-110 µs through torch.compile against ~30 µs for a direct launch, in a burst of ten ~130 µs
+    calls at 512 tokens. A launch path that synchronizes (IREE's CUDA HAL) waits out the sleep and
+    is timed as before."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(QUEUE_SLEEP_CYCLES)
     start.record()
     for _ in range(calls):
         fn()
@@ -142,15 +152,20 @@ def burst_ms(fn, calls: int) -> float:
 def interleaved_best_ms(calls: dict, warmup: int, iters: int, rounds: int) -> dict:
     """GPU ms per call of each of `calls` (label → fn), best of `rounds` bursts taken in turn: on a
     power-capped GPU the clock drifts, and interleaving spreads that drift over all columns. Each
-    round starts one column later: the first burst of a round ran up to 8% faster than the same
-    kernel's later ones (H200, 16k tokens: h200-2026-12-02-sm90-tma.md), so no column keeps it."""
+    round starts one column later and opens with an untimed burst of the column that ends it: the
+    first burst of a round ran up to 8% faster than the same kernel's later ones (H200, 16k
+    tokens: h200-2026-12-02-sm90-tma.md), and with more columns than rounds rotation alone left
+    the last columns (SDPA's, in the sweeps) never first."""
     for fn in calls.values():
         for _ in range(warmup):
             fn()
     best = {}
     order = list(calls.items())
     for r in range(rounds):
-        for label, fn in order[r % len(order):] + order[:r % len(order)]:
+        turn = order[r % len(order):] + order[:r % len(order)]
+        if len(turn) > 1:
+            burst_ms(turn[-1][1], iters)
+        for label, fn in turn:
             best[label] = min(best.get(label, float("inf")), burst_ms(fn, iters))
     return best
 

@@ -11,8 +11,7 @@
 # the sm_90 forward, benchmarks/forward_epilogue_ablation.py), stalls (ncu: where the forward's
 # consumers wait at 512 tokens with and without O's stores), tma (whether a TMA tensor map can be
 # made on the device; each case in its own process, benchmarks/tma_probe.py), store-stalls (ncu: O
-# through TMA against O from registers at 4k tokens), pending (A/Bs of kernel
-# switches built but not yet run on a GPU; each script checks against float64 first).
+# through TMA against O from registers at 4k tokens).
 # Logs and tables go to $OUT (at most 8 files come back).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -91,13 +90,6 @@ for step in "$@"; do
                       python benchmarks/profile_microkernel.py --seq 4096 "${extra[@]}" > "$OUT/store-stalls-$v.txt" 2>&1 || status=1
                     echo "--- O from $v"; grep -E "Duration|Warp Cycles|Eligible|stall|Stall" "$OUT/store-stalls-$v.txt" | head -24
                   done ;;
-    pending) # the sm_90 backward's dkdv loading through TMA (sm90t: built, not yet run)
-             python benchmarks/attention_backward.py --variants sm90 sm90t --head-dims 64 128 --seqs 1024 4096 16384 \
-               --dtypes fp16 --rounds 4 --markdown "$OUT/pending-backward-tma.md" 2>&1 | grep -v '^{' || status=1
-             # the shift tracking the row maximum (MAX_SLACK=0): cuDNN's bf16 error in the CPU emulation
-             # (bf16_error_budget.py), at the cost of more rescales; the sweep prints both error and speed
-             python benchmarks/microkernel_sweep.py --family sm90 --variants n128s2t n128s2t:MAX_SLACK=0 --head-dims 64 128 \
-               --seqs 1024 4096 16384 --dtypes bf16 --markdown "$OUT/pending-slack.md" 2>&1 | grep -v '^{' || status=1 ;;
     *) echo "unknown step $step"; status=1 ;;
   esac
 done

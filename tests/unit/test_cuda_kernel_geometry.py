@@ -49,13 +49,13 @@ def test_tma_workspace_holds_three_aligned_maps_a_workgroup():
     assert _sm90(128, tma=True).shared_bytes == 32768 + 4 * 32768 + 384 + 80 + 1024
 
 
-def test_the_catalog_loads_through_tma_below_head_dim_256():
+def test_the_catalog_loads_every_sm90_forward_through_tma():
     from flashmlir.compiler.microkernels import library
 
     forward = [k for k in library().cuda if k.family == "attention_fwd_sm90"]
     if not forward:
         pytest.skip("the microkernel library is not installed")
-    assert {(k.head_dim, k.tma) for k in forward} == {(64, True), (128, True), (256, False)}
+    assert {(k.head_dim, k.tma) for k in forward} == {(64, True), (128, True), (256, True)}
     # O through the copy engine at head dim 128 below 2048 tokens only
     assert {(k.head_dim, k.min_seq) for k in forward if k.tma_store} == {(128, 0)}
     assert {(k.min_seq, k.tma_store) for k in forward if k.head_dim == 128} == {(0, True), (2048, False)}
@@ -68,9 +68,12 @@ def test_tma_store_adds_an_o_tile_a_consumer_and_a_fourth_map():
     assert kernel.workspace_bytes((132, 1, 1)) == 132 * 4 * 128 + 128
 
 
-def test_head_dim_256_takes_a_workgroup_per_tile():
-    assert not _sm90(256).persistent
-    assert _sm90(256).grid(1000, 4, 132, True) == (32, 1, 1)
+@pytest.mark.parametrize("tma", [False, True])
+def test_head_dim_256_takes_a_workgroup_per_tile(tma):
+    assert not _sm90(256, tma=tma).persistent
+    assert _sm90(256, tma=tma).grid(1000, 4, 132, True) == (32, 1, 1)
+    # with TMA each of those workgroups makes its own maps
+    assert _sm90(256, tma=tma).workspace_bytes((32, 1, 1)) == (32 * 3 * 128 + 128 if tma else 0)
 
 
 def test_sm80_grid_is_query_blocks_by_heads():

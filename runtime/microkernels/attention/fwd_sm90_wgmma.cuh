@@ -24,9 +24,10 @@
 // Tiles land in the layout wgmma reads with the 128-byte swizzle: a tile is D/64 column panels of
 // 64 elements; in a panel row r is 128 bytes at r·128, its 16-byte chunk c at chunk c ^ (r % 8).
 // K's panels are K-major operands (keys × head dim) of Q·Kᵀ; V's, the same bytes, are the MN-major
-// operand of P·V. With kTma (head dims 64, 128) the copy engine puts them there, one box a panel,
-// through tensor maps the workgroup makes on the device (tma_sm90.cuh; IREE passes pointers, not
-// maps); otherwise the producer's 128 threads copy 16 bytes each with cp.async.
+// operand of P·V. With kTma (the catalog's choice at every head dim) the copy engine puts them
+// there, one box a panel, through tensor maps the workgroup makes on the device (tma_sm90.cuh;
+// IREE passes pointers, not maps); otherwise the producer's 128 threads copy 16 bytes each with
+// cp.async.
 //
 // Causal masking is top-left (key > row is masked), as in the sm_80 kernel; only diagonal and
 // ragged-tail tiles are masked, tiles right of the diagonal are never loaded.
@@ -126,7 +127,9 @@ __device__ __forceinline__ int warpgroup_index() {
 // kD / 64 box loads instead of 128 threads' 16-byte copies, which share the schedulers with the
 // consumers. On an H200 +3-6% at 1k-4k tokens, +2-10% at 8k-16k with the grid persistent there
 // too (benchmarks/results/h200-2026-12-02-sm90-tma.md); nothing at 512, where O's stores are what
-// costs. Catalog `tma`; the entry points then take the workspace.
+// costs. At head dim 256, whose 32 KB tiles the producer's 24 registers kept only 4 copies a
+// thread in flight for, +9-23% from 2k tokens (h200-2026-12-02-sm90-d256-tma.md). Catalog `tma`;
+// the entry points then take the workspace.
 #ifndef FLASHMLIR_TMA
 #define FLASHMLIR_TMA 0
 #endif
@@ -202,7 +205,8 @@ struct Sm90Config {
   static_assert(kD % 64 == 0 && kBlockN % 16 == 0 && kTileBytesKV % 1024 == 0, "unsupported tile shape");
   // Whether a block takes several query blocks (scheduled_tile). At head dim 256 the
   // consumers have no registers left for the loop's state: ptxas spilled inside the key loop
-  // (~100 bytes against 8) and the long sequences lost 10%, so there a block takes one.
+  // (~100 bytes against 8 with cp.async, 170 against none with TMA) and the long sequences lost
+  // 10%, so there a block takes one.
   static constexpr bool kPersistent = kD < 256;
   // Per consumer thread: O (kD / 2), S (kBlockN / 2) and two sets of P (kBlockN / 4 each).
   static_assert(kD / 2 + kBlockN / 2 + kBlockN / 2 <= kConsumerRegisters - 32, "too many accumulators for the consumers");
