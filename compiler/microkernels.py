@@ -93,6 +93,12 @@ class CudaAttentionKernel:
         return self.warps * 32
 
     @property
+    def dropout(self) -> bool:
+        """Whether the image also exports `<name>_lse_dropout` (fwd_sm90_kernels.cu), the training
+        forward that drops P by the seeded hash of dropout.cuh."""
+        return self.family == "attention_fwd_sm90"
+
+    @property
     def shared_bytes(self) -> int:
         """Dynamic shared memory, as the family's source lays it out."""
         e = ELEMENT_BYTES[self.element]
@@ -180,6 +186,12 @@ class CudaAttentionBackwardKernel:
     def name(self, part: str) -> str:
         """The exported symbol of `part`."""
         return f"flashmlir_{self.family}_{self.element}_d{self.head_dim}_{part}"
+
+    @property
+    def dropout(self) -> bool:
+        """Whether dkdv has a `_dkdv_dropout` twin (bwd_sm90_kernels.cu) that regenerates the
+        forward's dropout mask; prep and dq need none."""
+        return self.family == "attention_bwd_sm90"
 
     def threads(self, part: str) -> int:
         if self.accumulates_dq and part != "dkdv":

@@ -86,6 +86,15 @@ class CudaKernel:
                f"cuLaunchKernel({self.name})")
 
 
+def dropout_constants(p: float) -> list[int]:
+    """What a dropout entry takes after the constants: ⌈p · 2³²⌉ (an element is kept when its hash
+    reaches it: dropout.cuh) and 1 / (1 − p) as f32 bits. p · 2³² is exact in float64, so the
+    threshold is the reference's comparison, hash / 2³² ≥ p."""
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"dropout probability {p} outside (0, 1)")
+    return [math.ceil(p * 2.0**32), f32_bits(1.0 / (1.0 - p))]
+
+
 @functools.cache
 def multiprocessors(device: int) -> int:
     """The device's SM count (a persistent kernel's grid)."""
@@ -107,21 +116,28 @@ class AttentionForwardLaunch:
     GPT-2-sized kernel's GPU time (`benchmarks/host_overhead.py`)."""
 
     def __init__(self, kernel, q_shape: tuple[int, ...], k_shape: tuple[int, ...], causal: bool,
-                 scale: float | None, with_lse: bool, device: int):
+                 scale: float | None, with_lse: bool, device: int, dropout_p: float = 0.0):
         *lead, hq, sq, d = q_shape
         hkv, sk = k_shape[-3], k_shape[-2]
         batch_heads = math.prod(lead) * hq
         scale = d ** -0.5 if scale is None else scale
+        if dropout_p and not (with_lse and kernel.dropout):
+            raise ValueError(f"{kernel.name}: dropout needs the lse entry of a kernel with a dropout twin")
         self.kernel = kernel
-        self._function = _loaded(str(kernel.object_path), kernel.name + ("_lse" if with_lse else ""), device)
+        entry = kernel.name + ("_lse" if with_lse else "") + ("_dropout" if dropout_p else "")
+        self._function = _loaded(str(kernel.object_path), entry, device)
         self._grid = kernel.grid(sq, batch_heads, multiprocessors(device), causal)
         self._block, self._shared = (kernel.threads, 1, 1), kernel.shared_bytes
         self._constants = [hq // hkv, sq, sk, f32_bits(scale), int(causal), batch_heads]
+        if dropout_p:
+            self._constants += dropout_constants(dropout_p)
+        self._dropout = bool(dropout_p)
         self._lse_shape = tuple(q_shape[:-1]) if with_lse else None
         self._workspace = kernel.workspace_bytes(self._grid)
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """O (shaped as q), or (O, lse) with lse float32 q.shape[:-1]; q, k, v contiguous."""
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seed: torch.Tensor | None = None):
+        """O (shaped as q), or (O, lse) with lse float32 q.shape[:-1]; q, k, v contiguous. With
+        dropout, `seed` is the int64 scalar tensor the mask derives from (read on the device)."""
         o = torch.empty_like(q)
         outputs = [o]
         if self._lse_shape is not None:
@@ -129,8 +145,9 @@ class AttentionForwardLaunch:
         # A TMA kernel's tensor maps: per call, as IREE's transient would be (torch's allocator keeps
         # it from another launch's use until this one's stream has passed it).
         workspace = ([torch.empty(self._workspace, device=q.device, dtype=torch.uint8)] if self._workspace else [])
+        inputs = (q, k, v, _dropout_seed(seed, q.device)) if self._dropout else (q, k, v)
         self._function.launch(self._grid, self._block, self._shared,
-                              [t.data_ptr() for t in (q, k, v, *outputs, *workspace)] + self._constants)
+                              [t.data_ptr() for t in (*inputs, *outputs, *workspace)] + self._constants)
         return o if self._lse_shape is None else tuple(outputs)
 
 
@@ -142,30 +159,36 @@ class AttentionBackwardLaunch:
     sm_90 scratch (lse₂, Δ, accumulator) is one allocation, its pieces addressed by offsets."""
 
     def __init__(self, kernel, q_shape: tuple[int, ...], k_shape: tuple[int, ...], causal: bool,
-                 scale: float | None, device: int):
+                 scale: float | None, device: int, dropout_p: float = 0.0):
         *lead, hq, sq, d = q_shape
         hkv, sk = k_shape[-3], k_shape[-2]
         batch = math.prod(lead)
         scale = d ** -0.5 if scale is None else scale
+        if dropout_p and not kernel.dropout:
+            raise ValueError(f"{kernel.family}: no dropout twin of its dkdv kernel")
         self._constants = [hq // hkv, sq, sk, f32_bits(scale), int(causal), batch * hq]
+        # dkdv's dropout twin takes the seed after Δ and two more constants.
+        self._dropout = dropout_constants(dropout_p) if dropout_p else None
         self._accumulates = kernel.accumulates_dq
         self._launches = {}
         for part in kernel.parts:
             seq, batch_heads = (sk, batch * hkv) if part == "dkdv" else (sq, batch * hq)
             grid = kernel.grid(part, seq, batch_heads)
-            self._launches[part] = (_loaded(str(kernel.object_path), kernel.name(part), device), grid,
+            entry = kernel.name(part) + ("_dropout" if dropout_p and part == "dkdv" else "")
+            self._launches[part] = (_loaded(str(kernel.object_path), entry, device), grid,
                                     (kernel.threads(part), 1, 1), kernel.shared_bytes(part))
         self._workspace = kernel.workspace_bytes("dkdv", self._launches["dkdv"][1])
         rows = kernel.padded_rows(sq) if self._accumulates else sq
         self._statistics = batch * hq * rows  # floats in each of lse₂ and Δ (sm_80: Δ only)
         self._scratch = self._statistics * ((2 + d) if self._accumulates else 1)
 
-    def _launch(self, part: str, *words: int) -> None:
+    def _launch(self, part: str, *words: int, extra: tuple[int, ...] = ()) -> None:
         function, grid, block, shared = self._launches[part]
-        function.launch(grid, block, shared, [*words, *self._constants])
+        function.launch(grid, block, shared, [*words, *self._constants, *extra])
 
-    def __call__(self, q, k, v, o, d_o, lse):
-        """dq, dk, dv; every operand contiguous, lse the forward's (float32 q.shape[:-1])."""
+    def __call__(self, q, k, v, o, d_o, lse, seed: torch.Tensor | None = None):
+        """dq, dk, dv; every operand contiguous, lse the forward's (float32 q.shape[:-1]); with
+        dropout, `seed` the forward's."""
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         # Freed when this returns, before the kernels run: safe, as torch's allocator hands the
         # memory out again only in this stream's order.
@@ -177,13 +200,21 @@ class AttentionBackwardLaunch:
             self._launch("prep", o, d_o, lse, lse2, delta, accumulator)
             # A TMA dkdv's tensor maps (see AttentionForwardLaunch), after its outputs.
             workspace = torch.empty(self._workspace, device=dq.device, dtype=torch.uint8) if self._workspace else None
-            self._launch("dkdv", q, k, v, d_o, lse2, delta, accumulator, dk.data_ptr(), dv.data_ptr(),
-                         *([workspace.data_ptr()] if workspace is not None else []))
+            seeds = [_dropout_seed(seed, dq.device).data_ptr()] if self._dropout else []
+            self._launch("dkdv", q, k, v, d_o, lse2, delta, *seeds, accumulator, dk.data_ptr(), dv.data_ptr(),
+                         *([workspace.data_ptr()] if workspace is not None else []), extra=tuple(self._dropout or ()))
             self._launch("dq", accumulator, dq.data_ptr())
         else:
             self._launch("dq", q, k, v, o, d_o, lse, dq.data_ptr(), scratch)
             self._launch("dkdv", q, k, v, d_o, lse, scratch, dk.data_ptr(), dv.data_ptr())
         return dq, dk, dv
+
+
+def _dropout_seed(seed: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """The seed as the kernels read it: one int64 in device memory."""
+    if seed is None or seed.numel() != 1 or seed.dtype != torch.int64 or seed.device != device:
+        raise ValueError(f"dropout needs its seed as one int64 on {device}, got {seed!r}")
+    return seed.contiguous()
 
 
 def _contiguous_cuda(*tensors: torch.Tensor) -> None:
@@ -193,19 +224,23 @@ def _contiguous_cuda(*tensors: torch.Tensor) -> None:
 
 
 def attention_forward(kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
-                      scale: float | None = None, with_lse: bool = False):
+                      scale: float | None = None, with_lse: bool = False, dropout_p: float = 0.0,
+                      dropout_seed: torch.Tensor | None = None):
     """Run a library attention kernel (a `flashmlir.compiler.microkernels.CudaAttentionKernel`) on
     [*, H, S, D] tensors as the IREE dispatch would: same image, grid, block, shared memory and
-    constants. Returns O, or (O, lse) with lse [*, Hq, Sq] in float32."""
+    constants. Returns O, or (O, lse) with lse [*, Hq, Sq] in float32. Dropout (sm_90, with lse)
+    keeps what `attention_op.dropout_keep(dropout_seed, ...)` keeps."""
     _contiguous_cuda(q, k, v)
-    launch = AttentionForwardLaunch(kernel, q.shape, k.shape, causal, scale, with_lse, q.device.index or 0)
-    return launch(q, k, v)
+    launch = AttentionForwardLaunch(kernel, q.shape, k.shape, causal, scale, with_lse, q.device.index or 0, dropout_p)
+    return launch(q, k, v, dropout_seed)
 
 
 def attention_backward(kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                       d_o: torch.Tensor, lse: torch.Tensor, *, causal: bool, scale: float | None = None):
+                       d_o: torch.Tensor, lse: torch.Tensor, *, causal: bool, scale: float | None = None,
+                       dropout_p: float = 0.0, dropout_seed: torch.Tensor | None = None):
     """Run a library backward kernel set (a `CudaAttentionBackwardKernel`) on [*, H, S, D] tensors
-    as the IREE dispatches would. lse is the forward's, float32 [*, Hq, Sq]. Returns dq, dk, dv."""
+    as the IREE dispatches would. lse is the forward's, float32 [*, Hq, Sq]; with dropout, the
+    forward's p and seed. Returns dq, dk, dv."""
     _contiguous_cuda(q, k, v, o, d_o, lse)
-    launch = AttentionBackwardLaunch(kernel, q.shape, k.shape, causal, scale, q.device.index or 0)
-    return launch(q, k, v, o, d_o, lse)
+    launch = AttentionBackwardLaunch(kernel, q.shape, k.shape, causal, scale, q.device.index or 0, dropout_p)
+    return launch(q, k, v, o, d_o, lse, dropout_seed)

@@ -5,8 +5,8 @@ With `torch.compile(..., options={"rest": "inductor"})` only attention is ours: 
 everything else, calling these ops as opaque kernels. Each runs the catalog's kernel for the
 device (the same image, launch geometry and constants the IREE dispatch uses) on torch's current
 stream, so it is ordered with Inductor's kernels without any host synchronization; a call the
-kernels cannot serve (a mask, dropout, a dtype or head dim the library lacks) runs the op's
-reference implementation instead. `register()` installs the implementations (once);
+kernels cannot serve (a mask, dropout outside the training pair's sm_90 kernels, a dtype or head
+dim the library lacks) runs the op's reference implementation instead. `register()` installs the implementations (once);
 `kernel_problem` is also what decides, before aot_autograd, which sites get the training ops.
 """
 
@@ -65,6 +65,14 @@ def kernel_problem(arch: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return None
 
 
+def dropout_problem(arch: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """Why the kernels for `arch` cannot drop P for these operands (kernel_problem passed), else None."""
+    forward, backward = _kernels(arch, ELEMENTS[q.dtype], q.shape[-1], True)
+    if not (forward.dropout and backward.dropout):
+        return f"dropout (the {forward.family} / {backward.family} kernels do not take it; sm_90's do)"
+    return None
+
+
 # A problem the kernels do not serve (a dtype or head dim the library lacks, …): the reference runs.
 _REFERENCE = "reference"
 _MAX_LAUNCHES = 256  # problems remembered (dynamic shapes make new ones; past this the memo restarts)
@@ -82,7 +90,8 @@ def _memo(key: tuple, build):
     return launch
 
 
-def _forward_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool, scale, with_lse: bool):
+def _forward_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool, scale, with_lse: bool,
+                    dropout_p: float = 0.0):
     device = q.get_device()
 
     def build():
@@ -93,9 +102,13 @@ def _forward_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal
         # The tiling for these lengths (kernel_problem checked that the library serves the rest).
         forward = microkernels.select_attention_forward(arch, ELEMENTS[q.dtype], q.shape[-1], q.shape[-2], k.shape[-2],
                                                         is_causal)
-        return cuda_launcher.AttentionForwardLaunch(forward, q.shape, k.shape, is_causal, scale, with_lse, device)
+        if dropout_p and not (forward.dropout and 0.0 < dropout_p < 1.0):
+            return _REFERENCE
+        return cuda_launcher.AttentionForwardLaunch(forward, q.shape, k.shape, is_causal, scale, with_lse, device,
+                                                    dropout_p)
 
-    return _memo((with_lse, q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, device, is_causal, scale), build)
+    return _memo((with_lse, q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, device, is_causal, scale,
+                  dropout_p), build)
 
 
 def _attention_cuda(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, dropout_seed=None):
@@ -115,7 +128,15 @@ def _attention_forward_cuda(q, k, v, is_causal=False, scale=None):
     return launch(q.contiguous(), k.contiguous(), v.contiguous())
 
 
-def _attention_backward_cuda(grad_out, q, k, v, out, lse, is_causal=False, scale=None):
+def _attention_forward_dropout_cuda(q, k, v, dropout_p, dropout_seed, is_causal=False, scale=None):
+    launch = _forward_launch(q, k, v, is_causal, scale, with_lse=True, dropout_p=dropout_p)
+    if launch is _REFERENCE:
+        return reference_forward(q, k, v, is_causal, scale, dropout_p, dropout_seed)
+    return launch(q.contiguous(), k.contiguous(), v.contiguous(), dropout_seed)
+
+
+def _attention_backward_cuda(grad_out, q, k, v, out, lse, is_causal=False, scale=None, dropout_p=0.0,
+                             dropout_seed=None):
     deterministic, device = torch.are_deterministic_algorithms_enabled(), q.get_device()
 
     def build():
@@ -124,14 +145,21 @@ def _attention_backward_cuda(grad_out, q, k, v, out, lse, is_causal=False, scale
                 or out.dtype != q.dtype or lse.dtype != torch.float32):
             return _REFERENCE
         _, backward = _selected(arch, ELEMENTS[q.dtype], q.shape[-1], True, deterministic)
-        return cuda_launcher.AttentionBackwardLaunch(backward, q.shape, k.shape, is_causal, scale, device)
+        if dropout_p and not (backward.dropout and 0.0 < dropout_p < 1.0):
+            return _REFERENCE  # e.g. torch's deterministic mode: the sm_80 kernels, without dropout
+        return cuda_launcher.AttentionBackwardLaunch(backward, q.shape, k.shape, is_causal, scale, device, dropout_p)
 
     launch = _memo(("backward", q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, grad_out.dtype, out.dtype,
-                    lse.dtype, device, is_causal, scale, deterministic), build)
+                    lse.dtype, device, is_causal, scale, deterministic, dropout_p), build)
     if launch is _REFERENCE:
-        return reference_backward(grad_out, q, k, v, out, lse, is_causal, scale)
+        return reference_backward(grad_out, q, k, v, out, lse, is_causal, scale, dropout_p, dropout_seed)
     return launch(q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous(), grad_out.contiguous(),
-                  lse.contiguous())
+                  lse.contiguous(), *([dropout_seed] if dropout_p else []))
+
+
+def _attention_backward_dropout_cuda(grad_out, q, k, v, out, lse, dropout_p, dropout_seed, is_causal=False,
+                                     scale=None):
+    return _attention_backward_cuda(grad_out, q, k, v, out, lse, is_causal, scale, dropout_p, dropout_seed)
 
 
 _LIBRARY: list[torch.library.Library] = []  # kept alive: the registrations live as long as it does
@@ -149,5 +177,7 @@ def register() -> None:
     library.impl("attention", _attention_cuda, "CUDA")
     library.impl("attention_forward", _attention_forward_cuda, "CUDA")
     library.impl("attention_backward", _attention_backward_cuda, "CUDA")
+    library.impl("attention_forward_dropout", _attention_forward_dropout_cuda, "CUDA")
+    library.impl("attention_backward_dropout", _attention_backward_dropout_cuda, "CUDA")
     cpu_kernels.register(library)
     _LIBRARY.append(library)

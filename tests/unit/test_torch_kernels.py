@@ -28,7 +28,7 @@ class Recorder:
         assert all(t.is_contiguous() for t in tensors), "operands reach the kernels dense"
         Recorder.called.append(tensors)
         q = tensors[0]
-        if len(tensors) == 3:  # forward: O, lse
+        if len(tensors) in (3, 4):  # forward (with dropout: and its seed): O, lse
             return torch.full_like(q, 7.0), torch.zeros(q.shape[:-1])
         return tuple(torch.full_like(t, 7.0) for t in tensors[:3])  # backward: dq, dk, dv
 
@@ -67,7 +67,7 @@ def test_a_problem_builds_its_launch_once(launches):
     torch_kernels._attention_cuda(q, k, v, is_causal=True)  # another op: no lse
     assert len(Recorder.called) == 5
     assert [b[3] for b in Recorder.built] == [True, False, True]
-    assert [b[-2] for b in Recorder.built] == [True, True, False]  # with_lse
+    assert [b[5] for b in Recorder.built] == [True, True, False]  # with_lse
 
 
 def test_problems_the_kernels_do_not_serve_run_the_reference(launches):
@@ -125,3 +125,39 @@ def test_mismatched_shapes_raise_naming_them(launches):
     with pytest.raises(ValueError, match=r"head dims must agree.*\(2, 4, 33, 64\)"):
         torch_kernels._attention_forward_cuda(q, k[..., :32], v, False, None)
     assert not torch_kernels._launches  # nothing remembered for a call that raised
+
+
+def test_dropout_builds_its_own_launch_and_passes_the_seed(launches, monkeypatch):
+    """The dropout pair's forward is another problem (its p in the launch), called with the seed;
+    the backward likewise. Whether the kernels take dropout at all is the kernels' `dropout`."""
+    from types import SimpleNamespace
+
+    from flashmlir.compiler import microkernels
+
+    forward, backward = SimpleNamespace(dropout=True), SimpleNamespace(dropout=True)
+    monkeypatch.setattr(torch_kernels, "_selected", lambda *args: (forward, backward))
+    monkeypatch.setattr(microkernels, "select_attention_forward", lambda *args, **kwargs: forward)
+    q, k, v = _qkv()
+    seed = torch.tensor(5)
+    torch_kernels._attention_forward_dropout_cuda(q, k, v, 0.1, seed, True, None)
+    torch_kernels._attention_forward_cuda(q, k, v, True, None)
+    assert [b[-1] for b in Recorder.built] == [0.1, 0.0]  # two launches: p is part of the problem
+    assert Recorder.called[0][-1] is seed and len(Recorder.called[1]) == 3
+    lse = torch.zeros(q.shape[:-1])
+    torch_kernels._attention_backward_dropout_cuda(q, q, k, v, q, lse, 0.1, seed, True, None)
+    assert Recorder.called[-1][-1] is seed and Recorder.built[-1][-1] == 0.1
+
+
+def test_dropout_without_kernels_that_take_it_runs_the_reference(launches, monkeypatch):
+    from types import SimpleNamespace
+
+    from flashmlir.compiler import microkernels
+
+    plain = SimpleNamespace(dropout=False)  # e.g. the sm_80 kernels
+    monkeypatch.setattr(torch_kernels, "_selected", lambda *args: (plain, plain))
+    monkeypatch.setattr(microkernels, "select_attention_forward", lambda *args, **kwargs: plain)
+    q, k, v = _qkv()
+    seed = torch.tensor(5)
+    out, lse = torch_kernels._attention_forward_dropout_cuda(q, k, v, 0.1, seed, True, None)
+    want, want_lse = reference_forward(q, k, v, True, None, 0.1, seed)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse) and not Recorder.built

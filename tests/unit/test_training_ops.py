@@ -5,7 +5,12 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from flashmlir.frontend.attention_op import attention_overload
-from flashmlir.frontend.training_ops import backward_overload, forward_overload, rewrite_for_training
+from flashmlir.frontend.training_ops import (
+    backward_overload,
+    forward_dropout_overload,
+    forward_overload,
+    rewrite_for_training,
+)
 from tests.helpers import attention64, rel_err
 
 CASES = {
@@ -73,10 +78,10 @@ def _targets(gm):
 def test_rewrite_replaces_sites_the_check_accepts():
     gm = _graph(with_mask=True)
     seen = []
-    rewritten, reasons = rewrite_for_training(gm, lambda q, k, v, causal: seen.append(causal))
-    assert rewritten == 1 and seen == [True]  # the masked site is not even asked about
+    rewritten, reasons = rewrite_for_training(gm, lambda q, k, v, causal, dropout: seen.append((causal, dropout)))
+    assert rewritten == 1 and seen == [(True, False)]  # the masked site is not even asked about
     assert _targets(gm).count(forward_overload()) == 1 and _targets(gm).count(attention_overload()) == 1
-    assert "mask or dropout" in reasons[0]
+    assert "a mask" in reasons[0]
     q = torch.randn(1, 2, 8, 16)
     assert rel_err(gm(q, q, q, torch.zeros(8, 8)), attention64(q, q, q, None, True)
                    + attention64(q, q, q, torch.zeros(8, 8), False, 0.5)) < 1e-6
@@ -84,7 +89,7 @@ def test_rewrite_replaces_sites_the_check_accepts():
 
 def test_rewrite_keeps_sites_the_check_refuses():
     gm = _graph(with_mask=False)
-    rewritten, reasons = rewrite_for_training(gm, lambda q, k, v, causal: "no kernel for this")
+    rewritten, reasons = rewrite_for_training(gm, lambda q, k, v, causal, dropout: "no kernel for this")
     assert rewritten == 0 and len(reasons) == 2 and all("no kernel for this" in r for r in reasons)
     assert forward_overload() not in _targets(gm)
 
@@ -122,3 +127,59 @@ def test_ops_agree_with_their_fakes_on_transposed_views(gqa):
     out, lse = forward_overload()(q, k, v, True, None)
     grad = torch.randn(b, s, h, d).transpose(1, 2)
     torch.library.opcheck(backward_overload(), (grad, q, k, v, out, lse, True, None))
+
+
+def _dropout_graph():
+    def f(q, k, v, seed):
+        return torch.ops.flashmlir.attention(q, k, v, None, 0.25, True, None, seed)
+
+    q, k, v = (torch.randn(1, 2, 8, 16) for _ in range(3))
+    return make_fx(f, tracing_mode="fake")(q, k, v, torch.tensor(7))
+
+
+@pytest.mark.parametrize("accept", [False, True])
+def test_rewrite_takes_dropout_sites_only_where_the_check_says_dropout_is_served(accept):
+    gm = _dropout_graph()
+    asked = []
+
+    def check(q, k, v, causal, dropout):
+        asked.append(dropout)
+        return None if accept else "dropout (no kernel takes it)"
+
+    rewritten, reasons = rewrite_for_training(gm, check)
+    assert asked == [True] and rewritten == int(accept)
+    assert (forward_dropout_overload() in _targets(gm)) == accept and (attention_overload() in _targets(gm)) != accept
+    # the rewritten graph computes the same dropped attention (same seed, same mask)
+    q, k, v = (torch.randn(1, 2, 8, 16) for _ in range(3))
+    seed = torch.tensor(12345)
+    want = torch.ops.flashmlir.attention(q, k, v, None, 0.25, True, None, seed)
+    assert rel_err(gm(q, k, v, seed), want) < 1e-6
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_dropout_pair_gives_the_attention_ops_gradients(case, causal):
+    """attention_forward_dropout and its backward (mask regenerated from the seed, lse of the
+    undropped softmax) against flashmlir::attention's own autograd with the same seed, in float64."""
+    c = CASES[case]
+    q, k, v = (torch.randn(s, dtype=torch.float64, requires_grad=True) for s in (c["q"], c["kv"], c["kv"]))
+    seed, p = torch.tensor(987654321), 0.3
+    grad = torch.randn(c["q"], dtype=torch.float64)
+    out, lse = forward_dropout_overload()(q, k, v, p, seed, causal, 0.4)
+    want_out = torch.ops.flashmlir.attention(q, k, v, None, p, causal, 0.4, seed)
+    assert rel_err(out, want_out) < 1e-12
+    plain, plain_lse = torch.ops.flashmlir.attention_forward(q, k, v, causal, 0.4)
+    assert rel_err(lse, plain_lse) < 1e-12 and rel_err(out, plain) > 0.05  # dropout did drop
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(want_out, (q, k, v), grad)
+    for g, w in zip(got, want, strict=True):
+        assert rel_err(g, w) < 1e-10
+
+
+def test_dropout_ops_agree_with_their_fakes():
+    q, k, v = (torch.randn(1, 4, 24, 16) for _ in range(3))
+    seed = torch.tensor(3)
+    torch.library.opcheck(forward_dropout_overload(), (q, k, v, 0.1, seed, False, None))
+    out, lse = forward_dropout_overload()(q, k, v, 0.1, seed, False, None)
+    torch.library.opcheck(torch.ops.flashmlir.attention_backward_dropout.default,
+                          (torch.randn_like(out), q, k, v, out, lse, 0.1, seed, False, None))

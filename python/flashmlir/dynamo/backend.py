@@ -116,7 +116,7 @@ def _aot_decompositions() -> dict:
 
     Plus decompositions of core ops IREE 3.13's torch frontend cannot lower (`squeeze.dims`, which
     nn.MultiheadAttention's in-projection produces), into ops it can, and of attention sites with
-    dropout (our kernels do not apply dropout yet) into plain math with the seeded mask.
+    dropout (IREE's lowering takes none) into plain math with the seeded mask.
     """
     from torch._decomp import core_aten_decompositions
 
@@ -259,12 +259,20 @@ def _library_problem(target: Target, q: torch.Tensor, k: torch.Tensor, v: torch.
     return f"no microkernels for {target.name}"
 
 
-def _training_check(target: Target, torch_path: bool) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool],
-                                                                   str | None]:
-    """Whether `target`'s microkernel library has the forward-with-lse and backward kernels for a site."""
+def _training_check(target: Target, torch_path: bool) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool,
+                                                                    bool], str | None]:
+    """Whether `target`'s microkernel library has the forward-with-lse and backward kernels for a
+    site; with dropout, the twins that drop P (the sm_90 kernels, called from torch)."""
 
-    def check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool) -> str | None:
-        return _library_problem(target, q, k, v, backward=True, torch_path=torch_path)
+    def check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool, dropout: bool) -> str | None:
+        problem = _library_problem(target, q, k, v, backward=True, torch_path=torch_path)
+        if problem is None and dropout:
+            if not (torch_path and target.gpu is not None):
+                return "dropout (only the CUDA kernels called from torch take it: rest='inductor')"
+            from flashmlir.runtime.torch_kernels import dropout_problem
+
+            problem = dropout_problem(target.gpu.arch, q, k, v)
+        return problem
 
     return check
 
@@ -274,17 +282,22 @@ def _kernel_sites(gm: fx.GraphModule, target: Target) -> int:
     (put there only where the kernels serve them) and attention ops without a mask or dropout
     whose operands the kernels take."""
     from flashmlir.frontend.attention_op import attention_overload
-    from flashmlir.frontend.training_ops import forward_overload, kernel_site
+    from flashmlir.frontend.training_ops import (
+        dropout_of,
+        forward_dropout_overload,
+        forward_overload,
+        kernel_site,
+    )
 
     count = 0
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
-        if node.target == forward_overload():
+        if node.target in (forward_overload(), forward_dropout_overload()):
             count += 1
         elif node.target == attention_overload():
             site = kernel_site(node)
-            if isinstance(site, str):
+            if isinstance(site, str) or dropout_of(node):  # dropout: the op's plain math
                 continue
             operands, _ = site
             count += _library_problem(target, *operands, backward=False, torch_path=True) is None

@@ -2,13 +2,19 @@
 
     attention_forward(q, k, v, is_causal, scale)                      -> (out, lse)
     attention_backward(grad_out, q, k, v, out, lse, is_causal, scale) -> (dq, dk, dv)
+    attention_forward_dropout(q, k, v, dropout_p, dropout_seed, is_causal, scale) -> (out, lse)
+    attention_backward_dropout(grad_out, q, k, v, out, lse, dropout_p, dropout_seed, is_causal, scale)
+                                                                      -> (dq, dk, dv)
 
 `lse` = ln Σ_j exp(scale · q·k_j) per query row, float32 [*, Hq, Sq] (float64 for float64 inputs;
 -inf for a row with no key):
 the forward writes it so that the backward recomputes P = exp(scale · S − lse) tile by tile, with
 no S×S matrix kept between them (FlashAttention's recomputation). Shapes and GQA as
-`flashmlir::attention`; no mask, no dropout (sites with either keep `flashmlir::attention` and its
-textbook backward).
+`flashmlir::attention`; no mask (sites with one keep `flashmlir::attention` and its textbook
+backward). The dropout pair drops P with `attention_op.dropout_keep(dropout_seed, ...)`, which the
+backward regenerates from the seed; lse is the undropped softmax's. It is a pair of its own
+because only the torch path's sm_90 kernels take dropout yet: IREE's lowering of the plain pair
+(passes/dispatch_attention_training.py) stays as it is.
 
 Why separate ops: `flashmlir::attention`'s autograd formula only sees its inputs and output, and
 the lse exists only inside the forward. Where the target's library has backward kernels for a
@@ -31,10 +37,13 @@ from flashmlir.frontend.attention_op import (
     _expand_kv,
     attention_overload,
     default_scale,
+    dropout_keep,
 )
 
 FORWARD_OP_NAME = "flashmlir::attention_forward"
 BACKWARD_OP_NAME = "flashmlir::attention_backward"
+FORWARD_DROPOUT_OP_NAME = "flashmlir::attention_forward_dropout"
+BACKWARD_DROPOUT_OP_NAME = "flashmlir::attention_backward_dropout"
 
 
 def _scores(q: torch.Tensor, k: torch.Tensor, is_causal: bool, scale: float | None) -> torch.Tensor:
@@ -62,15 +71,25 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_caus
     return reference_forward(q, k, v, is_causal, scale)
 
 
+def _dropout_scaling(p: torch.Tensor, dropout_p: float, seed: torch.Tensor | None) -> torch.Tensor | None:
+    """Z = kept / (1 − p) over the probabilities' shape, or None without dropout."""
+    if not dropout_p:
+        return None
+    return dropout_keep(seed, p.shape, dropout_p).to(p.dtype) * (1.0 / (1.0 - dropout_p))
+
+
 def reference_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool,
-                      scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """attention_forward's meaning, written plainly; its implementation where no kernel serves it."""
+                      scale: float | None, dropout_p: float = 0.0,
+                      dropout_seed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """attention_forward's (or, with dropout, attention_forward_dropout's) meaning, written plainly;
+    its implementation where no kernel serves it."""
     groups = q.shape[-3] // k.shape[-3]
     k, v = _expand_kv(k, groups), _expand_kv(v, groups)
     scores = _scores(q, k, is_causal, scale)
     lse = torch.logsumexp(scores, dim=-1)
     p = _probabilities(scores, lse)
-    out = torch.matmul(p, v.to(p.dtype)).to(q.dtype)
+    z = _dropout_scaling(p, dropout_p, dropout_seed)
+    out = torch.matmul(p if z is None else p * z, v.to(p.dtype)).to(q.dtype)
     return out, lse.to(_lse_dtype(q))
 
 
@@ -87,19 +106,23 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
 
 
 def reference_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       out: torch.Tensor, lse: torch.Tensor, is_causal: bool,
-                       scale: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       out: torch.Tensor, lse: torch.Tensor, is_causal: bool, scale: float | None,
+                       dropout_p: float = 0.0,
+                       dropout_seed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dQ, dK, dV from the saved lse: P = exp(s·S − lse), Δ = rowsum(dO ∘ O), dS = P ∘ (dO·Vᵀ − Δ),
-    dV = Pᵀ·dO, dQ = s·dS·K, dK = s·dSᵀ·Q; GQA sums dK, dV over each group of query heads."""
+    dV = Pᵀ·dO, dQ = s·dS·K, dK = s·dSᵀ·Q; GQA sums dK, dV over each group of query heads. With
+    dropout (Z = kept / (1 − p)): dV = (P ∘ Z)ᵀ·dO and dS = P ∘ ((dO·Vᵀ) ∘ Z − Δ), Δ from the dropped O."""
     groups = q.shape[-3] // k.shape[-3]
     ke, ve = _expand_kv(k, groups), _expand_kv(v, groups)
     scores = _scores(q, ke, is_causal, scale)
     compute = scores.dtype
     p = _probabilities(scores, lse)
+    z = _dropout_scaling(p, dropout_p, dropout_seed)
     do = grad_out.to(compute)
     delta = (do * out.to(compute)).sum(dim=-1, keepdim=True)
-    dv = torch.matmul(p.transpose(-2, -1), do)
-    ds = p * (torch.matmul(do, ve.to(compute).transpose(-2, -1)) - delta)
+    dv = torch.matmul((p if z is None else p * z).transpose(-2, -1), do)
+    dp = torch.matmul(do, ve.to(compute).transpose(-2, -1))
+    ds = p * ((dp if z is None else dp * z) - delta)
     s = default_scale(q.shape[-1]) if scale is None else scale
     dq = torch.matmul(ds, ke.to(compute)) * s
     dk = torch.matmul(ds.transpose(-2, -1), q.to(compute)) * s
@@ -134,6 +157,48 @@ def _backward(ctx, grad_out, _grad_lse):
 attention_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op(FORWARD_DROPOUT_OP_NAME, mutates_args=())
+def attention_forward_dropout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float,
+                              dropout_seed: torch.Tensor, is_causal: bool = False,
+                              scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return reference_forward(q, k, v, is_causal, scale, dropout_p, dropout_seed)
+
+
+@attention_forward_dropout.register_fake
+def _forward_dropout_fake(q, k, v, dropout_p, dropout_seed, is_causal=False, scale=None):
+    return _forward_fake(q, k, v)
+
+
+@torch.library.custom_op(BACKWARD_DROPOUT_OP_NAME, mutates_args=())
+def attention_backward_dropout(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               out: torch.Tensor, lse: torch.Tensor, dropout_p: float, dropout_seed: torch.Tensor,
+                               is_causal: bool = False,
+                               scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return reference_backward(grad_out, q, k, v, out, lse, is_causal, scale, dropout_p, dropout_seed)
+
+
+@attention_backward_dropout.register_fake
+def _backward_dropout_fake(grad_out, q, k, v, out, lse, dropout_p, dropout_seed, is_causal=False, scale=None):
+    return _backward_fake(grad_out, q, k, v, out, lse)
+
+
+def _setup_dropout_context(ctx, inputs, output):
+    q, k, v, dropout_p, dropout_seed, is_causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, dropout_seed)
+    ctx.dropout_p, ctx.is_causal, ctx.scale = dropout_p, is_causal, scale
+
+
+def _backward_dropout(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse, seed = ctx.saved_tensors
+    dq, dk, dv = torch.ops.flashmlir.attention_backward_dropout(grad_out.contiguous(), q, k, v, out, lse,
+                                                                 ctx.dropout_p, seed, ctx.is_causal, ctx.scale)
+    return dq, dk, dv, None, None, None, None
+
+
+attention_forward_dropout.register_autograd(_backward_dropout, setup_context=_setup_dropout_context)
+
+
 def forward_overload():
     return torch.ops.flashmlir.attention_forward.default
 
@@ -142,21 +207,26 @@ def backward_overload():
     return torch.ops.flashmlir.attention_backward.default
 
 
+def forward_dropout_overload():
+    return torch.ops.flashmlir.attention_forward_dropout.default
+
+
 def needs_gradients(example_inputs) -> bool:
     """Whether aot_autograd will trace a backward for a graph called with these inputs."""
     return torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs)
 
 
-# What decides, per site: (q, k, v fake tensors, is_causal) -> None if the target's kernels serve it,
-# else the reason they do not.
-SiteCheck = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], str | None]
+# What decides, per site: (q, k, v fake tensors, is_causal, with dropout) -> None if the target's
+# kernels serve it, else the reason they do not.
+SiteCheck = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool, bool], str | None]
 
 
 def rewrite_for_training(gm: fx.GraphModule, check: SiteCheck) -> tuple[int, list[str]]:
-    """Replace each `flashmlir::attention` site that `check` accepts by `attention_forward(...)[0]`.
+    """Replace each `flashmlir::attention` site that `check` accepts by `attention_forward(...)[0]`
+    (with dropout, `attention_forward_dropout(...)[0]`, the site's seed passed on).
 
-    Returns how many sites were rewritten and why the others were not. Sites with a mask or dropout
-    are never rewritten (the training ops take neither).
+    Returns how many sites were rewritten and why the others were not. Sites with a mask are never
+    rewritten (the training ops take none).
     """
     rewritten, reasons = 0, []
     for node in list(gm.graph.nodes):
@@ -168,13 +238,18 @@ def rewrite_for_training(gm: fx.GraphModule, check: SiteCheck) -> tuple[int, lis
             continue
         (q, k, v), is_causal = site
         args = _bound_args(node)
-        why = check(q, k, v, is_causal)
+        dropout_p = dropout_of(node)
+        why = check(q, k, v, is_causal, dropout_p > 0.0)
         if why is not None:
             reasons.append(f"{node.name}: {why}")
             continue
+        options = {"is_causal": bool(args["is_causal"]), "scale": args["scale"]}
         with gm.graph.inserting_before(node):
-            pair = gm.graph.call_function(forward_overload(), (args["q"], args["k"], args["v"]),
-                                          {"is_causal": bool(args["is_causal"]), "scale": args["scale"]})
+            if dropout_p > 0.0:
+                pair = gm.graph.call_function(forward_dropout_overload(), (args["q"], args["k"], args["v"], dropout_p,
+                                                                           args["dropout_seed"]), options)
+            else:
+                pair = gm.graph.call_function(forward_overload(), (args["q"], args["k"], args["v"]), options)
             out = gm.graph.call_function(operator.getitem, (pair, 0))
         out.meta = dict(node.meta)
         node.replace_all_uses_with(out)
@@ -188,14 +263,21 @@ def rewrite_for_training(gm: fx.GraphModule, check: SiteCheck) -> tuple[int, lis
 
 def kernel_site(node: fx.Node) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], bool] | str:
     """An attention node's (q, k, v fake tensors, is_causal) where the flash kernels could take it
-    (no mask, no dropout, operand shapes known), else why not."""
+    (no mask, operand shapes known; dropout is the caller's to check), else why not."""
     args = _bound_args(node)
-    if args["attn_mask"] is not None or args["dropout_p"] not in (0, 0.0):
-        return "a mask or dropout (the backward kernels take neither)"
+    if args["attn_mask"] is not None:
+        return "a mask (the backward kernels take none)"
+    if args["dropout_p"] not in (0, 0.0) and not isinstance(args["dropout_seed"], fx.Node):
+        return "dropout without a seed in the graph"
     q, k, v = (a.meta.get("val") if isinstance(a, fx.Node) else None for a in (args["q"], args["k"], args["v"]))
     if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
         return "operand shapes unknown"
     return (q, k, v), bool(args["is_causal"])
+
+
+def dropout_of(node: fx.Node) -> float:
+    """An attention node's dropout probability."""
+    return float(_bound_args(node)["dropout_p"])
 
 
 _PARAMETERS = ("q", "k", "v", "attn_mask", "dropout_p", "is_causal", "scale", "dropout_seed")

@@ -9,6 +9,8 @@
 // exports  flashmlir_attention_bwd_sm90_<f16|bf16>_d<D>_prep  (o, do, lse, lse2, delta, dq_accum, constants)
 //          flashmlir_attention_bwd_sm90_<f16|bf16>_d<D>_dkdv  (q, k, v, do, lse2, delta, dq_accum, dk, dv, constants)
 //          flashmlir_attention_bwd_sm90_<f16|bf16>_d<D>_dq    (dq_accum, dq, constants)
+//          flashmlir_attention_bwd_sm90_<f16|bf16>_d<D>_dkdv_dropout
+//                                   (q, k, v, do, lse2, delta, seed, dq_accum, dk, dv, constants, threshold, keep scale)
 // constants group (Hq / Hkv), seq_q, seq_k, scale (f32 bits), causal (0 or 1), batch_heads (B·Hq)
 // lse is float32 [B·Hq, Sq]; lse2 and delta float32 [B·Hq, Sq padded to 64]; dq_accum float32,
 // B·Hq · (Sq padded to 64) · D of them in 64 × 64 blocks (bwd_sm90_wgmma.cuh kDqBlock). Grids: prep and dq (⌈Sq / 64⌉, B·Hq) of 256 threads, dkdv
@@ -58,6 +60,21 @@ extern "C" __global__ void __launch_bounds__(Config::kThreads, 1)
   flashmlir::sm90::attention_bwd_dkdv_sm90<Element, kHeadDim, kStages>(q, k, v, d_o, lse2, delta, dq_accum, dk, dv,
                                                                        FLASHMLIR_MAPS, group, seq_q, seq_k,
                                                                        __uint_as_float(scale_bits), causal != 0);
+}
+
+// The training pair with dropout (torch path; dropout.cuh): dkdv also reads the forward's int64 seed
+// from device memory and takes ⌈p · 2³²⌉ and 1 / (1 − p) (f32 bits) after the constants.
+extern "C" __global__ void __launch_bounds__(Config::kThreads, 1)
+    FLASHMLIR_BWD_KERNEL_NAME(sm90, _dkdv_dropout)(
+        const Element* __restrict__ q, const Element* __restrict__ k, const Element* __restrict__ v,
+        const Element* __restrict__ d_o, const float* __restrict__ lse2, const float* __restrict__ delta,
+        const int64_t* __restrict__ seed, float* __restrict__ dq_accum, Element* __restrict__ dk,
+        Element* __restrict__ dv FLASHMLIR_MAPS_PARAMETER, uint32_t group, uint32_t seq_q, uint32_t seq_k,
+        uint32_t scale_bits, uint32_t causal, uint32_t batch_heads, uint32_t dropout_threshold,
+        uint32_t dropout_scale_bits) {
+  flashmlir::sm90::attention_bwd_dkdv_sm90<Element, kHeadDim, kStages, true>(
+      q, k, v, d_o, lse2, delta, dq_accum, dk, dv, FLASHMLIR_MAPS, group, seq_q, seq_k, __uint_as_float(scale_bits),
+      causal != 0, flashmlir::Dropout{seed, dropout_threshold, __uint_as_float(dropout_scale_bits)});
 }
 
 extern "C" __global__ void __launch_bounds__(Config::kPrepThreads)

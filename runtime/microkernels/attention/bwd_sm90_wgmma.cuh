@@ -255,14 +255,18 @@ __device__ __forceinline__ void attention_bwd_dq_sm90(const float* __restrict__ 
 }
 
 // ---- dkdv: dK, dV of 128 keys, and their share of dQ ------------------------------------------------
-template <typename T, int kD, int kStages>
+// With kDropout the forward's mask Z (dropout.cuh) is regenerated: dV += (P ∘ Z)ᵀ·dO and
+// dSᵀ = Pᵀ ∘ (dPᵀ ∘ Z − Δ), Z = kept / (1 − p), whose scale dV takes once at the end. Δ from the
+// dropped O is right as it is (FlashAttention-2's rowsum(dO ∘ O)).
+template <typename T, int kD, int kStages, bool kDropout = false>
 __device__ __forceinline__ void attention_bwd_dkdv_sm90(const T* __restrict__ q, const T* __restrict__ k,
                                                         const T* __restrict__ v, const T* __restrict__ d_o,
                                                         const float* __restrict__ lse2,
                                                         const float* __restrict__ delta,
                                                         float* __restrict__ dq_accum, T* __restrict__ dk,
                                                         T* __restrict__ dv, uint8_t* __restrict__ maps, int group,
-                                                        int seq_q, int seq_k, float scale, bool causal) {
+                                                        int seq_q, int seq_k, float scale, bool causal,
+                                                        Dropout dropout = {}) {
   using Cfg = BwdSm90Config<T, kD, kStages>;
   using E = Element<T>;
   constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN;
@@ -434,6 +438,8 @@ __device__ __forceinline__ void attention_bwd_dkdv_sm90(const T* __restrict__ q,
   const int key_base = k0 + consumer * 64;                   // this consumer's first key
   const int lane_key = key_base + warp * 16 + lane / 4;      // this thread's keys: lane_key, lane_key + 8
   const float scale_log2 = scale * kLog2e;
+  const uint32_t dropout_seed = kDropout ? static_cast<uint32_t>(*dropout.seed) : 0u;
+  const uint32_t query_step = static_cast<uint32_t>(seq_k) * kDropoutGolden;  // the next query's x, same key
 
   float acc_dk[kD / 2], acc_dv[kD / 2];
 #pragma unroll
@@ -526,6 +532,23 @@ __device__ __forceinline__ void attention_bwd_dkdv_sm90(const T* __restrict__ q,
     fence_registers(dp);
 
     // Pᵀ and dSᵀ; accumulator i holds key lane_key + 8·((i / 2) % 2), query row0 + col(i).
+    // Dropout: element (query, key) of query head bh is index ((bh·Sq + query)·Sk + key).
+    uint32_t dropout_x = 0;
+    if constexpr (kDropout) {
+      const uint32_t bh = static_cast<uint32_t>(bh_kv * group + t / per_head);
+      dropout_x = dropout_start((bh * seq_q + row0 + (lane % 4) * 2) * static_cast<uint32_t>(seq_k) + lane_key,
+                                dropout_seed);
+    }
+    // Z's mask applied to Pᵀ (kept for dV, its scale later) and to dPᵀ (scaled now), before dSᵀ.
+    auto drop = [&](int i, float p, float& dpi) {
+      if constexpr (kDropout) {
+        const uint32_t step = static_cast<uint32_t>((i / 4) * 8 + (i & 1)) * query_step + ((i / 2) & 1) * 8 * kDropoutGolden;
+        const bool kept = dropout_mix(dropout_x + step) >= dropout.threshold;
+        dpi = kept ? dpi * dropout.scale : 0.f;
+        return kept ? p : 0.f;
+      }
+      return p;
+    };
     const float* lse2_tile = stats(stage);
     const float* delta_tile = lse2_tile + kBlockM;
     const bool masked = (causal && key_base + 63 > row0) || key_base + 64 > seq_k;
@@ -540,15 +563,16 @@ __device__ __forceinline__ void attention_bwd_dkdv_sm90(const T* __restrict__ q,
           const int key = lane_key + 8 * ((i / 2) & 1);
           if (key >= seq_k || (causal && key > row0 + col)) p = 0.f;
         }
-        s[i] = p;
+        s[i] = drop(i, p, dp[i]);
         dp[i] = p * (dp[i] - delta_tile[col]);
       }
     } else {
 #pragma unroll
       for (int i = 0; i < 32; ++i) {
         const int col = (i / 4) * 8 + (lane % 4) * 2 + (i & 1);
-        s[i] = fast_exp2(fmaf(s[i], scale_log2, -lse2_tile[col]));
-        dp[i] = s[i] * (dp[i] - delta_tile[col]);
+        const float p = fast_exp2(fmaf(s[i], scale_log2, -lse2_tile[col]));
+        s[i] = drop(i, p, dp[i]);
+        dp[i] = p * (dp[i] - delta_tile[col]);
       }
     }
 #pragma unroll
@@ -634,7 +658,9 @@ __device__ __forceinline__ void attention_bwd_dkdv_sm90(const T* __restrict__ q,
 #pragma unroll
     for (int c = 0; c < kD / 8; ++c) {
       *reinterpret_cast<uint32_t*>(dk_row + c * 8) = E::pack(acc_dk[4 * c + 2 * h] * scale, acc_dk[4 * c + 2 * h + 1] * scale);
-      *reinterpret_cast<uint32_t*>(dv_row + c * 8) = E::pack(acc_dv[4 * c + 2 * h], acc_dv[4 * c + 2 * h + 1]);
+      const float dv_scale = kDropout ? dropout.scale : 1.f;
+      *reinterpret_cast<uint32_t*>(dv_row + c * 8) =
+          E::pack(acc_dv[4 * c + 2 * h] * dv_scale, acc_dv[4 * c + 2 * h + 1] * dv_scale);
     }
   }
 }

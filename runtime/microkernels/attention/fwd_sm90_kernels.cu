@@ -6,8 +6,12 @@
 //
 // exports  flashmlir_attention_fwd_sm90_<f16|bf16>_d<D>      (q, k, v, o, constants)
 //          flashmlir_attention_fwd_sm90_<f16|bf16>_d<D>_lse  (q, k, v, o, lse, constants)
+//          flashmlir_attention_fwd_sm90_<f16|bf16>_d<D>_lse_dropout
+//                                                       (q, k, v, seed, o, lse, constants, threshold, keep scale)
 // constants group (Hq / Hkv), seq_q, seq_k, scale (f32 bits), causal (0 or 1), batch_heads
 //           (B·Hq: every CUDA kernel takes it; the persistent sm_90 one reads it, its grid has no heads)
+// The dropout entry (the training forward on the torch path; dropout.cuh) also reads an int64 seed
+// from device memory and takes ⌈p · 2³²⌉ and 1 / (1 − p) (f32 bits) after the constants.
 #include "fwd_sm90_wgmma.cuh"
 #include "kernel_entry.cuh"
 
@@ -63,4 +67,15 @@ extern "C" __global__ void __launch_bounds__(Config::kThreads, 1)
                          uint32_t batch_heads) {
   flashmlir::sm90::attention_fwd_sm90<Element, kHeadDim, kBlockN, kStages, kPingPong, kConsumers>(
       q, k, v, o, lse, FLASHMLIR_MAPS, group, batch_heads, seq_q, seq_k, __uint_as_float(scale_bits), causal != 0);
+}
+
+extern "C" __global__ void __launch_bounds__(Config::kThreads, 1)
+    FLASHMLIR_CAT(FLASHMLIR_KERNEL_LSE, _dropout, , )(
+        const Element* __restrict__ q, const Element* __restrict__ k, const Element* __restrict__ v,
+        const int64_t* __restrict__ seed, Element* __restrict__ o, float* __restrict__ lse FLASHMLIR_MAPS_PARAMETER,
+        uint32_t group, uint32_t seq_q, uint32_t seq_k, uint32_t scale_bits, uint32_t causal, uint32_t batch_heads,
+        uint32_t dropout_threshold, uint32_t dropout_scale_bits) {
+  flashmlir::sm90::attention_fwd_sm90<Element, kHeadDim, kBlockN, kStages, kPingPong, kConsumers, true>(
+      q, k, v, o, lse, FLASHMLIR_MAPS, group, batch_heads, seq_q, seq_k, __uint_as_float(scale_bits), causal != 0,
+      flashmlir::Dropout{seed, dropout_threshold, __uint_as_float(dropout_scale_bits)});
 }

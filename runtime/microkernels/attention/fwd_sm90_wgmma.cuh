@@ -33,6 +33,7 @@
 // ragged-tail tiles are masked, tiles right of the diagonal are never loaded.
 #pragma once
 
+#include "dropout.cuh"
 #include "mma_sm80.cuh"  // kLog2e, fast_exp2, cp_async_16, smem_address, Element<T>::pack
 #include "online_softmax.cuh"  // tree_reduce, advance_shift
 #include "tma_sm90.cuh"
@@ -267,12 +268,14 @@ __device__ __forceinline__ int2 scheduled_tile(int n, int q_blocks, int tiles, b
   return make_int2(position / q_blocks, qb);
 }
 
-template <typename T, int kD, int kBlockN, int kStages, bool kPingPong, int kConsumers = 2>
+// With kDropout, P is dropped (dropout.cuh) after the row statistics took it in and before P·V;
+// O gets the kept values' scale with 1 / ℓ.
+template <typename T, int kD, int kBlockN, int kStages, bool kPingPong, int kConsumers = 2, bool kDropout = false>
 __device__ __forceinline__ void attention_fwd_sm90(const T* __restrict__ q, const T* __restrict__ k,
                                                    const T* __restrict__ v, T* __restrict__ o,
                                                    float* __restrict__ lse, uint8_t* __restrict__ maps,
                                                    int group, int batch_heads, int seq_q, int seq_k, float scale,
-                                                   bool causal) {
+                                                   bool causal, Dropout dropout = {}) {
   using Cfg = Sm90Config<T, kD, kBlockN, kStages, kConsumers>;
   using E = Element<T>;
   constexpr int kBlockM = Cfg::kBlockM;
@@ -503,6 +506,24 @@ __device__ __forceinline__ void attention_fwd_sm90(const T* __restrict__ q, cons
       row_sum[h] = fmaf(row_sum[h], rescale[h], tree_reduce(sum, [](float a, float b) { return a + b; }));
     }
   };
+  // Dropout of P (key tile j) for rows `row_index` and row_index + 8 of the [B·Hq, Sq] rows:
+  // accumulator i is key j·kBlockN + 8·(i / 4) + 2·(lane % 4) + (i % 2) of the first row (i / 2 even)
+  // or the second.
+  const uint32_t dropout_seed = kDropout ? static_cast<uint32_t>(*dropout.seed) : 0u;
+  auto drop = [&](int j, uint32_t row_index) {
+    if constexpr (kDropout) {
+      const uint32_t key = j * kBlockN + (lane % 4) * 2;
+      uint32_t start[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        start[h] = dropout_start((row_index + 8 * h) * static_cast<uint32_t>(seq_k) + key, dropout_seed);
+#pragma unroll
+      for (int i = 0; i < kSRegs; ++i) {
+        const uint32_t x = start[(i / 2) & 1] + static_cast<uint32_t>((i / 4) * 8 + (i & 1)) * kDropoutGolden;
+        if (dropout_mix(x) < dropout.threshold) s[i] = 0.f;
+      }
+    }
+  };
   // P as the A fragments of P·V: S's accumulators of key columns [16 kk, 16 kk + 16) are the
   // m64k16 register fragment of step kk.
   auto convert_p = [&](Fragments& p) {
@@ -527,6 +548,7 @@ __device__ __forceinline__ void attention_fwd_sm90(const T* __restrict__ q, cons
     const int64_t bh = tile.x;
     const int qb = tile.y, q0 = qb * kBlockM, end = key_tiles(qb);
     const int row_base = q0 + consumer * 64 + warp * 16 + lane / 4;  // rows row_base and row_base + 8
+    const uint32_t row_index = static_cast<uint32_t>(bh * seq_q + row_base);  // the first's, for dropout
     if constexpr (kPingPong) {
       if (consumer == kConsumers - 1) named_barrier_arrive(1, 256);  // consumer 0 goes first
     }
@@ -559,6 +581,7 @@ __device__ __forceinline__ void attention_fwd_sm90(const T* __restrict__ q, cons
       release(empty_k(stage));
       if (j == end - 1) release(empty_q);
       softmax(q0, j, rescale);
+      drop(j, row_index);
       convert_p(p_next);
       schedule_barrier(rescale[0]);
       wgmma_wait<0>();
@@ -599,6 +622,7 @@ __device__ __forceinline__ void attention_fwd_sm90(const T* __restrict__ q, cons
       release(empty_k(stage));
       if (end == 1) release(empty_q);
       softmax(q0, 0, rescale);
+      drop(0, row_index);
       convert_p(p_even);
 
       // The last product, O += P(end-1)·V(end-1), with the register set P(end-1) is in.
@@ -648,7 +672,7 @@ __device__ __forceinline__ void attention_fwd_sm90(const T* __restrict__ q, cons
       float sum = row_sum[h];
       sum += __shfl_xor_sync(0xffffffff, sum, 1);
       sum += __shfl_xor_sync(0xffffffff, sum, 2);
-      const float inv = sum == 0.f ? 0.f : 1.f / sum;
+      const float inv = sum == 0.f ? 0.f : (kDropout ? dropout.scale : 1.f) / sum;
       const int row = row_base + h * 8;
       if constexpr (kTmaStore) {
         // Row r of the tile, its 16-byte chunk c of panel p at p · 8 KB + r · 128 + (c ^ r % 8) · 16.
