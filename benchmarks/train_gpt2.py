@@ -8,7 +8,8 @@ The model is built from its configuration with random weights (GPT-2's architect
 positions, pre-norm blocks, GELU MLP, tied embeddings) and trained on synthetic tokens (a fixed
 random stream, the same for every variant) with AdamW under bf16 autocast (`--precision fp32`:
 without). Variants:
-- eager: attention written out (q·kᵀ, causal mask, softmax, ·v), as in GPT-2's original code;
+- eager: attention written out (q·kᵀ, causal mask, softmax, dropout with `--attn-dropout`, ·v), as in
+  GPT-2's original code;
 - eager-sdpa: the same model calling F.scaled_dot_product_attention(is_causal=True);
 - inductor: the eager model under torch.compile's default backend;
 - flashmlir: the eager model under torch.compile(backend="flashmlir") with its default (on CUDA and
@@ -29,6 +30,7 @@ compiles, is reported separately).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import time
@@ -47,6 +49,7 @@ class GPTConfig:
     n_embd: int = 768
     vocab_size: int = 50257
     block_size: int = 1024
+    attn_pdrop: float = 0.0  # dropout of the attention probabilities (GPT-2's own config: 0.1)
 
 
 TINY = GPTConfig(n_layer=2, n_head=4, n_embd=128, vocab_size=512, block_size=128)
@@ -56,7 +59,7 @@ CPU_SMALL = GPTConfig(n_layer=2, n_head=4, n_embd=256, vocab_size=2048, block_si
 class SelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, sdpa: bool):
         super().__init__()
-        self.n_head, self.sdpa = config.n_head, sdpa
+        self.n_head, self.sdpa, self.attn_pdrop = config.n_head, sdpa, config.attn_pdrop
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.proj = nn.Linear(config.n_embd, config.n_embd)
         mask = torch.ones(config.block_size, config.block_size, dtype=torch.bool).tril()
@@ -66,12 +69,13 @@ class SelfAttention(nn.Module):
         b, t, c = x.shape
         q, k, v = self.qkv(x).split(c, dim=2)
         q, k, v = (y.view(b, t, self.n_head, c // self.n_head).transpose(1, 2) for y in (q, k, v))
+        drop = self.attn_pdrop if self.training else 0.0
         if self.sdpa:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True)
         else:
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.shape[-1]))
             att = att.masked_fill(~self.causal[:, :, :t, :t], float("-inf"))
-            y = F.softmax(att, dim=-1) @ v
+            y = F.dropout(F.softmax(att, dim=-1), drop, self.training) @ v
         return self.proj(y.transpose(1, 2).contiguous().view(b, t, c))
 
 
@@ -116,9 +120,10 @@ class GPT(nn.Module):
 VARIANTS = ("eager", "eager-sdpa", "inductor", "flashmlir", "flashmlir-iree", "flashmlir-inductor", "flashmlir-sdpa")
 
 
-def _model(variant: str, config: GPTConfig, device: str, state: dict) -> nn.Module:
+def _model(variant: str, config: GPTConfig, device: str, state: dict, inference: bool = False) -> nn.Module:
     model = GPT(config, sdpa=variant in ("eager-sdpa", "flashmlir-sdpa")).to(device)
     model.load_state_dict(state)
+    model.train(not inference)
     if variant == "inductor":
         return torch.compile(model)
     if variant in ("flashmlir", "flashmlir-sdpa"):
@@ -131,7 +136,7 @@ def _model(variant: str, config: GPTConfig, device: str, state: dict) -> nn.Modu
 def run_variant(variant: str, config: GPTConfig, args, state: dict, batches: list) -> dict:
     torch._dynamo.reset()
     torch.manual_seed(1)
-    model = _model(variant, config, args.device, state)
+    model = _model(variant, config, args.device, state, args.inference)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, fused=args.device == "cuda")
     autocast = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
@@ -190,11 +195,14 @@ def main() -> None:
     p.add_argument("--blocks", type=int, default=5,
                    help="timed blocks per variant; the median block is reported (one block of 10 moved ±15%% "
                         "between runs on the H100)")
+    p.add_argument("--attn-dropout", type=float, default=0.0,
+                   help="dropout of the attention probabilities in training (GPT-2's config has 0.1)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--json")
     p.add_argument("--markdown")
     args = p.parse_args()
     config = TINY if args.tiny else CPU_SMALL if args.cpu_small else GPTConfig()
+    config = dataclasses.replace(config, attn_pdrop=args.attn_dropout)
 
     torch.manual_seed(0)
     state = {k: v.clone() for k, v in GPT(config).state_dict().items()}
@@ -229,7 +237,7 @@ def main() -> None:
     precision = "bf16 autocast" if args.precision == "bf16" else "fp32"
     text = (f"# {'Inference (forward, no gradients)' if args.inference else 'Training step'}, {name}, {device}, "
             f"{time.strftime('%Y-%m-%d')}\n\n"
-            f"Batch {args.batch}, {precision}, AdamW, synthetic tokens; timed in {args.blocks} blocks of "
+            f"Batch {args.batch}, {precision}, AdamW, synthetic tokens, attention dropout {args.attn_dropout}; timed in {args.blocks} blocks of "
             f"{args.steps} steps after {args.loss_steps + args.warmup} (step ms: the median block). torch {torch.__version__}. `python benchmarks/train_gpt2.py`\n\n"
             + "\n".join(lines))
     print("\n" + text)
