@@ -80,6 +80,9 @@ def test_dropout_backward_replays_the_forward_mask():
 
 
 def test_dropout_keeps_the_expectation():
+    # The mean of n dropped outputs is off by ~1/sqrt(n) of the output (p = 0.5): 1600 seeds give
+    # ~0.025, against 0.045-0.058 with 400 (too close to a 0.05 bound to tell a biased mask).
+    torch.manual_seed(0)
     q, k, v = (torch.randn(1, 1, 32, 16, dtype=torch.float64) for _ in range(3))
-    mean = sum(attention(q, k, v, None, 0.5, False, None, torch.tensor(s)) for s in range(400)) / 400
-    assert rel_err(mean, attention64(q, k, v)) < 0.05
+    mean = sum(attention(q, k, v, None, 0.5, False, None, torch.tensor(s)) for s in range(1600)) / 1600
+    assert rel_err(mean, attention64(q, k, v)) < 0.04
