@@ -6,8 +6,9 @@ links into its executables (runtime/microkernels/attention/fwd_cpu.c, bwd_cpu.c)
 instruction set's shared library (`libflashmlir_attention_cpu_<isa>.so`) through ctypes. A call
 splits its work the way IREE's workgroups do: `workgroups` calls, each taking its share of the
 items, run on a pool of torch.get_num_threads() threads (ctypes lets go of the GIL for the call).
-A problem the kernels do not serve (not float32, a head dim the library lacks, a mask, dropout)
-runs the op's reference implementation.
+A problem the kernels do not serve (not float32, a head dim the library lacks, a mask, dropout
+outside the training pair) runs the op's reference implementation. The training pair with dropout
+calls the functions' dropout twins (cpu_dropout.h: the seeded hash of attention_op.dropout_keep).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from flashmlir.frontend.training_ops import reference_backward, reference_forwar
 _P, _S = ctypes.c_void_p, ctypes.c_size_t
 _MEMREF = [_P, _P, _S, _S, _S]  # MLIR's 1-d memref descriptor: allocated, aligned, offset, size, stride
 _CONSTANTS = [_S, _S, _S, _S, ctypes.c_float, _S, _S, _S]  # group, B·Hq, Sq, Sk, scale, causal, wg, wgs
+# The dropout twins: ⌈p · 2³²⌉ and 1 / (1 − p) between causal and wg.
+_DROPOUT_CONSTANTS = _CONSTANTS[:6] + [_S, ctypes.c_float] + _CONSTANTS[6:]
 
 
 def kernel_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backward: bool,
@@ -65,10 +68,26 @@ def _kernels(head_dim: int, backward: bool):
     return forward, (microkernels.select_cpu_attention_backward(features, "f32", head_dim) if backward else None)
 
 
+def dropout_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """Why the CPU kernels cannot drop P for these operands (kernel_problem passed), else None."""
+    forward, backward = _kernels(q.shape[-1], True)
+    if not (forward.dropout and backward.dropout):
+        return "dropout (these CPU kernels have no dropout twins)"
+    return None
+
+
+def _dropout_constants(p: float) -> tuple:
+    """⌈p · 2³²⌉ (an element is kept when its hash reaches it) and 1 / (1 − p)."""
+    threshold = math.ceil(p * 2.0**32)
+    if not 0.0 < p < 1.0 or threshold > 0xFFFFFFFF:
+        raise ValueError(f"dropout probability {p} outside what the kernels take, (0, 1 − 2⁻³²]")
+    return threshold, 1.0 / (1.0 - p)
+
+
 @functools.cache
-def _function(path: str, name: str, bindings: int):
+def _function(path: str, name: str, bindings: int, dropout: bool = False):
     function = getattr(ctypes.CDLL(path), name)
-    function.argtypes = _MEMREF * bindings + _CONSTANTS
+    function.argtypes = _MEMREF * bindings + (_DROPOUT_CONSTANTS if dropout else _CONSTANTS)
     function.restype = None
     return function
 
@@ -96,16 +115,27 @@ def _constants(q: torch.Tensor, k: torch.Tensor, is_causal: bool, scale: float |
             q.shape[-1] ** -0.5 if scale is None else scale, int(is_causal))
 
 
-def _forward(q, k, v, is_causal, scale, with_lse):
+def _forward(q, k, v, is_causal, scale, with_lse, dropout_p=0.0, dropout_seed=None):
     forward, _ = _kernels(q.shape[-1], False)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:-1], dtype=torch.float32) if with_lse else None
     name = forward.name(q.shape[-1]) + ("_lse" if with_lse else "")
-    function = _function(str(forward.shared_library), name, 5 if with_lse else 4)
     workgroups = forward.workgroups(q.shape[-2], math.prod(q.shape[:-2]), torch.get_num_threads())
+    if dropout_p:  # the dropout twin: the seed after v, two more constants
+        function = _function(str(forward.shared_library), name + "_dropout", 6, dropout=True)
+        _run(function, (q, k, v, _seed(dropout_seed), out, lse),
+             _constants(q, k, is_causal, scale) + _dropout_constants(dropout_p), workgroups)
+        return out, lse
+    function = _function(str(forward.shared_library), name, 5 if with_lse else 4)
     _run(function, (q, k, v, out, lse) if with_lse else (q, k, v, out), _constants(q, k, is_causal, scale), workgroups)
     return out, lse
+
+
+def _seed(seed: torch.Tensor | None) -> torch.Tensor:
+    if seed is None or seed.numel() != 1 or seed.dtype != torch.int64 or seed.device.type != "cpu":
+        raise ValueError(f"dropout needs its seed as one int64 on the CPU, got {seed!r}")
+    return seed.reshape(1).contiguous()
 
 
 def _attention_cpu(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, dropout_seed=None):
@@ -122,25 +152,47 @@ def _attention_forward_cpu(q, k, v, is_causal=False, scale=None):
     return _forward(q, k, v, is_causal, scale, with_lse=True)
 
 
-def _attention_backward_cpu(grad_out, q, k, v, out, lse, is_causal=False, scale=None):
+def _attention_forward_dropout_cpu(q, k, v, dropout_p, dropout_seed, is_causal=False, scale=None):
+    check_arguments(q, k, v, None)
+    if kernel_problem(q, k, v, backward=False, library=True) or not _kernels(q.shape[-1], False)[0].dropout:
+        return reference_forward(q, k, v, is_causal, scale, dropout_p, dropout_seed)
+    return _forward(q, k, v, is_causal, scale, True, dropout_p, dropout_seed)
+
+
+def _attention_backward_cpu(grad_out, q, k, v, out, lse, is_causal=False, scale=None, dropout_p=0.0,
+                            dropout_seed=None):
     if (kernel_problem(q, k, v, backward=True, library=True) or grad_out.dtype != q.dtype
-            or out.dtype != q.dtype or lse.dtype != torch.float32):
-        return reference_backward(grad_out, q, k, v, out, lse, is_causal, scale)
+            or out.dtype != q.dtype or lse.dtype != torch.float32
+            or (dropout_p and not _kernels(q.shape[-1], True)[1].dropout)):
+        return reference_backward(grad_out, q, k, v, out, lse, is_causal, scale, dropout_p, dropout_seed)
     _, backward = _kernels(q.shape[-1], True)
     q, k, v, out, grad_out, lse = (x.contiguous() for x in (q, k, v, out, grad_out, lse))
     dq, dk, dv, delta = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(lse)
     constants = _constants(q, k, is_causal, scale)
     library, name = str(backward.shared_library), backward.name(q.shape[-1])
+    # With dropout, each function's twin: the seed after the inputs, two more constants.
+    suffix, seed = ("_dropout", [_seed(dropout_seed)]) if dropout_p else ("", [])
+    if dropout_p:
+        constants += _dropout_constants(dropout_p)
+
+    def function(part: str, bindings: int):
+        return _function(library, f"{name}_{part}{suffix}", bindings + len(seed), bool(dropout_p))
+
     bh, bh_kv, threads = math.prod(q.shape[:-2]), math.prod(k.shape[:-2]), torch.get_num_threads()
     if backward.fuses_backward(bh_kv, threads):
-        _run(_function(library, f"{name}_fused", 10), (q, k, v, out, grad_out, lse, dq, delta, dk, dv), constants,
+        _run(function("fused", 10), (q, k, v, out, grad_out, lse, *seed, dq, delta, dk, dv), constants,
              backward.fused_workgroups(bh_kv, threads))
     else:
-        _run(_function(library, f"{name}_dq", 8), (q, k, v, out, grad_out, lse, dq, delta), constants,
+        _run(function("dq", 8), (q, k, v, out, grad_out, lse, *seed, dq, delta), constants,
              backward.workgroups(q.shape[-2], bh, threads))
-        _run(_function(library, f"{name}_dkdv", 8), (q, k, v, grad_out, lse, delta, dk, dv), constants,
+        _run(function("dkdv", 8), (q, k, v, grad_out, lse, delta, *seed, dk, dv), constants,
              backward.workgroups(k.shape[-2], bh_kv, threads))
     return dq, dk, dv
+
+
+def _attention_backward_dropout_cpu(grad_out, q, k, v, out, lse, dropout_p, dropout_seed, is_causal=False,
+                                    scale=None):
+    return _attention_backward_cpu(grad_out, q, k, v, out, lse, is_causal, scale, dropout_p, dropout_seed)
 
 
 def register(library: torch.library.Library) -> None:
@@ -148,3 +200,5 @@ def register(library: torch.library.Library) -> None:
     library.impl("attention", _attention_cpu, "CPU")
     library.impl("attention_forward", _attention_forward_cpu, "CPU")
     library.impl("attention_backward", _attention_backward_cpu, "CPU")
+    library.impl("attention_forward_dropout", _attention_forward_dropout_cpu, "CPU")
+    library.impl("attention_backward_dropout", _attention_backward_dropout_cpu, "CPU")

@@ -88,3 +88,67 @@ def test_a_site_the_kernels_do_not_take_runs_the_reference(calls):
     out.sum().backward()
     assert calls == []
     assert rel_err(out, F.scaled_dot_product_attention(q, k, v, is_causal=True)) < 1e-10
+
+
+@pytest.fixture
+def runs(monkeypatch):
+    """The kernel functions run and their tensors, in order."""
+    seen: list[tuple[str, tuple]] = []
+    run = cpu_kernels._run
+
+    def spy(function, tensors, constants, workgroups):
+        seen.append((function.__name__, tensors))
+        return run(function, tensors, constants, workgroups)
+
+    monkeypatch.setattr(cpu_kernels, "_run", spy)
+    return seen
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["split", "fused"])
+@pytest.mark.parametrize("b, hq, hkv, sq, sk, d, causal", CASES, ids=lambda x: str(x))
+def test_dropout_pair_runs_the_dropout_twins_and_matches_float64(runs, monkeypatch, fused, b, hq, hkv, sq, sk, d,
+                                                                 causal):
+    """The CPU kernels' dropout twins (cpu_dropout.h) drop what attention_op.dropout_keep drops: the
+    pair's output and gradients against float64 autograd of flashmlir::attention with the same seed
+    (a wrong index would be an error of order 1)."""
+    from flashmlir.compiler.microkernels import CpuAttentionKernel
+    from flashmlir.runtime import torch_kernels
+
+    torch_kernels.register()
+    monkeypatch.setattr(CpuAttentionKernel, "fuses_backward", lambda self, heads, threads: fused)
+    q, k, v, grad, scale, _ = sdpa_training_problem(b, hq, hkv, sq, sk, d, causal)
+    seed, p = torch.tensor(424242), 0.2
+    out, lse = torch.ops.flashmlir.attention_forward_dropout(q, k, v, p, seed, causal, scale)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    name = f"flashmlir_attention_bwd_cpu_f32_d{d}"
+    parts = [f"{name}_fused_dropout"] if fused else [f"{name}_dq_dropout", f"{name}_dkdv_dropout"]
+    assert [n for n, _ in runs] == [f"flashmlir_attention_fwd_cpu_f32_d{d}_lse_dropout", *parts]
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    want_out = torch.ops.flashmlir.attention(q64, k64, v64, None, p, causal, scale, seed)
+    want = torch.autograd.grad(want_out, (q64, k64, v64), grad.double())
+    plain = torch.ops.flashmlir.attention(q64, k64, v64, None, 0.0, causal, scale)
+    assert rel_err(out, want_out) < 1e-5 and rel_err(out, plain) > 0.1
+    for n, g, w in zip("qkv", got, want, strict=True):
+        assert rel_err(g, w) < 2e-5, n
+
+
+def test_training_with_dropout_takes_the_dropout_twins(runs):
+    """SDPA with dropout in a CPU training graph (the default: Inductor around our ops) becomes the
+    dropout pair; the kernels get the graph's seed, and the gradients match float64 with it."""
+    q, k, v, grad, scale, _ = sdpa_training_problem(1, 4, 2, 70, 70, 64, True)
+
+    def attention(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=0.1, is_causal=True, scale=scale, enable_gqa=True)
+
+    torch._dynamo.reset()
+    out = torch.compile(attention, backend="flashmlir")(q, k, v)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    names = [n for n, _ in runs]
+    assert names[0] == "flashmlir_attention_fwd_cpu_f32_d64_lse_dropout" and all(n.endswith("_dropout") for n in names)
+    seed = runs[0][1][3].reshape(())  # (q, k, v, seed, out, lse)
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    want_out = torch.ops.flashmlir.attention(q64, k64, v64, None, 0.1, True, scale, seed)
+    want = torch.autograd.grad(want_out, (q64, k64, v64), grad.double())
+    assert rel_err(out, want_out) < 1e-5
+    for n, g, w in zip("qkv", got, want, strict=True):
+        assert rel_err(g, w) < 2e-5, n

@@ -262,16 +262,17 @@ def _library_problem(target: Target, q: torch.Tensor, k: torch.Tensor, v: torch.
 def _training_check(target: Target, torch_path: bool) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool,
                                                                     bool], str | None]:
     """Whether `target`'s microkernel library has the forward-with-lse and backward kernels for a
-    site; with dropout, the twins that drop P (the sm_90 kernels, called from torch)."""
+    site; with dropout, the twins that drop P (the sm_90 and CPU kernels, called from torch)."""
 
     def check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool, dropout: bool) -> str | None:
         problem = _library_problem(target, q, k, v, backward=True, torch_path=torch_path)
         if problem is None and dropout:
-            if not (torch_path and target.gpu is not None):
-                return "dropout (only the CUDA kernels called from torch take it: rest='inductor')"
-            from flashmlir.runtime.torch_kernels import dropout_problem
+            from flashmlir.runtime import cpu_kernels, torch_kernels
 
-            problem = dropout_problem(target.gpu.arch, q, k, v)
+            if not torch_path or (target.gpu is None and target.kind != "cpu"):
+                return "dropout (only the kernels called from torch take it: rest='inductor')"
+            problem = (torch_kernels.dropout_problem(target.gpu.arch, q, k, v) if target.gpu is not None
+                       else cpu_kernels.dropout_problem(q, k, v))
         return problem
 
     return check

@@ -27,6 +27,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "cpu_dropout.h"
 #include "cpu_simd.h"
 #include "cpu_work_share.h"
 
@@ -79,7 +80,7 @@ FLASHMLIR_INLINE void two_products(
 FLASHMLIR_INLINE void dq_tile(
     const float* restrict krow, const float* restrict vrow, const float* restrict qt, const float* restrict dot,
     float* restrict dqt, const vf* lse2, const vf* delta, const vf* row, size_t D, size_t j,
-    size_t seq_k, float c, int causal, const int width) {
+    size_t seq_k, float c, int causal, Dropout drop, const vu* drop_x, const int width) {
   vf s[kTile][kVectors], dp[kTile][kVectors];
   two_products(krow, vrow, qt, dot, D, width, s, dp);  // S = K·Qᵀ, dP = V·dOᵀ
   const vf cv = vset1(c);
@@ -90,7 +91,12 @@ FLASHMLIR_INLINE void dq_tile(
       vmask keep = j + t < seq_k ? vmask_all() : vmask_none();
       if (causal) keep = vmask_and(keep, vle(key, row[r]));
       p = vkeep(keep, p);
-      s[t][r] = vmul(p, vsub(dp[t][r], delta[r]));  // dS
+      vf dpz = dp[t][r];  // dP, with dropout dP ∘ Z
+      if (drop.on) {
+        const vu x = vu_add(drop_x[r], vu_set1((uint32_t)(j + t) * kDropoutGolden));
+        dpz = vkeep(dropout_kept(x, drop), vmul(dpz, vset1(drop.scale)));
+      }
+      s[t][r] = vmul(p, vsub(dpz, delta[r]));  // dS
     }
   }
   for (size_t d = 0; d < D; ++d) {
@@ -107,7 +113,8 @@ FLASHMLIR_INLINE void dq_tile(
 FLASHMLIR_INLINE void dq_rows(
     const float* restrict q, const float* restrict k, const float* restrict v, const float* restrict o,
     const float* restrict d_o, const float* restrict lse, float* restrict dq, float* restrict delta_out,
-    const size_t D, size_t group, size_t seq_q, size_t seq_k, float scale, int causal, size_t block, size_t bh) {
+    const size_t D, size_t group, size_t seq_q, size_t seq_k, float scale, int causal, Dropout drop, size_t block,
+    size_t bh) {
   const size_t q0 = block * kBlock;
   const size_t rows = seq_q - q0 < kBlock ? seq_q - q0 : kBlock;
   const size_t row0 = bh * seq_q + q0;
@@ -134,18 +141,21 @@ FLASHMLIR_INLINE void dq_rows(
       dqt[d * kBlock + i] = 0.f;
     }
   vf lse2[kVectors], delta[kVectors], row[kVectors];
+  vu drop_x[kVectors];  // dropout: each lane's x at key 0
   for (int r = 0; r < kVectors; ++r) {
     lse2[r] = vload(lse2v + r * kLanes);
     delta[r] = vload(deltav + r * kLanes);
     row[r] = vlane_index(q0 + r * kLanes);
+    if (drop.on)
+      drop_x[r] = vu_add(dropout_lane_x((uint32_t)((row0 + r * kLanes) * seq_k), (uint32_t)seq_k), vu_set1(drop.seed));
   }
   const float c = scale * kLog2e;
   const size_t key_end = causal && q0 + rows < seq_k ? q0 + rows : seq_k;
   size_t j = 0;
   for (; j + kTile <= key_end; j += kTile)
-    dq_tile(kb + j * D, vb + j * D, qt, dot, dqt, lse2, delta, row, D, j, seq_k, c, causal, kTile);
+    dq_tile(kb + j * D, vb + j * D, qt, dot, dqt, lse2, delta, row, D, j, seq_k, c, causal, drop, drop_x, kTile);
   for (; j < key_end; ++j)
-    dq_tile(kb + j * D, vb + j * D, qt, dot, dqt, lse2, delta, row, D, j, seq_k, c, causal, 1);
+    dq_tile(kb + j * D, vb + j * D, qt, dot, dqt, lse2, delta, row, D, j, seq_k, c, causal, drop, drop_x, 1);
   for (size_t i = 0; i < rows; ++i)
     for (size_t d = 0; d < D; ++d) dq[(row0 + i) * D + d] = dqt[d * kBlock + i] * scale;
 }
@@ -188,7 +198,8 @@ FLASHMLIR_INLINE void dkdv_tile(
     const float* restrict qrow, const float* restrict dorow, const float* restrict lse, const float* restrict delta,
     const float* restrict kt, const float* restrict vt, float* restrict dkt, float* restrict dvt,
     const float* restrict krow, float* restrict dqrow, size_t keys, const vf* key, vmask const* in_range,
-    size_t D, size_t i, float c, int causal, const int width) {
+    size_t D, size_t i, float c, int causal, Dropout drop, const vu* key_x, uint32_t row_x, uint32_t row_step,
+    const int width) {
   vf s[kTile][kVectors], dp[kTile][kVectors];
   two_products(qrow, dorow, kt, vt, D, width, s, dp);  // S = Q·Kᵀ, dP = dO·Vᵀ
   const vf cv = vset1(c);
@@ -198,8 +209,15 @@ FLASHMLIR_INLINE void dkdv_tile(
     for (int r = 0; r < kVectors; ++r) {
       vmask keep = in_range[r];
       if (causal) keep = vmask_and(keep, vle(key[r], row));
-      s[t][r] = vkeep(keep, exp2_below_128(vfmsub(s[t][r], cv, l2)));  // P
-      dp[t][r] = vmul(s[t][r], vsub(dp[t][r], dl));                              // dS
+      const vf p = vkeep(keep, exp2_below_128(vfmsub(s[t][r], cv, l2)));  // P
+      if (drop.on) {  // dV takes P ∘ kept (its 1 / (1 − p) at the end), dS P ∘ (dP ∘ Z − Δ)
+        const vmask kept = dropout_kept(vu_add(key_x[r], vu_set1(row_x + (uint32_t)t * row_step)), drop);
+        s[t][r] = vkeep(kept, p);
+        dp[t][r] = vmul(p, vsub(vkeep(kept, vmul(dp[t][r], vset1(drop.scale))), dl));
+      } else {
+        s[t][r] = p;
+        dp[t][r] = vmul(p, vsub(dp[t][r], dl));  // dS
+      }
     }
   }
   for (size_t d = 0; d < D; ++d) {
@@ -228,7 +246,7 @@ FLASHMLIR_INLINE void dkdv_keys(
     const float* restrict q, const float* restrict k, const float* restrict v, const float* restrict d_o,
     const float* restrict lse, const float* restrict delta, float* restrict dk, float* restrict dv,
     float* restrict dq, const size_t D, size_t group, size_t seq_q, size_t seq_k, float scale, int causal,
-    size_t block, size_t bh_kv) {
+    Dropout drop, size_t block, size_t bh_kv) {
   const size_t k0 = block * kBlock;
   const size_t keys = seq_k - k0 < kBlock ? seq_k - k0 : kBlock;
   const size_t key0 = bh_kv * seq_k + k0;
@@ -245,10 +263,13 @@ FLASHMLIR_INLINE void dkdv_keys(
     }
   vf key[kVectors];
   vmask in_range[kVectors];
+  vu key_x[kVectors];  // dropout: each lane's key · golden
   for (int r = 0; r < kVectors; ++r) {
     key[r] = vlane_index(k0 + r * kLanes);
     in_range[r] = vlt(key[r], vset1((float)seq_k));
+    if (drop.on) key_x[r] = dropout_lane_x((uint32_t)(k0 + r * kLanes), 1);
   }
+  const uint32_t row_step = (uint32_t)seq_k * kDropoutGolden;  // x from one query row to the next
   const float c = scale * kLog2e;
   const size_t first = causal ? k0 : 0;  // top-left causal: earlier rows see none of these keys
   for (size_t h = 0; h < group; ++h) {
@@ -258,18 +279,20 @@ FLASHMLIR_INLINE void dkdv_keys(
     const float* restrict lh = lse + bh * seq_q;
     const float* restrict deh = delta + bh * seq_q;
     float* restrict dqh = dq ? dq + bh * seq_q * D : 0;
+    // x of (this head, row 0, key 0)
+    const uint32_t head_x = (uint32_t)(bh * seq_q * seq_k) * kDropoutGolden + drop.seed;
     size_t i = first;
     for (; i + kTile <= seq_q; i += kTile)
       dkdv_tile(qh + i * D, doh + i * D, lh + i, deh + i, kt, vt, dkt, dvt, k + key0 * D, dq ? dqh + i * D : 0, keys,
-                key, in_range, D, i, c, causal, kTile);
+                key, in_range, D, i, c, causal, drop, key_x, head_x + (uint32_t)i * row_step, row_step, kTile);
     for (; i < seq_q; ++i)
       dkdv_tile(qh + i * D, doh + i * D, lh + i, deh + i, kt, vt, dkt, dvt, k + key0 * D, dq ? dqh + i * D : 0, keys,
-                key, in_range, D, i, c, causal, 1);
+                key, in_range, D, i, c, causal, drop, key_x, head_x + (uint32_t)i * row_step, row_step, 1);
   }
   for (size_t j = 0; j < keys; ++j)
     for (size_t d = 0; d < D; ++d) {
       dk[(key0 + j) * D + d] = dkt[d * kBlock + j] * scale;
-      dv[(key0 + j) * D + d] = dvt[d * kBlock + j];
+      dv[(key0 + j) * D + d] = dvt[d * kBlock + j] * drop.scale;
     }
 }
 
@@ -288,7 +311,7 @@ FLASHMLIR_INLINE void fused_head(
     const float* restrict q, const float* restrict k, const float* restrict v, const float* restrict o,
     const float* restrict d_o, const float* restrict lse, float* restrict dq, float* restrict delta,
     float* restrict dk, float* restrict dv, const size_t D, size_t group, size_t seq_q, size_t seq_k, float scale,
-    int causal, size_t bh_kv) {
+    int causal, Dropout drop, size_t bh_kv) {
   const size_t row0 = bh_kv * group * seq_q, rows = group * seq_q;
   for (size_t i = row0; i < row0 + rows; ++i) {
     delta[i] = row_delta(o + i * D, d_o + i * D, D);
@@ -296,7 +319,7 @@ FLASHMLIR_INLINE void fused_head(
   }
   const size_t blocks = (seq_k + kBlock - 1) / kBlock;
   for (size_t b = 0; b < blocks; ++b)
-    dkdv_keys(q, k, v, d_o, lse, delta, dk, dv, dq, D, group, seq_q, seq_k, scale, causal, b, bh_kv);
+    dkdv_keys(q, k, v, d_o, lse, delta, dk, dv, dq, D, group, seq_q, seq_k, scale, causal, drop, b, bh_kv);
   const vf s = vset1(scale);
   for (size_t i = row0; i < row0 + rows; ++i)
     for (size_t d = 0; d < D; d += kLanes)
@@ -320,27 +343,27 @@ static inline size_t dkdv_cost(size_t block, size_t seq_q, size_t group, int cau
 FLASHMLIR_INLINE void dq_share(
     const float* q, const float* k, const float* v, const float* o, const float* d_o, const float* lse, float* dq,
     float* delta, const size_t D, size_t group, size_t batch_heads, size_t seq_q, size_t seq_k, float scale,
-    int causal, size_t wg, size_t wg_count) {
+    int causal, Dropout drop, size_t wg, size_t wg_count) {
   const size_t blocks = (seq_q + kBlock - 1) / kBlock;
   FLASHMLIR_SHARE(dq_cost(b, seq_q, seq_k, causal), blocks, batch_heads,
-                  dq_rows(q, k, v, o, d_o, lse, dq, delta, D, group, seq_q, seq_k, scale, causal, b, h));
+                  dq_rows(q, k, v, o, d_o, lse, dq, delta, D, group, seq_q, seq_k, scale, causal, drop, b, h));
 }
 
 FLASHMLIR_INLINE void dkdv_share(
     const float* q, const float* k, const float* v, const float* d_o, const float* lse, const float* delta,
     float* dk, float* dv, const size_t D, size_t group, size_t batch_heads, size_t seq_q, size_t seq_k,
-    float scale, int causal, size_t wg, size_t wg_count) {
+    float scale, int causal, Dropout drop, size_t wg, size_t wg_count) {
   const size_t blocks = (seq_k + kBlock - 1) / kBlock;
   FLASHMLIR_SHARE(dkdv_cost(b, seq_q, group, causal), blocks, batch_heads / group,
-                  dkdv_keys(q, k, v, d_o, lse, delta, dk, dv, 0, D, group, seq_q, seq_k, scale, causal, b, h));
+                  dkdv_keys(q, k, v, d_o, lse, delta, dk, dv, 0, D, group, seq_q, seq_k, scale, causal, drop, b, h));
 }
 
 FLASHMLIR_INLINE void fused_share(
     const float* q, const float* k, const float* v, const float* o, const float* d_o, const float* lse, float* dq,
     float* delta, float* dk, float* dv, const size_t D, size_t group, size_t batch_heads, size_t seq_q,
-    size_t seq_k, float scale, int causal, size_t wg, size_t wg_count) {
+    size_t seq_k, float scale, int causal, Dropout drop, size_t wg, size_t wg_count) {
   FLASHMLIR_SHARE(1, 1, batch_heads / group,  // heads cost the same
-                  fused_head(q, k, v, o, d_o, lse, dq, delta, dk, dv, D, group, seq_q, seq_k, scale, causal, h));
+                  fused_head(q, k, v, o, d_o, lse, dq, delta, dk, dv, D, group, seq_q, seq_k, scale, causal, drop, h));
 }
 
 // IREE's calls: bindings as MLIR's 1-d memref descriptors (see the forward), then the constants
@@ -354,8 +377,8 @@ FLASHMLIR_INLINE void fused_share(
       FLASHMLIR_MEMREF(float, dq), FLASHMLIR_MEMREF(float, delta), size_t group, size_t batch_heads,           \
       size_t seq_q, size_t seq_k, float scale, size_t causal, size_t wg, size_t wg_count) {                    \
     dq_share(q + q_offset, k + k_offset, v + v_offset, o + o_offset, d_o + d_o_offset, lse + lse_offset,      \
-             dq + dq_offset, delta + delta_offset, D, group, batch_heads, seq_q, seq_k, scale, causal != 0, wg, \
-             wg_count);                                                                                      \
+             dq + dq_offset, delta + delta_offset, D, group, batch_heads, seq_q, seq_k, scale, causal != 0,     \
+             no_dropout(), wg, wg_count);                                                                    \
   }                                                                                                          \
   FLASHMLIR_EXPORT void flashmlir_attention_bwd_cpu_f32_d##D##_dkdv(                                         \
       FLASHMLIR_MEMREF(const float, q), FLASHMLIR_MEMREF(const float, k), FLASHMLIR_MEMREF(const float, v),   \
@@ -365,7 +388,7 @@ FLASHMLIR_INLINE void fused_share(
       size_t wg_count) {                                                                                     \
     dkdv_share(q + q_offset, k + k_offset, v + v_offset, d_o + d_o_offset, lse + lse_offset,                  \
                delta + delta_offset, dk + dk_offset, dv + dv_offset, D, group, batch_heads, seq_q, seq_k,      \
-               scale, causal != 0, wg, wg_count);                                                            \
+               scale, causal != 0, no_dropout(), wg, wg_count);                                              \
   }                                                                                                          \
   FLASHMLIR_EXPORT void flashmlir_attention_bwd_cpu_f32_d##D##_fused(                                        \
       FLASHMLIR_MEMREF(const float, q), FLASHMLIR_MEMREF(const float, k), FLASHMLIR_MEMREF(const float, v),   \
@@ -375,7 +398,44 @@ FLASHMLIR_INLINE void fused_share(
       size_t causal, size_t wg, size_t wg_count) {                                                           \
     fused_share(q + q_offset, k + k_offset, v + v_offset, o + o_offset, d_o + d_o_offset, lse + lse_offset,   \
                 dq + dq_offset, delta + delta_offset, dk + dk_offset, dv + dv_offset, D, group, batch_heads,   \
-                seq_q, seq_k, scale, causal != 0, wg, wg_count);                                             \
+                seq_q, seq_k, scale, causal != 0, no_dropout(), wg, wg_count);                               \
+  }                                                                                                          \
+  FLASHMLIR_DEFINE_CPU_BACKWARD_DROPOUT(D)
+
+// The dropout twins of the three (the training pair with dropout, cpu_dropout.h): the forward's int64
+// seed after the inputs; ⌈p · 2³²⌉ and 1 / (1 − p) after the constants.
+#define FLASHMLIR_DROPOUT_CONSTANTS size_t dropout_threshold, float dropout_scale
+#define FLASHMLIR_DROPOUT ((Dropout){1, (uint32_t)seed[seed_offset], (uint32_t)dropout_threshold, dropout_scale})
+#define FLASHMLIR_DEFINE_CPU_BACKWARD_DROPOUT(D)                                                             \
+  FLASHMLIR_EXPORT void flashmlir_attention_bwd_cpu_f32_d##D##_dq_dropout(                                   \
+      FLASHMLIR_MEMREF(const float, q), FLASHMLIR_MEMREF(const float, k), FLASHMLIR_MEMREF(const float, v),   \
+      FLASHMLIR_MEMREF(const float, o), FLASHMLIR_MEMREF(const float, d_o), FLASHMLIR_MEMREF(const float, lse), \
+      FLASHMLIR_MEMREF(const int64_t, seed), FLASHMLIR_MEMREF(float, dq), FLASHMLIR_MEMREF(float, delta),      \
+      size_t group, size_t batch_heads, size_t seq_q, size_t seq_k, float scale, size_t causal,               \
+      FLASHMLIR_DROPOUT_CONSTANTS, size_t wg, size_t wg_count) {                                             \
+    dq_share(q + q_offset, k + k_offset, v + v_offset, o + o_offset, d_o + d_o_offset, lse + lse_offset,      \
+             dq + dq_offset, delta + delta_offset, D, group, batch_heads, seq_q, seq_k, scale, causal != 0,     \
+             FLASHMLIR_DROPOUT, wg, wg_count);                                                               \
+  }                                                                                                          \
+  FLASHMLIR_EXPORT void flashmlir_attention_bwd_cpu_f32_d##D##_dkdv_dropout(                                 \
+      FLASHMLIR_MEMREF(const float, q), FLASHMLIR_MEMREF(const float, k), FLASHMLIR_MEMREF(const float, v),   \
+      FLASHMLIR_MEMREF(const float, d_o), FLASHMLIR_MEMREF(const float, lse),                                \
+      FLASHMLIR_MEMREF(const float, delta), FLASHMLIR_MEMREF(const int64_t, seed), FLASHMLIR_MEMREF(float, dk), \
+      FLASHMLIR_MEMREF(float, dv), size_t group, size_t batch_heads, size_t seq_q, size_t seq_k, float scale,  \
+      size_t causal, FLASHMLIR_DROPOUT_CONSTANTS, size_t wg, size_t wg_count) {                              \
+    dkdv_share(q + q_offset, k + k_offset, v + v_offset, d_o + d_o_offset, lse + lse_offset,                  \
+               delta + delta_offset, dk + dk_offset, dv + dv_offset, D, group, batch_heads, seq_q, seq_k,      \
+               scale, causal != 0, FLASHMLIR_DROPOUT, wg, wg_count);                                         \
+  }                                                                                                          \
+  FLASHMLIR_EXPORT void flashmlir_attention_bwd_cpu_f32_d##D##_fused_dropout(                                \
+      FLASHMLIR_MEMREF(const float, q), FLASHMLIR_MEMREF(const float, k), FLASHMLIR_MEMREF(const float, v),   \
+      FLASHMLIR_MEMREF(const float, o), FLASHMLIR_MEMREF(const float, d_o), FLASHMLIR_MEMREF(const float, lse), \
+      FLASHMLIR_MEMREF(const int64_t, seed), FLASHMLIR_MEMREF(float, dq), FLASHMLIR_MEMREF(float, delta),      \
+      FLASHMLIR_MEMREF(float, dk), FLASHMLIR_MEMREF(float, dv), size_t group, size_t batch_heads, size_t seq_q, \
+      size_t seq_k, float scale, size_t causal, FLASHMLIR_DROPOUT_CONSTANTS, size_t wg, size_t wg_count) {     \
+    fused_share(q + q_offset, k + k_offset, v + v_offset, o + o_offset, d_o + d_o_offset, lse + lse_offset,   \
+                dq + dq_offset, delta + delta_offset, dk + dk_offset, dv + dv_offset, D, group, batch_heads,   \
+                seq_q, seq_k, scale, causal != 0, FLASHMLIR_DROPOUT, wg, wg_count);                          \
   }
 
 FLASHMLIR_DEFINE_CPU_BACKWARD(32)

@@ -22,6 +22,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "cpu_dropout.h"
 #include "cpu_simd.h"
 #include "cpu_work_share.h"
 
@@ -80,11 +81,12 @@ FLASHMLIR_INLINE void pv_tile(float* restrict ot, const float* restrict st,
 }
 
 // One item: rows [q0, q0 + kRows) of query head `bh` (batch-major), every key it attends; with
-// `lse` (may be null) also ln Σ_j exp(scale · q·k_j) per row, -inf for a row with no key.
+// `lse` (may be null) also ln Σ_j exp(scale · q·k_j) per row, -inf for a row with no key. With
+// dropout, Pᵀ is dropped after the row sums took it in (cpu_dropout.h).
 FLASHMLIR_INLINE void attention_rows(
     const float* restrict q, const float* restrict k, const float* restrict v, float* restrict o,
     float* restrict lse, const size_t d_model, size_t group, size_t seq_q, size_t seq_k, float scale, int causal,
-    size_t q_block, size_t bh) {
+    Dropout drop, size_t q_block, size_t bh) {
   const size_t D = d_model;
   const size_t q0 = q_block * kRows;
   const size_t rows = seq_q - q0 < kRows ? seq_q - q0 : kRows;
@@ -106,10 +108,14 @@ FLASHMLIR_INLINE void attention_rows(
   // P = 2^(S - shift) per row. The shift moves to a key block's maximum only when that passes it by
   // more than kMaxSlack, so P ≤ 2^kMaxSlack and most blocks leave O and l as they are (α = 1).
   vf shift[kRowVectors], row_sum[kRowVectors], row_index[kRowVectors];
+  vu drop_x[kRowVectors];  // dropout: each lane's x at key 0
   for (int r = 0; r < kRowVectors; ++r) {
     shift[r] = vset1(-__builtin_inff());
     row_sum[r] = vzero();
     row_index[r] = vlane_index(q0 + r * kLanes);
+    if (drop.on)
+      drop_x[r] = vu_add(dropout_lane_x((uint32_t)((bh * seq_q + q0 + r * kLanes) * seq_k), (uint32_t)seq_k),
+                         vu_set1(drop.seed));
   }
   // Top-left causal: row i attends keys 0..i, so keys past the block's last row are never needed.
   const size_t key_end = causal && q0 + rows < seq_k ? q0 + rows : seq_k;
@@ -176,8 +182,13 @@ FLASHMLIR_INLINE void attention_rows(
       for (size_t jj = 0; jj < keys; ++jj) {
         float* s = st + jj * kRows + r * kLanes;
         const vf p = exp2_below_128(vsub(vload(s), base));
-        vstore(s, p);
         sum = vadd(sum, p);
+        if (drop.on) {
+          const vu x = vu_add(drop_x[r], vu_set1((uint32_t)(k0 + jj) * kDropoutGolden));
+          vstore(s, vkeep(dropout_kept(x, drop), p));
+        } else {
+          vstore(s, p);
+        }
       }
       row_sum[r] = vfmadd(row_sum[r], alpha[r], sum);
     }
@@ -192,7 +203,7 @@ FLASHMLIR_INLINE void attention_rows(
   // O = Oᵀ / l, 0 for a row whose every key was masked.
   float inv[kRows] __attribute__((aligned(64)));
   for (int r = 0; r < kRowVectors; ++r) {
-    vstore(inv + r * kLanes, vkeep(vne(row_sum[r], vzero()), vdiv(vset1(1.f), row_sum[r])));
+    vstore(inv + r * kLanes, vkeep(vne(row_sum[r], vzero()), vdiv(vset1(drop.scale), row_sum[r])));
   }
   for (size_t i = 0; i < rows; ++i)
     for (size_t d = 0; d < D; ++d) ob[i * D + d] = ot[d * kRows + i] * inv[i];
@@ -219,10 +230,10 @@ static inline size_t item_cost(size_t block, size_t seq_q, size_t seq_k, int cau
 FLASHMLIR_INLINE void work_share(
     const float* restrict q, const float* restrict k, const float* restrict v, float* restrict o,
     float* restrict lse, const size_t D, size_t group, size_t batch_heads, size_t seq_q, size_t seq_k, float scale, int causal,
-    size_t wg, size_t wg_count) {
+    Dropout drop, size_t wg, size_t wg_count) {
   const size_t blocks = (seq_q + kRows - 1) / kRows;
   FLASHMLIR_SHARE(item_cost(b, seq_q, seq_k, causal), blocks, batch_heads,
-                  attention_rows(q, k, v, o, lse, D, group, seq_q, seq_k, scale, causal, b, h));
+                  attention_rows(q, k, v, o, lse, D, group, seq_q, seq_k, scale, causal, drop, b, h));
 }
 
 // IREE's call. Each binding arrives as MLIR's descriptor of a 1-d memref (allocated pointer,
@@ -237,7 +248,7 @@ FLASHMLIR_INLINE void work_share(
       FLASHMLIR_MEMREF(float, o), size_t group, size_t batch_heads, size_t seq_q, size_t seq_k, float scale, \
       size_t causal, size_t workgroup, size_t workgroup_count) {                                         \
     work_share(q + q_offset, k + k_offset, v + v_offset, o + o_offset, (float*)0, D, group, batch_heads,   \
-               seq_q, seq_k, scale, causal != 0, workgroup, workgroup_count);                            \
+               seq_q, seq_k, scale, causal != 0, no_dropout(), workgroup, workgroup_count);              \
   }                                                                                                     \
   /* The training forward: also the rows' log-sum-exp, float32 [batch_heads, seq_q]. */                  \
   FLASHMLIR_EXPORT void flashmlir_attention_fwd_cpu_f32_d##D##_lse(                                     \
@@ -245,7 +256,18 @@ FLASHMLIR_INLINE void work_share(
       FLASHMLIR_MEMREF(float, o), FLASHMLIR_MEMREF(float, lse), size_t group, size_t batch_heads,          \
       size_t seq_q, size_t seq_k, float scale, size_t causal, size_t workgroup, size_t workgroup_count) {   \
     work_share(q + q_offset, k + k_offset, v + v_offset, o + o_offset, lse + lse_offset, D, group,          \
-               batch_heads, seq_q, seq_k, scale, causal != 0, workgroup, workgroup_count);                 \
+               batch_heads, seq_q, seq_k, scale, causal != 0, no_dropout(), workgroup, workgroup_count);   \
+  }                                                                                                     \
+  /* The training forward with dropout: the int64 seed after v; ⌈p · 2³²⌉ and 1 / (1 − p) after the */  \
+  /* constants (cpu_dropout.h). */                                                                      \
+  FLASHMLIR_EXPORT void flashmlir_attention_fwd_cpu_f32_d##D##_lse_dropout(                             \
+      FLASHMLIR_MEMREF(const float, q), FLASHMLIR_MEMREF(const float, k), FLASHMLIR_MEMREF(const float, v), \
+      FLASHMLIR_MEMREF(const int64_t, seed), FLASHMLIR_MEMREF(float, o), FLASHMLIR_MEMREF(float, lse),      \
+      size_t group, size_t batch_heads, size_t seq_q, size_t seq_k, float scale, size_t causal,             \
+      size_t dropout_threshold, float dropout_scale, size_t workgroup, size_t workgroup_count) {            \
+    const Dropout drop = {1, (uint32_t)seed[seed_offset], (uint32_t)dropout_threshold, dropout_scale};   \
+    work_share(q + q_offset, k + k_offset, v + v_offset, o + o_offset, lse + lse_offset, D, group,          \
+               batch_heads, seq_q, seq_k, scale, causal != 0, drop, workgroup, workgroup_count);           \
   }
 
 FLASHMLIR_DEFINE_CPU_KERNEL(32)
