@@ -24,7 +24,7 @@ import torch
 from flashmlir import config
 from flashmlir.compiler import microkernels
 from flashmlir.compiler.targets import get_target
-from flashmlir.frontend.attention_op import check_arguments, reference_attention
+from flashmlir.frontend.attention_op import check_arguments, dropout_threshold, reference_attention
 from flashmlir.frontend.training_ops import reference_backward, reference_forward
 
 _P, _S = ctypes.c_void_p, ctypes.c_size_t
@@ -77,11 +77,8 @@ def dropout_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | 
 
 
 def _dropout_constants(p: float) -> tuple:
-    """⌈p · 2³²⌉ (an element is kept when its hash reaches it) and 1 / (1 − p)."""
-    threshold = math.ceil(p * 2.0**32)
-    if not 0.0 < p < 1.0 or threshold > 0xFFFFFFFF:
-        raise ValueError(f"dropout probability {p} outside what the kernels take, (0, 1 − 2⁻³²]")
-    return threshold, 1.0 / (1.0 - p)
+    """What a dropout twin takes after the constants: the threshold (cpu_dropout.h) and 1 / (1 − p)."""
+    return dropout_threshold(p), 1.0 / (1.0 - p)
 
 
 @functools.cache

@@ -16,6 +16,8 @@ import struct
 
 import torch
 
+from flashmlir.frontend.attention_op import dropout_threshold
+
 _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
 
 
@@ -87,12 +89,9 @@ class CudaKernel:
 
 
 def dropout_constants(p: float) -> list[int]:
-    """What a dropout entry takes after the constants: ⌈p · 2³²⌉ (an element is kept when its hash
-    reaches it: dropout.cuh) and 1 / (1 − p) as f32 bits. p · 2³² is exact in float64, so the
-    threshold is the reference's comparison, hash / 2³² ≥ p."""
-    if not 0.0 < p < 1.0:
-        raise ValueError(f"dropout probability {p} outside (0, 1)")
-    return [math.ceil(p * 2.0**32), f32_bits(1.0 / (1.0 - p))]
+    """What a dropout entry takes after the constants: the threshold (dropout.cuh) and 1 / (1 − p)
+    as f32 bits."""
+    return [dropout_threshold(p), f32_bits(1.0 / (1.0 - p))]
 
 
 @functools.cache

@@ -86,3 +86,15 @@ def test_dropout_keeps_the_expectation():
     q, k, v = (torch.randn(1, 1, 32, 16, dtype=torch.float64) for _ in range(3))
     mean = sum(attention(q, k, v, None, 0.5, False, None, torch.tensor(s)) for s in range(1600)) / 1600
     assert rel_err(mean, attention64(q, k, v)) < 0.04
+
+
+@pytest.mark.parametrize("p", [0.1, 0.25, 1 / 3, 0.5, 0.999])
+def test_dropout_threshold_is_the_references_comparison(p):
+    """The kernels compare the mixed hash with ⌈p · 2³²⌉; dropout_keep compares hash / 2³² with p."""
+    from flashmlir.frontend.attention_op import dropout_threshold
+
+    t = dropout_threshold(p)
+    for x in (t - 1, t, t + 1, 0, 2**32 - 1):
+        assert (x >= t) == (x / 2**32 >= p)
+    with pytest.raises(ValueError, match="dropout probability"):
+        dropout_threshold(1.0)

@@ -100,6 +100,15 @@ def dropout_keep(seed: torch.Tensor, shape: torch.Size, p: float) -> torch.Tenso
     return (x.to(torch.float64) * (1.0 / 2**32)) >= p
 
 
+def dropout_threshold(p: float) -> int:
+    """⌈p · 2³²⌉: the kernels keep an element when its mixed hash reaches it, which is dropout_keep's
+    x / 2³² ≥ p exactly (p · 2³² is exact in float64). It must fit 32 bits: p ≤ 1 − 2⁻³²."""
+    threshold = math.ceil(p * 2.0**32)
+    if not 0.0 < p < 1.0 or threshold > 0xFFFFFFFF:
+        raise ValueError(f"dropout probability {p} outside what the kernels take, (0, 1 − 2⁻³²]")
+    return threshold
+
+
 def draw_dropout_seed(device: torch.device) -> torch.Tensor:
     return torch.randint(0, 2**31 - 1, (), dtype=torch.int64, device=device)
 
