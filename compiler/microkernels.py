@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -392,6 +393,16 @@ def _load(directory: Path | None) -> Library:
 
 def library() -> Library:
     return _load(library_dir())
+
+
+def dropout_threshold(p: float) -> int:
+    """⌈p · 2³²⌉, what the kernels' dropout twins take: they keep an element when its mixed hash
+    reaches it, which is attention_op.dropout_keep's x / 2³² ≥ p exactly (p · 2³² is exact in
+    float64). It must fit 32 bits: p ≤ 1 − 2⁻³²."""
+    threshold = math.ceil(p * 2.0**32)
+    if not 0.0 < p < 1.0 or threshold > 0xFFFFFFFF:
+        raise ValueError(f"dropout probability {p} outside what the kernels take, (0, 1 − 2⁻³²]")
+    return threshold
 
 
 class NoKernel(Exception):

@@ -39,6 +39,13 @@ makes of the torch value tensors), lse and Δ = rowsum(dO ∘ O) float32 [*, Hq,
 kernels' ABI (bwd_sm80_kernels.cu, bwd_cpu.c), so no layout work is needed here. Δ travels
 from the first dispatch to the second as a tensor: IREE orders them.
 
+With dropout, `attention_forward_dropout`(q, k, v, p, seed, causal, scale) and
+`attention_backward_dropout`(dO, q, k, v, O, lse, p, seed, causal, scale) become the same calls of
+the kernels' dropout twins (`_lse_dropout`; CUDA sm_90 `dkdv_dropout`; CPU `_dq_dropout`,
+`_dkdv_dropout`, `_fused_dropout`): the int64 seed is one more input binding (before the
+outputs, and before dkdv's tied accumulator), and ⌈p · 2³²⌉ and 1 / (1 − p) follow the constants
+(CUDA: two more i32 push constants, the second an f32's bits).
+
 The frontend puts these ops in a graph only where the target's library has both kernels
 (flashmlir.frontend.training_ops.rewrite_for_training), and nothing else lowers them: an op this
 pass cannot serve is an error naming the reason, never a silent leftover for IREE to trip on.
@@ -54,6 +61,7 @@ from iree.compiler import ir
 
 from flashmlir.compiler.microkernels import (
     NoKernel,
+    dropout_threshold,
     select_attention_backward,
     select_attention_forward,
     select_cpu_attention_backward,
@@ -64,6 +72,7 @@ from flashmlir.errors import UnsupportedError
 from flashmlir.passes.cpu_dispatch import Binding, CpuCall, cpu_executable, free_symbol, insert_executable
 from flashmlir.passes.framework import PassResult, PassSpec, describe_op
 from flashmlir.passes.ir_utils import (
+    TORCH_TO_BUILTIN_DTYPE,
     TorchTensorType,
     gpu_multiprocessors,
     splice_function,
@@ -74,6 +83,9 @@ from flashmlir.passes.ir_utils import (
 
 FORWARD_OPERATOR = "torch.flashmlir.attention_forward"
 BACKWARD_OPERATOR = "torch.flashmlir.attention_backward"
+FORWARD_DROPOUT_OPERATOR = "torch.flashmlir.attention_forward_dropout"
+BACKWARD_DROPOUT_OPERATOR = "torch.flashmlir.attention_backward_dropout"
+OPERATORS = (FORWARD_OPERATOR, BACKWARD_OPERATOR, FORWARD_DROPOUT_OPERATOR, BACKWARD_DROPOUT_OPERATOR)
 CUDA_ELEMENTS = {"f16", "bf16"}
 READ_ONLY = "#hal.pipeline.binding<storage_buffer, ReadOnly>"
 WRITTEN = "#hal.pipeline.binding<storage_buffer>"
@@ -103,6 +115,7 @@ class _Site:
     v: TorchTensorType
     causal: bool
     scale: float
+    dropout: float = 0.0  # p; the seed is the `seed` operand
 
     @property
     def element(self) -> str:
@@ -122,11 +135,29 @@ class _Site:
 
     @property
     def constants(self) -> str:
-        """The six i32 push constants every CUDA kernel takes, as SSA values."""
+        """The six i32 push constants every CUDA kernel takes, as SSA values (with dropout, and the
+        dropout twins' two)."""
         sq, sk = self.q.shape[-2], self.k.shape[-2]
-        values = (self.group, sq, sk, _f32_bits(self.scale), int(self.causal), self.batch_heads)
-        names = ("group", "seq_q", "seq_k", "scale_bits", "causal", "batch_heads")
-        return "\n".join(f"  %{n} = arith.constant {v} : i32" for n, v in zip(names, values, strict=True))
+        values = [self.group, sq, sk, _f32_bits(self.scale), int(self.causal), self.batch_heads]
+        if self.dropout:
+            values += [_i32(dropout_threshold(self.dropout)), _f32_bits(1.0 / (1.0 - self.dropout))]
+        return "\n".join(f"  %{n} = arith.constant {v} : i32" for n, v in zip(CONSTANTS, values, strict=False))
+
+    @property
+    def dropout_constants(self) -> tuple[tuple[str, int | float], ...]:
+        """The CPU dropout twins' two constants (none without dropout)."""
+        if not self.dropout:
+            return ()
+        return (("dropout_threshold", dropout_threshold(self.dropout)), ("dropout_scale", 1.0 / (1.0 - self.dropout)))
+
+
+# The CUDA kernels' push constants, in order; the dropout twins take all eight.
+CONSTANTS = ("group", "seq_q", "seq_k", "scale_bits", "causal", "batch_heads", "dropout_threshold", "dropout_scale_bits")
+
+
+def _i32(x: int) -> int:
+    """A u32 as an i32 constant spells it."""
+    return struct.unpack("<i", struct.pack("<I", x))[0]
 
 
 def _f32_bits(x: float) -> int:
@@ -134,7 +165,8 @@ def _f32_bits(x: float) -> int:
     return struct.unpack("<i", struct.pack("<f", x))[0]
 
 
-def _site(q: ir.Value, k: ir.Value, v: ir.Value, causal: ir.Value, scale: ir.Value) -> _Site:
+def _site(q: ir.Value, k: ir.Value, v: ir.Value, causal: ir.Value, scale: ir.Value,
+          dropout: ir.Value | None = None) -> _Site:
     types = [torch_tensor_type(x.type) for x in (q, k, v)]
     if any(t is None or not t.is_static for t in types):
         raise UnsupportedError("q, k, v must have static shapes")
@@ -151,7 +183,17 @@ def _site(q: ir.Value, k: ir.Value, v: ir.Value, causal: ir.Value, scale: ir.Val
     value = qt.shape[-1] ** -0.5 if s.value is None else float(s.value)
     if not (math.isfinite(value) and value > 0):
         raise UnsupportedError(f"scale {value}: the kernels need a positive finite scale")
-    return _Site(qt, kt, vt, bool(c.value), value)
+    p = 0.0
+    if dropout is not None:
+        constant = torch_constant(dropout)
+        if constant is None or constant.value is None:
+            raise UnsupportedError("dropout_p must be a constant")
+        p = float(constant.value)
+        try:
+            dropout_threshold(p)
+        except ValueError as why:
+            raise UnsupportedError(str(why)) from why
+    return _Site(qt, kt, vt, bool(c.value), value, p)
 
 
 def _grid(x: int, y: int) -> str:
@@ -164,18 +206,20 @@ def _grid(x: int, y: int) -> str:
 
 
 def _extern(results: str, name: str, operands: list[tuple[str, str]], outputs: list[str], grid: tuple[int, int],
-            object_path: str, threads: int, shared: int) -> str:
-    """One hal.dispatch.extern: the six constants, then `operands` (name, type), returning `outputs`
-    (types, or an operand's SSA name for a result written in place into that operand's buffer)."""
+            object_path: str, threads: int, shared: int, constants: int = 6) -> str:
+    """One hal.dispatch.extern: the first `constants` of CONSTANTS, then `operands` (name, type),
+    returning `outputs` (types, or an operand's SSA name for a result written in place into that
+    operand's buffer)."""
     names = ", ".join(n for n, _ in operands)
     types = ", ".join(t for _, t in operands)
     written = {o for o in outputs if o.startswith("%")}
     bindings = ", ".join([WRITTEN if n in written else READ_ONLY for n, _ in operands]
                          + [WRITTEN] * (len(outputs) - len(written)))
-    return f"""  {results} = hal.dispatch.extern "{name}"(%group, %seq_q, %seq_k, %scale_bits, %causal, %batch_heads,
-      {names}) : (i32, i32, i32, i32, i32, i32, {types}) -> ({", ".join(outputs)})
+    values = ", ".join(f"%{c}" for c in CONSTANTS[:constants])
+    return f"""  {results} = hal.dispatch.extern "{name}"({values},
+      {names}) : ({", ".join(["i32"] * constants)}, {types}) -> ({", ".join(outputs)})
     {_grid(*grid)}
-    layout(#hal.pipeline.layout<constants = 6, bindings = [{bindings}]>)
+    layout(#hal.pipeline.layout<constants = {constants}, bindings = [{bindings}]>)
     objects({{
       #hal.executable.target<"cuda", "cuda-nvptx-fb"> ordinal(0) = [
         #hal.executable.object<{{path = "{object_path}"}}>
@@ -207,8 +251,15 @@ PREP_IO = (("o", "do", "lse"), ("lse2", "delta_rows", "dq_accum"))
 DKDV_ACCUM_IO = (("q", "k", "v", "do", "lse2", "delta_rows", "dq_accum"), ("dq_sum", "dk", "dv"))
 DQ_FROM_SUM_IO = (("dq_sum",), ("dq",))
 TIED = {"dq_sum": "dq_accum"}
-# The backward function's arguments, in the op's operand order.
-FUNCTION_INPUTS = ("do", "q", "k", "v", "o", "lse")
+# The backward function's arguments, in the op's operand order (with dropout, and the seed).
+FUNCTION_INPUTS = ("do", "q", "k", "v", "o", "lse", "seed")
+
+
+def _with_seed(io: tuple[tuple[str, ...], tuple[str, ...]]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """A kernel's IO for its dropout twin: the seed after the inputs read (before a tied accumulator)."""
+    inputs, outputs = io
+    at = inputs.index("dq_accum") if "dq_accum" in inputs else len(inputs)
+    return (*inputs[:at], "seed", *inputs[at:]), outputs
 
 
 def _type_of(site: _Site, name: str, padded_rows: int = 0) -> TorchTensorType:
@@ -220,6 +271,8 @@ def _type_of(site: _Site, name: str, padded_rows: int = 0) -> TorchTensorType:
         return TorchTensorType((*site.q.shape[:-2], padded_rows), "f32")
     if name in ("dq_accum", "dq_sum"):
         return TorchTensorType((*site.q.shape[:-2], padded_rows, site.head_dim), "f32")
+    if name == "seed":
+        return TorchTensorType((), "si64")
     return {"k": site.k, "dk": site.k, "v": site.v, "dv": site.v}.get(name, site.q)
 
 
@@ -232,8 +285,10 @@ def _ssa(name: str) -> str:
 def _forward_function(site: _Site, calls: str) -> str:
     """The function that replaces attention_forward: torch values in, `calls` (binding %o, %lse), out."""
     q, k, v, stats = site.q, site.k, site.v, _stats_type(site)
-    lines = [_to_builtin(n, t) for n, t in (("q", q), ("k", k), ("v", v))]
-    return f"""func.func @forward(%q: {q.torch()}, %k: {k.torch()}, %v: {v.torch()}) -> ({q.torch()}, {stats.torch()}) {{
+    args = [("q", q), ("k", k), ("v", v)] + ([("seed", _type_of(site, "seed"))] if site.dropout else [])
+    lines = [_to_builtin(n, t) for n, t in args]
+    signature = ", ".join(f"%{n}: {t.torch()}" for n, t in args)
+    return f"""func.func @forward({signature}) -> ({q.torch()}, {stats.torch()}) {{
 {chr(10).join(lines)}
 {calls}
 {_from_builtin("o", q)}
@@ -245,7 +300,7 @@ def _forward_function(site: _Site, calls: str) -> str:
 def _backward_function(site: _Site, calls: str) -> str:
     """The function that replaces attention_backward: `calls` bind %dq, %dk, %dv."""
     q, k, v = site.q, site.k, site.v
-    args = [(n, _type_of(site, n)) for n in FUNCTION_INPUTS]
+    args = [(n, _type_of(site, n)) for n in FUNCTION_INPUTS if n != "seed" or site.dropout]
     lines = [_to_builtin(n, t) for n, t in args]
     signature = ", ".join(f"%{n}: {t.torch()}" for n, t in args)
     return f"""func.func @backward({signature}) -> ({q.torch()}, {k.torch()}, {v.torch()}) {{
@@ -266,7 +321,7 @@ def _cuda_extern(site: _Site, io: tuple[tuple[str, ...], tuple[str, ...]], name:
     types = [_ssa(TIED[n]) if n in TIED else _type_of(site, n, padded_rows).builtin() for n in outputs]
     return _extern(", ".join(results), name, [(_ssa(n), _type_of(site, n, padded_rows).builtin()) for n in inputs],
                    types + ([f"tensor<{workspace}xi8>"] if workspace else []), grid, str(kernel.object_path),
-                   threads, shared)
+                   threads, shared, 8 if "seed" in inputs else 6)
 
 
 def _cuda_forward_calls(site: _Site, arch: str, multiprocessors: int) -> str:
@@ -275,20 +330,28 @@ def _cuda_forward_calls(site: _Site, arch: str, multiprocessors: int) -> str:
     kernel = select_attention_forward(arch, site.element, site.head_dim, site.q.shape[-2], site.k.shape[-2],
                                       site.causal)
     grid = kernel.grid(site.q.shape[-2], site.batch_heads, multiprocessors, site.causal)
-    extern = _cuda_extern(site, FORWARD_IO, kernel.name + "_lse", grid[:2], kernel, kernel.threads,
-                          kernel.shared_bytes, workspace=kernel.workspace_bytes(grid))
+    if site.dropout and not kernel.dropout:
+        raise UnsupportedError(f"{kernel.name} has no dropout twin (the sm_90 kernels do)")
+    io, name = (_with_seed(FORWARD_IO), kernel.name + "_lse_dropout") if site.dropout else (FORWARD_IO, kernel.name + "_lse")
+    extern = _cuda_extern(site, io, name, grid[:2], kernel, kernel.threads, kernel.shared_bytes,
+                          workspace=kernel.workspace_bytes(grid))
     return f"{site.constants}\n{extern}"
 
 
 def _cuda_backward_calls(site: _Site, arch: str, deterministic: bool) -> str:
     kernel = select_attention_backward(arch, site.element, site.head_dim, deterministic)
+    if site.dropout and not kernel.dropout:
+        raise UnsupportedError(f"the {kernel.family} kernels have no dropout twin (the sm_90 ones do)")
     sq, sk = site.q.shape[-2], site.k.shape[-2]
     bh, bh_kv = site.batch_heads, math.prod(site.k.shape[:-2])
     ios = ({"prep": PREP_IO, "dkdv": DKDV_ACCUM_IO, "dq": DQ_FROM_SUM_IO} if kernel.accumulates_dq
            else {"dq": DQ_IO, "dkdv": DKDV_IO})
     padded = kernel.padded_rows(sq) if kernel.accumulates_dq else 0
     grids = {part: kernel.grid(part, *((sk, bh_kv) if part == "dkdv" else (sq, bh))) for part in kernel.parts}
-    calls = [_cuda_extern(site, ios[part], kernel.name(part), grids[part][:2], kernel, kernel.threads(part),
+    if site.dropout:  # only dkdv regenerates the mask
+        ios["dkdv"] = _with_seed(ios["dkdv"])
+    names = {part: kernel.name(part) + ("_dropout" if site.dropout and part == "dkdv" else "") for part in kernel.parts}
+    calls = [_cuda_extern(site, ios[part], names[part], grids[part][:2], kernel, kernel.threads(part),
                           kernel.shared_bytes(part), padded, kernel.workspace_bytes(part, grids[part]))
              for part in kernel.parts]
     return "\n".join([site.constants, *calls])
@@ -302,10 +365,12 @@ def _cpu_calls(site: _Site, cpu: _Cpu, forward: bool) -> tuple[str, list[tuple[C
     sq, sk = site.q.shape[-2], site.k.shape[-2]
     bh, bh_kv = math.prod(site.q.shape[:-2]), math.prod(site.k.shape[:-2])
     constants = (("group", site.group), ("batch_heads", bh), ("seq_q", sq), ("seq_k", sk),
-                 ("scale", float(site.scale)), ("causal", int(site.causal)))
+                 ("scale", float(site.scale)), ("causal", int(site.causal)), *site.dropout_constants)
+    if site.dropout and not kernel.dropout:
+        raise UnsupportedError(f"the {kernel.family} functions have no dropout twins")
 
     def call(export: str, function: str, io: tuple[tuple[str, ...], tuple[str, ...]], workgroups: int) -> CpuCall:
-        bindings = tuple(Binding(n, math.prod(_type_of(site, n).shape), _type_of(site, n).dtype)
+        bindings = tuple(Binding(n, math.prod(_type_of(site, n).shape), TORCH_TO_BUILTIN_DTYPE[_type_of(site, n).dtype])
                          for n in (*io[0], *io[1]))
         return CpuCall(export, function, bindings, constants, workgroups)
 
@@ -317,6 +382,8 @@ def _cpu_calls(site: _Site, cpu: _Cpu, forward: bool) -> tuple[str, list[tuple[C
     else:
         calls = [(DQ_IO, "dq", "_dq", kernel.workgroups(sq, bh, cpu.threads)),
                  (DKDV_IO, "dkdv", "_dkdv", kernel.workgroups(sk, bh_kv, cpu.threads))]
+    if site.dropout:  # every function's dropout twin
+        calls = [(_with_seed(io), export, suffix + "_dropout", workgroups) for io, export, suffix, workgroups in calls]
     return str(kernel.object_path), [(call(export, fn + suffix, io, workgroups), io)
                                      for io, export, suffix, workgroups in calls]
 
@@ -333,14 +400,18 @@ def _cpu_dispatch(site: _Site, symbol: str, export: str, io: tuple[tuple[str, ..
 def _rewrite(module: ir.Operation, op: ir.Operation, name: str, target: Target, cpu: _Cpu, taken: set[str],
              deterministic: bool) -> None:
     operands = list(op.operands)
-    forward = name == FORWARD_OPERATOR
-    if forward:
+    forward = name in (FORWARD_OPERATOR, FORWARD_DROPOUT_OPERATOR)
+    dropout = seed = None
+    if name == FORWARD_OPERATOR:
         q, k, v, causal, scale = operands
-        inputs = [q, k, v]
-    else:
+    elif name == FORWARD_DROPOUT_OPERATOR:
+        q, k, v, dropout, seed, causal, scale = operands
+    elif name == BACKWARD_OPERATOR:
         d_o, q, k, v, o, lse, causal, scale = operands
-        inputs = [d_o, q, k, v, o, lse]
-    site = _site(q, k, v, causal, scale)
+    else:
+        d_o, q, k, v, o, lse, dropout, seed, causal, scale = operands
+    inputs = ([q, k, v] if forward else [d_o, q, k, v, o, lse]) + ([seed] if seed is not None else [])
+    site = _site(q, k, v, causal, scale, dropout)
     if target.gpu is not None:
         arch = target.gpu.arch
         calls = (_cuda_forward_calls(site, arch, gpu_multiprocessors(module, target.gpu.multiprocessors)) if forward
@@ -358,7 +429,7 @@ def run(module: ir.Operation, options: Options) -> PassResult:
     name = options.target or (ir.StringAttr(module.attributes["flashmlir.target"]).value
                               if "flashmlir.target" in module.attributes else "")
     ops = [(op, ir.StringAttr(op.attributes["name"]).value) for op in walk_ops(module, "torch.operator")]
-    ops = [(op, n) for op, n in ops if n in (FORWARD_OPERATOR, BACKWARD_OPERATOR)]
+    ops = [(op, n) for op, n in ops if n in OPERATORS]
     if not ops:
         return result
     target = get_target(name) if name else None

@@ -17,7 +17,7 @@ from iree.compiler import ir
 _VTENSOR = re.compile(r"^!torch\.vtensor<\[([^\]]*)\],([a-z0-9]+)>$")
 
 # torch element type spelling → builtin MLIR element type.
-TORCH_TO_BUILTIN_DTYPE = {"f32": "f32", "f16": "f16", "bf16": "bf16", "f64": "f64", "i1": "i1"}
+TORCH_TO_BUILTIN_DTYPE = {"f32": "f32", "f16": "f16", "bf16": "bf16", "f64": "f64", "i1": "i1", "si64": "i64"}
 
 
 @dataclass(frozen=True)

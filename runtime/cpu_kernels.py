@@ -23,8 +23,9 @@ import torch
 
 from flashmlir import config
 from flashmlir.compiler import microkernels
+from flashmlir.compiler.microkernels import dropout_threshold
 from flashmlir.compiler.targets import get_target
-from flashmlir.frontend.attention_op import check_arguments, dropout_threshold, reference_attention
+from flashmlir.frontend.attention_op import check_arguments, reference_attention
 from flashmlir.frontend.training_ops import reference_backward, reference_forward
 
 _P, _S = ctypes.c_void_p, ctypes.c_size_t

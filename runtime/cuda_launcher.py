@@ -16,7 +16,7 @@ import struct
 
 import torch
 
-from flashmlir.frontend.attention_op import dropout_threshold
+from flashmlir.compiler.microkernels import dropout_threshold
 
 _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
 

@@ -70,3 +70,48 @@ def test_gradients_come_from_the_kernels_and_match_float64(b, hq, hkv, sq, sk, d
             assert g.abs().max() < 1e-5, name
         else:
             assert rel_err(g, w) < 2e-5, name
+
+
+@pytest.mark.parametrize("b, hq, hkv, sq, sk, d, causal", CASES[1:5], ids=lambda x: str(x))
+def test_dropout_pair_through_iree_matches_float64_with_its_seed(b, hq, hkv, sq, sk, d, causal):
+    """The dropout pair lowered by our pass to the CPU functions' dropout twins inside IREE: given
+    the seed as an input, output and gradients match float64 autograd of flashmlir::attention with
+    that seed (a wrong binding, constant or index would be an error of order 1)."""
+    q, k, v, grad, scale, _ = sdpa_training_problem(b, hq, hkv, sq, sk, d, causal)
+    seed, p = torch.tensor(2024), 0.25
+
+    def attention(q, k, v, seed):
+        return torch.ops.flashmlir.attention_forward_dropout(q, k, v, p, seed, causal, scale)[0]
+
+    seen = _Compiled()
+    torch._dynamo.reset()
+    with recording(seen):
+        out = torch.compile(attention, backend="flashmlir", options={"rest": "iree"})(q, k, v, seed)
+        got = torch.autograd.grad(out, (q, k, v), grad)
+    assert seen.microkernels == {"(forward)": 1, "(backward)": 1}, seen.microkernels
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref = torch.ops.flashmlir.attention(q64, k64, v64, None, p, causal, scale, seed)
+    want = torch.autograd.grad(ref, (q64, k64, v64), grad.double())
+    assert rel_err(out, ref) < 1e-5
+    for name, g, w in zip("qkv", got, want, strict=True):
+        assert rel_err(g, w) < 2e-5, name
+
+
+def test_sdpa_with_dropout_trains_through_the_dropout_twins_in_iree():
+    """SDPA with dropout in a training graph compiled by IREE: the site becomes the dropout pair
+    (both graphs run it as microkernels), a fresh mask per call."""
+    q, k, v, grad, scale, _ = sdpa_training_problem(1, 4, 2, 64, 64, 64, True)
+
+    def attention(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.1, is_causal=True, scale=scale,
+                                                                enable_gqa=True)
+
+    seen = _Compiled()
+    torch._dynamo.reset()
+    with recording(seen):
+        compiled = torch.compile(attention, backend="flashmlir", options={"rest": "iree"})
+        first = compiled(q, k, v)
+        got = torch.autograd.grad(first, (q, k, v), grad)
+        second = compiled(q, k, v)
+    assert seen.microkernels == {"(forward)": 1, "(backward)": 1}, seen.microkernels
+    assert all(torch.isfinite(g).all() for g in got) and not torch.equal(first, second)

@@ -91,7 +91,7 @@ def test_dropout_keeps_the_expectation():
 @pytest.mark.parametrize("p", [0.1, 0.25, 1 / 3, 0.5, 0.999])
 def test_dropout_threshold_is_the_references_comparison(p):
     """The kernels compare the mixed hash with ⌈p · 2³²⌉; dropout_keep compares hash / 2³² with p."""
-    from flashmlir.frontend.attention_op import dropout_threshold
+    from flashmlir.compiler.microkernels import dropout_threshold
 
     t = dropout_threshold(p)
     for x in (t - 1, t, t + 1, 0, 2**32 - 1):

@@ -116,7 +116,7 @@ def _aot_decompositions() -> dict:
 
     Plus decompositions of core ops IREE 3.13's torch frontend cannot lower (`squeeze.dims`, which
     nn.MultiheadAttention's in-projection produces), into ops it can, and of attention sites with
-    dropout (IREE's lowering takes none) into plain math with the seeded mask.
+    dropout that no kernel takes (inference graphs; sm_80) into plain math with the seeded mask.
     """
     from torch._decomp import core_aten_decompositions
 
@@ -262,17 +262,20 @@ def _library_problem(target: Target, q: torch.Tensor, k: torch.Tensor, v: torch.
 def _training_check(target: Target, torch_path: bool) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool,
                                                                     bool], str | None]:
     """Whether `target`'s microkernel library has the forward-with-lse and backward kernels for a
-    site; with dropout, the twins that drop P (the sm_90 and CPU kernels, called from torch)."""
+    site; with dropout, the twins that drop P (the sm_90 and CPU kernels)."""
 
     def check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool, dropout: bool) -> str | None:
         problem = _library_problem(target, q, k, v, backward=True, torch_path=torch_path)
-        if problem is None and dropout:
+        if problem is None and dropout:  # the same twins serve the torch path and IREE's dispatches
             from flashmlir.runtime import cpu_kernels, torch_kernels
 
-            if not torch_path or (target.gpu is None and target.kind != "cpu"):
-                return "dropout (only the kernels called from torch take it: rest='inductor')"
-            problem = (torch_kernels.dropout_problem(target.gpu.arch, q, k, v) if target.gpu is not None
-                       else cpu_kernels.dropout_problem(q, k, v))
+            if target.gpu is not None:
+                if not torch_path:  # tests/gpu/test_dropout_kernels.py has the check to run first
+                    return "dropout through IREE on CUDA (lowered and lit-tested, not yet run on a GPU)"
+                return torch_kernels.dropout_problem(target.gpu.arch, q, k, v)
+            if target.kind == "cpu":
+                return cpu_kernels.dropout_problem(q, k, v)
+            return f"dropout (no {target.name} kernels take it)"
         return problem
 
     return check

@@ -100,15 +100,6 @@ def dropout_keep(seed: torch.Tensor, shape: torch.Size, p: float) -> torch.Tenso
     return (x.to(torch.float64) * (1.0 / 2**32)) >= p
 
 
-def dropout_threshold(p: float) -> int:
-    """⌈p · 2³²⌉: the kernels keep an element when its mixed hash reaches it, which is dropout_keep's
-    x / 2³² ≥ p exactly (p · 2³² is exact in float64). It must fit 32 bits: p ≤ 1 − 2⁻³²."""
-    threshold = math.ceil(p * 2.0**32)
-    if not 0.0 < p < 1.0 or threshold > 0xFFFFFFFF:
-        raise ValueError(f"dropout probability {p} outside what the kernels take, (0, 1 − 2⁻³²]")
-    return threshold
-
-
 def draw_dropout_seed(device: torch.device) -> torch.Tensor:
     return torch.randint(0, 2**31 - 1, (), dtype=torch.int64, device=device)
 
@@ -188,9 +179,9 @@ def _attention_fake(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, sca
 def decompose_with_dropout(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, dropout_seed=None):
     """aot_autograd decomposition: sites with dropout become plain math (with the seeded mask).
 
-    Only the sm_90 and CPU kernels called from torch apply dropout (training_ops' dropout pair, put
-    in before aot_autograd); the sites left with dropout (IREE's graphs, other targets, inference)
-    stay compiled and exact this way. Sites without dropout stay whole (NotImplemented leaves the
+    Only the sm_90 and CPU kernels apply dropout (training_ops' dropout pair, put in before
+    aot_autograd); the sites left with dropout (other targets, inference graphs) stay compiled and
+    exact this way. Sites without dropout stay whole (NotImplemented leaves the
     op to our passes).
     """
     if dropout_p == 0.0:

@@ -13,8 +13,7 @@ no S×S matrix kept between them (FlashAttention's recomputation). Shapes and GQ
 `flashmlir::attention`; no mask (sites with one keep `flashmlir::attention` and its textbook
 backward). The dropout pair drops P with `attention_op.dropout_keep(dropout_seed, ...)`, which the
 backward regenerates from the seed; lse is the undropped softmax's. It is a pair of its own
-because only the torch path's kernels (sm_90, CPU) take dropout yet: IREE's lowering of the plain
-pair (passes/dispatch_attention_training.py) stays as it is.
+because only some kernels (sm_90, CPU) have dropout twins: the others keep the plain pair as it is.
 
 Why separate ops: `flashmlir::attention`'s autograd formula only sees its inputs and output, and
 the lse exists only inside the forward. Where the target's library has backward kernels for a
