@@ -11,7 +11,8 @@
 # the sm_90 forward, benchmarks/forward_epilogue_ablation.py), stalls (ncu: where the forward's
 # consumers wait at 512 tokens with and without O's stores), tma (whether a TMA tensor map can be
 # made on the device; each case in its own process, benchmarks/tma_probe.py), store-stalls (ncu: O
-# through TMA against O from registers at 4k tokens).
+# through TMA against O from registers at 4k tokens), dropout (the dropout twins' GPU tests, IREE's
+# lowering of them included, and their cost beside SDPA's: benchmarks/dropout_cost.py).
 # Logs and tables go to $OUT (at most 8 files come back).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -90,6 +91,9 @@ for step in "$@"; do
                       python benchmarks/profile_microkernel.py --seq 4096 "${extra[@]}" > "$OUT/store-stalls-$v.txt" 2>&1 || status=1
                     echo "--- O from $v"; grep -E "Duration|Warp Cycles|Eligible|stall|Stall" "$OUT/store-stalls-$v.txt" | head -24
                   done ;;
+    dropout) python -m pytest -q -p no:cacheprovider tests/gpu/test_dropout_kernels.py 2>&1 | tail -15 || status=1
+             python benchmarks/dropout_cost.py --head-dims 64 128 --seqs 1024 4096 16384 --markdown "$OUT/dropout.md" \
+               2>&1 | grep "^| " || status=1 ;;
     *) echo "unknown step $step"; status=1 ;;
   esac
 done

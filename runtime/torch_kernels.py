@@ -6,8 +6,9 @@ everything else, calling these ops as opaque kernels. Each runs the catalog's ke
 device (the same image, launch geometry and constants the IREE dispatch uses) on torch's current
 stream, so it is ordered with Inductor's kernels without any host synchronization; a call the
 kernels cannot serve (a mask, dropout outside the training pair's sm_90 kernels, a dtype or head
-dim the library lacks) runs the op's reference implementation instead. `register()` installs the implementations (once);
-`kernel_problem` is also what decides, before aot_autograd, which sites get the training ops.
+dim the library lacks) runs the op's reference implementation instead. `register()` installs the
+implementations (once); `kernel_problem` (and, with dropout, `dropout_problem`) is also what
+decides, before aot_autograd, which sites get the training ops.
 """
 
 from __future__ import annotations
