@@ -281,12 +281,6 @@ class CpuAttentionKernel:
     def name(self, head_dim: int) -> str:
         return f"flashmlir_{self.family}_{self.element}_d{head_dim}"
 
-    @property
-    def dropout(self) -> bool:
-        """Whether the functions have dropout twins (`_lse_dropout`; `_dq_dropout`, `_dkdv_dropout`,
-        `_fused_dropout`: cpu_dropout.h), which the torch path calls."""
-        return self.family in ("attention_fwd_cpu", "attention_bwd_cpu")
-
     def items(self, seq_q: int, batch_heads: int) -> int:
         return -(-seq_q // self.rows) * batch_heads
 

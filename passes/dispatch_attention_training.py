@@ -366,8 +366,6 @@ def _cpu_calls(site: _Site, cpu: _Cpu, forward: bool) -> tuple[str, list[tuple[C
     bh, bh_kv = math.prod(site.q.shape[:-2]), math.prod(site.k.shape[:-2])
     constants = (("group", site.group), ("batch_heads", bh), ("seq_q", sq), ("seq_k", sk),
                  ("scale", float(site.scale)), ("causal", int(site.causal)), *site.dropout_constants)
-    if site.dropout and not kernel.dropout:
-        raise UnsupportedError(f"the {kernel.family} functions have no dropout twins")
 
     def call(export: str, function: str, io: tuple[tuple[str, ...], tuple[str, ...]], workgroups: int) -> CpuCall:
         bindings = tuple(Binding(n, math.prod(_type_of(site, n).shape), TORCH_TO_BUILTIN_DTYPE[_type_of(site, n).dtype])

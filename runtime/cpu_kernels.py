@@ -8,7 +8,8 @@ splits its work the way IREE's workgroups do: `workgroups` calls, each taking it
 items, run on a pool of torch.get_num_threads() threads (ctypes lets go of the GIL for the call).
 A problem the kernels do not serve (not float32, a head dim the library lacks, a mask, dropout
 outside the training pair) runs the op's reference implementation. The training pair with dropout
-calls the functions' dropout twins (cpu_dropout.h: the seeded hash of attention_op.dropout_keep).
+calls the functions' dropout twins, which every CPU object has (cpu_dropout.h: the seeded hash of
+attention_op.dropout_keep).
 """
 
 from __future__ import annotations
@@ -67,14 +68,6 @@ def _kernels(head_dim: int, backward: bool):
     features = get_target("cpu").cpu_features
     forward = microkernels.select_cpu_attention_forward(features, "f32", head_dim)
     return forward, (microkernels.select_cpu_attention_backward(features, "f32", head_dim) if backward else None)
-
-
-def dropout_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
-    """Why the CPU kernels cannot drop P for these operands (kernel_problem passed), else None."""
-    forward, backward = _kernels(q.shape[-1], True)
-    if not (forward.dropout and backward.dropout):
-        return "dropout (these CPU kernels have no dropout twins)"
-    return None
 
 
 def _dropout_constants(p: float) -> tuple:
@@ -152,7 +145,7 @@ def _attention_forward_cpu(q, k, v, is_causal=False, scale=None):
 
 def _attention_forward_dropout_cpu(q, k, v, dropout_p, dropout_seed, is_causal=False, scale=None):
     check_arguments(q, k, v, None)
-    if kernel_problem(q, k, v, backward=False, library=True) or not _kernels(q.shape[-1], False)[0].dropout:
+    if kernel_problem(q, k, v, backward=False, library=True):
         return reference_forward(q, k, v, is_causal, scale, dropout_p, dropout_seed)
     return _forward(q, k, v, is_causal, scale, True, dropout_p, dropout_seed)
 
@@ -160,8 +153,7 @@ def _attention_forward_dropout_cpu(q, k, v, dropout_p, dropout_seed, is_causal=F
 def _attention_backward_cpu(grad_out, q, k, v, out, lse, is_causal=False, scale=None, dropout_p=0.0,
                             dropout_seed=None):
     if (kernel_problem(q, k, v, backward=True, library=True) or grad_out.dtype != q.dtype
-            or out.dtype != q.dtype or lse.dtype != torch.float32
-            or (dropout_p and not _kernels(q.shape[-1], True)[1].dropout)):
+            or out.dtype != q.dtype or lse.dtype != torch.float32):
         return reference_backward(grad_out, q, k, v, out, lse, is_causal, scale, dropout_p, dropout_seed)
     _, backward = _kernels(q.shape[-1], True)
     q, k, v, out, grad_out, lse = (x.contiguous() for x in (q, k, v, out, grad_out, lse))

@@ -267,14 +267,14 @@ def _training_check(target: Target, torch_path: bool) -> Callable[[torch.Tensor,
     def check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool, dropout: bool) -> str | None:
         problem = _library_problem(target, q, k, v, backward=True, torch_path=torch_path)
         if problem is None and dropout:  # the same twins serve the torch path and IREE's dispatches
-            from flashmlir.runtime import cpu_kernels, torch_kernels
+            from flashmlir.runtime import torch_kernels
 
             if target.gpu is not None:
                 if not torch_path:  # tests/gpu/test_dropout_kernels.py has the check to run first
                     return "dropout through IREE on CUDA (lowered and lit-tested, not yet run on a GPU)"
                 return torch_kernels.dropout_problem(target.gpu.arch, q, k, v)
             if target.kind == "cpu":
-                return cpu_kernels.dropout_problem(q, k, v)
+                return None  # every CPU object has the twins (fwd_cpu.c, bwd_cpu.c)
             return f"dropout (no {target.name} kernels take it)"
         return problem
 
