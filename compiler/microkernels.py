@@ -390,13 +390,12 @@ def library() -> Library:
 
 
 def dropout_threshold(p: float) -> int:
-    """⌈p · 2³²⌉, what the kernels' dropout twins take: they keep an element when its mixed hash
-    reaches it, which is attention_op.dropout_keep's x / 2³² ≥ p exactly (p · 2³² is exact in
-    float64). It must fit 32 bits: p ≤ 1 − 2⁻³²."""
-    threshold = math.ceil(p * 2.0**32)
-    if not 0.0 < p < 1.0 or threshold > 0xFFFFFFFF:
-        raise ValueError(f"dropout probability {p} outside what the kernels take, (0, 1 − 2⁻³²]")
-    return threshold
+    """⌈p · 2¹⁶⌉, what the kernels' dropout twins take: they keep a probability when its 16 bits of
+    the mixed hash reach it, which is attention_op.dropout_keep's bits / 2¹⁶ ≥ p exactly (p · 2¹⁶ is
+    exact in float64)."""
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"dropout probability {p} outside what the kernels take, (0, 1)")
+    return math.ceil(p * 2.0**16)
 
 
 class NoKernel(Exception):

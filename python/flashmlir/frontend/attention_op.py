@@ -87,17 +87,30 @@ _MASK32 = 0xFFFFFFFF
 
 
 def dropout_keep(seed: torch.Tensor, shape: torch.Size, p: float) -> torch.Tensor:
-    """The dropout mask (True = keep) for probabilities of `shape`, a pure function of `seed`.
+    """The dropout mask (True = keep) for probabilities of `shape` [..., Sq, Sk], a pure function of
+    `seed`.
 
-    32-bit integer hash of (seed, linear index), computed in int64 so nothing overflows, mapped to
-    [0, 1) and compared with p. Plain tensor ops: it traces into compiled graphs unchanged.
+    One 32-bit integer hash serves two probabilities: rows r and r + 8 of an aligned group of 16
+    (r & 8 == 0), same key, take its low and its high 16 bits, each kept when it is ≥ p · 2¹⁶ (so
+    the kept fraction is p rounded up to a multiple of 2⁻¹⁶). The pairing is the one both CUDA
+    kernels hold in one thread (runtime/microkernels/attention/dropout.cuh), which halves their
+    hashing. The hash: x = (index · 0x9E3779B1 + seed) mod 2³² with index = (b·Sq + r)·Sk + key of
+    the pair's first row (b: the flattened leading dims), then two rounds of x = ((x >> 16) ^ x) ·
+    0x45D9F3B and a last x = (x >> 16) ^ x, in int64 so nothing overflows. Plain tensor ops: it
+    traces into compiled graphs unchanged.
     """
-    index = torch.arange(torch.Size(shape).numel(), dtype=torch.int64, device=seed.device).view(shape)
+    *lead, sq, sk = shape
+    device = seed.device
+    heads = torch.arange(math.prod(lead), dtype=torch.int64, device=device).view(-1, 1, 1)
+    rows = torch.arange(sq, dtype=torch.int64, device=device).view(1, -1, 1)
+    keys = torch.arange(sk, dtype=torch.int64, device=device).view(1, 1, -1)
+    index = (heads * sq + (rows & ~8)) * sk + keys
     x = (index * _GOLDEN + seed.to(torch.int64)) & _MASK32
     for _ in range(2):
         x = (((x >> 16) ^ x) * _HASH_MULTIPLIER) & _MASK32
     x = (x >> 16) ^ x
-    return (x.to(torch.float64) * (1.0 / 2**32)) >= p
+    half = (x >> (16 * ((rows >> 3) & 1))) & 0xFFFF
+    return ((half.to(torch.float64) * (1.0 / 2**16)) >= p).view(shape)
 
 
 def draw_dropout_seed(device: torch.device) -> torch.Tensor:

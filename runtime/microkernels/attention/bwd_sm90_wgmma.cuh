@@ -532,7 +532,8 @@ __device__ __forceinline__ void attention_bwd_dkdv_sm90(const T* __restrict__ q,
     fence_registers(dp);
 
     // Pᵀ and dSᵀ; accumulator i holds key lane_key + 8·((i / 2) % 2), query row0 + col(i).
-    // Dropout: element (query, key) of query head bh is index ((bh·Sq + query)·Sk + key).
+    // Dropout (dropout.cuh): accumulators i and i + 4, i % 8 < 4, are queries c and c + 8 of a
+    // 16-row group, same key: one hash (over the first's index ((bh·Sq + c)·Sk + key)) for both.
     uint32_t dropout_x = 0;
     if constexpr (kDropout) {
       const uint32_t bh = static_cast<uint32_t>(bh_kv * group + t / per_head);
@@ -540,10 +541,14 @@ __device__ __forceinline__ void attention_bwd_dkdv_sm90(const T* __restrict__ q,
                                 dropout_seed);
     }
     // Z's mask applied to Pᵀ (kept for dV, its scale later) and to dPᵀ (scaled now), before dSᵀ.
+    // The pair's hash is written for both of its elements; ptxas computes it once (same operands).
     auto drop = [&](int i, float p, float& dpi) {
       if constexpr (kDropout) {
-        const uint32_t step = static_cast<uint32_t>((i / 4) * 8 + (i & 1)) * query_step + ((i / 2) & 1) * 8 * kDropoutGolden;
-        const bool kept = dropout_mix(dropout_x + step) >= dropout.threshold;
+        const int first_of_pair = i & ~4;
+        const uint32_t step = static_cast<uint32_t>((first_of_pair / 8) * 16 + (first_of_pair & 1)) * query_step +
+                              ((first_of_pair / 2) & 1) * 8 * kDropoutGolden;
+        const uint32_t m = dropout_mix(dropout_x + step);
+        const bool kept = (i & 4) == 0 ? dropout_keeps_low(m, dropout.threshold) : dropout_keeps_high(m, dropout.threshold);
         dpi = kept ? dpi * dropout.scale : 0.f;
         return kept ? p : 0.f;
       }

@@ -506,22 +506,22 @@ __device__ __forceinline__ void attention_fwd_sm90(const T* __restrict__ q, cons
       row_sum[h] = fmaf(row_sum[h], rescale[h], tree_reduce(sum, [](float a, float b) { return a + b; }));
     }
   };
-  // Dropout of P (key tile j) for rows `row_index` and row_index + 8 of the [B·Hq, Sq] rows:
-  // accumulator i is key j·kBlockN + 8·(i / 4) + 2·(lane % 4) + (i % 2) of the first row (i / 2 even)
-  // or the second.
+  // Dropout of P (key tile j) for rows `row_index` and row_index + 8 of the [B·Hq, Sq] rows (a pair
+  // of dropout.cuh, row_index % 16 < 8): accumulators 4n + e (the first row) and 4n + 2 + e (the
+  // second) are key j·kBlockN + 8n + 2·(lane % 4) + e, one hash for both.
   const uint32_t dropout_seed = kDropout ? static_cast<uint32_t>(*dropout.seed) : 0u;
   auto drop = [&](int j, uint32_t row_index) {
     if constexpr (kDropout) {
       const uint32_t key = j * kBlockN + (lane % 4) * 2;
-      uint32_t start[2];
+      const uint32_t start = dropout_start(row_index * static_cast<uint32_t>(seq_k) + key, dropout_seed);
 #pragma unroll
-      for (int h = 0; h < 2; ++h)
-        start[h] = dropout_start((row_index + 8 * h) * static_cast<uint32_t>(seq_k) + key, dropout_seed);
+      for (int n = 0; n < kBlockN / 8; ++n)
 #pragma unroll
-      for (int i = 0; i < kSRegs; ++i) {
-        const uint32_t x = start[(i / 2) & 1] + static_cast<uint32_t>((i / 4) * 8 + (i & 1)) * kDropoutGolden;
-        if (dropout_mix(x) < dropout.threshold) s[i] = 0.f;
-      }
+        for (int e = 0; e < 2; ++e) {
+          const uint32_t mixed = dropout_mix(start + static_cast<uint32_t>(8 * n + e) * kDropoutGolden);
+          if (!dropout_keeps_low(mixed, dropout.threshold)) s[4 * n + e] = 0.f;
+          if (!dropout_keeps_high(mixed, dropout.threshold)) s[4 * n + 2 + e] = 0.f;
+        }
     }
   };
   // P as the A fragments of P·V: S's accumulators of key columns [16 kk, 16 kk + 16) are the
