@@ -43,7 +43,7 @@ With dropout, `attention_forward_dropout`(q, k, v, p, seed, causal, scale) and
 `attention_backward_dropout`(dO, q, k, v, O, lse, p, seed, causal, scale) become the same calls of
 the kernels' dropout twins (`_lse_dropout`; CUDA sm_90 `dkdv_dropout`; CPU `_dq_dropout`,
 `_dkdv_dropout`, `_fused_dropout`): the int64 seed is one more input binding (before the
-outputs, and before dkdv's tied accumulator), and ⌈p · 2³²⌉ and 1 / (1 − p) follow the constants
+outputs, and before dkdv's tied accumulator), and ⌈p · 2¹⁶⌉ and 1 / (1 − p) follow the constants
 (CUDA: two more i32 push constants, the second an f32's bits).
 
 The frontend puts these ops in a graph only where the target's library has both kernels

@@ -32,7 +32,7 @@ from flashmlir.frontend.training_ops import reference_backward, reference_forwar
 _P, _S = ctypes.c_void_p, ctypes.c_size_t
 _MEMREF = [_P, _P, _S, _S, _S]  # MLIR's 1-d memref descriptor: allocated, aligned, offset, size, stride
 _CONSTANTS = [_S, _S, _S, _S, ctypes.c_float, _S, _S, _S]  # group, B·Hq, Sq, Sk, scale, causal, wg, wgs
-# The dropout twins: ⌈p · 2³²⌉ and 1 / (1 − p) between causal and wg.
+# The dropout twins: ⌈p · 2¹⁶⌉ and 1 / (1 − p) between causal and wg.
 _DROPOUT_CONSTANTS = _CONSTANTS[:6] + [_S, ctypes.c_float] + _CONSTANTS[6:]
 
 

@@ -80,7 +80,7 @@ FLASHMLIR_INLINE void two_products(
 FLASHMLIR_INLINE void dq_tile(
     const float* restrict krow, const float* restrict vrow, const float* restrict qt, const float* restrict dot,
     float* restrict dqt, const vf* lse2, const vf* delta, const vf* row, size_t D, size_t j,
-    size_t seq_k, float c, int causal, Dropout drop, const vu* drop_x, const int width) {
+    size_t seq_k, float c, int causal, Dropout drop, const vu* drop_x, const vu* drop_shift, const int width) {
   vf s[kTile][kVectors], dp[kTile][kVectors];
   two_products(krow, vrow, qt, dot, D, width, s, dp);  // S = K·Qᵀ, dP = V·dOᵀ
   const vf cv = vset1(c);
@@ -94,7 +94,7 @@ FLASHMLIR_INLINE void dq_tile(
       vf dpz = dp[t][r];  // dP, with dropout dP ∘ Z
       if (drop.on) {
         const vu x = vu_add(drop_x[r], vu_set1((uint32_t)(j + t) * kDropoutGolden));
-        dpz = vkeep(dropout_kept(x, drop), vmul(dpz, vset1(drop.scale)));
+        dpz = vkeep(dropout_kept(x, drop_shift[r], drop), vmul(dpz, vset1(drop.scale)));
       }
       s[t][r] = vmul(p, vsub(dpz, delta[r]));  // dS
     }
@@ -141,21 +141,21 @@ FLASHMLIR_INLINE void dq_rows(
       dqt[d * kBlock + i] = 0.f;
     }
   vf lse2[kVectors], delta[kVectors], row[kVectors];
-  vu drop_x[kVectors];  // dropout: each lane's x at key 0
+  vu drop_x[kVectors], drop_shift[kVectors];  // dropout: each lane's x at key 0, its 16 bits
   for (int r = 0; r < kVectors; ++r) {
     lse2[r] = vload(lse2v + r * kLanes);
     delta[r] = vload(deltav + r * kLanes);
     row[r] = vlane_index(q0 + r * kLanes);
-    if (drop.on)
-      drop_x[r] = vu_add(dropout_lane_x((uint32_t)((row0 + r * kLanes) * seq_k), (uint32_t)seq_k), vu_set1(drop.seed));
+    if (drop.on) dropout_rows(q0 + r * kLanes, bh * seq_q * seq_k, seq_k, drop, &drop_x[r], &drop_shift[r]);
   }
   const float c = scale * kLog2e;
   const size_t key_end = causal && q0 + rows < seq_k ? q0 + rows : seq_k;
   size_t j = 0;
   for (; j + kTile <= key_end; j += kTile)
-    dq_tile(kb + j * D, vb + j * D, qt, dot, dqt, lse2, delta, row, D, j, seq_k, c, causal, drop, drop_x, kTile);
+    dq_tile(kb + j * D, vb + j * D, qt, dot, dqt, lse2, delta, row, D, j, seq_k, c, causal, drop, drop_x, drop_shift,
+            kTile);
   for (; j < key_end; ++j)
-    dq_tile(kb + j * D, vb + j * D, qt, dot, dqt, lse2, delta, row, D, j, seq_k, c, causal, drop, drop_x, 1);
+    dq_tile(kb + j * D, vb + j * D, qt, dot, dqt, lse2, delta, row, D, j, seq_k, c, causal, drop, drop_x, drop_shift, 1);
   for (size_t i = 0; i < rows; ++i)
     for (size_t d = 0; d < D; ++d) dq[(row0 + i) * D + d] = dqt[d * kBlock + i] * scale;
 }
@@ -198,7 +198,7 @@ FLASHMLIR_INLINE void dkdv_tile(
     const float* restrict qrow, const float* restrict dorow, const float* restrict lse, const float* restrict delta,
     const float* restrict kt, const float* restrict vt, float* restrict dkt, float* restrict dvt,
     const float* restrict krow, float* restrict dqrow, size_t keys, const vf* key, vmask const* in_range,
-    size_t D, size_t i, float c, int causal, Dropout drop, const vu* key_x, uint32_t row_x, uint32_t row_step,
+    size_t D, size_t i, float c, int causal, Dropout drop, const vu* key_x, uint32_t head_x, uint32_t row_step,
     const int width) {
   vf s[kTile][kVectors], dp[kTile][kVectors];
   two_products(qrow, dorow, kt, vt, D, width, s, dp);  // S = Q·Kᵀ, dP = dO·Vᵀ
@@ -211,7 +211,9 @@ FLASHMLIR_INLINE void dkdv_tile(
       if (causal) keep = vmask_and(keep, vle(key[r], row));
       const vf p = vkeep(keep, exp2_below_128(vfmsub(s[t][r], cv, l2)));  // P
       if (drop.on) {  // dV takes P ∘ kept (its 1 / (1 − p) at the end), dS P ∘ (dP ∘ Z − Δ)
-        const vmask kept = dropout_kept(vu_add(key_x[r], vu_set1(row_x + (uint32_t)t * row_step)), drop);
+        const uint32_t row_i = (uint32_t)(i + t);  // the pair's first row's x, this row's 16 bits
+        const vmask kept = dropout_kept(vu_add(key_x[r], vu_set1(head_x + (row_i & ~8u) * row_step)),
+                                        vu_set1(((row_i >> 3) & 1u) * 16u), drop);
         s[t][r] = vkeep(kept, p);
         dp[t][r] = vmul(p, vsub(vkeep(kept, vmul(dp[t][r], vset1(drop.scale))), dl));
       } else {
@@ -284,10 +286,10 @@ FLASHMLIR_INLINE void dkdv_keys(
     size_t i = first;
     for (; i + kTile <= seq_q; i += kTile)
       dkdv_tile(qh + i * D, doh + i * D, lh + i, deh + i, kt, vt, dkt, dvt, k + key0 * D, dq ? dqh + i * D : 0, keys,
-                key, in_range, D, i, c, causal, drop, key_x, head_x + (uint32_t)i * row_step, row_step, kTile);
+                key, in_range, D, i, c, causal, drop, key_x, head_x, row_step, kTile);
     for (; i < seq_q; ++i)
       dkdv_tile(qh + i * D, doh + i * D, lh + i, deh + i, kt, vt, dkt, dvt, k + key0 * D, dq ? dqh + i * D : 0, keys,
-                key, in_range, D, i, c, causal, drop, key_x, head_x + (uint32_t)i * row_step, row_step, 1);
+                key, in_range, D, i, c, causal, drop, key_x, head_x, row_step, 1);
   }
   for (size_t j = 0; j < keys; ++j)
     for (size_t d = 0; d < D; ++d) {
@@ -403,7 +405,7 @@ FLASHMLIR_INLINE void fused_share(
   FLASHMLIR_DEFINE_CPU_BACKWARD_DROPOUT(D)
 
 // The dropout twins of the three (the training pair with dropout, cpu_dropout.h): the forward's int64
-// seed after the inputs; ⌈p · 2³²⌉ and 1 / (1 − p) after the constants.
+// seed after the inputs; ⌈p · 2¹⁶⌉ and 1 / (1 − p) after the constants.
 #define FLASHMLIR_DROPOUT_CONSTANTS size_t dropout_threshold, float dropout_scale
 #define FLASHMLIR_DROPOUT ((Dropout){1, (uint32_t)seed[seed_offset], (uint32_t)dropout_threshold, dropout_scale})
 #define FLASHMLIR_DEFINE_CPU_BACKWARD_DROPOUT(D)                                                             \

@@ -63,7 +63,7 @@ extern "C" __global__ void __launch_bounds__(Config::kThreads, 1)
 }
 
 // The training pair with dropout (torch path; dropout.cuh): dkdv also reads the forward's int64 seed
-// from device memory and takes ⌈p · 2³²⌉ and 1 / (1 − p) (f32 bits) after the constants.
+// from device memory and takes ⌈p · 2¹⁶⌉ and 1 / (1 − p) (f32 bits) after the constants.
 extern "C" __global__ void __launch_bounds__(Config::kThreads, 1)
     FLASHMLIR_BWD_KERNEL_NAME(sm90, _dkdv_dropout)(
         const Element* __restrict__ q, const Element* __restrict__ k, const Element* __restrict__ v,

@@ -108,14 +108,12 @@ FLASHMLIR_INLINE void attention_rows(
   // P = 2^(S - shift) per row. The shift moves to a key block's maximum only when that passes it by
   // more than kMaxSlack, so P ≤ 2^kMaxSlack and most blocks leave O and l as they are (α = 1).
   vf shift[kRowVectors], row_sum[kRowVectors], row_index[kRowVectors];
-  vu drop_x[kRowVectors];  // dropout: each lane's x at key 0
+  vu drop_x[kRowVectors], drop_shift[kRowVectors];  // dropout: each lane's x at key 0, its 16 bits
   for (int r = 0; r < kRowVectors; ++r) {
     shift[r] = vset1(-__builtin_inff());
     row_sum[r] = vzero();
     row_index[r] = vlane_index(q0 + r * kLanes);
-    if (drop.on)
-      drop_x[r] = vu_add(dropout_lane_x((uint32_t)((bh * seq_q + q0 + r * kLanes) * seq_k), (uint32_t)seq_k),
-                         vu_set1(drop.seed));
+    if (drop.on) dropout_rows(q0 + r * kLanes, bh * seq_q * seq_k, seq_k, drop, &drop_x[r], &drop_shift[r]);
   }
   // Top-left causal: row i attends keys 0..i, so keys past the block's last row are never needed.
   const size_t key_end = causal && q0 + rows < seq_k ? q0 + rows : seq_k;
@@ -185,7 +183,7 @@ FLASHMLIR_INLINE void attention_rows(
         sum = vadd(sum, p);
         if (drop.on) {
           const vu x = vu_add(drop_x[r], vu_set1((uint32_t)(k0 + jj) * kDropoutGolden));
-          vstore(s, vkeep(dropout_kept(x, drop), p));
+          vstore(s, vkeep(dropout_kept(x, drop_shift[r], drop), p));
         } else {
           vstore(s, p);
         }
@@ -258,7 +256,7 @@ FLASHMLIR_INLINE void work_share(
     work_share(q + q_offset, k + k_offset, v + v_offset, o + o_offset, lse + lse_offset, D, group,          \
                batch_heads, seq_q, seq_k, scale, causal != 0, no_dropout(), workgroup, workgroup_count);   \
   }                                                                                                     \
-  /* The training forward with dropout: the int64 seed after v; ⌈p · 2³²⌉ and 1 / (1 − p) after the */  \
+  /* The training forward with dropout: the int64 seed after v; ⌈p · 2¹⁶⌉ and 1 / (1 − p) after the */  \
   /* constants (cpu_dropout.h). */                                                                      \
   FLASHMLIR_EXPORT void flashmlir_attention_fwd_cpu_f32_d##D##_lse_dropout(                             \
       FLASHMLIR_MEMREF(const float, q), FLASHMLIR_MEMREF(const float, k), FLASHMLIR_MEMREF(const float, v), \

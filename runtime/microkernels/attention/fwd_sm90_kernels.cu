@@ -11,7 +11,7 @@
 // constants group (Hq / Hkv), seq_q, seq_k, scale (f32 bits), causal (0 or 1), batch_heads
 //           (B·Hq: every CUDA kernel takes it; the persistent sm_90 one reads it, its grid has no heads)
 // The dropout entry (the training forward on the torch path; dropout.cuh) also reads an int64 seed
-// from device memory and takes ⌈p · 2³²⌉ and 1 / (1 − p) (f32 bits) after the constants.
+// from device memory and takes ⌈p · 2¹⁶⌉ and 1 / (1 − p) (f32 bits) after the constants.
 #include "fwd_sm90_wgmma.cuh"
 #include "kernel_entry.cuh"
 

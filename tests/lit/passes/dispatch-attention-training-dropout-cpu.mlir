@@ -1,5 +1,5 @@
 // The dropout training pair on the CPU target: the functions' dropout twins (cpu_dropout.h), the
-// int64 seed a memref<1xi64> after the inputs, ⌈p · 2³²⌉ (index) and 1 / (1 − p) (f32) between
+// int64 seed a memref<1xi64> after the inputs, ⌈p · 2¹⁶⌉ (index) and 1 / (1 − p) (f32) between
 // causal and the workgroup id. CUDA: dispatch-attention-training-dropout.mlir.
 // RUN: rm -rf %t && mkdir -p %t/cpu && cp %S/../../../runtime/microkernels/kernels.json %t/
 // RUN: touch %t/cpu/attention_fwd_cpu_avx2.o %t/cpu/attention_bwd_cpu_avx2.o
@@ -7,7 +7,7 @@
 
 // p = 0.1; 4 heads on 2 threads: the one-pass backward's twin.
 // CPU:         func.func private @flashmlir_attention_fwd_cpu_f32_d64_lse_dropout(memref<25600xf32>, memref<12800xf32>, memref<12800xf32>, memref<1xi64>, memref<25600xf32>, memref<400xf32>, index, index, index, index, f32, index, index, f32, index, index)
-// CPU:           %[[T:.+]] = arith.constant 429496730 : index
+// CPU:           %[[T:.+]] = arith.constant 6554 : index
 // CPU:           %[[S:.+]] = arith.constant 1.11111{{[0-9]*}} : f32
 // CPU:           call @flashmlir_attention_fwd_cpu_f32_d64_lse_dropout({{.+}}, %[[T]], %[[S]], %{{[^,]+}}, %{{[^)]+}})
 // CPU:         func.func private @flashmlir_attention_bwd_cpu_f32_d64_fused_dropout(memref<25600xf32>, memref<12800xf32>, memref<12800xf32>, memref<25600xf32>, memref<25600xf32>, memref<400xf32>, memref<1xi64>, memref<25600xf32>, memref<400xf32>, memref<12800xf32>, memref<12800xf32>, index, index, index, index, f32, index, index, f32, index, index)

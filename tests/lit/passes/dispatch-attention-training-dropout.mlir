@@ -1,6 +1,6 @@
 // The dropout training pair: the kernels' dropout twins, with the int64 seed as one more input
-// binding (before dkdv's tied accumulator on sm_90) and ⌈p · 2³²⌉, 1 / (1 − p) after the
-// constants (CUDA: push constants 7 and 8, the second an f32's bits). p = 0.1: 429496730 and
+// binding (before dkdv's tied accumulator on sm_90) and ⌈p · 2¹⁶⌉, 1 / (1 − p) after the
+// constants (CUDA: push constants 7 and 8, the second an f32's bits). p = 0.1: 6554 and
 // 1.1111112 (bits 1066285284). sm_80 has no twins: an error naming the kernel. The CPU: dispatch-attention-training-dropout-cpu.mlir.
 // RUN: rm -rf %t && mkdir -p %t/cuda %t/cpu && cp %S/../../../runtime/microkernels/kernels.json %t/
 // RUN: touch %t/cuda/attention_fwd_sm90_f16_d64.fatbin %t/cuda/attention_bwd_sm90_f16_d64.fatbin
@@ -9,7 +9,7 @@
 // RUN: env FLASHMLIR_MICROKERNEL_DIR=%t not flashmlir-opt --flashmlir-dispatch-attention-training=target=sm_80 %s 2>&1 | filecheck %s --check-prefix=AMPERE
 
 // HOPPER-LABEL: func.func @train_dropout_f16
-// HOPPER:         %[[T:.+]] = arith.constant 429496730 : i32
+// HOPPER:         %[[T:.+]] = arith.constant 6554 : i32
 // HOPPER:         %[[S:.+]] = arith.constant 1066285284 : i32
 // HOPPER:         hal.dispatch.extern "flashmlir_attention_fwd_sm90_f16_d64_lse_dropout"({{.+}}, %[[T]], %[[S]], %{{[^,]+}}, %{{[^,]+}}, %{{[^,]+}}, %{{[^)]+}}) : (i32, i32, i32, i32, i32, i32, i32, i32, tensor<1x4x100x64xf16>, tensor<1x2x100x64xf16>, tensor<1x2x100x64xf16>, tensor<i64>) -> (tensor<1x4x100x64xf16>, tensor<1x4x100xf32>, tensor<{{[0-9]+}}xi8>)
 // HOPPER:         hal.dispatch.extern "flashmlir_attention_bwd_sm90_f16_d64_prep"({{.+}}) : (i32, i32, i32, i32, i32, i32, tensor
