@@ -46,3 +46,19 @@ def float64_gradients(q, k, v, grad, causal, scale):
     q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
     ref = attention64(q64, k64, v64, None, causal, scale)
     return ref, torch.autograd.grad(ref, (q64, k64, v64), grad.double())
+
+
+class CompiledGraphs:
+    """Recorder: the microkernel count of each compiled graph, by its kind ("(forward)", …)."""
+
+    def __init__(self):
+        self.microkernels: dict[str, int] = {}
+
+    def graph_compiled(self, graph, tiled, declines, microkernels=0):
+        self.microkernels[graph.rsplit(" ", 1)[-1]] = microkernels
+
+    def graph_rejected(self, graph, reason):
+        raise AssertionError(f"{graph} fell back: {reason}")
+
+    def graph_ran(self, graph, sites, near_misses):
+        pass

@@ -15,7 +15,7 @@ import torch
 from flashmlir.compiler import microkernels
 from flashmlir.compiler.targets import get_target
 from flashmlir.dynamo.backend import recording
-from tests.helpers import float64_gradients, rel_err, sdpa_training_problem
+from tests.helpers import CompiledGraphs, float64_gradients, rel_err, sdpa_training_problem
 
 
 @pytest.fixture(autouse=True)
@@ -25,22 +25,6 @@ def _needs_the_cpu_kernels(monkeypatch):
     except microkernels.NoKernel as why:
         pytest.skip(str(why))
     monkeypatch.setenv("FLASHMLIR_POISON_OUTPUTS", "1")
-
-
-class _Compiled:
-    """Recorder: the microkernel count of each compiled graph, by its kind ("(forward)", …)."""
-
-    def __init__(self):
-        self.microkernels: dict[str, int] = {}
-
-    def graph_compiled(self, graph, tiled, declines, microkernels=0):
-        self.microkernels[graph.rsplit(" ", 1)[-1]] = microkernels
-
-    def graph_rejected(self, graph, reason):
-        raise AssertionError(f"{graph} fell back: {reason}")
-
-    def graph_ran(self, graph, sites, near_misses):
-        pass
 
 
 CASES = [
@@ -58,7 +42,7 @@ CASES = [
 @pytest.mark.parametrize("b, hq, hkv, sq, sk, d, causal", CASES, ids=lambda x: str(x))
 def test_gradients_come_from_the_kernels_and_match_float64(b, hq, hkv, sq, sk, d, causal):
     q, k, v, grad, scale, attention = sdpa_training_problem(b, hq, hkv, sq, sk, d, causal)
-    seen = _Compiled()
+    seen = CompiledGraphs()
     with recording(seen):
         out = torch.compile(attention, backend="flashmlir", options={"rest": "iree"})(q, k, v)
         got = torch.autograd.grad(out, (q, k, v), grad)
@@ -83,7 +67,7 @@ def test_dropout_pair_through_iree_matches_float64_with_its_seed(b, hq, hkv, sq,
     def attention(q, k, v, seed):
         return torch.ops.flashmlir.attention_forward_dropout(q, k, v, p, seed, causal, scale)[0]
 
-    seen = _Compiled()
+    seen = CompiledGraphs()
     torch._dynamo.reset()
     with recording(seen):
         out = torch.compile(attention, backend="flashmlir", options={"rest": "iree"})(q, k, v, seed)
@@ -106,7 +90,7 @@ def test_sdpa_with_dropout_trains_through_the_dropout_twins_in_iree():
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.1, is_causal=True, scale=scale,
                                                                 enable_gqa=True)
 
-    seen = _Compiled()
+    seen = CompiledGraphs()
     torch._dynamo.reset()
     with recording(seen):
         compiled = torch.compile(attention, backend="flashmlir", options={"rest": "iree"})

@@ -11,8 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from flashmlir.compiler import microkernels
+from flashmlir.dynamo.backend import recording
 from flashmlir.frontend.training_ops import reference_forward
 from flashmlir.runtime.cuda_launcher import attention_backward, attention_forward
+from tests.helpers import CompiledGraphs
 
 pytestmark = pytest.mark.gpu
 
@@ -127,8 +129,7 @@ def test_training_with_dropout_runs_the_dropout_kernels_through_torch_compile(dt
 def test_dropout_pair_through_iree_matches_float64_with_its_seed(dtype):
     """The dropout pair lowered by flashmlir-dispatch-attention-training to the sm_90 twins inside
     IREE (rest='iree'), the seed an input: output and gradients against float64 with that seed.
-    Until this has passed on a GPU the frontend does not put dropout sites on this path
-    (backend._training_check)."""
+    (Passed on an H200 before the frontend put dropout sites on this path.)"""
     q = torch.randn(1, 4, 300, 64, device="cuda", dtype=dtype, requires_grad=True)
     k, v = (torch.randn(1, 2, 300, 64, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
     grad, seed = torch.randn_like(q), _seed()
@@ -145,3 +146,22 @@ def test_dropout_pair_through_iree_matches_float64_with_its_seed(dtype):
     assert _error(out.detach(), want.detach()) < TOLERANCE[dtype]
     for name, g, w in zip("qkv", got, want_grads, strict=True):
         assert _error(g, w) < TOLERANCE[dtype], f"d{name}: {_error(g, w):.2e}"
+
+
+def test_sdpa_with_dropout_trains_through_the_dropout_twins_in_iree():
+    """SDPA with dropout in a training graph compiled by IREE for CUDA: the site becomes the dropout
+    pair, run by the sm_90 twins in both graphs, with a fresh mask per call."""
+    q = torch.randn(2, 4, 256, 64, device="cuda", dtype=torch.float16, requires_grad=True)
+    k, v = (torch.randn(2, 2, 256, 64, device="cuda", dtype=torch.float16, requires_grad=True) for _ in range(2))
+
+    def attention(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=0.1, is_causal=True, enable_gqa=True)
+
+    seen = CompiledGraphs()
+    with recording(seen):
+        compiled = torch.compile(attention, backend="flashmlir", options={"rest": "iree"})
+        first = compiled(q, k, v)
+        got = torch.autograd.grad(first, (q, k, v), torch.randn_like(first))
+        second = compiled(q, k, v)
+    assert seen.microkernels == {"(forward)": 1, "(backward)": 1}, seen.microkernels
+    assert all(torch.isfinite(g).all() for g in got) and not torch.equal(first, second)

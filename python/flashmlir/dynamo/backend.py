@@ -270,8 +270,6 @@ def _training_check(target: Target, torch_path: bool) -> Callable[[torch.Tensor,
             from flashmlir.runtime import torch_kernels
 
             if target.gpu is not None:
-                if not torch_path:  # tests/gpu/test_dropout_kernels.py has the check to run first
-                    return "dropout through IREE on CUDA (lowered and lit-tested, not yet run on a GPU)"
                 return torch_kernels.dropout_problem(target.gpu.arch, q, k, v)
             if target.kind == "cpu":
                 return None  # every CPU object has the twins (fwd_cpu.c, bwd_cpu.c)
