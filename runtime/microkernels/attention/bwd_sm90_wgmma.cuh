@@ -134,14 +134,15 @@ struct BwdSm90Config {
 #else
   static constexpr bool kSplitMask = true;
 #endif
-  // Whether the dq kernel writes dQ through shared memory, whole rows a warp (attention_bwd_dq_sm90).
-  // Correct on an H200 (float64 check), but the whole backward moved -7% to +8% with it, no
-  // consistent sign over two runs (h200-2026-12-01-sm90-backward-switches.md): off; the dq kernel's
-  // own time (ncu) is what would decide it.
+  // Whether the dq kernel writes dQ through shared memory, whole rows a warp (attention_bwd_dq_sm90):
+  // 115 -> 48 µs a call on an H200 (head dim 128, 16k tokens × 16 heads; cuDNN's conversion 56),
+  // timed kernel by kernel (benchmarks/results/h200-2026-12-02-backward-kernels.md). Timed as a whole
+  // backward it had looked like noise (-7% to +8%): dkdv alone, the same code in both builds, moves
+  // ±6% from one timing to the next.
 #ifdef FLASHMLIR_DQ_STAGED
   static constexpr bool kDqStaged = FLASHMLIR_DQ_STAGED != 0;
 #else
-  static constexpr bool kDqStaged = false;
+  static constexpr bool kDqStaged = true;
 #endif
 };
 
@@ -204,12 +205,12 @@ __device__ __forceinline__ void attention_bwd_prep_sm90(const T* __restrict__ o,
 }
 
 // ---- dq: dQ = s · accumulator, back from the accumulator's block order -------------------------------
-// Straight from the accumulator's order, a thread writes 4 bytes of a row at a time (a warp: 8 rows
-// × 16 bytes), and the kernel ran at 38% of DRAM's rate on an H200 (110 µs where cuDNN's conversion
-// takes 55, head dim 128, 16k tokens × 16 heads; ncu). With kStaged (BwdSm90Config::kDqStaged) a
-// block's 64 rows go through shared memory instead: read as coalesced float4s, all in flight at
-// once; written there in the accumulator's order (rows padded by 16 bytes: a warp's 8 rows × 4
-// words fall in 32 banks); written out a 16-byte chunk a thread, whole rows a warp.
+// With kStaged (BwdSm90Config::kDqStaged, the default) a block's 64 rows go through shared memory:
+// read as coalesced float4s, all in flight at once; written there in the accumulator's order (rows
+// padded by 16 bytes: a warp's 8 rows × 4 words fall in 32 banks); written out a 16-byte chunk a
+// thread, whole rows a warp: 4.2 TB/s of the H200's DRAM. Straight from the accumulator's order
+// (kStaged false) a thread writes 4 bytes of a row at a time (a warp: 8 rows × 16 bytes), 2.4×
+// slower.
 template <typename T, int kD, int kThreads, bool kStaged>
 __device__ __forceinline__ void attention_bwd_dq_sm90(const float* __restrict__ dq_accum, T* __restrict__ dq,
                                                       int seq_q, float scale) {
