@@ -1,9 +1,10 @@
-"""What attention dropout costs the library's sm_90 kernels, beside SDPA's kernels with and without it.
+"""What attention dropout costs the library's sm_90 (or sm_80) kernels, beside SDPA's kernels with and without it.
 
     python benchmarks/dropout_cost.py --markdown dropout.md
+    python benchmarks/dropout_cost.py --arch sm_80     # the sm_80 kernels (on Hopper: their compute_80 code)
 
 The catalog's forward (with lse, as training runs it) and backward kernels, launched directly with
-p = 0 and with p (dropout.cuh: a 32-bit hash per probability), and SDPA's flash and efficient
+p = 0 and with p (dropout.cuh: a 32-bit hash per pair of probabilities), and SDPA's flash and efficient
 backends (cuDNN's where this torch lets it drop) with the same p; forward and backward timed
 separately (backward: SDPA's `torch.autograd.grad` through a forward done once). Shapes as
 benchmarks/attention.py (B·S = 16k tokens, H·D = 2048); TFLOP/s counts 4·B·H·Sq·Sk·D a forward
@@ -30,12 +31,12 @@ from flashmlir.runtime.cuda_launcher import attention_backward, attention_forwar
 ELEMENTS = {"fp16": ("f16", torch.float16), "bf16": ("bf16", torch.bfloat16)}
 
 
-def check(config: Config, p: float) -> float:
+def check(config: Config, p: float, arch: str) -> float:
     """Relative error of our dropped forward vs float64 (a small problem of the same kind)."""
     element, dtype = ELEMENTS[config.dtype]
     q, k, v = (torch.randn(1, 2, 333, config.head_dim, device="cuda", dtype=dtype) for _ in range(3))
     seed = torch.tensor(1234567, device="cuda")
-    kernel = microkernels.select_attention_forward("sm_90", element, config.head_dim, 333, 333, config.causal)
+    kernel = microkernels.select_attention_forward(arch, element, config.head_dim, 333, 333, config.causal)
     out, _ = attention_forward(kernel, q, k, v, causal=config.causal, with_lse=True, dropout_p=p, dropout_seed=seed)
     want, _ = reference_forward(q.double(), k.double(), v.double(), config.causal, None, p, seed)
     return ((out.double() - want).norm() / want.norm()).item()
@@ -45,8 +46,8 @@ def measure(config: Config, p: float, args) -> dict:
     element, dtype = ELEMENTS[config.dtype]
     q, k, v = config.inputs()
     seq = config.seq
-    forward = microkernels.select_attention_forward("sm_90", element, config.head_dim, seq, seq, config.causal)
-    backward = microkernels.select_attention_backward("sm_90", element, config.head_dim)
+    forward = microkernels.select_attention_forward(args.arch, element, config.head_dim, seq, seq, config.causal)
+    backward = microkernels.select_attention_backward(args.arch, element, config.head_dim)
     seed = torch.tensor(42, device="cuda")
     d_o = torch.randn_like(q)
     calls_fwd, calls_bwd = {}, {}
@@ -101,6 +102,7 @@ def main() -> None:
     p.add_argument("--seqs", type=int, nargs="+", default=[1024, 4096, 16384])
     p.add_argument("--dtypes", nargs="+", default=["fp16"], choices=list(ELEMENTS))
     p.add_argument("--p", type=float, default=0.1)
+    p.add_argument("--arch", default="sm_90", choices=["sm_90", "sm_80"], help="whose kernels are `ours`")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--rounds", type=int, default=4)
@@ -108,12 +110,12 @@ def main() -> None:
     args = p.parse_args()
     configs = [Config(d, s, c, t) for d in args.head_dims for s in args.seqs for c in (False, True)
                for t in args.dtypes]
-    errors = {(c.head_dim, c.causal, c.dtype): check(c, args.p) for c in configs}
+    errors = {(c.head_dim, c.causal, c.dtype): check(c, args.p, args.arch) for c in configs}
     rows = []
     for config in configs:
         rows.append(measure(config, args.p, args))
         print(rows[-1], flush=True)
-    lines = [f"# Attention dropout (p = {args.p}) in the sm_90 kernels, {torch.cuda.get_device_name()}", "",
+    lines = [f"# Attention dropout (p = {args.p}) in the {args.arch} kernels, {torch.cuda.get_device_name()}", "",
              "TFLOP/s (B·S = 16k tokens, H·D = 2048); `ours`: the catalog's kernels launched directly, "
              f"`ours p={args.p}` their dropout twins. torch {torch.__version__}. Relative error of our dropped "
              "forward vs float64 with the same seed (1×2×333 tokens): "

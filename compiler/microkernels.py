@@ -95,9 +95,9 @@ class CudaAttentionKernel:
 
     @property
     def dropout(self) -> bool:
-        """Whether the image also exports `<name>_lse_dropout` (fwd_sm90_kernels.cu), the training
-        forward that drops P by the seeded hash of dropout.cuh."""
-        return self.family == "attention_fwd_sm90"
+        """Whether the image also exports `<name>_lse_dropout` (fwd_sm90_kernels.cu,
+        fwd_sm80_kernels.cu), the training forward that drops P by the seeded hash of dropout.cuh."""
+        return self.family in ("attention_fwd_sm90", "attention_fwd_sm80")
 
     @property
     def shared_bytes(self) -> int:
@@ -189,10 +189,16 @@ class CudaAttentionBackwardKernel:
         return f"flashmlir_{self.family}_{self.element}_d{self.head_dim}_{part}"
 
     @property
+    def dropout_parts(self) -> tuple[str, ...]:
+        """The parts with a `_dropout` twin that regenerates the forward's dropout mask (and takes
+        the seed): sm_90 dkdv only (its prep and dq never see P), both sm_80 kernels (each
+        recomputes dS)."""
+        return {"attention_bwd_sm90": ("dkdv",), "attention_bwd_sm80": ("dq", "dkdv")}.get(self.family, ())
+
+    @property
     def dropout(self) -> bool:
-        """Whether dkdv has a `_dkdv_dropout` twin (bwd_sm90_kernels.cu) that regenerates the
-        forward's dropout mask; prep and dq need none."""
-        return self.family == "attention_bwd_sm90"
+        """Whether the backward can drop P as the forward's dropout twin did."""
+        return bool(self.dropout_parts)
 
     def threads(self, part: str) -> int:
         if self.accumulates_dq and part != "dkdv":

@@ -41,8 +41,8 @@ from the first dispatch to the second as a tensor: IREE orders them.
 
 With dropout, `attention_forward_dropout`(q, k, v, p, seed, causal, scale) and
 `attention_backward_dropout`(dO, q, k, v, O, lse, p, seed, causal, scale) become the same calls of
-the kernels' dropout twins (`_lse_dropout`; CUDA sm_90 `dkdv_dropout`; CPU `_dq_dropout`,
-`_dkdv_dropout`, `_fused_dropout`): the int64 seed is one more input binding (before the
+the kernels' dropout twins (`_lse_dropout`; CUDA sm_90 `dkdv_dropout`, sm_80 `dq_dropout` and
+`dkdv_dropout`; CPU `_dq_dropout`, `_dkdv_dropout`, `_fused_dropout`): the int64 seed is one more input binding (before the
 outputs, and before dkdv's tied accumulator), and ⌈p · 2¹⁶⌉ and 1 / (1 − p) follow the constants
 (CUDA: two more i32 push constants, the second an f32's bits).
 
@@ -331,7 +331,7 @@ def _cuda_forward_calls(site: _Site, arch: str, multiprocessors: int) -> str:
                                       site.causal)
     grid = kernel.grid(site.q.shape[-2], site.batch_heads, multiprocessors, site.causal)
     if site.dropout and not kernel.dropout:
-        raise UnsupportedError(f"{kernel.name} has no dropout twin (the sm_90 kernels do)")
+        raise UnsupportedError(f"{kernel.name} has no dropout twin (the sm_90 and sm_80 kernels do)")
     io, name = (_with_seed(FORWARD_IO), kernel.name + "_lse_dropout") if site.dropout else (FORWARD_IO, kernel.name + "_lse")
     extern = _cuda_extern(site, io, name, grid[:2], kernel, kernel.threads, kernel.shared_bytes,
                           workspace=kernel.workspace_bytes(grid))
@@ -341,16 +341,16 @@ def _cuda_forward_calls(site: _Site, arch: str, multiprocessors: int) -> str:
 def _cuda_backward_calls(site: _Site, arch: str, deterministic: bool) -> str:
     kernel = select_attention_backward(arch, site.element, site.head_dim, deterministic)
     if site.dropout and not kernel.dropout:
-        raise UnsupportedError(f"the {kernel.family} kernels have no dropout twin (the sm_90 ones do)")
+        raise UnsupportedError(f"the {kernel.family} kernels have no dropout twin (the sm_90 and sm_80 ones do)")
     sq, sk = site.q.shape[-2], site.k.shape[-2]
     bh, bh_kv = site.batch_heads, math.prod(site.k.shape[:-2])
     ios = ({"prep": PREP_IO, "dkdv": DKDV_ACCUM_IO, "dq": DQ_FROM_SUM_IO} if kernel.accumulates_dq
            else {"dq": DQ_IO, "dkdv": DKDV_IO})
     padded = kernel.padded_rows(sq) if kernel.accumulates_dq else 0
     grids = {part: kernel.grid(part, *((sk, bh_kv) if part == "dkdv" else (sq, bh))) for part in kernel.parts}
-    if site.dropout:  # only dkdv regenerates the mask
-        ios["dkdv"] = _with_seed(ios["dkdv"])
-    names = {part: kernel.name(part) + ("_dropout" if site.dropout and part == "dkdv" else "") for part in kernel.parts}
+    twins = kernel.dropout_parts if site.dropout else ()  # the parts that regenerate the mask
+    ios = {part: _with_seed(io) if part in twins else io for part, io in ios.items()}
+    names = {part: kernel.name(part) + ("_dropout" if part in twins else "") for part in kernel.parts}
     calls = [_cuda_extern(site, ios[part], names[part], grids[part][:2], kernel, kernel.threads(part),
                           kernel.shared_bytes(part), padded, kernel.workspace_bytes(part, grids[part]))
              for part in kernel.parts]

@@ -166,14 +166,15 @@ class AttentionBackwardLaunch:
         if dropout_p and not kernel.dropout:
             raise ValueError(f"{kernel.family}: no dropout twin of its dkdv kernel")
         self._constants = [hq // hkv, sq, sk, f32_bits(scale), int(causal), batch * hq]
-        # dkdv's dropout twin takes the seed after Δ and two more constants.
+        # A dropout twin takes the seed after its inputs and two more constants.
         self._dropout = dropout_constants(dropout_p) if dropout_p else None
+        self._dropout_parts = kernel.dropout_parts if dropout_p else ()
         self._accumulates = kernel.accumulates_dq
         self._launches = {}
         for part in kernel.parts:
             seq, batch_heads = (sk, batch * hkv) if part == "dkdv" else (sq, batch * hq)
             grid = kernel.grid(part, seq, batch_heads)
-            entry = kernel.name(part) + ("_dropout" if dropout_p and part == "dkdv" else "")
+            entry = kernel.name(part) + ("_dropout" if part in self._dropout_parts else "")
             self._launches[part] = (_loaded(str(kernel.object_path), entry, device), grid,
                                     (kernel.threads(part), 1, 1), kernel.shared_bytes(part))
         self._workspace = kernel.workspace_bytes("dkdv", self._launches["dkdv"][1])
@@ -181,8 +182,9 @@ class AttentionBackwardLaunch:
         self._statistics = batch * hq * rows  # floats in each of lse₂ and Δ (sm_80: Δ only)
         self._scratch = self._statistics * ((2 + d) if self._accumulates else 1)
 
-    def _launch(self, part: str, *words: int, extra: tuple[int, ...] = ()) -> None:
+    def _launch(self, part: str, *words: int) -> None:
         function, grid, block, shared = self._launches[part]
+        extra = self._dropout if part in self._dropout_parts else ()
         function.launch(grid, block, shared, [*words, *self._constants, *extra])
 
     def __call__(self, q, k, v, o, d_o, lse, seed: torch.Tensor | None = None):
@@ -194,18 +196,18 @@ class AttentionBackwardLaunch:
         scratch_tensor = torch.empty(self._scratch, device=q.device, dtype=torch.float32)
         scratch = scratch_tensor.data_ptr()
         q, k, v, o, d_o, lse = (t.data_ptr() for t in (q, k, v, o, d_o, lse))
+        seeds = [_dropout_seed(seed, dq.device).data_ptr()] if self._dropout else []  # the twins' one more input
         if self._accumulates:
             lse2, delta, accumulator = scratch, scratch + 4 * self._statistics, scratch + 8 * self._statistics
             self._launch("prep", o, d_o, lse, lse2, delta, accumulator)
             # A TMA dkdv's tensor maps (see AttentionForwardLaunch), after its outputs.
             workspace = torch.empty(self._workspace, device=dq.device, dtype=torch.uint8) if self._workspace else None
-            seeds = [_dropout_seed(seed, dq.device).data_ptr()] if self._dropout else []
             self._launch("dkdv", q, k, v, d_o, lse2, delta, *seeds, accumulator, dk.data_ptr(), dv.data_ptr(),
-                         *([workspace.data_ptr()] if workspace is not None else []), extra=tuple(self._dropout or ()))
+                         *([workspace.data_ptr()] if workspace is not None else []))
             self._launch("dq", accumulator, dq.data_ptr())
         else:
-            self._launch("dq", q, k, v, o, d_o, lse, dq.data_ptr(), scratch)
-            self._launch("dkdv", q, k, v, d_o, lse, scratch, dk.data_ptr(), dv.data_ptr())
+            self._launch("dq", q, k, v, o, d_o, lse, *seeds, dq.data_ptr(), scratch)
+            self._launch("dkdv", q, k, v, d_o, lse, scratch, *seeds, dk.data_ptr(), dv.data_ptr())
         return dq, dk, dv
 
 

@@ -5,7 +5,7 @@ With `torch.compile(..., options={"rest": "inductor"})` only attention is ours: 
 everything else, calling these ops as opaque kernels. Each runs the catalog's kernel for the
 device (the same image, launch geometry and constants the IREE dispatch uses) on torch's current
 stream, so it is ordered with Inductor's kernels without any host synchronization; a call the
-kernels cannot serve (a mask, dropout outside the training pair's sm_90 kernels, a dtype or head
+kernels cannot serve (a mask, dropout outside the training pair's sm_90 and sm_80 kernels, a dtype or head
 dim the library lacks) runs the op's reference implementation instead. `register()` installs the
 implementations (once); `kernel_problem` (and, with dropout, `dropout_problem`) is also what
 decides, before aot_autograd, which sites get the training ops.
@@ -70,7 +70,7 @@ def dropout_problem(arch: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     """Why the kernels for `arch` cannot drop P for these operands (kernel_problem passed), else None."""
     forward, backward = _kernels(arch, ELEMENTS[q.dtype], q.shape[-1], True)
     if not (forward.dropout and backward.dropout):
-        return f"dropout (the {forward.family} / {backward.family} kernels do not take it; sm_90's do)"
+        return f"dropout (the {forward.family} / {backward.family} kernels do not take it; sm_90's and sm_80's do)"
     return None
 
 
@@ -147,7 +147,7 @@ def _attention_backward_cuda(grad_out, q, k, v, out, lse, is_causal=False, scale
             return _REFERENCE
         _, backward = _selected(arch, ELEMENTS[q.dtype], q.shape[-1], True, deterministic)
         if dropout_p and not (backward.dropout and 0.0 < dropout_p < 1.0):
-            return _REFERENCE  # e.g. torch's deterministic mode: the sm_80 kernels, without dropout
+            return _REFERENCE  # kernels without dropout twins
         return cuda_launcher.AttentionBackwardLaunch(backward, q.shape, k.shape, is_causal, scale, device, dropout_p)
 
     launch = _memo(("backward", q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, grad_out.dtype, out.dtype,

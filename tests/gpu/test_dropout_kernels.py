@@ -1,9 +1,11 @@
-"""Attention dropout inside the sm_90 kernels (dropout.cuh), against float64 with the same seed.
+"""Attention dropout inside the sm_90 and sm_80 kernels (dropout.cuh), against float64 with the
+same seed.
 
 The kernels regenerate `attention_op.dropout_keep`'s mask element by element; a wrong index or hash
 drops other probabilities and shows as an error of order 1, not of rounding. Launched directly
-(every forward tiling the catalog has: head dims 64/128/256, the head dim 64 long-sequence entry,
-the head dim 128 short one with O through TMA) and through torch.compile's training path.
+(every sm_90 forward tiling the catalog has: head dims 64/128/256, the head dim 64 long-sequence
+entry, the head dim 128 short one with O through TMA; the sm_80 kernels, run here from their
+compute_80 code) and through torch.compile's training path.
 """
 
 import pytest
@@ -23,9 +25,14 @@ TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1.2e-2}  # relative (Frobenius
 
 
 @pytest.fixture(autouse=True)
-def _sm90():
-    if torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("the dropout kernels are the sm_90a ones")
+def _sm80_or_newer():
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("the dropout kernels are the sm_90a and sm_80 ones")
+
+
+def _runs(arch: str) -> None:
+    if arch == "sm_90" and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("sm_90a kernels")
 
 
 def _seed() -> torch.Tensor:
@@ -46,9 +53,11 @@ def _inputs(dtype, b, hq, hkv, sq, sk, d):
 @pytest.mark.parametrize("d, sq, sk", [(64, 333, 517), (64, 2048, 2100), (128, 333, 517), (128, 2048, 2048),
                                        (256, 200, 333)])
 @pytest.mark.parametrize("causal", [False, True])
-def test_forward_drops_what_the_reference_drops(element, d, sq, sk, causal):
+@pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
+def test_forward_drops_what_the_reference_drops(arch, element, d, sq, sk, causal):
+    _runs(arch)
     dtype = DTYPES[element]
-    kernel = microkernels.select_attention_forward("sm_90", element, d, sq, sk, causal)
+    kernel = microkernels.select_attention_forward(arch, element, d, sq, sk, causal)
     assert kernel.dropout
     q, k, v = _inputs(dtype, 2, 4, 2, sq, sk, d)
     seed, p = _seed(), 0.2
@@ -66,10 +75,12 @@ def test_forward_drops_what_the_reference_drops(element, d, sq, sk, causal):
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("hq, hkv, sq, sk", [(4, 2, 333, 517), (2, 2, 129, 77)])
-def test_backward_regenerates_the_forward_mask(element, d, causal, hq, hkv, sq, sk):
+@pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
+def test_backward_regenerates_the_forward_mask(arch, element, d, causal, hq, hkv, sq, sk):
+    _runs(arch)
     dtype = DTYPES[element]
-    forward = microkernels.select_attention_forward("sm_90", element, d, sq, sk, causal)
-    backward = microkernels.select_attention_backward("sm_90", element, d)
+    forward = microkernels.select_attention_forward(arch, element, d, sq, sk, causal)
+    backward = microkernels.select_attention_backward(arch, element, d)
     assert backward.dropout
     q, k, v = _inputs(dtype, 2, hq, hkv, sq, sk, d)
     d_o = torch.randn_like(q)
@@ -126,10 +137,12 @@ def test_training_with_dropout_runs_the_dropout_kernels_through_torch_compile(dt
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_dropout_pair_through_iree_matches_float64_with_its_seed(dtype):
-    """The dropout pair lowered by flashmlir-dispatch-attention-training to the sm_90 twins inside
-    IREE (rest='iree'), the seed an input: output and gradients against float64 with that seed.
-    (Passed on an H200 before the frontend put dropout sites on this path.)"""
+@pytest.mark.parametrize("target", ["sm_90", "sm_80"])
+def test_dropout_pair_through_iree_matches_float64_with_its_seed(target, dtype):
+    """The dropout pair lowered by flashmlir-dispatch-attention-training to the sm_90 (sm_80) twins
+    inside IREE (rest='iree'), the seed an input: output and gradients against float64 with that
+    seed. (Passed on an H200 before the frontend put dropout sites on this path.)"""
+    _runs(target)
     q = torch.randn(1, 4, 300, 64, device="cuda", dtype=dtype, requires_grad=True)
     k, v = (torch.randn(1, 2, 300, 64, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
     grad, seed = torch.randn_like(q), _seed()
@@ -138,7 +151,7 @@ def test_dropout_pair_through_iree_matches_float64_with_its_seed(dtype):
         return torch.ops.flashmlir.attention_forward_dropout(q, k, v, 0.1, seed, True, None)[0]
 
     torch._dynamo.reset()
-    out = torch.compile(attention, backend="flashmlir", options={"rest": "iree"})(q, k, v, seed)
+    out = torch.compile(attention, backend="flashmlir", options={"rest": "iree", "target": target})(q, k, v, seed)
     got = torch.autograd.grad(out, (q, k, v), grad)
     q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
     want = torch.ops.flashmlir.attention(q64, k64, v64, None, 0.1, True, None, seed)
@@ -148,9 +161,11 @@ def test_dropout_pair_through_iree_matches_float64_with_its_seed(dtype):
         assert _error(g, w) < TOLERANCE[dtype], f"d{name}: {_error(g, w):.2e}"
 
 
-def test_sdpa_with_dropout_trains_through_the_dropout_twins_in_iree():
+@pytest.mark.parametrize("target", ["sm_90", "sm_80"])
+def test_sdpa_with_dropout_trains_through_the_dropout_twins_in_iree(target):
     """SDPA with dropout in a training graph compiled by IREE for CUDA: the site becomes the dropout
-    pair, run by the sm_90 twins in both graphs, with a fresh mask per call."""
+    pair, run by the target's twins in both graphs, with a fresh mask per call."""
+    _runs(target)
     q = torch.randn(2, 4, 256, 64, device="cuda", dtype=torch.float16, requires_grad=True)
     k, v = (torch.randn(2, 2, 256, 64, device="cuda", dtype=torch.float16, requires_grad=True) for _ in range(2))
 
@@ -159,7 +174,7 @@ def test_sdpa_with_dropout_trains_through_the_dropout_twins_in_iree():
 
     seen = CompiledGraphs()
     with recording(seen):
-        compiled = torch.compile(attention, backend="flashmlir", options={"rest": "iree"})
+        compiled = torch.compile(attention, backend="flashmlir", options={"rest": "iree", "target": target})
         first = compiled(q, k, v)
         got = torch.autograd.grad(first, (q, k, v), torch.randn_like(first))
         second = compiled(q, k, v)

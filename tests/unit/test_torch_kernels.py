@@ -153,7 +153,7 @@ def test_dropout_without_kernels_that_take_it_runs_the_reference(launches, monke
 
     from flashmlir.compiler import microkernels
 
-    plain = SimpleNamespace(dropout=False)  # e.g. the sm_80 kernels
+    plain = SimpleNamespace(dropout=False)  # kernels without dropout twins
     monkeypatch.setattr(torch_kernels, "_selected", lambda *args: (plain, plain))
     monkeypatch.setattr(microkernels, "select_attention_forward", lambda *args, **kwargs: plain)
     q, k, v = _qkv()

@@ -116,7 +116,7 @@ def _aot_decompositions() -> dict:
 
     Plus decompositions of core ops IREE 3.13's torch frontend cannot lower (`squeeze.dims`, which
     nn.MultiheadAttention's in-projection produces), into ops it can, and of attention sites with
-    dropout that no kernel takes (inference graphs; sm_80) into plain math with the seeded mask.
+    dropout that no kernel takes (inference graphs; sm_70) into plain math with the seeded mask.
     """
     from torch._decomp import core_aten_decompositions
 
@@ -262,7 +262,7 @@ def _library_problem(target: Target, q: torch.Tensor, k: torch.Tensor, v: torch.
 def _training_check(target: Target, torch_path: bool) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool,
                                                                     bool], str | None]:
     """Whether `target`'s microkernel library has the forward-with-lse and backward kernels for a
-    site; with dropout, the twins that drop P (the sm_90 and CPU kernels)."""
+    site; with dropout, the twins that drop P (the sm_90, sm_80 and CPU kernels)."""
 
     def check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool, dropout: bool) -> str | None:
         problem = _library_problem(target, q, k, v, backward=True, torch_path=torch_path)

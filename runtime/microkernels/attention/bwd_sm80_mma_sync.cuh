@@ -20,9 +20,14 @@
 // The operand patterns are the forward kernel's (fwd_sm80_mma_sync.cuh): "A·Bᵀ" with both operands
 // row-major in swizzled shared memory (S = Q·Kᵀ), and "P·B" with P packed from accumulators into
 // A fragments and B read with ldmatrix.trans (O += P·V).
+//
+// With kDropout (the dropout twins) both kernels regenerate the forward's mask Z (dropout.cuh),
+// Z = kept / (1 − p): dS = P ∘ (dP ∘ Z − Δ) in both, and dV = Σ (P ∘ kept)ᵀ·dO scaled by 1 / (1 − p)
+// once at the end. Δ = rowsum(dO ∘ O) from the dropped O needs no change.
 #pragma once
 
 #include "backward_rows.cuh"  // lse_log2, warp_row_delta
+#include "dropout.cuh"
 #include "mma_sm80.cuh"
 
 namespace flashmlir {
@@ -115,12 +120,13 @@ struct BwdConfig {
 
 // ---- dQ (and Δ) ----------------------------------------------------------------------------------
 // 16 · kWarps query rows per block, kBlockN keys per tile.
-template <typename T, int kD, int kBlockM, int kBlockN, int kWarps>
+template <typename T, int kD, int kBlockM, int kBlockN, int kWarps, bool kDropout = false>
 __device__ __forceinline__ void attention_bwd_dq_sm80(const T* __restrict__ q, const T* __restrict__ k,
                                                       const T* __restrict__ v, const T* __restrict__ o,
                                                       const T* __restrict__ d_o, const float* __restrict__ lse,
                                                       T* __restrict__ dq, float* __restrict__ delta, int group,
-                                                      int seq_q, int seq_k, float scale, bool causal) {
+                                                      int seq_q, int seq_k, float scale, bool causal,
+                                                      Dropout dropout = {}) {
   using Cfg = BwdConfig<T, kD, kBlockM, kBlockN, kWarps>;
   constexpr int kRows = Cfg::kRows;
   constexpr int kNTiles = kBlockN / 8;
@@ -169,6 +175,7 @@ __device__ __forceinline__ void attention_bwd_dq_sm80(const T* __restrict__ q, c
   const float scale_log2 = scale * kLog2e;
   const int warp_row0 = warp * 16;
   const int lane_row = q0 + warp_row0 + (lane >> 2);  // this thread's rows: lane_row, lane_row + 8
+  const uint32_t dropout_seed = kDropout ? static_cast<uint32_t>(*dropout.seed) : 0u;
   float dq_acc[kD / 8][4];
   zero(dq_acc);
   __syncthreads();  // row_delta, row_lse2
@@ -199,18 +206,44 @@ __device__ __forceinline__ void attention_bwd_dq_sm80(const T* __restrict__ q, c
 
     const int key0 = j * kBlockN;
     const bool masked = key0 + kBlockN > seq_k || (causal && key0 + kBlockN - 1 > q0 + warp_row0);
+    if constexpr (kDropout) {
+      // Rows lane_row and lane_row + 8 are a pair of dropout.cuh: one hash for key e of tile n of
+      // both, its low half for the first row (h = 0).
+      const uint32_t start = dropout_start(
+          static_cast<uint32_t>(bh * seq_q + lane_row) * static_cast<uint32_t>(seq_k) + key0 + (lane & 3) * 2,
+          dropout_seed);
 #pragma unroll
-    for (int n = 0; n < kNTiles; ++n)
+      for (int n = 0; n < kNTiles; ++n)
 #pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        const int h = c >> 1;
-        float p = fast_exp2(s[n][c] * scale_log2 - my_lse2[h]);
-        if (masked) {
-          const int key = key0 + n * 8 + (lane & 3) * 2 + (c & 1);
-          if (key >= seq_k || (causal && key > lane_row + 8 * h)) p = 0.f;
+        for (int e = 0; e < 2; ++e) {
+          const uint32_t mixed = dropout_mix(start + static_cast<uint32_t>(8 * n + e) * kDropoutGolden);
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int c = 2 * h + e;
+            float p = fast_exp2(s[n][c] * scale_log2 - my_lse2[h]);
+            if (masked) {
+              const int key = key0 + n * 8 + (lane & 3) * 2 + e;
+              if (key >= seq_k || (causal && key > lane_row + 8 * h)) p = 0.f;
+            }
+            const bool kept = h == 0 ? dropout_keeps_low(mixed, dropout.threshold)
+                                     : dropout_keeps_high(mixed, dropout.threshold);
+            s[n][c] = p * ((kept ? dp[n][c] * dropout.scale : 0.f) - my_delta[h]);  // dS
+          }
         }
-        s[n][c] = p * (dp[n][c] - my_delta[h]);  // dS
-      }
+    } else {
+#pragma unroll
+      for (int n = 0; n < kNTiles; ++n)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const int h = c >> 1;
+          float p = fast_exp2(s[n][c] * scale_log2 - my_lse2[h]);
+          if (masked) {
+            const int key = key0 + n * 8 + (lane & 3) * 2 + (c & 1);
+            if (key >= seq_k || (causal && key > lane_row + 8 * h)) p = 0.f;
+          }
+          s[n][c] = p * (dp[n][c] - my_delta[h]);  // dS
+        }
+    }
     uint32_t ds[kNTiles / 2][4];
     pack_a<T, kNTiles>(ds, s);
     mma_pb<T, kD, kNTiles / 2>(dq_acc, ds, tile_k(stage));
@@ -221,13 +254,13 @@ __device__ __forceinline__ void attention_bwd_dq_sm80(const T* __restrict__ q, c
 
 // ---- dK, dV ---------------------------------------------------------------------------------------
 // 16 · kWarps keys per block, kBlockM queries per tile.
-template <typename T, int kD, int kBlockM, int kBlockN, int kWarps>
+template <typename T, int kD, int kBlockM, int kBlockN, int kWarps, bool kDropout = false>
 __device__ __forceinline__ void attention_bwd_dkdv_sm80(const T* __restrict__ q, const T* __restrict__ k,
                                                         const T* __restrict__ v, const T* __restrict__ d_o,
                                                         const float* __restrict__ lse,
                                                         const float* __restrict__ delta, T* __restrict__ dk,
                                                         T* __restrict__ dv, int group, int seq_q, int seq_k,
-                                                        float scale, bool causal) {
+                                                        float scale, bool causal, Dropout dropout = {}) {
   using Cfg = BwdConfig<T, kD, kBlockM, kBlockN, kWarps>;
   constexpr int kMTiles = kBlockM / 8;  // 8-query column tiles of Sᵀ
   extern __shared__ __align__(128) unsigned char shared[];
@@ -274,6 +307,8 @@ __device__ __forceinline__ void attention_bwd_dkdv_sm80(const T* __restrict__ q,
   const float scale_log2 = scale * kLog2e;
   const int warp_key0 = warp * 16;
   const int lane_key = k0 + warp_key0 + (lane >> 2);  // this thread's keys: lane_key, lane_key + 8
+  const uint32_t dropout_seed = kDropout ? static_cast<uint32_t>(*dropout.seed) : 0u;
+  const uint32_t query_step = static_cast<uint32_t>(seq_k) * kDropoutGolden;  // the next query's x, same key
   float dk_acc[kD / 8][4], dv_acc[kD / 8][4];
   zero(dk_acc);
   zero(dv_acc);
@@ -298,16 +333,43 @@ __device__ __forceinline__ void attention_bwd_dkdv_sm80(const T* __restrict__ q,
     const bool masked = causal && k0 + warp_key0 + 15 > row0;
     const float* lse2 = stage_lse2(stage);
     const float* dlt = stage_delta(stage);
+    if constexpr (kDropout) {
+      // Query columns n·8 + … of tiles n and n + 1 (n even) are rows r and r + 8 of an aligned
+      // group of 16 (row0 is a multiple of 16), a pair of dropout.cuh: one hash for both, from the
+      // first's index, its low half for tile n. Accumulator c is key lane_key + 8·(c / 2), query
+      // column 8n + 2·(lane % 4) + c % 2.
+      const uint32_t bh = static_cast<uint32_t>(bh_kv * group + t / per_head);
+      const uint32_t start = dropout_start(
+          (bh * seq_q + row0 + (lane & 3) * 2) * static_cast<uint32_t>(seq_k) + lane_key, dropout_seed);
 #pragma unroll
-    for (int n = 0; n < kMTiles; ++n)
+      for (int n = 0; n < kMTiles; n += 2)
 #pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        const int col = n * 8 + (lane & 3) * 2 + (c & 1);  // query, in the tile
-        float p = fast_exp2(s[n][c] * scale_log2 - lse2[col]);
-        if (masked && lane_key + 8 * (c >> 1) > row0 + col) p = 0.f;
-        s[n][c] = p;                          // Pᵀ
-        dp[n][c] = p * (dp[n][c] - dlt[col]);  // dSᵀ
-      }
+        for (int c = 0; c < 4; ++c) {
+          const uint32_t step = static_cast<uint32_t>(n * 8 + (c & 1)) * query_step + (c >> 1) * 8 * kDropoutGolden;
+          const uint32_t mixed = dropout_mix(start + step);
+#pragma unroll
+          for (int second = 0; second < 2; ++second) {
+            const int col = (n + second) * 8 + (lane & 3) * 2 + (c & 1);  // query, in the tile
+            float p = fast_exp2(s[n + second][c] * scale_log2 - lse2[col]);
+            if (masked && lane_key + 8 * (c >> 1) > row0 + col) p = 0.f;
+            const bool kept = second == 0 ? dropout_keeps_low(mixed, dropout.threshold)
+                                          : dropout_keeps_high(mixed, dropout.threshold);
+            s[n + second][c] = kept ? p : 0.f;                                                  // (P ∘ kept)ᵀ
+            dp[n + second][c] = p * ((kept ? dp[n + second][c] * dropout.scale : 0.f) - dlt[col]);  // dSᵀ
+          }
+        }
+    } else {
+#pragma unroll
+      for (int n = 0; n < kMTiles; ++n)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const int col = n * 8 + (lane & 3) * 2 + (c & 1);  // query, in the tile
+          float p = fast_exp2(s[n][c] * scale_log2 - lse2[col]);
+          if (masked && lane_key + 8 * (c >> 1) > row0 + col) p = 0.f;
+          s[n][c] = p;                          // Pᵀ
+          dp[n][c] = p * (dp[n][c] - dlt[col]);  // dSᵀ
+        }
+    }
     uint32_t pa[kMTiles / 2][4];
     pack_a<T, kMTiles>(pa, s);
     mma_pb<T, kD, kMTiles / 2>(dv_acc, pa, tile_do(stage));  // dV += Pᵀ·dO
@@ -317,7 +379,7 @@ __device__ __forceinline__ void attention_bwd_dkdv_sm80(const T* __restrict__ q,
   }
   cp_async_wait<0>();  // (nothing left in flight when there was no work item)
   store_rows<T, kD>(dk + bh_kv * seq_k * kD, dk_acc, lane_key, seq_k, scale);
-  store_rows<T, kD>(dv + bh_kv * seq_k * kD, dv_acc, lane_key, seq_k, 1.f);
+  store_rows<T, kD>(dv + bh_kv * seq_k * kD, dv_acc, lane_key, seq_k, kDropout ? dropout.scale : 1.f);
 }
 
 }  // namespace bwd

@@ -7,8 +7,12 @@
 //
 // exports  flashmlir_attention_fwd_sm80_<f16|bf16>_d<D>      (q, k, v, o, constants)
 //          flashmlir_attention_fwd_sm80_<f16|bf16>_d<D>_lse  (q, k, v, o, lse, constants)
+//          flashmlir_attention_fwd_sm80_<f16|bf16>_d<D>_lse_dropout
+//                                                       (q, k, v, seed, o, lse, constants, threshold, keep scale)
 // constants group (Hq / Hkv), seq_q, seq_k, scale (f32 bits), causal (0 or 1), batch_heads
 //           (B·Hq: every CUDA kernel takes it; the persistent sm_90 one reads it, its grid has no heads)
+// The dropout entry (the training forward; dropout.cuh) also reads an int64 seed from device memory
+// and takes ⌈p · 2¹⁶⌉ and 1 / (1 − p) (f32 bits) after the constants, as the sm_90 one does.
 #include "fwd_sm80_mma_sync.cuh"
 #include "kernel_entry.cuh"
 
@@ -48,4 +52,15 @@ extern "C" __global__ void __launch_bounds__(Config::kThreads)
                          uint32_t seq_k, uint32_t scale_bits, uint32_t causal, uint32_t batch_heads) {
   flashmlir::attention_fwd_sm80<Element, kHeadDim, kBlockM, kBlockN, kWarps>(
       q, k, v, o, lse, group, seq_q, seq_k, __uint_as_float(scale_bits), causal != 0);
+}
+
+extern "C" __global__ void __launch_bounds__(Config::kThreads)
+    FLASHMLIR_CAT(FLASHMLIR_KERNEL_LSE, _dropout, , )(
+        const Element* __restrict__ q, const Element* __restrict__ k, const Element* __restrict__ v,
+        const int64_t* __restrict__ seed, Element* __restrict__ o, float* __restrict__ lse, uint32_t group,
+        uint32_t seq_q, uint32_t seq_k, uint32_t scale_bits, uint32_t causal, uint32_t batch_heads,
+        uint32_t dropout_threshold, uint32_t dropout_scale_bits) {
+  flashmlir::attention_fwd_sm80<Element, kHeadDim, kBlockM, kBlockN, kWarps, true>(
+      q, k, v, o, lse, group, seq_q, seq_k, __uint_as_float(scale_bits), causal != 0,
+      flashmlir::Dropout{seed, dropout_threshold, __uint_as_float(dropout_scale_bits)});
 }

@@ -11,9 +11,12 @@
 // in registers from S's accumulator layout straight into the A-operand layout of the second MMA.
 // The row statistics are online_softmax.cuh's (exp2 domain, scale · log2 e folded in); O and the
 // row sums are rescaled only when a row's shift moves and divided once at the end. Blocks of a
-// causal grid run longest first.
+// causal grid run longest first. With kDropout (the training forward's twin, `_lse_dropout`) P is
+// dropped by dropout.cuh's seeded hash after the row sums took it in and before P·V, and O takes
+// the kept values' scale 1 / (1 − p) with 1 / ℓ.
 #pragma once
 
+#include "dropout.cuh"
 #include "mma_sm80.cuh"
 #include "online_softmax.cuh"
 
@@ -36,11 +39,11 @@ struct FwdConfig {
   static_assert(kWarpRows % 16 == 0 && kBlockN % 16 == 0 && kD % 64 == 0, "unsupported tile shape");
 };
 
-template <typename T, int kD, int kBlockM, int kBlockN, int kWarps>
+template <typename T, int kD, int kBlockM, int kBlockN, int kWarps, bool kDropout = false>
 __device__ __forceinline__ void attention_fwd_sm80(const T* __restrict__ q, const T* __restrict__ k,
                                                    const T* __restrict__ v, T* __restrict__ o,
                                                    float* __restrict__ lse, int group, int seq_q, int seq_k,
-                                                   float scale, bool causal) {
+                                                   float scale, bool causal, Dropout dropout = {}) {
   using Cfg = FwdConfig<T, kD, kBlockM, kBlockN, kWarps>;
   using E = Element<T>;
   constexpr int kChunks = kD / 8;
@@ -93,6 +96,7 @@ __device__ __forceinline__ void attention_fwd_sm80(const T* __restrict__ q, cons
   const float scale_log2 = scale * kLog2e;
   // This thread's rows: row(mt, h) = q0 + warp_row0 + 16 mt + 8 h + lane / 4.
   const int lane_row = q0 + warp_row0 + (lane >> 2);
+  const uint32_t dropout_seed = kDropout ? static_cast<uint32_t>(*dropout.seed) : 0u;
   float row_max[kMTiles][2], row_sum[kMTiles][2];
   float acc[kMTiles][kDTiles][4];
 #pragma unroll
@@ -206,6 +210,26 @@ __device__ __forceinline__ void attention_fwd_sm80(const T* __restrict__ q, cons
         }
         row_sum[mt][h] = fmaf(row_sum[mt][h], rescale[mt][h], sum[0] + sum[1]);
       }
+    if constexpr (kDropout) {
+      // Rows lane_row + 16 mt and the one 8 below are a pair of dropout.cuh (an aligned 16-row
+      // group's r and r + 8): one hash for both, its low half for the first. Key 8n + 2·(lane % 4)
+      // + e of the tile is half e of the packed word (row h) that holds it.
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt) {
+        const uint32_t row_index = static_cast<uint32_t>(bh * seq_q + lane_row + 16 * mt);
+        const uint32_t start =
+            dropout_start(row_index * static_cast<uint32_t>(seq_k) + key0 + (lane & 3) * 2, dropout_seed);
+#pragma unroll
+        for (int n = 0; n < kNTiles; ++n)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const uint32_t mixed = dropout_mix(start + static_cast<uint32_t>(8 * n + e) * kDropoutGolden);
+            const uint32_t half = 0xFFFFu << (16 * e);  // key e of the word
+            if (!dropout_keeps_low(mixed, dropout.threshold)) p[mt][n / 2][(n & 1) * 2] &= ~half;
+            if (!dropout_keeps_high(mixed, dropout.threshold)) p[mt][n / 2][(n & 1) * 2 + 1] &= ~half;
+          }
+      }
+    }
 
     if (prefetch) {
       cp_async_wait<2>();  // V(j) has landed
@@ -255,7 +279,7 @@ __device__ __forceinline__ void attention_fwd_sm80(const T* __restrict__ q, cons
       float sum = row_sum[mt][h];
       sum += __shfl_xor_sync(0xffffffff, sum, 1);
       sum += __shfl_xor_sync(0xffffffff, sum, 2);
-      const float inv = sum == 0.f ? 0.f : 1.f / sum;
+      const float inv = sum == 0.f ? 0.f : (kDropout ? dropout.scale : 1.f) / sum;
       const int row = lane_row + mt * 16 + h * 8;
       if (row >= seq_q) continue;
       if (lse != nullptr && (lane & 3) == 0)
