@@ -50,7 +50,9 @@ ELEMENTS = {"fp16": ("f16", "half"), "bf16": ("bf16", "__nv_bfloat16")}
 
 
 def _kernel(family: str, variant: str, element: str, head_dim: int, out_dir: Path) -> CudaAttentionKernel:
-    variant, _, tag = variant_switches(variant)
+    variant, switches, tag = variant_switches(variant)
+    # `:PERSISTENT=0|1` changes the grid the launch needs as well as the code.
+    persistent = next((s.endswith("=1") for s in switches if s.startswith("-DFLASHMLIR_PERSISTENT=")), None)
     path = out_dir / f"{family}_{variant}{tag}_{element}_d{head_dim}.cubin"
     if family == "sm90":
         found = re.fullmatch(r"(?:m(\d+))?n(\d+)s(\d+)(p?)([tT]?)", variant)
@@ -60,7 +62,7 @@ def _kernel(family: str, variant: str, element: str, head_dim: int, out_dir: Pat
         warps = 4 * (block_m // 64 + 1)  # a producer warpgroup and a consumer per 64 rows
         return CudaAttentionKernel("attention_fwd_sm90", element, head_dim, block_m, int(found[2]), warps,
                                    "sm_90a", path, int(found[3]), found[4] == "p",
-                                   tma=found[5] != "", tma_store=found[5] == "T")
+                                   tma=found[5] != "", tma_store=found[5] == "T", persistent_override=persistent)
     block_m, block_n, warps = (int(x) for x in variant.split("x"))
     return CudaAttentionKernel("attention_fwd_sm80", element, head_dim, block_m, block_n, warps, "sm_80", path)
 

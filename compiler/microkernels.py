@@ -74,6 +74,9 @@ class CudaAttentionKernel:
     tma: bool = False
     # With `tma`: O leaves through the copy engine too, from a shared tile per consumer warpgroup.
     tma_store: bool = False
+    # sm_90: a build whose Sm90Config::kPersistent was set by -DFLASHMLIR_PERSISTENT (benchmarks'
+    # A/Bs; the catalog's entries leave it None: `persistent` follows the head dim).
+    persistent_override: bool | None = None
 
     @property
     def tag(self) -> str:
@@ -122,7 +125,10 @@ class CudaAttentionKernel:
     @property
     def persistent(self) -> bool:
         """Whether a workgroup can take tiles one after another (the sm_90 kernel below head dim 256:
-        `Sm90Config::kPersistent`); `grid` decides whether it does."""
+        `Sm90Config::kPersistent`, unless `persistent_override` says otherwise, as a build with
+        -DFLASHMLIR_PERSISTENT does); `grid` decides whether it does."""
+        if self.persistent_override is not None:
+            return self.persistent_override
         return self.family == "attention_fwd_sm90" and self.head_dim < 256
 
     @property

@@ -208,7 +208,11 @@ struct Sm90Config {
   // consumers have no registers left for the loop's state: ptxas spilled inside the key loop
   // (~100 bytes against 8 with cp.async, 170 against none with TMA) and the long sequences lost
   // 10%, so there a block takes one.
+#ifdef FLASHMLIR_PERSISTENT  // an A/B (microkernel_sweep.py `:PERSISTENT=1`)
+  static constexpr bool kPersistent = FLASHMLIR_PERSISTENT != 0;
+#else
   static constexpr bool kPersistent = kD < 256;
+#endif
   // Per consumer thread: O (kD / 2), S (kBlockN / 2) and two sets of P (kBlockN / 4 each).
   static_assert(kD / 2 + kBlockN / 2 + kBlockN / 2 <= kConsumerRegisters - 32, "too many accumulators for the consumers");
 };
