@@ -53,6 +53,9 @@ for step in "$@"; do
                   compute-sanitizer --tool $tool --print-limit 5 python benchmarks/profile_microkernel.py \
                     --seq 333 --batch 1 --heads 4 --kv-heads 2 --causal --head-dim $d --backward 2>&1 | tail -2 || status=1
                 done
+                # the dropout twins (sm_90 and sm_80), forward and backward, odd lengths, GQA
+                compute-sanitizer --tool $tool --print-limit 5 python -m pytest -q -p no:cacheprovider \
+                  tests/gpu/test_dropout_kernels.py -k "f16 and not bf16 and (333-517 or 129-77)" 2>&1 | tail -2 || status=1
               done ;;
     profile) ncu --section WarpStateStats --section ComputeWorkloadAnalysis --section SchedulerStats \
                --section MemoryWorkloadAnalysis --section Occupancy -k regex:flash -s 1 -c 3 \

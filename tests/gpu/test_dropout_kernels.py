@@ -136,6 +136,52 @@ def test_training_with_dropout_runs_the_dropout_kernels_through_torch_compile(dt
         assert _error(got, ref) < TOLERANCE[dtype], f"d{name}: {_error(got, ref):.2e}"
 
 
+def test_deterministic_training_with_dropout_regenerates_the_mask_in_the_sm80_backward(monkeypatch):
+    """Under torch.use_deterministic_algorithms the backward is the sm_80 pair (no order-varying dQ
+    sum) while the forward stays sm_90's: its twins must regenerate the sm_90 forward's mask bit for
+    bit. Gradients against float64 with the graph's seed, and equal over two backward calls."""
+    _runs("sm_90")
+    from flashmlir.runtime import cuda_launcher
+
+    families, seeds = [], []
+    build = cuda_launcher.AttentionBackwardLaunch.__init__
+    call = cuda_launcher.AttentionBackwardLaunch.__call__
+
+    def spy_init(self, kernel, *args, **kwargs):
+        families.append(kernel.family)
+        build(self, kernel, *args, **kwargs)
+
+    def spy_call(self, *args):
+        seeds.append(args[-1].clone())
+        return call(self, *args)
+
+    monkeypatch.setattr(cuda_launcher.AttentionBackwardLaunch, "__init__", spy_init)
+    monkeypatch.setattr(cuda_launcher.AttentionBackwardLaunch, "__call__", spy_call)
+    q = torch.randn(2, 4, 333, 128, device="cuda", dtype=torch.float16, requires_grad=True)
+    k, v = (torch.randn(2, 2, 333, 128, device="cuda", dtype=torch.float16, requires_grad=True) for _ in range(2))
+
+    def attention(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=0.1, is_causal=True, enable_gqa=True)
+
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        out = torch.compile(attention, backend="flashmlir")(q, k, v)
+        d_o = torch.randn_like(out)
+        first = torch.autograd.grad(out, (q, k, v), d_o, retain_graph=True)
+        second = torch.autograd.grad(out, (q, k, v), d_o)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert families and set(families) == {"attention_bwd_sm80"}, families
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    want = torch.ops.flashmlir.attention(q64, k64, v64, None, 0.1, True, None, seeds[0])
+    want_grads = torch.autograd.grad(want, (q64, k64, v64), d_o.double())
+    assert _error(out.detach(), want.detach()) < TOLERANCE[torch.float16]
+    for name, g, w in zip("qkv", first, want_grads, strict=True):
+        assert _error(g, w) < TOLERANCE[torch.float16], f"d{name}: {_error(g, w):.2e}"
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("target", ["sm_90", "sm_80"])
 def test_dropout_pair_through_iree_matches_float64_with_its_seed(target, dtype):
