@@ -164,7 +164,7 @@ class AttentionBackwardLaunch:
         batch = math.prod(lead)
         scale = d ** -0.5 if scale is None else scale
         if dropout_p and not kernel.dropout:
-            raise ValueError(f"{kernel.family}: no dropout twin of its dkdv kernel")
+            raise ValueError(f"{kernel.family}: its backward kernels have no dropout twins")
         self._constants = [hq // hkv, sq, sk, f32_bits(scale), int(causal), batch * hq]
         # A dropout twin takes the seed after its inputs and two more constants.
         self._dropout = dropout_constants(dropout_p) if dropout_p else None
