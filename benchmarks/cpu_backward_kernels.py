@@ -2,6 +2,7 @@
 
     python benchmarks/cpu_backward_kernels.py                      # the host's best ISA, 1 and 2 threads
     python benchmarks/cpu_backward_kernels.py --tiles 2x3 2x2 1x4  # a sweep of row_vectors x key_tile
+    python benchmarks/cpu_backward_kernels.py --tiles 2x3 2x3:DKDV_ROWS=24 --interleaved  # an A/B of a switch
 
 Each tile variant is compiled here from runtime/microkernels/attention/bwd_cpu.c for the host's
 best instruction set (as the build does, -march=x86-64-v4 or -v3), as a shared library Python
@@ -9,7 +10,9 @@ calls (ctypes) without IREE: `threads` workgroups, one per Python thread (ctypes
 GIL), each taking its share of the items as under IREE. Every variant is first checked against
 float64 autograd, both ways. Times: the best of `--repeats` calls after one warm-up; GFLOP/s
 count the backward as 2.5× the forward's 4·B·H·S²·D (half that when causal), whatever a variant
-recomputes. B=1 H=8 fp32.
+recomputes. B=1 H=8 fp32. `--interleaved` times only the one-pass kernel, every variant in turn
+(best of `--repeats` rounds), against the first: on a small shared machine a variant timed after
+another saw a different machine, and short calls moved by ±25% between runs.
 """
 
 from __future__ import annotations
@@ -43,10 +46,12 @@ def _kernel():
 
 class Kernels:
     def __init__(self, tiles: str, march: str, out_dir: Path):
-        row_vectors, key_tile = tiles.split("x")
-        library = out_dir / f"bwd_{tiles}.so"
+        shape, _, rest = tiles.partition(":")  # `:NAME=V,...`: -DFLASHMLIR_NAME=V, an A/B of a switch
+        row_vectors, key_tile = shape.split("x")
+        switches = [f"-DFLASHMLIR_{switch}" for switch in rest.split(",") if switch]
+        library = out_dir / f"bwd_{tiles.replace(':', '_').replace(',', '_').replace('=', '')}.so"
         subprocess.run([os.environ.get("CC", "cc"), "-std=c17", "-O3", f"-march={march}", "-shared", "-fPIC",
-                        f"-DFLASHMLIR_ROW_VECTORS={row_vectors}", f"-DFLASHMLIR_KEY_TILE={key_tile}",
+                        f"-DFLASHMLIR_ROW_VECTORS={row_vectors}", f"-DFLASHMLIR_KEY_TILE={key_tile}", *switches,
                         str(ROOT / "attention" / "bwd_cpu.c"), "-o", str(library)], check=True)
         self.tiles = tiles
         self._library = ctypes.CDLL(str(library))
@@ -108,14 +113,69 @@ def main() -> None:
     p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--interleaved", action="store_true", help="one pass only, the variants in turn, vs the first")
     p.add_argument("--markdown")
     args = p.parse_args()
     kernel = _kernel()
-    catalog_tiles = "x".join(d.split("=")[1] for d in kernel.defines)  # row_vectors x key_tile
+    values = dict(d.removeprefix("-DFLASHMLIR_").split("=") for d in kernel.defines)
+    catalog_tiles = f"{values.pop('ROW_VECTORS')}x{values.pop('KEY_TILE')}"  # row_vectors x key_tile[:the rest]
+    if values:
+        catalog_tiles += ":" + ",".join(f"{name}={value}" for name, value in values.items())
     out_dir = Path(tempfile.mkdtemp(prefix="flashmlir-cpu-bwd-"))
     variants = [Kernels(t, kernel.march, out_dir) for t in args.tiles or [catalog_tiles]]
     for kernels in variants:
         print(f"{kernels.tiles}: worst rel. error vs float64 {check(kernels):.1e}", flush=True)
+    if args.interleaved:
+        lines = interleaved(variants, args)
+        title = "one pass, variants timed in turn"
+    else:
+        lines = split_against_one_pass(variants, args)
+        title = "split vs one pass"
+    text = (f"# CPU backward kernels, {title}, {time.strftime('%Y-%m-%d')}\n\n"
+            f"-march={kernel.march} ({kernel.isa}), fp32, B=1 H=8, called directly (no IREE); best of "
+            f"{args.repeats}. `python benchmarks/cpu_backward_kernels.py`\n\n" + "\n".join(lines) + "\n")
+    print("\n" + text)
+    if args.markdown:
+        Path(args.markdown).write_text(text)
+
+
+def _problem(seq: int, d: int):
+    torch.manual_seed(seq)
+    q, k, v, grad = (torch.randn(1, 8, seq, d) for _ in range(4))
+    o, lse = torch.randn_like(q) * 0.1, torch.rand(1, 8, seq) + 5  # timing only
+    return q, k, v, o, grad, lse
+
+
+def _flops(seq: int, d: int, causal: bool) -> float:
+    return 2.5 * 4 * 8 * seq * seq * d * (0.5 if causal else 1.0)
+
+
+def interleaved(variants: list[Kernels], args) -> list[str]:
+    lines = ["| threads | hdim | seq | causal | " + " | ".join(f"{v.tiles} GF/s" for v in variants)
+             + " | " + " | ".join(f"{v.tiles} vs {variants[0].tiles}" for v in variants[1:]) + " |",
+             "|---:|---:|---:|:-:|" + "---:|" * (2 * len(variants) - 1)]
+    for threads in args.threads:
+        for d in args.head_dims:
+            for seq in args.seqs:
+                for causal in (False, True):
+                    q, k, v, o, grad, lse = _problem(seq, d)
+                    best = [float("inf")] * len(variants)
+                    for kernels in variants:  # warm-up
+                        kernels(True, q, k, v, o, grad, lse, causal, d ** -0.5, threads)
+                    for _ in range(args.repeats):
+                        for i, kernels in enumerate(variants):
+                            start = time.perf_counter()
+                            kernels(True, q, k, v, o, grad, lse, causal, d ** -0.5, threads)
+                            best[i] = min(best[i], time.perf_counter() - start)
+                    flops = _flops(seq, d, causal)
+                    lines.append(f"| {threads} | {d} | {seq} | {'yes' if causal else 'no'} | "
+                                 + " | ".join(f"{flops / t / 1e9:.0f}" for t in best) + " | "
+                                 + " | ".join(f"{best[0] / t:.2f}x" for t in best[1:]) + " |")
+                    print(lines[-1], flush=True)
+    return lines
+
+
+def split_against_one_pass(variants: list[Kernels], args) -> list[str]:
     lines = ["| tiles | threads | hdim | seq | causal | split ms | split GF/s | one pass ms | one pass GF/s | one pass vs split |",
              "|---|---:|---:|---:|:-:|---:|---:|---:|---:|---:|"]
     for kernels in variants:
@@ -123,9 +183,7 @@ def main() -> None:
             for d in args.head_dims:
                 for seq in args.seqs:
                     for causal in (False, True):
-                        torch.manual_seed(seq)
-                        q, k, v, grad = (torch.randn(1, 8, seq, d) for _ in range(4))
-                        o, lse = torch.randn_like(q) * 0.1, torch.rand(1, 8, seq) + 5  # timing only
+                        q, k, v, o, grad, lse = _problem(seq, d)
                         best = {}
                         for fused in (False, True):
                             kernels(fused, q, k, v, o, grad, lse, causal, d ** -0.5, threads)
@@ -135,18 +193,13 @@ def main() -> None:
                                 kernels(fused, q, k, v, o, grad, lse, causal, d ** -0.5, threads)
                                 times.append(time.perf_counter() - start)
                             best[fused] = min(times)
-                        flops = 2.5 * 4 * 8 * seq * seq * d * (0.5 if causal else 1.0)
+                        flops = _flops(seq, d, causal)
                         lines.append(f"| {kernels.tiles} | {threads} | {d} | {seq} | {'yes' if causal else 'no'} | "
                                      f"{best[False] * 1e3:.1f} | {flops / best[False] / 1e9:.0f} | "
                                      f"{best[True] * 1e3:.1f} | {flops / best[True] / 1e9:.0f} | "
                                      f"{best[False] / best[True]:.2f}x |")
                         print(lines[-1], flush=True)
-    text = (f"# CPU backward kernels, split vs one pass, {time.strftime('%Y-%m-%d')}\n\n"
-            f"-march={kernel.march} ({kernel.isa}), fp32, B=1 H=8, called directly (no IREE); best of "
-            f"{args.repeats}. `python benchmarks/cpu_backward_kernels.py`\n\n" + "\n".join(lines) + "\n")
-    print("\n" + text)
-    if args.markdown:
-        Path(args.markdown).write_text(text)
+    return lines
 
 
 if __name__ == "__main__":

@@ -24,6 +24,10 @@
 //           recompute S and dP for dQ), and still deterministic: one workgroup owns a head's dQ.
 //           Only worth it where the heads share out evenly between the threads (the pass decides:
 //           compiler/microkernels.py, CpuAttentionKernel.fused_backward).
+// With FLASHMLIR_DKDV_ROWS (catalog `dkdv_rows`) _dkdv and _fused keep that many rows' P and dS in a
+// small buffer and update dKᵀ, dVᵀ once for all of them (dkdv_update), instead of loading and
+// storing both D × kBlock tiles for every register tile: +4-22% at head dim 128 on a Zen 3
+// (benchmarks/results/cpu-2026-12-02-avx2-dkdv-rows.md).
 #include <stddef.h>
 #include <stdint.h>
 
@@ -39,11 +43,17 @@
 #ifndef FLASHMLIR_KEY_TILE
 #define FLASHMLIR_KEY_TILE 4
 #endif
+#ifndef FLASHMLIR_DKDV_ROWS
+#define FLASHMLIR_DKDV_ROWS 0
+#endif
 
 enum {
   kVectors = FLASHMLIR_ROW_VECTORS,  // vectors along a block
   kBlock = kLanes * kVectors,        // query rows (_dq) or keys (_dkdv) per item
   kTile = FLASHMLIR_KEY_TILE,        // keys (_dq) or query rows (_dkdv) per register tile
+  // _dkdv and _fused: query rows whose P and dS are kept (in a small buffer) before dKᵀ and dVᵀ
+  // take them in one pass over the head dim; 0: each register tile updates them itself.
+  kDkdvRows = FLASHMLIR_DKDV_ROWS,
 };
 
 // lse in the exp2 domain; +inf for a row that attends nothing (then every P is 0).
@@ -199,7 +209,7 @@ FLASHMLIR_INLINE void dkdv_tile(
     const float* restrict kt, const float* restrict vt, float* restrict dkt, float* restrict dvt,
     const float* restrict krow, float* restrict dqrow, size_t keys, const vf* key, vmask const* in_range,
     size_t D, size_t i, float c, int causal, Dropout drop, const vu* key_x, uint32_t head_x, uint32_t row_step,
-    const int width) {
+    float* restrict pbuf, float* restrict dsbuf, const int width) {
   vf s[kTile][kVectors], dp[kTile][kVectors];
   two_products(qrow, dorow, kt, vt, D, width, s, dp);  // S = Q·Kᵀ, dP = dO·Vᵀ
   const vf cv = vset1(c);
@@ -222,6 +232,15 @@ FLASHMLIR_INLINE void dkdv_tile(
       }
     }
   }
+  if (pbuf) {  // dKᵀ and dVᵀ take these rows later (dkdv_update)
+    for (int t = 0; t < width; ++t)
+      for (int r = 0; r < kVectors; ++r) {
+        vstore(pbuf + t * kBlock + r * kLanes, s[t][r]);
+        vstore(dsbuf + t * kBlock + r * kLanes, dp[t][r]);
+      }
+    if (dqrow) dq_add(dp, krow, dqrow, keys, D, width);
+    return;
+  }
   for (size_t d = 0; d < D; ++d) {
     vf dk[kVectors], dv[kVectors];
     for (int r = 0; r < kVectors; ++r) {
@@ -241,6 +260,35 @@ FLASHMLIR_INLINE void dkdv_tile(
     }
   }
   if (dqrow) dq_add(dp, krow, dqrow, keys, D, width);
+}
+
+// dKᵀ += Qᵀ·dS and dVᵀ += dOᵀ·P over `rows` query rows whose P and dS (kBlock keys each) the
+// buffers hold: kStep head-dim entries at a time, their accumulators in registers over all the
+// rows, so that dKᵀ and dVᵀ are read and written once per kDkdvRows rows, not once per tile.
+FLASHMLIR_INLINE void dkdv_update(
+    const float* restrict qrows, const float* restrict dorows, const float* restrict pbuf,
+    const float* restrict dsbuf, size_t rows, float* restrict dkt, float* restrict dvt, size_t D) {
+  enum { kStep = 4 };  // 4 × kVectors accumulators (8 of AVX2's 16 registers at kVectors 2)
+  for (int which = 0; which < 2; ++which) {
+    const float* restrict a = which ? dorows : qrows;
+    const float* restrict b = which ? pbuf : dsbuf;
+    float* restrict out = which ? dvt : dkt;
+    for (size_t d0 = 0; d0 < D; d0 += kStep) {
+      vf acc[kStep][kVectors];
+      for (int x = 0; x < kStep; ++x)
+        for (int r = 0; r < kVectors; ++r) acc[x][r] = vload(out + (d0 + x) * kBlock + r * kLanes);
+      for (size_t t = 0; t < rows; ++t) {
+        vf bt[kVectors];
+        for (int r = 0; r < kVectors; ++r) bt[r] = vload(b + t * kBlock + r * kLanes);
+        for (int x = 0; x < kStep; ++x) {
+          const vf at = vset1(a[t * D + d0 + x]);
+          for (int r = 0; r < kVectors; ++r) acc[x][r] = vfmadd(at, bt[r], acc[x][r]);
+        }
+      }
+      for (int x = 0; x < kStep; ++x)
+        for (int r = 0; r < kVectors; ++r) vstore(out + (d0 + x) * kBlock + r * kLanes, acc[x][r]);
+    }
+  }
 }
 
 // `dq` null: the split's _dkdv; else the _fused kernel's dQ, added into.
@@ -283,13 +331,31 @@ FLASHMLIR_INLINE void dkdv_keys(
     float* restrict dqh = dq ? dq + bh * seq_q * D : 0;
     // x of (this head, row 0, key 0)
     const uint32_t head_x = (uint32_t)(bh * seq_q * seq_k) * kDropoutGolden + drop.seed;
+    if (kDkdvRows > 0) {
+      float pbuf[(kDkdvRows > 0 ? kDkdvRows : 1) * kBlock] __attribute__((aligned(64)));
+      float dsbuf[(kDkdvRows > 0 ? kDkdvRows : 1) * kBlock] __attribute__((aligned(64)));
+      for (size_t i0 = first; i0 < seq_q; i0 += kDkdvRows) {
+        const size_t rows = seq_q - i0 < kDkdvRows ? seq_q - i0 : kDkdvRows;
+        size_t i = i0;
+        for (; i + kTile <= i0 + rows; i += kTile)
+          dkdv_tile(qh + i * D, doh + i * D, lh + i, deh + i, kt, vt, dkt, dvt, k + key0 * D, dq ? dqh + i * D : 0,
+                    keys, key, in_range, D, i, c, causal, drop, key_x, head_x, row_step, pbuf + (i - i0) * kBlock,
+                    dsbuf + (i - i0) * kBlock, kTile);
+        for (; i < i0 + rows; ++i)
+          dkdv_tile(qh + i * D, doh + i * D, lh + i, deh + i, kt, vt, dkt, dvt, k + key0 * D, dq ? dqh + i * D : 0,
+                    keys, key, in_range, D, i, c, causal, drop, key_x, head_x, row_step, pbuf + (i - i0) * kBlock,
+                    dsbuf + (i - i0) * kBlock, 1);
+        dkdv_update(qh + i0 * D, doh + i0 * D, pbuf, dsbuf, rows, dkt, dvt, D);
+      }
+      continue;
+    }
     size_t i = first;
     for (; i + kTile <= seq_q; i += kTile)
       dkdv_tile(qh + i * D, doh + i * D, lh + i, deh + i, kt, vt, dkt, dvt, k + key0 * D, dq ? dqh + i * D : 0, keys,
-                key, in_range, D, i, c, causal, drop, key_x, head_x, row_step, kTile);
+                key, in_range, D, i, c, causal, drop, key_x, head_x, row_step, 0, 0, kTile);
     for (; i < seq_q; ++i)
       dkdv_tile(qh + i * D, doh + i * D, lh + i, deh + i, kt, vt, dkt, dvt, k + key0 * D, dq ? dqh + i * D : 0, keys,
-                key, in_range, D, i, c, causal, drop, key_x, head_x, row_step, 1);
+                key, in_range, D, i, c, causal, drop, key_x, head_x, row_step, 0, 0, 1);
   }
   for (size_t j = 0; j < keys; ++j)
     for (size_t d = 0; d < D; ++d) {
