@@ -2,7 +2,7 @@
 
     python benchmarks/cpu_backward_kernels.py                      # the host's best ISA, 1 and 2 threads
     python benchmarks/cpu_backward_kernels.py --tiles 2x3 2x2 1x4  # a sweep of row_vectors x key_tile
-    python benchmarks/cpu_backward_kernels.py --tiles 2x3 2x3:DKDV_ROWS=24 --interleaved  # an A/B of a switch
+    python benchmarks/cpu_backward_kernels.py --tiles 2x3 2x3:STREAM_ROWS=24 --interleaved  # an A/B of a switch
 
 Each tile variant is compiled here from runtime/microkernels/attention/bwd_cpu.c for the host's
 best instruction set (as the build does, -march=x86-64-v4 or -v3), as a shared library Python
@@ -10,7 +10,7 @@ calls (ctypes) without IREE: `threads` workgroups, one per Python thread (ctypes
 GIL), each taking its share of the items as under IREE. Every variant is first checked against
 float64 autograd, both ways. Times: the best of `--repeats` calls after one warm-up; GFLOP/s
 count the backward as 2.5× the forward's 4·B·H·S²·D (half that when causal), whatever a variant
-recomputes. B=1 H=8 fp32. `--interleaved` times only the one-pass kernel, every variant in turn
+recomputes. B=1 H=8 fp32. `--interleaved` times one kernel (`--kernel`), every variant in turn
 (best of `--repeats` rounds), against the first: on a small shared machine a variant timed after
 another saw a different machine, and short calls moved by ±25% between runs.
 """
@@ -113,7 +113,8 @@ def main() -> None:
     p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--interleaved", action="store_true", help="one pass only, the variants in turn, vs the first")
+    p.add_argument("--interleaved", action="store_true", help="one kernel, the variants in turn, vs the first")
+    p.add_argument("--kernel", choices=("one-pass", "split"), default="one-pass", help="what --interleaved times")
     p.add_argument("--markdown")
     args = p.parse_args()
     kernel = _kernel()
@@ -127,7 +128,7 @@ def main() -> None:
         print(f"{kernels.tiles}: worst rel. error vs float64 {check(kernels):.1e}", flush=True)
     if args.interleaved:
         lines = interleaved(variants, args)
-        title = "one pass, variants timed in turn"
+        title = f"{args.kernel}, variants timed in turn"
     else:
         lines = split_against_one_pass(variants, args)
         title = "split vs one pass"
@@ -160,12 +161,13 @@ def interleaved(variants: list[Kernels], args) -> list[str]:
                 for causal in (False, True):
                     q, k, v, o, grad, lse = _problem(seq, d)
                     best = [float("inf")] * len(variants)
+                    fused = args.kernel == "one-pass"
                     for kernels in variants:  # warm-up
-                        kernels(True, q, k, v, o, grad, lse, causal, d ** -0.5, threads)
+                        kernels(fused, q, k, v, o, grad, lse, causal, d ** -0.5, threads)
                     for _ in range(args.repeats):
                         for i, kernels in enumerate(variants):
                             start = time.perf_counter()
-                            kernels(True, q, k, v, o, grad, lse, causal, d ** -0.5, threads)
+                            kernels(fused, q, k, v, o, grad, lse, causal, d ** -0.5, threads)
                             best[i] = min(best[i], time.perf_counter() - start)
                     flops = _flops(seq, d, causal)
                     lines.append(f"| {threads} | {d} | {seq} | {'yes' if causal else 'no'} | "

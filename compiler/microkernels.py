@@ -22,7 +22,7 @@ from pathlib import Path
 from flashmlir import config
 
 CATALOG = "kernels.json"
-CPU_TILE_KEYS = ("row_vectors", "key_tile", "dim_tile", "keys", "dkdv_rows")  # as CMakeLists.txt passes them
+CPU_TILE_KEYS = ("row_vectors", "key_tile", "dim_tile", "keys", "stream_rows")  # as CMakeLists.txt passes them
 ELEMENT_BYTES = {"f16": 2, "bf16": 2}
 TENSOR_MAP_BYTES = 128  # a TMA tensor map (CUtensorMap), 128-aligned
 

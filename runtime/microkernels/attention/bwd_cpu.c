@@ -24,10 +24,10 @@
 //           recompute S and dP for dQ), and still deterministic: one workgroup owns a head's dQ.
 //           Only worth it where the heads share out evenly between the threads (the pass decides:
 //           compiler/microkernels.py, CpuAttentionKernel.fused_backward).
-// With FLASHMLIR_DKDV_ROWS (catalog `dkdv_rows`) _dkdv and _fused keep that many rows' P and dS in a
-// small buffer and update dKᵀ, dVᵀ once for all of them (dkdv_update), instead of loading and
-// storing both D × kBlock tiles for every register tile: +4-22% at head dim 128 on a Zen 3
-// (benchmarks/results/cpu-2026-12-02-avx2-dkdv-rows.md).
+// With FLASHMLIR_STREAM_ROWS (catalog `stream_rows`) the kernels keep that many streamed rows' dS
+// (and P) in a small buffer and update the resident accumulators once for all of them
+// (rank_update), instead of loading and storing the D × kBlock tiles for every register tile: the
+// one-pass kernel +4-22% at head dim 128 on a Zen 3 (benchmarks/results/cpu-2026-12-02-avx2-stream-rows.md).
 #include <stddef.h>
 #include <stdint.h>
 
@@ -43,17 +43,18 @@
 #ifndef FLASHMLIR_KEY_TILE
 #define FLASHMLIR_KEY_TILE 4
 #endif
-#ifndef FLASHMLIR_DKDV_ROWS
-#define FLASHMLIR_DKDV_ROWS 0
+#ifndef FLASHMLIR_STREAM_ROWS
+#define FLASHMLIR_STREAM_ROWS 0
 #endif
 
 enum {
   kVectors = FLASHMLIR_ROW_VECTORS,  // vectors along a block
   kBlock = kLanes * kVectors,        // query rows (_dq) or keys (_dkdv) per item
   kTile = FLASHMLIR_KEY_TILE,        // keys (_dq) or query rows (_dkdv) per register tile
-  // _dkdv and _fused: query rows whose P and dS are kept (in a small buffer) before dKᵀ and dVᵀ
-  // take them in one pass over the head dim; 0: each register tile updates them itself.
-  kDkdvRows = FLASHMLIR_DKDV_ROWS,
+  // Rows of the streamed side (keys in _dq, query rows in _dkdv and _fused) whose dS (and P) wait in
+  // a small buffer before the block's resident accumulators (dQᵀ; dKᵀ, dVᵀ) take them in one pass
+  // over the head dim (rank_update); 0: each register tile updates them itself.
+  kStreamRows = FLASHMLIR_STREAM_ROWS,
 };
 
 // lse in the exp2 domain; +inf for a row that attends nothing (then every P is 0).
@@ -83,6 +84,30 @@ FLASHMLIR_INLINE void two_products(
   }
 }
 
+// out[d, :] += Σ_t a[t, d] · b[t, :] for d < D over `rows` rows: `out` a D × kBlock tile (dQᵀ, dKᵀ or
+// dVᵀ), `a` rows of D in memory (K; Q or dO), `b` the buffered rows of kBlock (dS, or P). kStep
+// head-dim entries at a time, their kStep × kVectors accumulators in registers over all the rows,
+// so that `out` is read and written once per kStreamRows rows instead of once per register tile.
+FLASHMLIR_INLINE void rank_update(
+    const float* restrict a, const float* restrict b, size_t rows, float* restrict out, size_t D) {
+  enum { kStep = 4 };  // 4 × kVectors accumulators: 8 of AVX2's 16 registers at kVectors 2
+  for (size_t d0 = 0; d0 < D; d0 += kStep) {
+    vf acc[kStep][kVectors];
+    for (int x = 0; x < kStep; ++x)
+      for (int r = 0; r < kVectors; ++r) acc[x][r] = vload(out + (d0 + x) * kBlock + r * kLanes);
+    for (size_t t = 0; t < rows; ++t) {
+      vf bt[kVectors];
+      for (int r = 0; r < kVectors; ++r) bt[r] = vload(b + t * kBlock + r * kLanes);
+      for (int x = 0; x < kStep; ++x) {
+        const vf at = vset1(a[t * D + d0 + x]);
+        for (int r = 0; r < kVectors; ++r) acc[x][r] = vfmadd(at, bt[r], acc[x][r]);
+      }
+    }
+    for (int x = 0; x < kStep; ++x)
+      for (int r = 0; r < kVectors; ++r) vstore(out + (d0 + x) * kBlock + r * kLanes, acc[x][r]);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // dQ
 
@@ -90,7 +115,8 @@ FLASHMLIR_INLINE void two_products(
 FLASHMLIR_INLINE void dq_tile(
     const float* restrict krow, const float* restrict vrow, const float* restrict qt, const float* restrict dot,
     float* restrict dqt, const vf* lse2, const vf* delta, const vf* row, size_t D, size_t j,
-    size_t seq_k, float c, int causal, Dropout drop, const vu* drop_x, const vu* drop_shift, const int width) {
+    size_t seq_k, float c, int causal, Dropout drop, const vu* drop_x, const vu* drop_shift,
+    float* restrict dsbuf, const int width) {
   vf s[kTile][kVectors], dp[kTile][kVectors];
   two_products(krow, vrow, qt, dot, D, width, s, dp);  // S = K·Qᵀ, dP = V·dOᵀ
   const vf cv = vset1(c);
@@ -108,6 +134,11 @@ FLASHMLIR_INLINE void dq_tile(
       }
       s[t][r] = vmul(p, vsub(dpz, delta[r]));  // dS
     }
+  }
+  if (dsbuf) {  // dQᵀ takes these keys later (rank_update)
+    for (int t = 0; t < width; ++t)
+      for (int r = 0; r < kVectors; ++r) vstore(dsbuf + t * kBlock + r * kLanes, s[t][r]);
+    return;
   }
   for (size_t d = 0; d < D; ++d) {
     vf acc[kVectors];
@@ -160,12 +191,28 @@ FLASHMLIR_INLINE void dq_rows(
   }
   const float c = scale * kLog2e;
   const size_t key_end = causal && q0 + rows < seq_k ? q0 + rows : seq_k;
-  size_t j = 0;
-  for (; j + kTile <= key_end; j += kTile)
-    dq_tile(kb + j * D, vb + j * D, qt, dot, dqt, lse2, delta, row, D, j, seq_k, c, causal, drop, drop_x, drop_shift,
-            kTile);
-  for (; j < key_end; ++j)
-    dq_tile(kb + j * D, vb + j * D, qt, dot, dqt, lse2, delta, row, D, j, seq_k, c, causal, drop, drop_x, drop_shift, 1);
+  if (kStreamRows > 0) {
+    float dsbuf[(kStreamRows > 0 ? kStreamRows : 1) * kBlock] __attribute__((aligned(64)));
+    for (size_t j0 = 0; j0 < key_end; j0 += kStreamRows) {
+      const size_t keys = key_end - j0 < kStreamRows ? key_end - j0 : kStreamRows;
+      size_t j = j0;
+      for (; j + kTile <= j0 + keys; j += kTile)
+        dq_tile(kb + j * D, vb + j * D, qt, dot, dqt, lse2, delta, row, D, j, seq_k, c, causal, drop, drop_x,
+                drop_shift, dsbuf + (j - j0) * kBlock, kTile);
+      for (; j < j0 + keys; ++j)
+        dq_tile(kb + j * D, vb + j * D, qt, dot, dqt, lse2, delta, row, D, j, seq_k, c, causal, drop, drop_x,
+                drop_shift, dsbuf + (j - j0) * kBlock, 1);
+      rank_update(kb + j0 * D, dsbuf, keys, dqt, D);  // dQᵀ += Kᵀ·dSᵀ
+    }
+  } else {
+    size_t j = 0;
+    for (; j + kTile <= key_end; j += kTile)
+      dq_tile(kb + j * D, vb + j * D, qt, dot, dqt, lse2, delta, row, D, j, seq_k, c, causal, drop, drop_x, drop_shift,
+              0, kTile);
+    for (; j < key_end; ++j)
+      dq_tile(kb + j * D, vb + j * D, qt, dot, dqt, lse2, delta, row, D, j, seq_k, c, causal, drop, drop_x, drop_shift,
+              0, 1);
+  }
   for (size_t i = 0; i < rows; ++i)
     for (size_t d = 0; d < D; ++d) dq[(row0 + i) * D + d] = dqt[d * kBlock + i] * scale;
 }
@@ -232,7 +279,7 @@ FLASHMLIR_INLINE void dkdv_tile(
       }
     }
   }
-  if (pbuf) {  // dKᵀ and dVᵀ take these rows later (dkdv_update)
+  if (pbuf) {  // dKᵀ and dVᵀ take these rows later (rank_update)
     for (int t = 0; t < width; ++t)
       for (int r = 0; r < kVectors; ++r) {
         vstore(pbuf + t * kBlock + r * kLanes, s[t][r]);
@@ -260,35 +307,6 @@ FLASHMLIR_INLINE void dkdv_tile(
     }
   }
   if (dqrow) dq_add(dp, krow, dqrow, keys, D, width);
-}
-
-// dKᵀ += Qᵀ·dS and dVᵀ += dOᵀ·P over `rows` query rows whose P and dS (kBlock keys each) the
-// buffers hold: kStep head-dim entries at a time, their accumulators in registers over all the
-// rows, so that dKᵀ and dVᵀ are read and written once per kDkdvRows rows, not once per tile.
-FLASHMLIR_INLINE void dkdv_update(
-    const float* restrict qrows, const float* restrict dorows, const float* restrict pbuf,
-    const float* restrict dsbuf, size_t rows, float* restrict dkt, float* restrict dvt, size_t D) {
-  enum { kStep = 4 };  // 4 × kVectors accumulators (8 of AVX2's 16 registers at kVectors 2)
-  for (int which = 0; which < 2; ++which) {
-    const float* restrict a = which ? dorows : qrows;
-    const float* restrict b = which ? pbuf : dsbuf;
-    float* restrict out = which ? dvt : dkt;
-    for (size_t d0 = 0; d0 < D; d0 += kStep) {
-      vf acc[kStep][kVectors];
-      for (int x = 0; x < kStep; ++x)
-        for (int r = 0; r < kVectors; ++r) acc[x][r] = vload(out + (d0 + x) * kBlock + r * kLanes);
-      for (size_t t = 0; t < rows; ++t) {
-        vf bt[kVectors];
-        for (int r = 0; r < kVectors; ++r) bt[r] = vload(b + t * kBlock + r * kLanes);
-        for (int x = 0; x < kStep; ++x) {
-          const vf at = vset1(a[t * D + d0 + x]);
-          for (int r = 0; r < kVectors; ++r) acc[x][r] = vfmadd(at, bt[r], acc[x][r]);
-        }
-      }
-      for (int x = 0; x < kStep; ++x)
-        for (int r = 0; r < kVectors; ++r) vstore(out + (d0 + x) * kBlock + r * kLanes, acc[x][r]);
-    }
-  }
 }
 
 // `dq` null: the split's _dkdv; else the _fused kernel's dQ, added into.
@@ -331,11 +349,11 @@ FLASHMLIR_INLINE void dkdv_keys(
     float* restrict dqh = dq ? dq + bh * seq_q * D : 0;
     // x of (this head, row 0, key 0)
     const uint32_t head_x = (uint32_t)(bh * seq_q * seq_k) * kDropoutGolden + drop.seed;
-    if (kDkdvRows > 0) {
-      float pbuf[(kDkdvRows > 0 ? kDkdvRows : 1) * kBlock] __attribute__((aligned(64)));
-      float dsbuf[(kDkdvRows > 0 ? kDkdvRows : 1) * kBlock] __attribute__((aligned(64)));
-      for (size_t i0 = first; i0 < seq_q; i0 += kDkdvRows) {
-        const size_t rows = seq_q - i0 < kDkdvRows ? seq_q - i0 : kDkdvRows;
+    if (kStreamRows > 0) {
+      float pbuf[(kStreamRows > 0 ? kStreamRows : 1) * kBlock] __attribute__((aligned(64)));
+      float dsbuf[(kStreamRows > 0 ? kStreamRows : 1) * kBlock] __attribute__((aligned(64)));
+      for (size_t i0 = first; i0 < seq_q; i0 += kStreamRows) {
+        const size_t rows = seq_q - i0 < kStreamRows ? seq_q - i0 : kStreamRows;
         size_t i = i0;
         for (; i + kTile <= i0 + rows; i += kTile)
           dkdv_tile(qh + i * D, doh + i * D, lh + i, deh + i, kt, vt, dkt, dvt, k + key0 * D, dq ? dqh + i * D : 0,
@@ -345,7 +363,8 @@ FLASHMLIR_INLINE void dkdv_keys(
           dkdv_tile(qh + i * D, doh + i * D, lh + i, deh + i, kt, vt, dkt, dvt, k + key0 * D, dq ? dqh + i * D : 0,
                     keys, key, in_range, D, i, c, causal, drop, key_x, head_x, row_step, pbuf + (i - i0) * kBlock,
                     dsbuf + (i - i0) * kBlock, 1);
-        dkdv_update(qh + i0 * D, doh + i0 * D, pbuf, dsbuf, rows, dkt, dvt, D);
+        rank_update(qh + i0 * D, dsbuf, rows, dkt, D);   // dKᵀ += Qᵀ·dS
+        rank_update(doh + i0 * D, pbuf, rows, dvt, D);   // dVᵀ += dOᵀ·P
       }
       continue;
     }
