@@ -12,7 +12,9 @@
 # consumers wait at 512 tokens with and without O's stores), tma (whether a TMA tensor map can be
 # made on the device; each case in its own process, benchmarks/tma_probe.py), store-stalls (ncu: O
 # through TMA against O from registers at 4k tokens), dropout (the dropout twins' GPU tests, IREE's
-# lowering of them included, and their cost beside SDPA's: benchmarks/dropout_cost.py).
+# lowering of them included, and their cost beside SDPA's: benchmarks/dropout_cost.py), backward-kernels
+# (the sm_90 backward kernel by kernel beside cuDNN's and flash's kernels: benchmarks/backward_kernels.py;
+# BWD_VARIANTS for an A/B, e.g. "sm90 sm90:NAME=V").
 # Logs and tables go to $OUT (at most 8 files come back).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -97,6 +99,8 @@ for step in "$@"; do
     dropout) python -m pytest -q -p no:cacheprovider tests/gpu/test_dropout_kernels.py 2>&1 | tail -15 || status=1
              python benchmarks/dropout_cost.py --head-dims 64 128 --seqs 1024 4096 16384 --markdown "$OUT/dropout.md" \
                2>&1 | grep "^| " || status=1 ;;
+    backward-kernels) python benchmarks/backward_kernels.py --variants ${BWD_VARIANTS:-sm90} \
+                        --markdown "$OUT/backward-kernels.md" 2>&1 | grep -E "all|error" || status=1 ;;
     *) echo "unknown step $step"; status=1 ;;
   esac
 done
