@@ -26,7 +26,7 @@ from flashmlir import config
 from flashmlir.compiler import microkernels
 from flashmlir.compiler.microkernels import dropout_threshold
 from flashmlir.compiler.targets import get_target
-from flashmlir.frontend.attention_op import check_arguments, reference_attention
+from flashmlir.frontend.attention_op import check_arguments, sdpa_attention
 from flashmlir.frontend.training_ops import reference_backward, reference_forward
 
 _P, _S = ctypes.c_void_p, ctypes.c_size_t
@@ -132,7 +132,7 @@ def _seed(seed: torch.Tensor | None) -> torch.Tensor:
 def _attention_cpu(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, dropout_seed=None):
     check_arguments(q, k, v, attn_mask)
     if attn_mask is not None or dropout_p > 0.0 or kernel_problem(q, k, v, backward=False, library=True):
-        return reference_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, dropout_seed)
+        return sdpa_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, dropout_seed)
     return _forward(q, k, v, is_causal, scale, with_lse=False)[0]
 
 

@@ -19,14 +19,17 @@ if TYPE_CHECKING:
     from flashmlir.report import ExplainReport
 
 
-def explain(fn_or_module: Any, *example_inputs: Any, compile: bool = True, **example_kwargs: Any) -> ExplainReport:
+def explain(fn_or_module: Any, *example_inputs: Any, compile: bool = True,
+            backend_options: dict[str, Any] | None = None, **example_kwargs: Any) -> ExplainReport:
     """Run `fn_or_module(*example_inputs, **example_kwargs)` under torch.compile; report every site.
 
-    See `flashmlir.report` for what the report holds.
+    `backend_options` are the backend's torch.compile options (e.g. {"rest": "iree"}). See
+    `flashmlir.report` for what the report holds.
     """
     from flashmlir.report import explain_run
 
-    return explain_run(fn_or_module, *example_inputs, compile=compile, **example_kwargs)
+    return explain_run(fn_or_module, *example_inputs, compile=compile, backend_options=backend_options,
+                       **example_kwargs)
 
 
 __all__ = ["__version__", "explain"]

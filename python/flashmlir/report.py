@@ -114,18 +114,21 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
     return [fmt.format(*header), fmt.format(*("-" * w for w in widths)), *(fmt.format(*r) for r in rows)]
 
 
-def explain_run(fn_or_module: Any, *example_inputs: Any, compile: bool = True, **example_kwargs: Any) -> ExplainReport:
+def explain_run(fn_or_module: Any, *example_inputs: Any, compile: bool = True,
+                backend_options: dict[str, Any] | None = None, **example_kwargs: Any) -> ExplainReport:
     """Run `fn_or_module(*example_inputs, **example_kwargs)` under the flashmlir backend; report.
 
     compile=False only matches and rewrites (no IREE compile): fast, and what `.sites` lists is
-    the same; graphs are then reported as not compiled.
+    the same; graphs are then reported as not compiled. `backend_options`: what torch.compile's
+    `options=` would say (e.g. {"rest": "iree"}, to see IREE compile a graph the default routes to
+    Inductor).
     """
     import torch
 
     from flashmlir.dynamo.backend import BackendOptions, GraphCompiler, recording
 
     report = ExplainReport()
-    options = BackendOptions(compile=compile)
+    options = BackendOptions.from_mapping({**(backend_options or {}), "compile": compile})
 
     def backend(gm, inputs, **_):
         return GraphCompiler(options)(gm, inputs)

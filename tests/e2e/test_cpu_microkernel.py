@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import flashmlir
 from flashmlir.compiler import microkernels
 from flashmlir.compiler.targets import get_target
+from flashmlir.dynamo.backend import recording
 
 
 @pytest.fixture(autouse=True)
@@ -112,17 +113,57 @@ def test_off_switch_takes_the_codegen_path(monkeypatch):
     assert report.tiled == 1 and report.microkernels == 0, str(report)
 
 
-def test_masked_attention_stays_on_the_codegen_path():
-    """An explicit mask has no microkernel yet: the tile pass's loop nest runs it, still correct."""
+def test_masked_attention_stays_on_the_codegen_path_in_iree():
+    """An explicit mask has no microkernel yet: in IREE (rest='iree') the tile pass's loop nest runs
+    it, still correct."""
     q, k, v = (torch.randn(1, 2, 50, 64) for _ in range(3))
     mask = torch.randn(50, 50)
 
     def attention(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
-    report = flashmlir.explain(attention, q, k, v)
-    assert report.tiled == 1 and report.microkernels == 0, str(report)
-    with torch.no_grad():
-        out = torch.compile(attention, backend="flashmlir")(q, k, v)
+    class Seen:
+        def graph_compiled(self, graph, tiled, declines, microkernels=0):
+            self.tiled, self.microkernels = tiled, microkernels
+
+        def graph_rejected(self, graph, reason):
+            raise AssertionError(f"{graph} fell back: {reason}")
+
+        def graph_ran(self, graph, sites, near_misses):
+            pass
+
+    seen = Seen()
+    with torch.no_grad(), recording(seen):
+        out = torch.compile(attention, backend="flashmlir", options={"rest": "iree"})(q, k, v)
+    assert (seen.tiled, seen.microkernels) == (1, 0)
     ref = torch.softmax(q.double() @ k.double().transpose(-1, -2) / 8 + mask.double(), -1) @ v.double()
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize("mask_kind", ["bool key padding", "float [S, S]"])
+def test_masked_inference_goes_to_torch_sdpa_by_default(mask_kind, monkeypatch, caplog):
+    """By default a CPU inference graph with a masked site leaves IREE for the torch path, where the
+    op runs torch's fused SDPA (3.1-3.6x faster than IREE's loop nest): logged and correct."""
+    from flashmlir.runtime import cpu_kernels
+
+    calls = []
+    sdpa = cpu_kernels.sdpa_attention
+    monkeypatch.setattr(cpu_kernels, "sdpa_attention", lambda *args: calls.append(args[3]) or sdpa(*args))
+    q, k, v = (torch.randn(2, 4, 50, 64) for _ in range(3))
+    if mask_kind == "bool key padding":
+        mask = torch.ones(2, 1, 1, 50, dtype=torch.bool)
+        mask[1, ..., 40:] = False
+        bias = torch.zeros(mask.shape, dtype=torch.float64).masked_fill(~mask, float("-inf"))
+    else:
+        mask = torch.randn(50, 50)
+        bias = mask.double()
+
+    def attention(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    with torch.no_grad(), caplog.at_level("INFO", logger="flashmlir"):
+        out = torch.compile(attention, backend="flashmlir")(q, k, v)
+    assert "explicit mask" in caplog.text and "torch's SDPA" in caplog.text
+    assert len(calls) == 1 and calls[0] is not None
+    ref = torch.softmax(q.double() @ k.double().transpose(-1, -2) / 8 + bias, -1) @ v.double()
     assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-5

@@ -87,7 +87,7 @@ FORMS = {
 @pytest.mark.parametrize("form", FORMS)
 def test_attention_forms_match_float64(form):
     fn, inputs = FORMS[form], _inputs(form)
-    report = flashmlir.explain(fn, *inputs)
+    report = flashmlir.explain(fn, *inputs, backend_options={"rest": "iree"})  # the default: masks go to Inductor
     assert len(report.sites) == 1 and report.compiled and report.tiled == 1, str(report)
     with torch.no_grad():
         out = torch.compile(fn, backend="flashmlir")(*inputs)

@@ -98,3 +98,32 @@ def test_dropout_threshold_is_the_references_comparison(p):
         assert (x >= t) == (x / 2**16 >= p)
     with pytest.raises(ValueError, match="dropout probability"):
         dropout_threshold(1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sdpa_attention_means_the_reference(dtype, monkeypatch):
+    """torch's SDPA stands in for the reference only where it computes the same thing: masks bool or
+    of q's dtype (a row with every key masked gets zeros in both), GQA; causal with a mask, dropout,
+    or a float32 mask on bf16 inputs take the reference itself."""
+    from flashmlir.frontend import attention_op
+
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 37, 32, dtype=dtype)
+    k, v = (torch.randn(2, 2, 37, 32, dtype=dtype) for _ in range(2))
+    keep = torch.rand(2, 1, 37, 37) > 0.3
+    keep[0, 0, 5] = False  # a query with every key masked out
+    additive = torch.zeros(keep.shape, dtype=dtype).masked_fill(~keep, float("-inf"))
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2
+    for mask in (keep, additive):
+        got = attention_op.sdpa_attention(q, k, v, mask)
+        want = attention_op.reference_attention(q, k, v, mask)
+        assert got.is_contiguous() and rel_err(got, want) < tolerance
+        assert torch.equal(got[0, :, 5], torch.zeros_like(got[0, :, 5]))
+    used = []
+    monkeypatch.setattr(attention_op, "reference_attention", lambda *args: used.append(args) or q)
+    seed = torch.tensor(3)
+    attention_op.sdpa_attention(q, k, v, keep, 0.0, True)  # causal together with a mask
+    attention_op.sdpa_attention(q, k, v, None, 0.1, False, None, seed)  # dropout
+    if dtype != torch.float32:
+        attention_op.sdpa_attention(q, k, v, additive.float())  # a float32 mask on bf16 inputs
+    assert len(used) == (2 if dtype == torch.float32 else 3)

@@ -186,6 +186,13 @@ class GraphCompiler:
             rest = self.options.rest_for(target, training)
         except FlashmlirError as e:
             return self._fallback(str(e), aten.forward)
+        if rest == "iree" and self._masked_cpu_inference(target, training):
+            masked = _masked_sites(aten)
+            if masked:
+                logger.info("%s: %d attention site(s) with an explicit mask, which the CPU microkernels do not "
+                            "take: Inductor compiles the graph and torch's SDPA runs them (rest='iree' keeps "
+                            "IREE's code for them)", self.name, masked)
+                rest = "inductor"
         if training and self.match.sites:
             rewritten, reasons = rewrite_for_training(aten, _training_check(target, torch_path=rest == "inductor"))
             logger.info("%s: %d attention site(s) get flash backward kernels%s", self.name, rewritten,
@@ -193,6 +200,14 @@ class GraphCompiler:
         if rest == "inductor":
             return self._inductor(aten, example_inputs, target)
         return self._aot(aten, example_inputs, target)
+
+    def _masked_cpu_inference(self, target: Target, training: bool) -> bool:
+        """Whether the measured default may move a CPU inference graph from IREE to the torch path
+        for its masked attention sites: IREE compiles those as our flash loop nest without the
+        microkernels, 3.4x slower than torch's SDPA at 1k tokens with a padding mask (and 4.7x for
+        the op's float32 reference): benchmarks/results/cpu-2026-12-02-masked-inference.md."""
+        return (not training and target.kind == "cpu" and self.options.rest == "auto"
+                and self.options.target == "auto")
 
     def _inductor(self, aten: fx.GraphModule, example_inputs: Sequence[Any], target: Target) -> Callable:
         """Inductor compiles the graph; our ops in it run the library's kernels (runtime.torch_kernels,
@@ -277,6 +292,30 @@ def _training_check(target: Target, torch_path: bool) -> Callable[[torch.Tensor,
         return problem
 
     return check
+
+
+def _masked_sites(gm: fx.GraphModule) -> int:
+    """Attention ops in a graph with an explicit mask, if torch's SDPA computes every one of them as
+    the op means it (`attention_op.sdpa_means_the_same`), else 0: a masked site SDPA cannot take
+    runs the op's float32 reference on the torch path, slower than IREE's loop nest."""
+    from flashmlir.frontend.attention_op import attention_overload, sdpa_means_the_same
+    from flashmlir.frontend.training_ops import bound_args
+
+    masked = 0
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target != attention_overload():
+            continue
+        args = bound_args(node)
+        if args["attn_mask"] is None:
+            continue
+        q, k, v, mask = (a.meta.get("val") if isinstance(a, fx.Node) else None
+                         for a in (args["q"], args["k"], args["v"], args["attn_mask"]))
+        if not all(isinstance(t, torch.Tensor) for t in (q, k, v, mask)):
+            return 0
+        if not sdpa_means_the_same(q, k, v, mask, float(args["dropout_p"]), bool(args["is_causal"])):
+            return 0
+        masked += 1
+    return masked
 
 
 def _kernel_sites(gm: fx.GraphModule, target: Target) -> int:

@@ -137,6 +137,42 @@ def reference_attention(
     return torch.matmul(p, v.to(p.dtype)).to(q.dtype)
 
 
+def sdpa_means_the_same(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+                        dropout_p: float, is_causal: bool) -> bool:
+    """Whether torch's SDPA computes what the operator means for these operands (see
+    `sdpa_attention`); fake tensors do."""
+    same_dtype = attn_mask is None or attn_mask.dtype in (torch.bool, q.dtype)
+    floating = q.dtype == k.dtype == v.dtype and q.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    return dropout_p == 0.0 and same_dtype and floating and not (is_causal and attn_mask is not None)
+
+
+def sdpa_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    dropout_seed: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The operator through torch's own fused `F.scaled_dot_product_attention` where that computes
+    the same thing, else `reference_attention`: what a site the microkernels do not take (an explicit
+    mask) runs on the torch path. The reference materializes every score in float32; SDPA's CPU
+    kernel is flash attention (3.4x faster at 1k tokens with a padding mask,
+    benchmarks/results/cpu-2026-12-02-masked-inference.md). Same result only where SDPA means the
+    same: no dropout (our mask is the seeded hash, not torch's generator); a mask that is bool or
+    of q's dtype (SDPA's rule: a float32 mask on bf16 inputs would have to be rounded, which moves
+    finfo.min to -inf); not causal together with a mask (SDPA takes one or the other). A row
+    with every key masked gets zeros in both."""
+    if not sdpa_means_the_same(q, k, v, attn_mask, dropout_p, is_causal):
+        return reference_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, dropout_seed)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=q.shape[-3] != k.shape[-3]
+    )
+    return out.contiguous()  # the op's layout (its fake kernel's); SDPA's CPU kernel returns [*, S, H, D] strides
+
+
 def check_arguments(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None
 ) -> None:

@@ -279,6 +279,11 @@ def dropout_of(node: fx.Node) -> float:
     return float(_bound_args(node)["dropout_p"])
 
 
+def bound_args(node: fx.Node) -> dict:
+    """An attention node's arguments by name, defaults filled in."""
+    return _bound_args(node)
+
+
 _PARAMETERS = ("q", "k", "v", "attn_mask", "dropout_p", "is_causal", "scale", "dropout_seed")
 _DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "dropout_seed": None}
 

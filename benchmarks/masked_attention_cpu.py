@@ -1,0 +1,86 @@
+"""Attention with an explicit mask on the CPU: flashmlir's routes beside eager SDPA and Inductor.
+
+    python benchmarks/masked_attention_cpu.py --markdown masked.md
+
+The CPU microkernels take no explicit mask. A masked site can run as IREE's compile of our flash
+loop nest (`rest="iree"`), or on the torch path (`rest="inductor"`), where the op runs torch's
+fused SDPA when that means the same thing (attention_op.sdpa_attention) and its float32 reference
+otherwise. The default for a CPU inference graph is IREE unless it has masked sites SDPA takes
+(backend.py `_masked_sites`). Padding masks as BERT-style models make them: bool [B, 1, 1, S] with
+the last keys of one sequence masked out, and the same as an additive float mask. fp32, B=2 H=8
+D=64, 2 threads as the CI machine has; best of `--repeats` calls after one warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+def attention(q, k, v, mask):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def best_ms(fn, inputs: tuple, repeats: int) -> float:
+    fn(*inputs)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(*inputs)
+        times.append(time.perf_counter() - start)
+    return min(times) * 1e3
+
+
+def row_times(inputs: tuple, routes: dict, repeats: int, what: str) -> dict:
+    """ms of eager SDPA, Inductor and every flashmlir route on `inputs`, each checked against eager."""
+    want = attention(*inputs)
+    times = {"eager": best_ms(attention, inputs, repeats)}
+    torch._dynamo.reset()
+    times["inductor"] = best_ms(torch.compile(attention), inputs, repeats)
+    for route, options in routes.items():
+        torch._dynamo.reset()
+        compiled = torch.compile(attention, backend="flashmlir", options=options)
+        err = ((compiled(*inputs) - want).norm() / want.norm()).item()
+        if err > 1e-5:
+            raise SystemExit(f"{route}, {what}: relative error {err:.1e}")
+        times[route] = best_ms(compiled, inputs, repeats)
+    return times
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seqs", type=int, nargs="+", default=[512, 1024, 2048])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--markdown")
+    args = p.parse_args()
+    torch.set_num_threads(2)
+    routes = {"flashmlir default": {}, "flashmlir rest=iree": {"rest": "iree"},
+              "flashmlir rest=inductor": {"rest": "inductor"}}
+    lines = ["| seq | mask | eager SDPA ms | inductor ms | " + " | ".join(f"{r} ms" for r in routes)
+             + " | default vs eager |", "|---:|---|---:|---:|" + "---:|" * (len(routes) + 1)]
+    for seq in args.seqs:
+        q, k, v = (torch.randn(2, 8, seq, 64) for _ in range(3))
+        keep = torch.ones(2, 1, 1, seq, dtype=torch.bool)
+        keep[1, ..., seq - seq // 8:] = False
+        for kind, mask in (("bool padding", keep),
+                           ("float padding", torch.zeros(keep.shape).masked_fill(~keep, float("-inf")))):
+            with torch.no_grad():
+                times = row_times((q, k, v, mask), routes, args.repeats, f"{seq} tokens, {kind}")
+            lines.append(f"| {seq} | {kind} | {times['eager']:.1f} | {times['inductor']:.1f} | "
+                         + " | ".join(f"{times[r]:.1f}" for r in routes)
+                         + f" | {times['eager'] / times['flashmlir default']:.2f}x |")
+            print(lines[-1], flush=True)
+    text = (f"# Masked attention on the CPU, {time.strftime('%Y-%m-%d')}\n\nfp32, B=2 H=8 D=64, 2 threads, "
+            f"torch {torch.__version__}; best of {args.repeats} calls. `python benchmarks/masked_attention_cpu.py`\n\n"
+            + "\n".join(lines) + "\n")
+    print("\n" + text)
+    if args.markdown:
+        Path(args.markdown).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
