@@ -228,7 +228,7 @@ def _attention_fake(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, sca
 def decompose_with_dropout(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, dropout_seed=None):
     """aot_autograd decomposition: sites with dropout become plain math (with the seeded mask).
 
-    Only the sm_90 and CPU kernels apply dropout (training_ops' dropout pair, put in before
+    Only the sm_90, sm_80 and CPU kernels apply dropout (training_ops' dropout pair, put in before
     aot_autograd); the sites left with dropout (other targets, inference graphs) stay compiled and
     exact this way. Sites without dropout stay whole (NotImplemented leaves the
     op to our passes).
