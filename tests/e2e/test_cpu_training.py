@@ -99,3 +99,60 @@ def test_sdpa_with_dropout_trains_through_the_dropout_twins_in_iree():
         second = compiled(q, k, v)
     assert seen.microkernels == {"(forward)": 1, "(backward)": 1}, seen.microkernels
     assert all(torch.isfinite(g).all() for g in got) and not torch.equal(first, second)
+
+
+@pytest.mark.parametrize("hkv, causal_mask", [(4, False), (2, True)])
+def test_masked_training_runs_atens_flash_attention_and_matches_float64(hkv, causal_mask, caplog):
+    """A site with a bool mask in a CPU training graph (the microkernels take no mask) trains through
+    the masked pair, ATen's CPU flash attention both ways, instead of the op's textbook backward:
+    output and gradients against float64, a padded query row (every key masked) included."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 45, 32, requires_grad=True)
+    k, v = (torch.randn(2, hkv, 45, 32, requires_grad=True) for _ in range(2))
+    mask = torch.ones(2, 1, 45 if causal_mask else 1, 45, dtype=torch.bool)
+    mask[1, ..., 37:] = False
+    if causal_mask:
+        mask = mask & torch.ones(45, 45, dtype=torch.bool).tril()
+        mask[0, :, 3] = False  # a query that attends nothing
+    grad = torch.randn(2, 4, 45, 32)
+
+    def attention(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3,
+                                                                enable_gqa=hkv != 4)
+
+    torch._dynamo.reset()
+    with caplog.at_level("INFO", logger="flashmlir"):
+        out = torch.compile(attention, backend="flashmlir")(q, k, v)
+    assert "1 masked attention site(s) train through ATen's CPU flash attention" in caplog.text
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    want = torch.ops.flashmlir.attention(q64, k64, v64, mask, 0.0, False, 0.3)
+    want_grads = torch.autograd.grad(want, (q64, k64, v64), grad.double())
+    assert rel_err(out, want) < 1e-5
+    for name, g, w in zip("qkv", got, want_grads, strict=True):
+        assert rel_err(g, w) < 2e-5, name
+
+
+def test_float_masked_training_keeps_the_textbook_backward(caplog):
+    """A float mask (finfo.min as Hugging Face writes it) is not given to ATen's backward, which gets
+    a fully masked row's gradients wrong: the site keeps the op's textbook backward, exact."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 20, 16, requires_grad=True) for _ in range(3))
+    mask = torch.zeros(1, 1, 20, 20)
+    mask[..., :4] = torch.finfo(torch.float32).min  # the first 4 keys padded out
+    mask[..., 2, :] = torch.finfo(torch.float32).min  # and every key of query 2
+
+    def attention(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    torch._dynamo.reset()
+    with caplog.at_level("INFO", logger="flashmlir"):
+        out = torch.compile(attention, backend="flashmlir")(q, k, v)
+    assert "train through ATen" not in caplog.text
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    want = torch.autograd.grad(torch.ops.flashmlir.attention(q64, k64, v64, mask.double()), (q64, k64, v64),
+                               grad.double())
+    for name, g, w in zip("qkv", got, want, strict=True):
+        assert rel_err(g, w) < 2e-5, name

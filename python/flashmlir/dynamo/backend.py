@@ -197,6 +197,13 @@ class GraphCompiler:
             rewritten, reasons = rewrite_for_training(aten, _training_check(target, torch_path=rest == "inductor"))
             logger.info("%s: %d attention site(s) get flash backward kernels%s", self.name, rewritten,
                         "".join(f"; not {r}" for r in reasons))
+            if rest == "inductor" and target.kind == "cpu":
+                from flashmlir.frontend.masked_training_ops import rewrite_masked_for_training
+
+                masked = rewrite_masked_for_training(aten)
+                if masked:
+                    logger.info("%s: %d masked attention site(s) train through ATen's CPU flash attention "
+                                "(the microkernels take no mask)", self.name, masked)
         if rest == "inductor":
             return self._inductor(aten, example_inputs, target)
         return self._aot(aten, example_inputs, target)
