@@ -305,24 +305,10 @@ def _masked_sites(gm: fx.GraphModule) -> int:
     """Attention ops in a graph with an explicit mask, if torch's SDPA computes every one of them as
     the op means it (`attention_op.sdpa_means_the_same`), else 0: a masked site SDPA cannot take
     runs the op's float32 reference on the torch path, slower than IREE's loop nest."""
-    from flashmlir.frontend.attention_op import attention_overload, sdpa_means_the_same
-    from flashmlir.frontend.training_ops import bound_args
+    from flashmlir.frontend.masked_training_ops import masked_sites, sdpa_takes
 
-    masked = 0
-    for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target != attention_overload():
-            continue
-        args = bound_args(node)
-        if args["attn_mask"] is None:
-            continue
-        q, k, v, mask = (a.meta.get("val") if isinstance(a, fx.Node) else None
-                         for a in (args["q"], args["k"], args["v"], args["attn_mask"]))
-        if not all(isinstance(t, torch.Tensor) for t in (q, k, v, mask)):
-            return 0
-        if not sdpa_means_the_same(q, k, v, mask, float(args["dropout_p"]), bool(args["is_causal"])):
-            return 0
-        masked += 1
-    return masked
+    sites = masked_sites(gm)
+    return len(sites) if all(sdpa_takes(args, values) for _, args, values in sites) else 0
 
 
 def _kernel_sites(gm: fx.GraphModule, target: Target) -> int:

@@ -20,8 +20,6 @@ ATen's CPU flash ops): `rewrite_masked_for_training` is called for CPU graphs In
 
 from __future__ import annotations
 
-import operator
-
 import torch
 import torch.fx as fx
 
@@ -91,33 +89,41 @@ def forward_masked_overload():
     return torch.ops.flashmlir.attention_forward_masked.default
 
 
-def rewrite_masked_for_training(gm: fx.GraphModule) -> int:
-    """Replace each `flashmlir::attention` site with a bool mask that ATen's CPU flash attention
-    computes as the op means (no dropout, not causal together with the mask, CPU tensors) by
-    `attention_forward_masked(...)[0]`. Returns how many."""
+def masked_sites(gm: fx.GraphModule) -> list[tuple[fx.Node, dict, tuple[torch.Tensor, ...] | None]]:
+    """Each `flashmlir::attention` node with an explicit mask: the node, its arguments by name, and
+    its (q, k, v, mask) fake tensors, or None where any is unknown."""
     from flashmlir.frontend.training_ops import bound_args
 
-    rewritten = 0
-    for node in list(gm.graph.nodes):
+    sites = []
+    for node in gm.graph.nodes:
         if node.op != "call_function" or node.target != attention_overload():
             continue
         args = bound_args(node)
         if args["attn_mask"] is None:
             continue
-        q, k, v, mask = (a.meta.get("val") if isinstance(a, fx.Node) else None
-                         for a in (args["q"], args["k"], args["v"], args["attn_mask"]))
-        if not all(isinstance(t, torch.Tensor) for t in (q, k, v, mask)):
+        values = tuple(a.meta.get("val") if isinstance(a, fx.Node) else None
+                       for a in (args["q"], args["k"], args["v"], args["attn_mask"]))
+        sites.append((node, args, values if all(isinstance(t, torch.Tensor) for t in values) else None))
+    return sites
+
+
+def sdpa_takes(args: dict, values: tuple[torch.Tensor, ...] | None) -> bool:
+    """Whether torch's SDPA computes a masked site as the op means it (`sdpa_means_the_same`)."""
+    return values is not None and sdpa_means_the_same(*values, float(args["dropout_p"]), bool(args["is_causal"]))
+
+
+def rewrite_masked_for_training(gm: fx.GraphModule) -> int:
+    """Replace each `flashmlir::attention` site with a bool mask that ATen's CPU flash attention
+    computes as the op means (no dropout, not causal together with the mask, CPU tensors) by
+    `attention_forward_masked(...)[0]`. Returns how many."""
+    from flashmlir.frontend.training_ops import replace_with_pair
+
+    rewritten = 0
+    for node, args, values in masked_sites(gm):
+        if not sdpa_takes(args, values) or values[3].dtype != torch.bool or values[0].device.type != "cpu":
             continue
-        if (mask.dtype != torch.bool or q.device.type != "cpu"
-                or not sdpa_means_the_same(q, k, v, mask, float(args["dropout_p"]), bool(args["is_causal"]))):
-            continue
-        with gm.graph.inserting_before(node):
-            pair = gm.graph.call_function(forward_masked_overload(),
-                                          (args["q"], args["k"], args["v"], args["attn_mask"]), {"scale": args["scale"]})
-            out = gm.graph.call_function(operator.getitem, (pair, 0))
-        out.meta = dict(node.meta)
-        node.replace_all_uses_with(out)
-        gm.graph.erase_node(node)
+        replace_with_pair(gm, node, forward_masked_overload(), (args["q"], args["k"], args["v"], args["attn_mask"]),
+                          {"scale": args["scale"]})
         rewritten += 1
     if rewritten:
         gm.graph.lint()

@@ -243,21 +243,27 @@ def rewrite_for_training(gm: fx.GraphModule, check: SiteCheck) -> tuple[int, lis
             reasons.append(f"{node.name}: {why}")
             continue
         options = {"is_causal": bool(args["is_causal"]), "scale": args["scale"]}
-        with gm.graph.inserting_before(node):
-            if dropout_p > 0.0:
-                pair = gm.graph.call_function(forward_dropout_overload(), (args["q"], args["k"], args["v"], dropout_p,
-                                                                           args["dropout_seed"]), options)
-            else:
-                pair = gm.graph.call_function(forward_overload(), (args["q"], args["k"], args["v"]), options)
-            out = gm.graph.call_function(operator.getitem, (pair, 0))
-        out.meta = dict(node.meta)
-        node.replace_all_uses_with(out)
-        gm.graph.erase_node(node)
+        if dropout_p > 0.0:
+            replace_with_pair(gm, node, forward_dropout_overload(),
+                              (args["q"], args["k"], args["v"], dropout_p, args["dropout_seed"]), options)
+        else:
+            replace_with_pair(gm, node, forward_overload(), (args["q"], args["k"], args["v"]), options)
         rewritten += 1
     if rewritten:
         gm.graph.lint()
         gm.recompile()
     return rewritten, reasons
+
+
+def replace_with_pair(gm: fx.GraphModule, node: fx.Node, forward, args: tuple, kwargs: dict) -> None:
+    """Replace an attention node by `forward(*args, **kwargs)[0]` (a training pair's forward, which
+    also returns what its backward needs)."""
+    with gm.graph.inserting_before(node):
+        pair = gm.graph.call_function(forward, args, kwargs)
+        out = gm.graph.call_function(operator.getitem, (pair, 0))
+    out.meta = dict(node.meta)
+    node.replace_all_uses_with(out)
+    gm.graph.erase_node(node)
 
 
 def kernel_site(node: fx.Node) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], bool] | str:
