@@ -333,6 +333,13 @@ __device__ __forceinline__ void attention_bwd_dkdv_sm80(const T* __restrict__ q,
     const bool masked = causal && k0 + warp_key0 + 15 > row0;
     const float* lse2 = stage_lse2(stage);
     const float* dlt = stage_delta(stage);
+    // Pᵀ of accumulator c of query tile n (key lane_key + 8·(c / 2), query column col(n, c)).
+    auto col_of = [&](int n, int c) { return n * 8 + (lane & 3) * 2 + (c & 1); };
+    auto probability = [&](int n, int c) {
+      const int col = col_of(n, c);
+      const float p = fast_exp2(s[n][c] * scale_log2 - lse2[col]);
+      return masked && lane_key + 8 * (c >> 1) > row0 + col ? 0.f : p;
+    };
     if constexpr (kDropout) {
       // Query columns n·8 + … of tiles n and n + 1 (n even) are rows r and r + 8 of an aligned
       // group of 16 (row0 is a multiple of 16), a pair of dropout.cuh: one hash for both, from the
@@ -349,9 +356,8 @@ __device__ __forceinline__ void attention_bwd_dkdv_sm80(const T* __restrict__ q,
           const uint32_t mixed = dropout_mix(start + step);
 #pragma unroll
           for (int second = 0; second < 2; ++second) {
-            const int col = (n + second) * 8 + (lane & 3) * 2 + (c & 1);  // query, in the tile
-            float p = fast_exp2(s[n + second][c] * scale_log2 - lse2[col]);
-            if (masked && lane_key + 8 * (c >> 1) > row0 + col) p = 0.f;
+            const int col = col_of(n + second, c);
+            const float p = probability(n + second, c);
             const bool kept = second == 0 ? dropout_keeps_low(mixed, dropout.threshold)
                                           : dropout_keeps_high(mixed, dropout.threshold);
             s[n + second][c] = kept ? p : 0.f;                                                  // (P ∘ kept)ᵀ
@@ -363,11 +369,9 @@ __device__ __forceinline__ void attention_bwd_dkdv_sm80(const T* __restrict__ q,
       for (int n = 0; n < kMTiles; ++n)
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
-          const int col = n * 8 + (lane & 3) * 2 + (c & 1);  // query, in the tile
-          float p = fast_exp2(s[n][c] * scale_log2 - lse2[col]);
-          if (masked && lane_key + 8 * (c >> 1) > row0 + col) p = 0.f;
-          s[n][c] = p;                          // Pᵀ
-          dp[n][c] = p * (dp[n][c] - dlt[col]);  // dSᵀ
+          const float p = probability(n, c);
+          s[n][c] = p;                                   // Pᵀ
+          dp[n][c] = p * (dp[n][c] - dlt[col_of(n, c)]);  // dSᵀ
         }
     }
     uint32_t pa[kMTiles / 2][4];
