@@ -410,6 +410,12 @@ def dropout_threshold(p: float) -> int:
     return math.ceil(p * 2.0**16)
 
 
+def dropout_constants(p: float) -> tuple[int, float]:
+    """What every dropout twin (CUDA and CPU) takes after the constants: the threshold and the kept
+    values' scale 1 / (1 − p)."""
+    return dropout_threshold(p), 1.0 / (1.0 - p)
+
+
 class NoKernel(Exception):
     """No microkernel serves this attention; the message says why."""
 

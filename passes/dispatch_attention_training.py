@@ -61,6 +61,7 @@ from iree.compiler import ir
 
 from flashmlir.compiler.microkernels import (
     NoKernel,
+    dropout_constants,
     dropout_threshold,
     select_attention_backward,
     select_attention_forward,
@@ -140,7 +141,8 @@ class _Site:
         sq, sk = self.q.shape[-2], self.k.shape[-2]
         values = [self.group, sq, sk, _f32_bits(self.scale), int(self.causal), self.batch_heads]
         if self.dropout:
-            values += [_i32(dropout_threshold(self.dropout)), _f32_bits(1.0 / (1.0 - self.dropout))]
+            threshold, keep_scale = dropout_constants(self.dropout)
+            values += [_i32(threshold), _f32_bits(keep_scale)]
         return "\n".join(f"  %{n} = arith.constant {v} : i32" for n, v in zip(CONSTANTS, values, strict=False))
 
     @property
@@ -148,7 +150,7 @@ class _Site:
         """The CPU dropout twins' two constants (none without dropout)."""
         if not self.dropout:
             return ()
-        return (("dropout_threshold", dropout_threshold(self.dropout)), ("dropout_scale", 1.0 / (1.0 - self.dropout)))
+        return tuple(zip(("dropout_threshold", "dropout_scale"), dropout_constants(self.dropout), strict=True))
 
 
 # The CUDA kernels' push constants, in order; the dropout twins take all eight.

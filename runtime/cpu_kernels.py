@@ -24,7 +24,7 @@ import torch
 
 from flashmlir import config
 from flashmlir.compiler import microkernels
-from flashmlir.compiler.microkernels import dropout_threshold
+from flashmlir.compiler.microkernels import dropout_constants
 from flashmlir.compiler.targets import get_target
 from flashmlir.frontend.attention_op import check_arguments, sdpa_attention
 from flashmlir.frontend.training_ops import reference_backward, reference_forward
@@ -70,11 +70,6 @@ def _kernels(head_dim: int, backward: bool):
     return forward, (microkernels.select_cpu_attention_backward(features, "f32", head_dim) if backward else None)
 
 
-def _dropout_constants(p: float) -> tuple:
-    """What a dropout twin takes after the constants: the threshold (cpu_dropout.h) and 1 / (1 − p)."""
-    return dropout_threshold(p), 1.0 / (1.0 - p)
-
-
 @functools.cache
 def _function(path: str, name: str, bindings: int, dropout: bool = False):
     function = getattr(ctypes.CDLL(path), name)
@@ -116,7 +111,7 @@ def _forward(q, k, v, is_causal, scale, with_lse, dropout_p=0.0, dropout_seed=No
     if dropout_p:  # the dropout twin: the seed after v, two more constants
         function = _function(str(forward.shared_library), name + "_dropout", 6, dropout=True)
         _run(function, (q, k, v, _seed(dropout_seed), out, lse),
-             _constants(q, k, is_causal, scale) + _dropout_constants(dropout_p), workgroups)
+             _constants(q, k, is_causal, scale) + dropout_constants(dropout_p), workgroups)
         return out, lse
     function = _function(str(forward.shared_library), name, 5 if with_lse else 4)
     _run(function, (q, k, v, out, lse) if with_lse else (q, k, v, out), _constants(q, k, is_causal, scale), workgroups)
@@ -163,7 +158,7 @@ def _attention_backward_cpu(grad_out, q, k, v, out, lse, is_causal=False, scale=
     # With dropout, each function's twin: the seed after the inputs, two more constants.
     suffix, seed = ("_dropout", [_seed(dropout_seed)]) if dropout_p else ("", [])
     if dropout_p:
-        constants += _dropout_constants(dropout_p)
+        constants += dropout_constants(dropout_p)
 
     def function(part: str, bindings: int):
         return _function(library, f"{name}_{part}{suffix}", bindings + len(seed), bool(dropout_p))

@@ -16,7 +16,7 @@ import struct
 
 import torch
 
-from flashmlir.compiler.microkernels import dropout_threshold
+from flashmlir.compiler import microkernels
 
 _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
 
@@ -89,9 +89,10 @@ class CudaKernel:
 
 
 def dropout_constants(p: float) -> list[int]:
-    """What a dropout entry takes after the constants: the threshold (dropout.cuh) and 1 / (1 − p)
-    as f32 bits."""
-    return [dropout_threshold(p), f32_bits(1.0 / (1.0 - p))]
+    """What a dropout entry takes after the constants (microkernels.dropout_constants), the scale as
+    f32 bits."""
+    threshold, keep_scale = microkernels.dropout_constants(p)
+    return [threshold, f32_bits(keep_scale)]
 
 
 @functools.cache
