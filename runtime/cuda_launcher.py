@@ -230,7 +230,7 @@ def attention_forward(kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       dropout_seed: torch.Tensor | None = None):
     """Run a library attention kernel (a `flashmlir.compiler.microkernels.CudaAttentionKernel`) on
     [*, H, S, D] tensors as the IREE dispatch would: same image, grid, block, shared memory and
-    constants. Returns O, or (O, lse) with lse [*, Hq, Sq] in float32. Dropout (sm_90, with lse)
+    constants. Returns O, or (O, lse) with lse [*, Hq, Sq] in float32. Dropout (sm_90, sm_80, with lse)
     keeps what `attention_op.dropout_keep(dropout_seed, ...)` keeps."""
     _contiguous_cuda(q, k, v)
     launch = AttentionForwardLaunch(kernel, q.shape, k.shape, causal, scale, with_lse, q.device.index or 0, dropout_p)

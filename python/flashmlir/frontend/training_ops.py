@@ -13,7 +13,7 @@ no S×S matrix kept between them (FlashAttention's recomputation). Shapes and GQ
 `flashmlir::attention`; no mask (sites with one keep `flashmlir::attention` and its textbook
 backward). The dropout pair drops P with `attention_op.dropout_keep(dropout_seed, ...)`, which the
 backward regenerates from the seed; lse is the undropped softmax's. It is a pair of its own
-because only some kernels (sm_90, CPU) have dropout twins: the others keep the plain pair as it is.
+because only some kernels (sm_90, sm_80, CPU) have dropout twins: the others keep the plain pair as it is.
 
 Why separate ops: `flashmlir::attention`'s autograd formula only sees its inputs and output, and
 the lse exists only inside the forward. Where the target's library has backward kernels for a
@@ -236,7 +236,7 @@ def rewrite_for_training(gm: fx.GraphModule, check: SiteCheck) -> tuple[int, lis
             reasons.append(f"{node.name}: {site}")
             continue
         (q, k, v), is_causal = site
-        args = _bound_args(node)
+        args = bound_args(node)
         dropout_p = dropout_of(node)
         why = check(q, k, v, is_causal, dropout_p > 0.0)
         if why is not None:
@@ -269,7 +269,7 @@ def replace_with_pair(gm: fx.GraphModule, node: fx.Node, forward, args: tuple, k
 def kernel_site(node: fx.Node) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], bool] | str:
     """An attention node's (q, k, v fake tensors, is_causal) where the flash kernels could take it
     (no mask, operand shapes known; dropout is the caller's to check), else why not."""
-    args = _bound_args(node)
+    args = bound_args(node)
     if args["attn_mask"] is not None:
         return "a mask (the backward kernels take none)"
     if args["dropout_p"] not in (0, 0.0) and not isinstance(args["dropout_seed"], fx.Node):
@@ -282,19 +282,15 @@ def kernel_site(node: fx.Node) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.
 
 def dropout_of(node: fx.Node) -> float:
     """An attention node's dropout probability."""
-    return float(_bound_args(node)["dropout_p"])
-
-
-def bound_args(node: fx.Node) -> dict:
-    """An attention node's arguments by name, defaults filled in."""
-    return _bound_args(node)
+    return float(bound_args(node)["dropout_p"])
 
 
 _PARAMETERS = ("q", "k", "v", "attn_mask", "dropout_p", "is_causal", "scale", "dropout_seed")
 _DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "dropout_seed": None}
 
 
-def _bound_args(node: fx.Node) -> dict:
+def bound_args(node: fx.Node) -> dict:
+    """An attention node's arguments by name, defaults filled in."""
     bound = dict(_DEFAULTS)
     bound.update(zip(_PARAMETERS, node.args, strict=False))
     bound.update(node.kwargs)
