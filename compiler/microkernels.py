@@ -117,7 +117,8 @@ class CudaAttentionKernel:
             # empty; K, V full and empty per stage), and 1024 bytes to align the tiles to the swizzle period.
             tiles = (self.block_m + 2 * self.stages * self.block_n) * self.head_dim * e
             maps = self.tensor_maps * TENSOR_MAP_BYTES  # with `tma`: where the maps are made
-            o_tiles = self.block_m * self.head_dim * e if self.tma_store else 0  # a 64-row O tile a consumer
+            # A 64-row O tile a consumer; where a workgroup takes one query block, its rows of Q instead.
+            o_tiles = self.block_m * self.head_dim * e if self.tma_store and self.persistent else 0
             return tiles + o_tiles + maps + 8 * (2 + 4 * self.stages) + 1024
         # fwd_sm80_mma_sync.cuh: the Q tile and two stages of (K, V) tiles.
         return (self.block_m + 4 * self.block_n) * self.head_dim * e

@@ -56,8 +56,8 @@ def test_the_catalog_loads_every_sm90_forward_through_tma():
     if not forward:
         pytest.skip("the microkernel library is not installed")
     assert {(k.head_dim, k.tma) for k in forward} == {(64, True), (128, True), (256, True)}
-    # O through the copy engine at head dim 128 below 2048 tokens only
-    assert {(k.head_dim, k.min_seq) for k in forward if k.tma_store} == {(128, 0)}
+    # O through the copy engine at head dim 128 below 2048 tokens, and at head dim 256
+    assert {(k.head_dim, k.min_seq) for k in forward if k.tma_store} == {(128, 0), (256, 0)}
     assert {(k.min_seq, k.tma_store) for k in forward if k.head_dim == 128} == {(0, True), (2048, False)}
 
 
@@ -66,6 +66,14 @@ def test_tma_store_adds_an_o_tile_a_consumer_and_a_fourth_map():
                                  tma=True, tma_store=True)
     assert kernel.shared_bytes == 32768 + 4 * 32768 + 2 * 64 * 128 * 2 + 4 * 128 + 80 + 1024
     assert kernel.workspace_bytes((132, 1, 1)) == 132 * 4 * 128 + 128
+
+
+def test_tma_store_without_a_persistent_grid_stages_o_in_the_q_tile():
+    """Head dim 256 (a workgroup per query block) has no room for O tiles: O waits in Q's rows."""
+    kernel = CudaAttentionKernel("attention_fwd_sm90", "f16", 256, 128, 64, 12, "sm_90a", Path("k.fatbin"),
+                                 tma=True, tma_store=True)
+    assert kernel.shared_bytes == 65536 + 4 * 32768 + 4 * 128 + 80 + 1024 <= 227 * 1024
+    assert kernel.workspace_bytes((32, 1, 1)) == 32 * 4 * 128 + 128
 
 
 @pytest.mark.parametrize("tma", [False, True])

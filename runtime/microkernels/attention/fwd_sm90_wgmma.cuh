@@ -193,17 +193,6 @@ struct Sm90Config {
   static constexpr int kTileBytesKV = kBlockN * kD * 2;
   static constexpr int kOffsetK = kTileBytesQ;
   static constexpr int kOffsetV = kOffsetK + kStages * kTileBytesKV;
-  // With TMA, where three producer warps make the Q, K and V tensor maps before they go to global memory.
-  // With kTmaStore, each consumer's 64 rows of O, swizzled as the operands (1024-aligned).
-  static constexpr int kTileBytesO = 64 * kD * 2;
-  static constexpr int kOffsetO = kOffsetV + kStages * kTileBytesKV;
-  static constexpr int kOffsetMaps = kOffsetO + (kTmaStore ? kConsumers * kTileBytesO : 0);
-  static constexpr int kOffsetBarriers = kOffsetMaps + (kTma ? kMaps * kTensorMapBytes : 0);
-  // Q full and empty; K, V full and empty per stage
-  static constexpr int kBarriers = 2 + 4 * kStages;
-  // The tiles start on a 1024-byte boundary (the swizzle's period): slack to align the base.
-  static constexpr int kSharedBytes = kOffsetBarriers + 8 * kBarriers + 1024;
-  static_assert(kD % 64 == 0 && kBlockN % 16 == 0 && kTileBytesKV % 1024 == 0, "unsupported tile shape");
   // Whether a block takes several query blocks (scheduled_tile). At head dim 256 the
   // consumers have no registers left for the loop's state: ptxas spilled inside the key loop
   // (~100 bytes against 8 with cp.async, 170 against none with TMA) and the long sequences lost
@@ -213,6 +202,21 @@ struct Sm90Config {
 #else
   static constexpr bool kPersistent = kD < 256;
 #endif
+  // With TMA, where three producer warps make the Q, K and V tensor maps before they go to global memory.
+  // With kTmaStore, each consumer's 64 rows of O, swizzled as the operands (1024-aligned), in a
+  // tile of its own; or, where a block takes one query block (Q is loaded once), in that
+  // consumer's 64 rows of the Q tile, which its last S = Q·Kᵀ leaves dead: head dim 256 has no
+  // room for two more tiles (193 KB + 64 KB).
+  static constexpr bool kOInQ = kTmaStore && !kPersistent;
+  static constexpr int kTileBytesO = 64 * kD * 2;
+  static constexpr int kOffsetO = kOffsetV + kStages * kTileBytesKV;
+  static constexpr int kOffsetMaps = kOffsetO + (kTmaStore && !kOInQ ? kConsumers * kTileBytesO : 0);
+  static constexpr int kOffsetBarriers = kOffsetMaps + (kTma ? kMaps * kTensorMapBytes : 0);
+  // Q full and empty; K, V full and empty per stage
+  static constexpr int kBarriers = 2 + 4 * kStages;
+  // The tiles start on a 1024-byte boundary (the swizzle's period): slack to align the base.
+  static constexpr int kSharedBytes = kOffsetBarriers + 8 * kBarriers + 1024;
+  static_assert(kD % 64 == 0 && kBlockN % 16 == 0 && kTileBytesKV % 1024 == 0, "unsupported tile shape");
   // Per consumer thread: O (kD / 2), S (kBlockN / 2) and two sets of P (kBlockN / 4 each).
   static_assert(kD / 2 + kBlockN / 2 + kBlockN / 2 <= kConsumerRegisters - 32, "too many accumulators for the consumers");
 };
@@ -666,9 +670,17 @@ __device__ __forceinline__ void attention_fwd_sm90(const T* __restrict__ q, cons
     // O = acc / row sum (0 for a row with every key masked); lse = ln Σ exp(scale · s), -inf there.
     // With kTmaStore, O goes into this consumer's shared tile (once the copy engine has read the
     // last query block's out of it) and the copy engine writes it; rows past seq_q it leaves out.
-    const uint32_t o_tile = base + Cfg::kOffsetO + consumer * Cfg::kTileBytesO;
+    // Panel p (64 columns) of this consumer's O tile: 64 rows of 128 bytes, 1024-aligned.
+    auto o_panel = [&](int p) -> uint32_t {
+      if constexpr (Cfg::kOInQ) return tile_q + p * kBlockM * 128 + consumer * 64 * 128;
+      return base + Cfg::kOffsetO + consumer * Cfg::kTileBytesO + p * 64 * 128;
+    };
     if constexpr (kTmaStore) {
-      if (thread == 0) wait_bulk_stores<true>();
+      if constexpr (Cfg::kOInQ) {
+        fence_proxy_async();  // the tensor cores' reads of these Q rows (waited for) before our writes
+      } else if (thread == 0) {
+        wait_bulk_stores<true>();
+      }
       named_barrier_sync(o_tile_barrier(consumer), 128);
     }
 #pragma unroll
@@ -679,11 +691,11 @@ __device__ __forceinline__ void attention_fwd_sm90(const T* __restrict__ q, cons
       const float inv = sum == 0.f ? 0.f : (kDropout ? dropout.scale : 1.f) / sum;
       const int row = row_base + h * 8;
       if constexpr (kTmaStore) {
-        // Row r of the tile, its 16-byte chunk c of panel p at p · 8 KB + r · 128 + (c ^ r % 8) · 16.
+        // Row r of the tile, its 16-byte chunk c of panel p at o_panel(p) + r · 128 + (c ^ r % 8) · 16.
         const int r = warp * 16 + lane / 4 + 8 * h;
 #pragma unroll
         for (int c = 0; c < kD / 8; ++c)
-          asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(o_tile + (c / 8) * 64 * 128 + r * 128 +
+          asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(o_panel(c / 8) + r * 128 +
                                                            (((c % 8) ^ (r % 8)) << 4) + (lane % 4) * 4),
                        "r"(E::pack(acc[4 * c + 2 * h] * inv, acc[4 * c + 2 * h + 1] * inv))
                        : "memory");
@@ -710,7 +722,7 @@ __device__ __forceinline__ void attention_fwd_sm90(const T* __restrict__ q, cons
         }
 #pragma unroll
         for (int p = 0; p < kD / 64; ++p)
-          tma_store_box(map_o, p * 64, q0 + consumer * 64, static_cast<int>(bh), o_tile + p * 64 * 128);
+          tma_store_box(map_o, p * 64, q0 + consumer * 64, static_cast<int>(bh), o_panel(p));
         commit_bulk_stores();
       }
     }
