@@ -20,7 +20,7 @@ import torch
 
 from flashmlir.compiler import microkernels
 from flashmlir.compiler.targets import target_for_device
-from flashmlir.frontend.attention_op import check_arguments, reference_attention
+from flashmlir.frontend.attention_op import check_arguments, reference_attention, sdpa_attention
 from flashmlir.frontend.training_ops import reference_backward, reference_forward
 from flashmlir.runtime import cpu_kernels, cuda_launcher
 
@@ -114,8 +114,9 @@ def _forward_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal
 
 def _attention_cuda(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, dropout_seed=None):
     if attn_mask is not None or dropout_p > 0.0:
+        # The kernels take no mask: torch's SDPA where it means the same, else the reference.
         check_arguments(q, k, v, attn_mask)
-        return reference_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, dropout_seed)
+        return sdpa_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, dropout_seed)
     launch = _forward_launch(q, k, v, is_causal, scale, with_lse=False)
     if launch is _REFERENCE:
         return reference_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, dropout_seed)

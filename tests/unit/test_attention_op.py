@@ -127,3 +127,39 @@ def test_sdpa_attention_means_the_reference(dtype, monkeypatch):
     if dtype != torch.float32:
         attention_op.sdpa_attention(q, k, v, additive.float())  # a float32 mask on bf16 inputs
     assert len(used) == (2 if dtype == torch.float32 else 3)
+
+
+def test_sdpa_mask_keeps_what_the_op_means():
+    """bool masks stay bool off CUDA; bf16 / float32 masks have finite values below NEVER raised to
+    it (finfo.min times log2(e) overflows inside SDPA's kernels), -inf kept; float16 untouched."""
+    from flashmlir.frontend.attention_op import NEVER, sdpa_mask
+
+    q = torch.randn(1, 1, 4, 8)
+    keep = torch.tensor([True, False, True, True])
+    assert sdpa_mask(keep, q) is keep and sdpa_mask(None, q) is None
+    for dtype in (torch.float32, torch.bfloat16):
+        mask = torch.tensor([0.0, -3.0, torch.finfo(dtype).min, float("-inf")], dtype=dtype)
+        got = sdpa_mask(mask, q.to(dtype))
+        assert got.dtype == dtype
+        assert got[:2].tolist() == [0.0, -3.0] and got[2].item() == torch.tensor(NEVER, dtype=dtype).item()
+        assert got[3].item() == float("-inf")
+    half = torch.tensor([0.0, torch.finfo(torch.float16).min], dtype=torch.float16)
+    assert sdpa_mask(half, q.half()) is half
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sdpa_attention_gives_a_row_masked_by_finfo_min_equal_weights(dtype):
+    """A query whose every key a finfo.min mask removes (Hugging Face's padding) is plain arithmetic
+    in the op: equal weights over the keys. SDPA's fused kernels give 0 there unless the mask is
+    clamped (`sdpa_mask`); the CPU kernel, and the GPU ones, then agree with the reference."""
+    from flashmlir.frontend import attention_op
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 19, 16, dtype=dtype) for _ in range(3))
+    mask = torch.zeros(2, 1, 19, 19, dtype=dtype)
+    mask[..., 15:] = torch.finfo(dtype).min
+    mask[1, :, 4] = torch.finfo(dtype).min
+    got = attention_op.sdpa_attention(q, k, v, mask)
+    want = attention_op.reference_attention(q, k, v, mask)
+    assert rel_err(got, want) < (1e-6 if dtype == torch.float32 else 1e-2)
+    torch.testing.assert_close(got[1, :, 4].float(), v[1].float().mean(dim=-2), atol=2e-2, rtol=0)

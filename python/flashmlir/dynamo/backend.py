@@ -197,12 +197,15 @@ class GraphCompiler:
             rewritten, reasons = rewrite_for_training(aten, _training_check(target, torch_path=rest == "inductor"))
             logger.info("%s: %d attention site(s) get flash backward kernels%s", self.name, rewritten,
                         "".join(f"; not {r}" for r in reasons))
-            if rest == "inductor" and target.kind == "cpu":
-                from flashmlir.frontend.masked_training_ops import rewrite_masked_for_training
+            if rest == "inductor" and target.kind in ("cpu", "cuda"):
+                from flashmlir.frontend.masked_training_ops import (
+                    gradient_inputs,
+                    rewrite_masked_for_training,
+                )
 
-                masked = rewrite_masked_for_training(aten)
+                masked = rewrite_masked_for_training(aten, gradient_inputs(aten, example_inputs))
                 if masked:
-                    logger.info("%s: %d masked attention site(s) train through ATen's CPU flash attention "
+                    logger.info("%s: %d masked attention site(s) train through torch's fused SDPA kernels "
                                 "(the microkernels take no mask)", self.name, masked)
         if rest == "inductor":
             return self._inductor(aten, example_inputs, target)

@@ -146,6 +146,36 @@ def sdpa_means_the_same(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_
     return dropout_p == 0.0 and same_dtype and floating and not (is_causal and attn_mask is not None)
 
 
+# An additive mask value at or below this never lets a key be attended (masks.NEVER): finfo.min of
+# bf16 and float32 (-3.4e38) is, and so is this, whose scaling by log2(e) in SDPA's kernels stays finite.
+NEVER = -1e30
+
+
+def sdpa_mask(attn_mask: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor | None:
+    """`attn_mask` in the form under which torch's SDPA kernels compute what the op means (measured
+    on an H200 with torch 2.11, benchmarks/results/h200-2026-12-02-masked-sdpa.md):
+
+    - a bool mask on CUDA becomes 0 / -inf of q's dtype: cuDNN (SDPA's default there) gives a row
+      whose every key a *bool* mask removes a nonzero output (relative error 6e-2), where the
+      memory-efficient and math kernels give zeros; with -inf every kernel gives zeros and exact
+      gradients.
+    - a bf16 or float32 mask has its finite values clamped to NEVER: finfo.min times log2(e)
+      overflows to -inf inside the fused kernels, so a row whose every key is at finfo.min (Hugging
+      Face's masks) came out 0 where the op's arithmetic gives equal weights (4e-2 relative
+      error); at NEVER both give equal weights, and a key beside attended ones still gets none.
+      (Their backward stays wrong on such rows: the logsumexp absorbs the row's scores.)
+    """
+    if attn_mask is None:
+        return None
+    if attn_mask.dtype == torch.bool:
+        if q.device.type != "cuda":
+            return attn_mask
+        return torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~attn_mask, float("-inf"))
+    if torch.finfo(attn_mask.dtype).min < NEVER:
+        return torch.where(torch.isneginf(attn_mask), attn_mask, attn_mask.clamp_min(NEVER))
+    return attn_mask
+
+
 def sdpa_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -160,15 +190,17 @@ def sdpa_attention(
     the same thing, else `reference_attention`: what a site the microkernels do not take (an explicit
     mask) runs on the torch path. The reference materializes every score in float32; SDPA's CPU
     kernel is flash attention (3.4x faster at 1k tokens with a padding mask,
-    benchmarks/results/cpu-2026-12-02-masked-inference.md). Same result only where SDPA means the
-    same: no dropout (our mask is the seeded hash, not torch's generator); a mask that is bool or
-    of q's dtype (SDPA's rule: a float32 mask on bf16 inputs would have to be rounded, which moves
-    finfo.min to -inf); not causal together with a mask (SDPA takes one or the other). A row
-    with every key masked gets zeros in both."""
+    benchmarks/results/cpu-2026-12-02-masked-inference.md), on CUDA cuDNN's (17x faster at 1k,
+    h200-2026-12-02-masked-sdpa.md). Same result only where SDPA means the same: no dropout (our
+    mask is the seeded hash, not torch's generator); a mask that is bool or of q's dtype (SDPA's
+    rule: a float32 mask on bf16 inputs would have to be rounded, which moves finfo.min to -inf);
+    not causal together with a mask (SDPA takes one or the other); the mask as `sdpa_mask` puts
+    it. A row with every key masked by a bool or -inf mask gets zeros in both."""
     if not sdpa_means_the_same(q, k, v, attn_mask, dropout_p, is_causal):
         return reference_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, dropout_seed)
     out = torch.nn.functional.scaled_dot_product_attention(
-        q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=q.shape[-3] != k.shape[-3]
+        q, k, v, attn_mask=sdpa_mask(attn_mask, q), is_causal=is_causal, scale=scale,
+        enable_gqa=q.shape[-3] != k.shape[-3]
     )
     return out.contiguous()  # the op's layout (its fake kernel's); SDPA's CPU kernel returns [*, S, H, D] strides
 

@@ -1,21 +1,31 @@
-"""The training pair a masked attention site gets on the CPU's torch path: torch's flash kernels.
+"""What a masked attention site trains through on the torch path: torch's fused SDPA kernels.
 
     attention_forward_masked(q, k, v, attn_mask, scale)                      -> (out, lse)
     attention_backward_masked(grad_out, q, k, v, attn_mask, out, lse, scale) -> (dq, dk, dv)
+    sdpa_training_attention(q, k, v, attn_mask, scale)                       -> out   (CUDA)
 
-Our CPU microkernels take no explicit mask, and `flashmlir::attention`'s autograd formula is the
-textbook one (every score in float32, S × S): a masked training step ran 1.9x slower than eager
-(benchmarks/results/cpu-2026-12-02-masked-inference.md). ATen's CPU flash attention takes an
-additive mask and hands its backward the forward's logsumexp, so a site with a bool mask that it
-computes as the op means (`attention_op.sdpa_means_the_same`) gets this pair: the forward saves
-(q, k, v, mask, out, lse) and the backward calls ATen's. `lse` is ATen's (float32 [*, Hq, Sq]; 0 for
-a row with no key, whose output and gradients are 0), not the kernels' pair's. The bool mask
-becomes 0 / -inf of q's dtype, the form the ATen op takes; GQA expands K and V for it and sums dK,
-dV over each group. Float masks keep the textbook backward: with finfo.min as the masked value
-(Hugging Face's) a row whose every key is masked is plain arithmetic (uniform weights, and
-gradients through them in eager), which ATen's backward gets wrong (its logsumexp absorbs the
-scores: gradients off by 2-3x relative on such rows; a float64 check found it). Only the torch path runs these ops (IREE's torch frontend does not lower
-ATen's CPU flash ops): `rewrite_masked_for_training` is called for CPU graphs Inductor compiles.
+Our microkernels take no explicit mask, and `flashmlir::attention`'s autograd formula is the
+textbook one (every score in float32, S × S): a masked training step ran 1.9x slower than eager on
+the CPU (benchmarks/results/cpu-2026-12-02-masked-inference.md), 9-11x slower than SDPA on an H200
+(h200-2026-12-02-masked-sdpa.md). Where torch's SDPA computes the site as the op means it
+(`attention_op.sdpa_means_the_same`, with the mask as `attention_op.sdpa_mask` puts it) and its
+backward gets every row right, the site trains through SDPA's kernels instead:
+
+- CPU, bool masks: the pair above. ATen's CPU flash attention takes an additive mask and hands its
+  backward the forward's logsumexp: the forward saves (q, k, v, mask, out, lse), the backward calls
+  ATen's. `lse` is ATen's (float32 [*, Hq, Sq]; 0 for a row with no key, whose output and gradients
+  are 0), not the kernels' pair's. GQA expands K and V for it and sums dK, dV over each group. (Only
+  the torch path runs these ops: IREE's torch frontend does not lower ATen's CPU flash ops.)
+- CUDA, bool masks and float16 ones that need no gradient: `sdpa_training_attention`, plain torch
+  code that aot_autograd traces into SDPA's fused forward and backward (cuDNN's on an H200), as it
+  does for a model that calls SDPA itself.
+
+Float masks otherwise keep the textbook backward: with finfo.min of bf16 or float32 as the masked
+value (Hugging Face's) a row whose every key is masked is plain arithmetic (equal weights, and
+gradients through them in eager), which the fused backwards get wrong (their logsumexp absorbs the
+row's scores: gradients off by 2-3x relative on such rows; a float64 check found it). float16's
+finfo.min (-65504) absorbs nothing, and SDPA's gradients matched float64 on such rows (the table
+above). A float mask that needs a gradient (a learned bias) keeps the op's formula, which has one.
 """
 
 from __future__ import annotations
@@ -23,7 +33,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from flashmlir.frontend.attention_op import _expand_kv, attention_overload, sdpa_means_the_same
+from flashmlir.frontend.attention_op import _expand_kv, attention_overload, sdpa_mask, sdpa_means_the_same
 
 FORWARD_OP_NAME = "flashmlir::attention_forward_masked"
 BACKWARD_OP_NAME = "flashmlir::attention_backward_masked"
@@ -112,18 +122,59 @@ def sdpa_takes(args: dict, values: tuple[torch.Tensor, ...] | None) -> bool:
     return values is not None and sdpa_means_the_same(*values, float(args["dropout_p"]), bool(args["is_causal"]))
 
 
-def rewrite_masked_for_training(gm: fx.GraphModule) -> int:
-    """Replace each `flashmlir::attention` site with a bool mask that ATen's CPU flash attention
-    computes as the op means (no dropout, not causal together with the mask, CPU tensors) by
-    `attention_forward_masked(...)[0]`. Returns how many."""
+def sdpa_training_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor,
+                            scale: float | None = None) -> torch.Tensor:
+    """A masked CUDA site of a training graph as torch's SDPA: aot_autograd traces this into SDPA's
+    fused forward and backward, as for a model that calls SDPA itself."""
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=sdpa_mask(attn_mask, q), scale=scale, enable_gqa=q.shape[-3] != k.shape[-3])
+
+
+def gradient_inputs(gm: fx.GraphModule, example_inputs) -> set[fx.Node]:
+    """The graph's placeholders whose example input requires a gradient (the fake values of a
+    pre-dispatch trace do not say so)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return {n for n, x in zip(placeholders, example_inputs, strict=False)
+            if isinstance(x, torch.Tensor) and x.requires_grad}
+
+
+def _depends_on(node: fx.Node, sources: set[fx.Node]) -> bool:
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n in sources:
+            return True
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return False
+
+
+def rewrite_masked_for_training(gm: fx.GraphModule, needs_gradient: set[fx.Node] = frozenset()) -> int:
+    """Replace each `flashmlir::attention` site whose mask SDPA takes as the op means it (no dropout,
+    not causal together with the mask) and whose gradients SDPA's backward gets right: on the CPU
+    with a bool mask by `attention_forward_masked(...)[0]`, on CUDA with a bool mask or a float16 one
+    that depends on none of `needs_gradient` (the placeholders that require gradients) by
+    `sdpa_training_attention(...)`. Returns how many."""
     from flashmlir.frontend.training_ops import replace_with_pair
 
     rewritten = 0
     for node, args, values in masked_sites(gm):
-        if not sdpa_takes(args, values) or values[3].dtype != torch.bool or values[0].device.type != "cpu":
+        if not sdpa_takes(args, values):
             continue
-        replace_with_pair(gm, node, forward_masked_overload(), (args["q"], args["k"], args["v"], args["attn_mask"]),
-                          {"scale": args["scale"]})
+        device, mask = values[0].device.type, values[3]
+        operands, options = (args["q"], args["k"], args["v"], args["attn_mask"]), {"scale": args["scale"]}
+        if device == "cpu" and mask.dtype == torch.bool:
+            replace_with_pair(gm, node, forward_masked_overload(), operands, options)
+        elif device == "cuda" and (mask.dtype == torch.bool or (
+                mask.dtype == torch.float16 and not _depends_on(args["attn_mask"], needs_gradient))):
+            with gm.graph.inserting_before(node):
+                out = gm.graph.call_function(sdpa_training_attention, operands, options)
+            out.meta = dict(node.meta)
+            node.replace_all_uses_with(out)
+            gm.graph.erase_node(node)
+        else:
+            continue
         rewritten += 1
     if rewritten:
         gm.graph.lint()
