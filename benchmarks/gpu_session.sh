@@ -48,6 +48,9 @@ for step in "$@"; do
     sanitize) for tool in memcheck racecheck; do
                 compute-sanitizer --tool $tool --print-limit 5 python benchmarks/profile_microkernel.py \
                   --seq 333 --batch 1 --heads 2 --causal 2>&1 | tail -3 || status=1
+                # head dim 256: O staged in the Q tile's rows for its TMA store (333 rows: a ragged last block)
+                compute-sanitizer --tool $tool --print-limit 5 python benchmarks/profile_microkernel.py \
+                  --seq 333 --batch 1 --heads 2 --causal --head-dim 256 2>&1 | tail -2 || status=1
                 # head dim 64's three-consumer tiling; 200 rows: two of the last block's consumers idle
                 compute-sanitizer --tool $tool --print-limit 5 python benchmarks/profile_microkernel.py \
                   --seq 200 --batch 1 --heads 2 --causal --head-dim 64 --select-seq 4096 2>&1 | tail -2 || status=1

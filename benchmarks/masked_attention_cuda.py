@@ -16,6 +16,9 @@ op means is for the GPU to say, not the documentation:
    eighth of every other sequence's keys masked) at head dim 128: the op's reference, SDPA's
    default dispatch and each backend, and our kernels without the mask (the training pair) as the
    ceiling.
+3. Compiled training: a function calling SDPA with a bool or a finfo.min padding mask, forward and
+   backward through flashmlir (masked_training_ops' routes), the same with those routes off,
+   Inductor and eager.
 """
 
 from __future__ import annotations
@@ -150,6 +153,61 @@ def _speed_rows(s: int, head_dim: int, dtype: torch.dtype, rounds: int) -> list[
     return rows
 
 
+def _eager(q, k, v, mask):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def _inductor(q, k, v, mask):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def _flashmlir(q, k, v, mask):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def _textbook(q, k, v, mask):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def compiled_training(seqs: list[int], head_dim: int, rounds: int) -> list[dict]:
+    """ms per forward + backward of a compiled function that calls SDPA with a padding mask (bf16,
+    B·S = 16k tokens): as a bool mask and as Hugging Face's additive one (0 / finfo.min), through
+    flashmlir (the masked training routes), flashmlir with those routes off (the op's textbook
+    backward, as before), Inductor, and eager."""
+    from unittest import mock
+
+    from flashmlir.frontend import masked_training_ops
+
+    rows = []
+    dtype = torch.bfloat16
+    for s in seqs:
+        b, h = max(1, 16384 // s), 2048 // head_dim
+        q, k, v = (torch.randn(b, h, s, head_dim, device=DEVICE, dtype=dtype, requires_grad=True) for _ in range(3))
+        do = torch.randn_like(q)
+        keep = make_mask("bool-padding", b, s, s, dtype)
+        for kind, mask in (("bool", keep), ("finfo.min", torch.zeros(keep.shape, dtype=dtype, device=DEVICE)
+                                            .masked_fill(~keep, torch.finfo(dtype).min))):
+            def step(fn, operands=(q, k, v, mask), do=do):
+                return lambda: fn(*operands).backward(do)
+
+            # One function per route: Dynamo caches compiled code per code object, so routes
+            # sharing a function would run whichever compiled last.
+            torch._dynamo.reset()
+            calls = {"eager SDPA": step(_eager), "inductor": step(torch.compile(_inductor)),
+                     "flashmlir": step(torch.compile(_flashmlir, backend="flashmlir"))}
+            with mock.patch.object(masked_training_ops, "rewrite_masked_for_training", lambda *a: 0):
+                calls["flashmlir, textbook backward (before)"] = step(torch.compile(_textbook, backend="flashmlir"))
+                calls["flashmlir, textbook backward (before)"]()  # compiled with the routes off
+            for fn in calls.values():
+                fn()
+            ms = interleaved_best_ms(calls, warmup=2, iters=5, rounds=rounds)
+            for label, t in ms.items():
+                rows.append({"seq": s, "mask": kind, "route": label, "ms": t})
+                print(rows[-1], flush=True)
+            q.grad = k.grad = v.grad = None
+    return rows
+
+
 def _with(which, fn):
     with sdpa_kernel([which]):
         return fn()
@@ -160,7 +218,7 @@ def _no_grad(fn):
         return fn()
 
 
-def markdown(sem: list[dict], spd: list[dict]) -> str:
+def markdown(sem: list[dict], spd: list[dict], trained: list[dict]) -> str:
     where = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU"
     lines = [f"torch {torch.__version__}, {where}", "", "## What SDPA computes", "",
              "| head dim | dtype | mask | GQA | backend | out | empty rows max abs out | dq | dk | dv |",
@@ -177,6 +235,10 @@ def markdown(sem: list[dict], spd: list[dict]) -> str:
     for r in spd:
         ms = "-" if r["ms"] is None else f"{r['ms']:.3f}"
         lines.append(f"| {r['seq']} | {r['batch']}x{r['heads']} | {r['mode']} | {r['route']} | {ms} | {r['error'] or ''} |")
+    if trained:
+        lines += ["", "## Compiled training (ms per forward + backward, bf16, head dim 128, padding mask)", "",
+                  "| seq | mask | route | ms |", "|---:|---|---|---:|"]
+        lines += [f"| {r['seq']} | {r['mask']} | {r['route']} | {r['ms']:.3f} |" for r in trained]
     return "\n".join(lines) + "\n"
 
 
@@ -187,12 +249,16 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--markdown")
     p.add_argument("--device", default="cuda")
+    p.add_argument("--parts", nargs="+", default=["semantics", "speed", "training"],
+                   choices=["semantics", "speed", "training"])
     args = p.parse_args()
     global DEVICE
     DEVICE = args.device
-    sem = semantics(args.head_dims)
-    spd = speed(args.seqs, 128, torch.float16, args.rounds) if DEVICE == "cuda" else []
-    text = markdown(sem, spd)
+    gpu = DEVICE == "cuda"
+    sem = semantics(args.head_dims) if "semantics" in args.parts else []
+    spd = speed(args.seqs, 128, torch.float16, args.rounds) if gpu and "speed" in args.parts else []
+    trained = compiled_training(args.seqs, 128, args.rounds) if gpu and "training" in args.parts else []
+    text = markdown(sem, spd, trained)
     print(text)
     if args.markdown:
         Path(args.markdown).write_text(text)

@@ -98,12 +98,16 @@ def test_masked_training_trains_through_sdpa_and_matches_float64(dtype, kind, ca
         assert _rel(g, w) < 2 * TOLERANCE[dtype], name
 
 
-def test_bf16_finfo_min_mask_keeps_the_exact_backward(caplog):
-    """A bf16 float mask may hold finfo.min rows, whose gradients SDPA's backward gets wrong: the
-    site keeps the op's textbook backward (its forward runs SDPA, which sdpa_mask makes right)."""
+@pytest.mark.parametrize("empty_rows", [False, True])
+def test_bf16_finfo_min_mask_checks_for_rows_sdpa_gets_wrong(empty_rows, caplog):
+    """A bf16 float mask may hold rows at finfo.min everywhere, whose gradients SDPA's backward gets
+    wrong: the site trains through SDPA unless a call's mask has such a row, then through the op's
+    textbook backward (torch.cond). Exact both ways."""
     dtype = torch.bfloat16
     q, k, v = _operands(dtype, requires_grad=True)
     mask = _mask("min", dtype)
+    if not empty_rows:
+        mask[0, :, 5:9, :3] = 0.0
     grad = torch.randn(2, 4, 200, 64, device=DEVICE, dtype=dtype)
 
     def attention(q, k, v):
@@ -112,10 +116,13 @@ def test_bf16_finfo_min_mask_keeps_the_exact_backward(caplog):
     torch._dynamo.reset()
     with caplog.at_level("INFO", logger="flashmlir"):
         out = torch.compile(attention, backend="flashmlir")(q, k, v)
-    assert "train through torch's fused SDPA" not in caplog.text
+    assert "1 masked attention site(s) train through torch's fused SDPA" in caplog.text
+    assert "falling back" not in caplog.text
     got = torch.autograd.grad(out, (q, k, v), grad)
     q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
-    want_grads = torch.autograd.grad(attention_op.attention(q64, k64, v64, mask), (q64, k64, v64), grad.double())
+    want = attention_op.attention(q64, k64, v64, mask)
+    want_grads = torch.autograd.grad(want, (q64, k64, v64), grad.double())
+    assert _rel(out, want) < TOLERANCE[dtype]
     for name, g, w in zip("qkv", got, want_grads, strict=True):
         assert _rel(g, w) < 2 * TOLERANCE[dtype], name
 

@@ -16,16 +16,18 @@ backward gets every row right, the site trains through SDPA's kernels instead:
   ATen's. `lse` is ATen's (float32 [*, Hq, Sq]; 0 for a row with no key, whose output and gradients
   are 0), not the kernels' pair's. GQA expands K and V for it and sums dK, dV over each group. (Only
   the torch path runs these ops: IREE's torch frontend does not lower ATen's CPU flash ops.)
-- CUDA, bool masks and float16 ones that need no gradient: `sdpa_training_attention`, plain torch
-  code that aot_autograd traces into SDPA's fused forward and backward (cuDNN's on an H200), as it
-  does for a model that calls SDPA itself.
+- CUDA bool masks, float16 masks: `sdpa_training_attention`, plain torch code that aot_autograd
+  traces into SDPA's fused forward and backward (cuDNN's on an H200), as it does for a model that
+  calls SDPA itself.
+- bf16 and float32 masks: `checked_training_attention`. With finfo.min of bf16 or float32 as the
+  masked value (Hugging Face's) a row whose every key is masked is plain arithmetic (equal
+  weights, and gradients through them in eager), which the fused backwards get wrong (their
+  logsumexp absorbs the row's scores: gradients off by 2-3x relative on such rows; a float64 check
+  found it). So torch.cond looks at each call's mask: SDPA both ways without such a row, the op
+  and its exact textbook backward with one (left padding, an empty sequence). float16's finfo.min
+  (-65504) absorbs nothing, and SDPA's gradients matched float64 on such rows (the table above).
 
-Float masks otherwise keep the textbook backward: with finfo.min of bf16 or float32 as the masked
-value (Hugging Face's) a row whose every key is masked is plain arithmetic (equal weights, and
-gradients through them in eager), which the fused backwards get wrong (their logsumexp absorbs the
-row's scores: gradients off by 2-3x relative on such rows; a float64 check found it). float16's
-finfo.min (-65504) absorbs nothing, and SDPA's gradients matched float64 on such rows (the table
-above). A float mask that needs a gradient (a learned bias) keeps the op's formula, which has one.
+A float mask that needs a gradient (a learned bias) keeps the op's formula, which has one.
 """
 
 from __future__ import annotations
@@ -33,7 +35,13 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from flashmlir.frontend.attention_op import _expand_kv, attention_overload, sdpa_mask, sdpa_means_the_same
+from flashmlir.frontend.attention_op import (
+    NEVER,
+    _expand_kv,
+    attention_overload,
+    sdpa_mask,
+    sdpa_means_the_same,
+)
 
 FORWARD_OP_NAME = "flashmlir::attention_forward_masked"
 BACKWARD_OP_NAME = "flashmlir::attention_backward_masked"
@@ -124,10 +132,49 @@ def sdpa_takes(args: dict, values: tuple[torch.Tensor, ...] | None) -> bool:
 
 def sdpa_training_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor,
                             scale: float | None = None) -> torch.Tensor:
-    """A masked CUDA site of a training graph as torch's SDPA: aot_autograd traces this into SDPA's
+    """A masked site of a training graph as torch's SDPA: aot_autograd traces this into SDPA's
     fused forward and backward, as for a model that calls SDPA itself."""
     return torch.nn.functional.scaled_dot_product_attention(
         q, k, v, attn_mask=sdpa_mask(attn_mask, q), scale=scale, enable_gqa=q.shape[-3] != k.shape[-3])
+
+
+def sdpa_misses_rows(attn_mask: torch.Tensor) -> torch.Tensor:
+    """Whether some query row of a float mask has every key at or below NEVER and one of them
+    finite (a bool scalar tensor): the op gives such a row weights by plain arithmetic (equal ones
+    where finfo.min absorbs the scores), which SDPA's fused backward gets wrong (its logsumexp
+    absorbs them too). Rows masked entirely by -inf are zeros in both."""
+    return ((attn_mask <= NEVER).all(-1) & ~torch.isneginf(attn_mask).all(-1)).any()
+
+
+@torch.library.custom_op("flashmlir::contiguous_gradient", mutates_args=())
+def contiguous_gradient(x: torch.Tensor) -> torch.Tensor:
+    """x (a copy), whose gradient leaves in row-major order: torch.cond needs its branches'
+    gradients laid out alike, and SDPA's fused backwards return dQ, dK, dV in their own order."""
+    return x.clone(memory_format=torch.contiguous_format)
+
+
+@contiguous_gradient.register_fake
+def _contiguous_gradient_fake(x):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+contiguous_gradient.register_autograd(lambda ctx, grad: grad.contiguous())
+
+
+def checked_training_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor,
+                               scale: float | None = None) -> torch.Tensor:
+    """A site with a bf16 or float32 float mask in a training graph: SDPA's fused kernels both ways
+    unless this call's mask has rows they get wrong (`sdpa_misses_rows`), then the op with its
+    exact textbook backward. torch.cond decides per call (the predicate costs the host one sync);
+    aot_autograd traces both branches' backward."""
+    def textbook(q, k, v, attn_mask):
+        return attention_overload()(q, k, v, attn_mask, 0.0, False, scale).contiguous()
+
+    def fused(q, k, v, attn_mask):
+        q, k, v = (contiguous_gradient(x) for x in (q, k, v))
+        return sdpa_training_attention(q, k, v, attn_mask, scale).contiguous()
+
+    return torch.cond(sdpa_misses_rows(attn_mask), textbook, fused, (q, k, v, attn_mask))
 
 
 def gradient_inputs(gm: fx.GraphModule, example_inputs) -> set[fx.Node]:
@@ -152,10 +199,11 @@ def _depends_on(node: fx.Node, sources: set[fx.Node]) -> bool:
 
 def rewrite_masked_for_training(gm: fx.GraphModule, needs_gradient: set[fx.Node] = frozenset()) -> int:
     """Replace each `flashmlir::attention` site whose mask SDPA takes as the op means it (no dropout,
-    not causal together with the mask) and whose gradients SDPA's backward gets right: on the CPU
-    with a bool mask by `attention_forward_masked(...)[0]`, on CUDA with a bool mask or a float16 one
-    that depends on none of `needs_gradient` (the placeholders that require gradients) by
-    `sdpa_training_attention(...)`. Returns how many."""
+    not causal together with the mask) and that needs no mask gradient (the mask depends on none of
+    `needs_gradient`, the placeholders that require gradients): with a bool mask on the CPU by
+    `attention_forward_masked(...)[0]`; with a bool mask on CUDA or a float16 one by
+    `sdpa_training_attention(...)`; with a bf16 or float32 one by `checked_training_attention(...)`.
+    Returns how many."""
     from flashmlir.frontend.training_ops import replace_with_pair
 
     rewritten = 0
@@ -164,17 +212,21 @@ def rewrite_masked_for_training(gm: fx.GraphModule, needs_gradient: set[fx.Node]
             continue
         device, mask = values[0].device.type, values[3]
         operands, options = (args["q"], args["k"], args["v"], args["attn_mask"]), {"scale": args["scale"]}
+        if mask.dtype != torch.bool and _depends_on(args["attn_mask"], needs_gradient):
+            continue  # a learned bias: the op's formula gives it its gradient
         if device == "cpu" and mask.dtype == torch.bool:
             replace_with_pair(gm, node, forward_masked_overload(), operands, options)
-        elif device == "cuda" and (mask.dtype == torch.bool or (
-                mask.dtype == torch.float16 and not _depends_on(args["attn_mask"], needs_gradient))):
-            with gm.graph.inserting_before(node):
-                out = gm.graph.call_function(sdpa_training_attention, operands, options)
-            out.meta = dict(node.meta)
-            node.replace_all_uses_with(out)
-            gm.graph.erase_node(node)
-        else:
+            rewritten += 1
             continue
+        if device not in ("cpu", "cuda"):
+            continue
+        fused = mask.dtype in (torch.bool, torch.float16)
+        with gm.graph.inserting_before(node):
+            out = gm.graph.call_function(sdpa_training_attention if fused else checked_training_attention,
+                                         operands, options)
+        out.meta = dict(node.meta)
+        node.replace_all_uses_with(out)
+        gm.graph.erase_node(node)
         rewritten += 1
     if rewritten:
         gm.graph.lint()
