@@ -56,9 +56,10 @@ def test_the_catalog_loads_every_sm90_forward_through_tma():
     if not forward:
         pytest.skip("the microkernel library is not installed")
     assert {(k.head_dim, k.tma) for k in forward} == {(64, True), (128, True), (256, True)}
-    # O through the copy engine at head dim 128 below 2048 tokens, and at head dim 256
+    # O through the copy engine at head dim 128 below 16k tokens (with ping-pong), and at head dim 256
     assert {(k.head_dim, k.min_seq) for k in forward if k.tma_store} == {(128, 0), (256, 0)}
-    assert {(k.min_seq, k.tma_store) for k in forward if k.head_dim == 128} == {(0, True), (2048, False)}
+    assert {(k.min_seq, k.tma_store, k.pingpong) for k in forward if k.head_dim == 128} == {(0, True, True),
+                                                                                          (16384, False, False)}
 
 
 def test_tma_store_adds_an_o_tile_a_consumer_and_a_fourth_map():
