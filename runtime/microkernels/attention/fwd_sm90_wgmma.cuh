@@ -138,7 +138,8 @@ constexpr bool kTma = FLASHMLIR_TMA != 0;
 // With TMA, whether O leaves through it too (FlashAttention-3's epilogue): each consumer writes its
 // 64 rows into a swizzled shared tile of its own and one of its threads hands the tile to the copy
 // engine, which writes it out while the consumer goes on with its next query block. A fourth map,
-// made by the fourth producer warp. Catalog `tma_store`.
+// made by the fourth producer warp. Catalog `tma_store`: head dim 128 below 16k tokens (with
+// ping-pong, h200-2026-12-02-sm90-pingpong-tma-store.md) and head dim 256 (Sm90Config::kOInQ).
 #ifndef FLASHMLIR_TMA_STORE
 #define FLASHMLIR_TMA_STORE 0
 #endif
