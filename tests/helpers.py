@@ -62,3 +62,23 @@ class CompiledGraphs:
 
     def graph_ran(self, graph, sites, near_misses):
         pass
+
+
+def masked_training_against_float64(q, k, v, mask, grad, caplog, scale=None):
+    """Compile SDPA with `mask` (GQA where k has fewer heads) through flashmlir, run it forward and
+    backward, and return (output, gradients, the op's float64 output, its gradients) with the
+    backend's INFO log in `caplog`: what the masked training tests compare. The reference is the
+    op's plain-math meaning, differentiated by autograd (no call of the op itself)."""
+    from flashmlir.frontend.attention_op import reference_attention
+
+    def attention(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                              enable_gqa=q.shape[-3] != k.shape[-3])
+
+    torch._dynamo.reset()
+    with caplog.at_level("INFO", logger="flashmlir"):
+        out = torch.compile(attention, backend="flashmlir")(q, k, v)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    want = reference_attention(q64, k64, v64, mask, 0.0, False, scale)
+    return out, got, want, torch.autograd.grad(want, (q64, k64, v64), grad.double())

@@ -15,7 +15,13 @@ import torch
 from flashmlir.compiler import microkernels
 from flashmlir.compiler.targets import get_target
 from flashmlir.dynamo.backend import recording
-from tests.helpers import CompiledGraphs, float64_gradients, rel_err, sdpa_training_problem
+from tests.helpers import (
+    CompiledGraphs,
+    float64_gradients,
+    masked_training_against_float64,
+    rel_err,
+    sdpa_training_problem,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -115,19 +121,8 @@ def test_masked_training_runs_atens_flash_attention_and_matches_float64(hkv, cau
         mask = mask & torch.ones(45, 45, dtype=torch.bool).tril()
         mask[0, :, 3] = False  # a query that attends nothing
     grad = torch.randn(2, 4, 45, 32)
-
-    def attention(q, k, v):
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3,
-                                                                enable_gqa=hkv != 4)
-
-    torch._dynamo.reset()
-    with caplog.at_level("INFO", logger="flashmlir"):
-        out = torch.compile(attention, backend="flashmlir")(q, k, v)
+    out, got, want, want_grads = masked_training_against_float64(q, k, v, mask, grad, caplog, scale=0.3)
     assert "1 masked attention site(s) train through torch's fused SDPA kernels" in caplog.text
-    got = torch.autograd.grad(out, (q, k, v), grad)
-    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
-    want = torch.ops.flashmlir.attention(q64, k64, v64, mask, 0.0, False, 0.3)
-    want_grads = torch.autograd.grad(want, (q64, k64, v64), grad.double())
     assert rel_err(out, want) < 1e-5
     for name, g, w in zip("qkv", got, want_grads, strict=True):
         assert rel_err(g, w) < 2e-5, name
@@ -149,23 +144,14 @@ def test_float_masked_training_checks_for_rows_sdpa_gets_wrong(dtype, empty_row,
     if empty_row:
         mask[..., 2, :] = torch.finfo(dtype).min  # and every key of query 2
 
-    def attention(q, k, v):
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-
     op_calls = []
     sdpa = cpu_kernels.sdpa_attention
     monkeypatch.setattr(cpu_kernels, "sdpa_attention", lambda *args: op_calls.append(1) or sdpa(*args))
-    torch._dynamo.reset()
-    with caplog.at_level("INFO", logger="flashmlir"):
-        out = torch.compile(attention, backend="flashmlir")(q, k, v)
+    grad = torch.randn(1, 2, 20, 16, dtype=dtype)
+    out, got, want, want_grads = masked_training_against_float64(q, k, v, mask, grad, caplog)
     assert "1 masked attention site(s) train through torch's fused SDPA" in caplog.text
     assert "falling back" not in caplog.text
     assert bool(op_calls) == empty_row
-    grad = torch.randn_like(out)
-    got = torch.autograd.grad(out, (q, k, v), grad)
-    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
-    want = torch.ops.flashmlir.attention(q64, k64, v64, mask.double())
-    want_grads = torch.autograd.grad(want, (q64, k64, v64), grad.double())
     tolerance = 2e-5 if dtype == torch.float32 else 2e-2
     assert rel_err(out, want) < tolerance
     for name, g, w in zip("qkv", got, want_grads, strict=True):

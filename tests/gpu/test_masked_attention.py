@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from flashmlir.frontend import attention_op
+from tests.helpers import masked_training_against_float64
 
 pytestmark = pytest.mark.gpu
 
@@ -81,18 +82,8 @@ def test_masked_training_trains_through_sdpa_and_matches_float64(dtype, kind, ca
     q, k, v = _operands(dtype, requires_grad=True)
     mask = _mask(kind, dtype)
     grad = torch.randn(2, 4, 200, 64, device=DEVICE, dtype=dtype)
-
-    def attention(q, k, v):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True, scale=0.2)
-
-    torch._dynamo.reset()
-    with caplog.at_level("INFO", logger="flashmlir"):
-        out = torch.compile(attention, backend="flashmlir")(q, k, v)
+    out, got, want, want_grads = masked_training_against_float64(q, k, v, mask, grad, caplog, scale=0.2)
     assert "1 masked attention site(s) train through torch's fused SDPA kernels" in caplog.text
-    got = torch.autograd.grad(out, (q, k, v), grad)
-    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
-    want = attention_op.attention(q64, k64, v64, mask, 0.0, False, 0.2)
-    want_grads = torch.autograd.grad(want, (q64, k64, v64), grad.double())
     assert _rel(out, want) < TOLERANCE[dtype]
     for name, g, w in zip("qkv", got, want_grads, strict=True):
         assert _rel(g, w) < 2 * TOLERANCE[dtype], name
@@ -109,19 +100,9 @@ def test_bf16_finfo_min_mask_checks_for_rows_sdpa_gets_wrong(empty_rows, caplog)
     if not empty_rows:
         mask[0, :, 5:9, :3] = 0.0
     grad = torch.randn(2, 4, 200, 64, device=DEVICE, dtype=dtype)
-
-    def attention(q, k, v):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-
-    torch._dynamo.reset()
-    with caplog.at_level("INFO", logger="flashmlir"):
-        out = torch.compile(attention, backend="flashmlir")(q, k, v)
+    out, got, want, want_grads = masked_training_against_float64(q, k, v, mask, grad, caplog)
     assert "1 masked attention site(s) train through torch's fused SDPA" in caplog.text
     assert "falling back" not in caplog.text
-    got = torch.autograd.grad(out, (q, k, v), grad)
-    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
-    want = attention_op.attention(q64, k64, v64, mask)
-    want_grads = torch.autograd.grad(want, (q64, k64, v64), grad.double())
     assert _rel(out, want) < TOLERANCE[dtype]
     for name, g, w in zip("qkv", got, want_grads, strict=True):
         assert _rel(g, w) < 2 * TOLERANCE[dtype], name
