@@ -6,8 +6,10 @@ links into its executables (runtime/microkernels/attention/fwd_cpu.c, bwd_cpu.c)
 instruction set's shared library (`libflashmlir_attention_cpu_<isa>.so`) through ctypes. A call
 splits its work the way IREE's workgroups do: `workgroups` calls, each taking its share of the
 items, run on a pool of torch.get_num_threads() threads (ctypes lets go of the GIL for the call).
-A problem the kernels do not serve (not float32, a head dim the library lacks, a mask, dropout
-outside the training pair) runs the op's reference implementation. The training pair with dropout
+A key-padding mask (one value per key, as BERT-style padding masks are) goes to the forward's
+`_key_bias` entry; a problem the kernels do not serve (not float32, a head dim the library lacks,
+any other mask, dropout outside the training pair) runs torch's SDPA where that means the same
+and the op's reference implementation otherwise (attention_op.sdpa_attention). The training pair with dropout
 calls the functions' dropout twins, which every CPU object has (cpu_dropout.h: the seeded hash of
 attention_op.dropout_keep).
 """
@@ -26,7 +28,7 @@ from flashmlir import config
 from flashmlir.compiler import microkernels
 from flashmlir.compiler.microkernels import dropout_constants
 from flashmlir.compiler.targets import get_target
-from flashmlir.frontend.attention_op import check_arguments, sdpa_attention
+from flashmlir.frontend.attention_op import check_arguments, sdpa_attention, sdpa_mask
 from flashmlir.frontend.training_ops import reference_backward, reference_forward
 
 _P, _S = ctypes.c_void_p, ctypes.c_size_t
@@ -124,11 +126,52 @@ def _seed(seed: torch.Tensor | None) -> torch.Tensor:
     return seed.reshape(1).contiguous()
 
 
+def key_bias(attn_mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+    """A key-padding mask (one value per key for every query row: the mask's query dim is 1 or
+    broadcast) as the kernels' `_key_bias` entries take it, float32 [B·Hq, Sk] in the exp2 domain:
+    a bool mask as 0 / -inf, a float one as `attention_op.sdpa_mask` puts it (finite values below
+    -1e30 raised to it) times log2 e. None for any other mask."""
+    if attn_mask.dim() >= 2 and attn_mask.shape[-2] != 1 and attn_mask.stride(-2) != 0:
+        return None
+    rows = attn_mask.expand(*q.shape[:-1], k.shape[-2])[..., 0, :]
+    if rows.dtype == torch.bool:
+        bias = torch.zeros(rows.shape, dtype=torch.float32).masked_fill(~rows, float("-inf"))
+    else:
+        bias = sdpa_mask(rows.float(), q) * _LOG2E
+    return bias.reshape(-1, k.shape[-2]).contiguous()
+
+
+_LOG2E = 1.4426950408889634
+
+
+def takes_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor, dropout_p: float) -> bool:
+    """Whether the forward's `_key_bias` entry serves a masked site (fake tensors do): a key-padding
+    mask, no dropout, operands the kernels take."""
+    key_only = attn_mask.dim() < 2 or attn_mask.shape[-2] == 1 or attn_mask.stride(-2) == 0
+    return key_only and not dropout_p and kernel_problem(q, k, v, backward=False, library=True) is None
+
+
 def _attention_cpu(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, dropout_seed=None):
     check_arguments(q, k, v, attn_mask)
-    if attn_mask is not None or dropout_p > 0.0 or kernel_problem(q, k, v, backward=False, library=True):
+    if dropout_p > 0.0 or kernel_problem(q, k, v, backward=False, library=True):
         return sdpa_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, dropout_seed)
+    if attn_mask is not None:
+        bias = key_bias(attn_mask, q, k)
+        if bias is None:  # the kernels take one value per key: torch's SDPA, where it means the same
+            return sdpa_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, dropout_seed)
+        return _forward_key_bias(q, k, v, bias, is_causal, scale)
     return _forward(q, k, v, is_causal, scale, with_lse=False)[0]
+
+
+def _forward_key_bias(q, k, v, bias, is_causal, scale):
+    """The forward with a key-padding mask (`key_bias`), the `_key_bias` entry: bias after v."""
+    forward, _ = _kernels(q.shape[-1], False)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    out = torch.empty_like(q)
+    function = _function(str(forward.shared_library), forward.name(q.shape[-1]) + "_key_bias", 5)
+    _run(function, (q, k, v, bias, out), _constants(q, k, is_causal, scale),
+         forward.workgroups(q.shape[-2], math.prod(q.shape[:-2]), torch.get_num_threads()))
+    return out
 
 
 def _attention_forward_cpu(q, k, v, is_causal=False, scale=None):

@@ -141,14 +141,16 @@ def test_masked_attention_stays_on_the_codegen_path_in_iree():
 
 
 @pytest.mark.parametrize("mask_kind", ["bool key padding", "float [S, S]"])
-def test_masked_inference_goes_to_torch_sdpa_by_default(mask_kind, monkeypatch, caplog):
-    """By default a CPU inference graph with a masked site leaves IREE for the torch path, where the
-    op runs torch's fused SDPA (3.1-3.6x faster than IREE's loop nest): logged and correct."""
+def test_masked_inference_goes_to_the_torch_path_by_default(mask_kind, monkeypatch, caplog):
+    """By default a CPU inference graph with a masked site leaves IREE for the torch path (IREE's
+    loop nest was 3.1-3.6x slower than torch's SDPA): a key-padding mask runs the CPU kernel's
+    `_key_bias` entry, any other mask torch's fused SDPA. Logged and correct."""
     from flashmlir.runtime import cpu_kernels
 
-    calls = []
-    sdpa = cpu_kernels.sdpa_attention
-    monkeypatch.setattr(cpu_kernels, "sdpa_attention", lambda *args: calls.append(args[3]) or sdpa(*args))
+    sdpa_calls, kernel_calls = [], []
+    sdpa, kernel = cpu_kernels.sdpa_attention, cpu_kernels._forward_key_bias
+    monkeypatch.setattr(cpu_kernels, "sdpa_attention", lambda *args: sdpa_calls.append(args[3]) or sdpa(*args))
+    monkeypatch.setattr(cpu_kernels, "_forward_key_bias", lambda *args: kernel_calls.append(1) or kernel(*args))
     q, k, v = (torch.randn(2, 4, 50, 64) for _ in range(3))
     if mask_kind == "bool key padding":
         mask = torch.ones(2, 1, 1, 50, dtype=torch.bool)
@@ -164,6 +166,56 @@ def test_masked_inference_goes_to_torch_sdpa_by_default(mask_kind, monkeypatch, 
     with torch.no_grad(), caplog.at_level("INFO", logger="flashmlir"):
         out = torch.compile(attention, backend="flashmlir")(q, k, v)
     assert "explicit mask" in caplog.text and "torch's SDPA" in caplog.text
-    assert len(calls) == 1 and calls[0] is not None
+    assert (len(kernel_calls), len(sdpa_calls)) == ((1, 0) if mask_kind == "bool key padding" else (0, 1))
     ref = torch.softmax(q.double() @ k.double().transpose(-1, -2) / 8 + bias, -1) @ v.double()
     assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-5
+
+
+KEY_MASKS = ["bool", "bool, a batch with no key", "finfo.min, a batch with no key", "float expanded to [B,1,S,S]",
+             "per-head bias [1,H,1,S]"]
+
+
+@pytest.mark.parametrize("kind", KEY_MASKS)
+@pytest.mark.parametrize("causal, hkv, sq, sk, d", [(False, 4, 77, 133, 64), (True, 2, 133, 133, 128),
+                                                    (False, 1, 1, 65, 32)])
+def test_key_padding_masks_run_the_kernel_and_match_float64(kind, causal, hkv, sq, sk, d, monkeypatch):
+    """A mask with one value per key (BERT's padding masks) is added to the scores inside the
+    kernel: bool as -inf (a batch with no key gets zeros), float ones as the op's arithmetic
+    (finfo.min everywhere: equal weights), together with causal masking and GQA. Never SDPA's
+    route."""
+    from flashmlir.frontend.attention_op import reference_attention
+    from flashmlir.runtime import cpu_kernels
+
+    monkeypatch.setattr(cpu_kernels, "sdpa_attention", None)  # must not be called
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, sq, d)
+    k, v = (torch.randn(2, hkv, sk, d) for _ in range(2))
+    keep = torch.ones(2, 1, 1, sk, dtype=torch.bool)
+    keep[1, ..., sk * 3 // 4:] = False
+    if "no key" in kind:
+        keep[0] = False
+    mask = {"bool": keep, "bool, a batch with no key": keep,
+            "finfo.min, a batch with no key": torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min),
+            "float expanded to [B,1,S,S]": torch.zeros(keep.shape).masked_fill(~keep, -1e4).expand(2, 1, sq, sk),
+            "per-head bias [1,H,1,S]": torch.randn(1, 4, 1, sk)}[kind]
+    got = cpu_kernels._attention_cpu(q, k, v, mask, 0.0, causal, 0.3)
+    want = reference_attention(q.double(), k.double(), v.double(), mask, 0.0, causal, 0.3)
+    assert torch.isfinite(got).all()
+    assert ((got.double() - want).norm() / want.norm()).item() < 1e-5
+    if kind == "bool, a batch with no key":
+        assert torch.equal(got[0], torch.zeros_like(got[0]))
+
+
+def test_key_bias_is_what_the_kernel_adds():
+    """bool → 0 / -inf; float → finite values below -1e30 raised to it, then times log2 e; a mask
+    with a value per query row is no key-padding mask (None)."""
+    from flashmlir.runtime.cpu_kernels import key_bias
+
+    q, k = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 7, 8)
+    keep = torch.tensor([True, False, True, True, True, True, False]).view(1, 1, 1, 7)
+    assert torch.equal(key_bias(keep, q, k), torch.zeros(6, 7).masked_fill(~keep.view(1, 7), float("-inf")))
+    f = torch.tensor([0.0, -2.0, torch.finfo(torch.float32).min, float("-inf"), 1.0, 0.0, 0.0]).view(7)
+    got = key_bias(f, q, k)
+    assert got.shape == (6, 7)
+    torch.testing.assert_close(got[0], torch.tensor([0.0, -2.0, -1e30, float("-inf"), 1.0, 0.0, 0.0]) * 1.4426950408889634)
+    assert key_bias(torch.randn(5, 7), q, k) is None

@@ -189,9 +189,9 @@ class GraphCompiler:
         if rest == "iree" and self._masked_cpu_inference(target, training):
             masked = _masked_sites(aten)
             if masked:
-                logger.info("%s: %d attention site(s) with an explicit mask, which the CPU microkernels do not "
-                            "take: Inductor compiles the graph and torch's SDPA runs them (rest='iree' keeps "
-                            "IREE's code for them)", self.name, masked)
+                logger.info("%s: %d attention site(s) with an explicit mask: Inductor compiles the graph, and the "
+                            "CPU kernels' key-padding entry or torch's SDPA runs them (rest='iree' keeps IREE's "
+                            "code for them)", self.name, masked)
                 rest = "inductor"
         if training and self.match.sites:
             rewritten, reasons = rewrite_for_training(aten, _training_check(target, torch_path=rest == "inductor"))
@@ -305,19 +305,27 @@ def _training_check(target: Target, torch_path: bool) -> Callable[[torch.Tensor,
 
 
 def _masked_sites(gm: fx.GraphModule) -> int:
-    """Attention ops in a graph with an explicit mask, if torch's SDPA computes every one of them as
-    the op means it (`attention_op.sdpa_means_the_same`), else 0: a masked site SDPA cannot take
-    runs the op's float32 reference on the torch path, slower than IREE's loop nest."""
+    """Attention ops in a graph with an explicit mask, if the torch path serves every one of them
+    fast, else 0: the CPU forward's `_key_bias` entry (a key-padding mask, `cpu_kernels.takes_mask`)
+    or torch's SDPA where it computes the site as the op means it (`attention_op.sdpa_means_the_same`).
+    A masked site neither takes runs the op's float32 reference on the torch path, slower than
+    IREE's loop nest."""
     from flashmlir.frontend.masked_training_ops import masked_sites, sdpa_takes
+    from flashmlir.runtime.cpu_kernels import takes_mask
+
+    def served(args, values) -> bool:
+        if values is not None and takes_mask(*values, float(args["dropout_p"])):
+            return True
+        return sdpa_takes(args, values)
 
     sites = masked_sites(gm)
-    return len(sites) if all(sdpa_takes(args, values) for _, args, values in sites) else 0
+    return len(sites) if all(served(args, values) for _, args, values in sites) else 0
 
 
 def _kernel_sites(gm: fx.GraphModule, target: Target) -> int:
     """Our ops in a graph for the torch path that the library's kernels run: the training forwards
-    (put there only where the kernels serve them) and attention ops without a mask or dropout
-    whose operands the kernels take."""
+    (put there only where the kernels serve them), attention ops without a mask or dropout whose
+    operands the kernels take, and on the CPU those with a key-padding mask."""
     from flashmlir.frontend.attention_op import attention_overload
     from flashmlir.frontend.training_ops import (
         dropout_of,
@@ -334,11 +342,25 @@ def _kernel_sites(gm: fx.GraphModule, target: Target) -> int:
             count += 1
         elif node.target == attention_overload():
             site = kernel_site(node)
+            if isinstance(site, str) and target.kind == "cpu":  # a mask: the key-padding entry may take it
+                count += _takes_cpu_mask(node)
+                continue
             if isinstance(site, str) or dropout_of(node):  # dropout: the op's plain math
                 continue
             operands, _ = site
             count += _library_problem(target, *operands, backward=False, torch_path=True) is None
     return count
+
+
+def _takes_cpu_mask(node: fx.Node) -> bool:
+    """Whether the CPU forward's key-padding entry serves this masked attention node."""
+    from flashmlir.frontend.training_ops import bound_args
+    from flashmlir.runtime.cpu_kernels import takes_mask
+
+    args = bound_args(node)
+    values = [a.meta.get("val") if isinstance(a, fx.Node) else None
+              for a in (args["q"], args["k"], args["v"], args["attn_mask"])]
+    return all(isinstance(t, torch.Tensor) for t in values) and takes_mask(*values, float(args["dropout_p"]))
 
 
 def _reason(error: Exception) -> str:

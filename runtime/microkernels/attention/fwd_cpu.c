@@ -82,11 +82,15 @@ FLASHMLIR_INLINE void pv_tile(float* restrict ot, const float* restrict st,
 
 // One item: rows [q0, q0 + kRows) of query head `bh` (batch-major), every key it attends; with
 // `lse` (may be null) also ln Σ_j exp(scale · q·k_j) per row, -inf for a row with no key. With
-// dropout, Pᵀ is dropped after the row sums took it in (cpu_dropout.h).
+// dropout, Pᵀ is dropped after the row sums took it in (cpu_dropout.h). With `key_bias` (null, or
+// [batch_heads, seq_k] in the exp2 domain: a key-padding mask, bool as 0 / -inf, a float one times
+// log2 e) key j's bias is added to every row's score of it; its callers raise finite values below
+// -1e30 to -1e30 first (attention_op.sdpa_mask), so that a row whose every key is masked so gets
+// equal weights, as the op's arithmetic gives it, instead of overflowing to -inf.
 FLASHMLIR_INLINE void attention_rows(
     const float* restrict q, const float* restrict k, const float* restrict v, float* restrict o,
-    float* restrict lse, const size_t d_model, size_t group, size_t seq_q, size_t seq_k, float scale, int causal,
-    Dropout drop, size_t q_block, size_t bh) {
+    float* restrict lse, const float* restrict key_bias, const size_t d_model, size_t group, size_t seq_q,
+    size_t seq_k, float scale, int causal, Dropout drop, size_t q_block, size_t bh) {
   const size_t D = d_model;
   const size_t q0 = q_block * kRows;
   const size_t rows = seq_q - q0 < kRows ? seq_q - q0 : kRows;
@@ -94,6 +98,7 @@ FLASHMLIR_INLINE void attention_rows(
   const float* restrict kb = k + (bh / group) * seq_k * D;
   const float* restrict vb = v + (bh / group) * seq_k * D;
   float* restrict ob = o + (bh * seq_q + q0) * D;
+  const float* restrict bias = key_bias ? key_bias + bh * seq_k : (const float*)0;
 
   float qt[D * kRows] __attribute__((aligned(64)));  // Qᵀ · scale · log2 e, zero past `rows`
   float ot[D * kRows] __attribute__((aligned(64)));  // Oᵀ, unnormalized
@@ -145,6 +150,7 @@ FLASHMLIR_INLINE void attention_rows(
       }
       for (int t = 0; t < kKeyTile; ++t)
         for (int r = 0; r < kRowVectors; ++r) {
+          if (bias) acc[t][r] = vadd(acc[t][r], vset1(bias[k0 + j + t]));
           if (diagonal) acc[t][r] = masked_after_row(acc[t][r], k0 + j + t, row_index[r]);
           block_max[r] = vmax(block_max[r], acc[t][r]);
           vstore(st + (j + t) * kRows + r * kLanes, acc[t][r]);
@@ -159,6 +165,7 @@ FLASHMLIR_INLINE void attention_rows(
         for (int r = 0; r < kRowVectors; ++r) acc[r] = vfmadd(kv, vload(qt + d * kRows + r * kLanes), acc[r]);
       }
       for (int r = 0; r < kRowVectors; ++r) {
+        if (bias) acc[r] = vadd(acc[r], vset1(bias[k0 + j]));
         if (diagonal) acc[r] = masked_after_row(acc[r], k0 + j, row_index[r]);
         block_max[r] = vmax(block_max[r], acc[r]);
         vstore(st + j * kRows + r * kLanes, acc[r]);
@@ -227,11 +234,11 @@ static inline size_t item_cost(size_t block, size_t seq_q, size_t seq_k, int cau
 // This workgroup's items (cpu_work_share.h).
 FLASHMLIR_INLINE void work_share(
     const float* restrict q, const float* restrict k, const float* restrict v, float* restrict o,
-    float* restrict lse, const size_t D, size_t group, size_t batch_heads, size_t seq_q, size_t seq_k, float scale, int causal,
-    Dropout drop, size_t wg, size_t wg_count) {
+    float* restrict lse, const float* restrict key_bias, const size_t D, size_t group, size_t batch_heads,
+    size_t seq_q, size_t seq_k, float scale, int causal, Dropout drop, size_t wg, size_t wg_count) {
   const size_t blocks = (seq_q + kRows - 1) / kRows;
   FLASHMLIR_SHARE(item_cost(b, seq_q, seq_k, causal), blocks, batch_heads,
-                  attention_rows(q, k, v, o, lse, D, group, seq_q, seq_k, scale, causal, drop, b, h));
+                  attention_rows(q, k, v, o, lse, key_bias, D, group, seq_q, seq_k, scale, causal, drop, b, h));
 }
 
 // IREE's call. Each binding arrives as MLIR's descriptor of a 1-d memref (allocated pointer,
@@ -245,16 +252,29 @@ FLASHMLIR_INLINE void work_share(
       FLASHMLIR_MEMREF(const float, q), FLASHMLIR_MEMREF(const float, k), FLASHMLIR_MEMREF(const float, v), \
       FLASHMLIR_MEMREF(float, o), size_t group, size_t batch_heads, size_t seq_q, size_t seq_k, float scale, \
       size_t causal, size_t workgroup, size_t workgroup_count) {                                         \
-    work_share(q + q_offset, k + k_offset, v + v_offset, o + o_offset, (float*)0, D, group, batch_heads,   \
-               seq_q, seq_k, scale, causal != 0, no_dropout(), workgroup, workgroup_count);              \
+    work_share(q + q_offset, k + k_offset, v + v_offset, o + o_offset, (float*)0, (const float*)0, D,      \
+               group, batch_heads, seq_q, seq_k, scale, causal != 0, no_dropout(), workgroup,            \
+               workgroup_count);                                                                        \
+  }                                                                                                     \
+  /* With a key-padding mask: key_bias [batch_heads, seq_k], float32 in the exp2 domain, after v */     \
+  /* (attention_rows; the torch path's masked sites, runtime/cpu_kernels.py). */                        \
+  FLASHMLIR_EXPORT void flashmlir_attention_fwd_cpu_f32_d##D##_key_bias(                                \
+      FLASHMLIR_MEMREF(const float, q), FLASHMLIR_MEMREF(const float, k), FLASHMLIR_MEMREF(const float, v), \
+      FLASHMLIR_MEMREF(const float, key_bias), FLASHMLIR_MEMREF(float, o), size_t group,                   \
+      size_t batch_heads, size_t seq_q, size_t seq_k, float scale, size_t causal, size_t workgroup,          \
+      size_t workgroup_count) {                                                                          \
+    work_share(q + q_offset, k + k_offset, v + v_offset, o + o_offset, (float*)0, key_bias + key_bias_offset, \
+               D, group, batch_heads, seq_q, seq_k, scale, causal != 0, no_dropout(), workgroup,         \
+               workgroup_count);                                                                        \
   }                                                                                                     \
   /* The training forward: also the rows' log-sum-exp, float32 [batch_heads, seq_q]. */                  \
   FLASHMLIR_EXPORT void flashmlir_attention_fwd_cpu_f32_d##D##_lse(                                     \
       FLASHMLIR_MEMREF(const float, q), FLASHMLIR_MEMREF(const float, k), FLASHMLIR_MEMREF(const float, v), \
       FLASHMLIR_MEMREF(float, o), FLASHMLIR_MEMREF(float, lse), size_t group, size_t batch_heads,          \
       size_t seq_q, size_t seq_k, float scale, size_t causal, size_t workgroup, size_t workgroup_count) {   \
-    work_share(q + q_offset, k + k_offset, v + v_offset, o + o_offset, lse + lse_offset, D, group,          \
-               batch_heads, seq_q, seq_k, scale, causal != 0, no_dropout(), workgroup, workgroup_count);   \
+    work_share(q + q_offset, k + k_offset, v + v_offset, o + o_offset, lse + lse_offset, (const float*)0, D, \
+               group, batch_heads, seq_q, seq_k, scale, causal != 0, no_dropout(), workgroup,             \
+               workgroup_count);                                                                         \
   }                                                                                                     \
   /* The training forward with dropout: the int64 seed after v; ⌈p · 2¹⁶⌉ and 1 / (1 − p) after the */  \
   /* constants (cpu_dropout.h). */                                                                      \
@@ -264,8 +284,8 @@ FLASHMLIR_INLINE void work_share(
       size_t group, size_t batch_heads, size_t seq_q, size_t seq_k, float scale, size_t causal,             \
       size_t dropout_threshold, float dropout_scale, size_t workgroup, size_t workgroup_count) {            \
     const Dropout drop = {1, (uint32_t)seed[seed_offset], (uint32_t)dropout_threshold, dropout_scale};   \
-    work_share(q + q_offset, k + k_offset, v + v_offset, o + o_offset, lse + lse_offset, D, group,          \
-               batch_heads, seq_q, seq_k, scale, causal != 0, drop, workgroup, workgroup_count);           \
+    work_share(q + q_offset, k + k_offset, v + v_offset, o + o_offset, lse + lse_offset, (const float*)0, D, \
+               group, batch_heads, seq_q, seq_k, scale, causal != 0, drop, workgroup, workgroup_count);    \
   }
 
 FLASHMLIR_DEFINE_CPU_KERNEL(32)
