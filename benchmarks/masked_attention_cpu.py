@@ -7,7 +7,9 @@ loop nest (`rest="iree"`), or on the torch path (`rest="inductor"`), where the o
 fused SDPA when that means the same thing (attention_op.sdpa_attention) and its float32 reference
 otherwise. The default for a CPU inference graph is IREE unless it has masked sites SDPA takes
 (backend.py `_masked_sites`). Padding masks as BERT-style models make them: bool [B, 1, 1, S] with
-the last keys of one sequence masked out, and the same as an additive float mask. fp32, B=2 H=8
+the last keys of one sequence masked out, and the same as an additive float mask; and decoders'
+[B, 1, S, S] masks, causal masking and that padding together, bool and as Hugging Face writes them
+(finfo.min). fp32, B=2 H=8
 D=64, 2 threads as the CI machine has; best of `--repeats` calls after one warm-up.
 """
 
@@ -66,8 +68,12 @@ def main() -> None:
         q, k, v = (torch.randn(2, 8, seq, 64) for _ in range(3))
         keep = torch.ones(2, 1, 1, seq, dtype=torch.bool)
         keep[1, ..., seq - seq // 8:] = False
+        decoder = keep & torch.ones(seq, seq, dtype=torch.bool).tril()  # [B, 1, S, S]: causal and padding
         for kind, mask in (("bool padding", keep),
-                           ("float padding", torch.zeros(keep.shape).masked_fill(~keep, float("-inf")))):
+                           ("float padding", torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))),
+                           ("bool causal + padding", decoder),
+                           ("finfo.min causal + padding",
+                            torch.zeros(decoder.shape).masked_fill(~decoder, torch.finfo(torch.float32).min))):
             with torch.no_grad():
                 times = row_times((q, k, v, mask), routes, args.repeats, f"{seq} tokens, {kind}")
             lines.append(f"| {seq} | {kind} | {times['eager']:.1f} | {times['inductor']:.1f} | "

@@ -28,7 +28,7 @@ from flashmlir import config
 from flashmlir.compiler import microkernels
 from flashmlir.compiler.microkernels import dropout_constants
 from flashmlir.compiler.targets import get_target
-from flashmlir.frontend.attention_op import check_arguments, sdpa_attention, sdpa_mask
+from flashmlir.frontend.attention_op import NEVER, check_arguments, sdpa_attention, sdpa_mask
 from flashmlir.frontend.training_ops import reference_backward, reference_forward
 
 _P, _S = ctypes.c_void_p, ctypes.c_size_t
@@ -144,6 +144,37 @@ def key_bias(attn_mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch
 _LOG2E = 1.4426950408889634
 
 
+@functools.lru_cache(maxsize=4)
+def _causal(size: int) -> torch.Tensor:
+    """Top-left causal keep mask [size, size] (a bool tril), built once per length."""
+    index = torch.arange(size)
+    return index[:, None] >= index
+
+
+def causal_key_bias(attn_mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+    """If a square mask is exactly top-left causal masking combined with a key-padding mask (what
+    decoder models build from causality and their attention_mask), its key-padding part as
+    `key_bias` gives it, for the kernel's causal masking to do the rest; else None. Checked on the
+    mask's values, a few passes over it (a fraction of attention's time on the CPU; a GPU would need
+    a host sync). A bool mask's query rows with no key are zeros either way; a float one qualifies
+    only if its attended values are 0, its masked ones at or below -1e30 (finfo.min, -inf), and
+    every row attends some key: a row with none is plain arithmetic over *every* key in the op,
+    which causal masking cannot give."""
+    sq, sk = q.shape[-2], k.shape[-2]
+    if attn_mask.dim() < 2 or sq != sk or attn_mask.shape[-2:] != (sq, sk):
+        return None
+    if attn_mask.dtype == torch.bool:
+        keys = attn_mask[..., -1:, :]  # the last query row sees every key causality allows
+        return key_bias(keys, q, k) if torch.equal(attn_mask, keys & _causal(sq)) else None
+    attended = attn_mask > NEVER
+    keys = attended[..., -1:, :]
+    if not (torch.equal(attended, keys & _causal(sq)) and torch.equal(attended, attn_mask == 0)):
+        return None
+    if not keys[..., 0].all():  # query 0 sees only key 0: with it masked, that row attends nothing
+        return None
+    return key_bias(keys, q, k)
+
+
 def takes_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor, dropout_p: float) -> bool:
     """Whether the forward's `_key_bias` entry serves a masked site (fake tensors do): a key-padding
     mask, no dropout, operands the kernels take."""
@@ -156,10 +187,12 @@ def _attention_cpu(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scal
     if dropout_p > 0.0 or kernel_problem(q, k, v, backward=False, library=True):
         return sdpa_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, dropout_seed)
     if attn_mask is not None:
-        bias = key_bias(attn_mask, q, k)
+        bias, causal = key_bias(attn_mask, q, k), is_causal
+        if bias is None and not is_causal:  # a decoder's causal-and-padding mask
+            bias, causal = causal_key_bias(attn_mask, q, k), True
         if bias is None:  # the kernels take one value per key: torch's SDPA, where it means the same
             return sdpa_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, dropout_seed)
-        return _forward_key_bias(q, k, v, bias, is_causal, scale)
+        return _forward_key_bias(q, k, v, bias, causal, scale)
     return _forward(q, k, v, is_causal, scale, with_lse=False)[0]
 
 

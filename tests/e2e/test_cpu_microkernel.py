@@ -219,3 +219,45 @@ def test_key_bias_is_what_the_kernel_adds():
     assert got.shape == (6, 7)
     torch.testing.assert_close(got[0], torch.tensor([0.0, -2.0, -1e30, float("-inf"), 1.0, 0.0, 0.0]) * 1.4426950408889634)
     assert key_bias(torch.randn(5, 7), q, k) is None
+
+
+_S = 70
+_CAUSAL = torch.ones(_S, _S, dtype=torch.bool).tril()
+_RIGHT = torch.ones(2, 1, 1, _S, dtype=torch.bool)
+_RIGHT[1, ..., 60:] = False
+_LEFT = torch.ones(2, 1, 1, _S, dtype=torch.bool)
+_LEFT[1, ..., :5] = False
+_MIN = torch.finfo(torch.float32).min
+DECODER_MASKS = {  # name: (mask, the route that serves it)
+    "bool, right padding": (_RIGHT & _CAUSAL, "kernel"),
+    "bool, left padding (rows with no key)": (_LEFT & _CAUSAL, "kernel"),
+    "finfo.min, right padding": (torch.zeros(2, 1, _S, _S).masked_fill(~(_RIGHT & _CAUSAL), _MIN), "kernel"),
+    "finfo.min, left padding (rows with no key)": (torch.zeros(2, 1, _S, _S).masked_fill(~(_LEFT & _CAUSAL), _MIN),
+                                                   "sdpa"),
+    "causal only, 2-d": (_CAUSAL, "kernel"),
+    "causal plus a per-key bias": (torch.zeros(2, 1, _S, _S).masked_fill(~_CAUSAL, _MIN) + torch.randn(1, 1, 1, _S),
+                                   "sdpa"),
+    "random bool": (torch.rand(2, 1, _S, _S) > 0.3, "sdpa"),
+}
+
+
+@pytest.mark.parametrize("name", list(DECODER_MASKS))
+def test_causal_and_padding_masks_run_the_kernel_causally(name, monkeypatch):
+    """A square mask that is exactly causal masking and key padding (what decoders build) runs the
+    kernel causally with the padding as its key bias; a float one only where every row attends some
+    key (a row with none is, in the op, equal weights over every key, which causal masking cannot
+    give); other masks torch's SDPA. Each against float64."""
+    from flashmlir.frontend.attention_op import reference_attention
+    from flashmlir.runtime import cpu_kernels
+
+    mask, route = DECODER_MASKS[name]
+    routes = []
+    sdpa, kernel = cpu_kernels.sdpa_attention, cpu_kernels._forward_key_bias
+    monkeypatch.setattr(cpu_kernels, "sdpa_attention", lambda *args: routes.append("sdpa") or sdpa(*args))
+    monkeypatch.setattr(cpu_kernels, "_forward_key_bias", lambda *args: routes.append("kernel") or kernel(*args))
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, _S, 64) for _ in range(3))
+    got = cpu_kernels._attention_cpu(q, k, v, mask, 0.0, False, 0.3)
+    want = reference_attention(q.double(), k.double(), v.double(), mask, 0.0, False, 0.3)
+    assert routes == [route]
+    assert ((got.double() - want).norm() / want.norm()).item() < 1e-5
