@@ -53,13 +53,68 @@ def row_times(inputs: tuple, routes: dict, repeats: int, what: str) -> dict:
     return times
 
 
+def _eager(q, k, v, mask):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def _inductor(q, k, v, mask):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def _flashmlir(q, k, v, mask):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def _flashmlir_aten(q, k, v, mask):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def training_rows(seqs: list[int], repeats: int) -> list[str]:
+    """ms per forward + backward of SDPA with a bool padding or decoder mask: eager, Inductor,
+    flashmlir (the masked pair: our kernels' key-bias entries) and flashmlir with the pair on ATen's
+    CPU flash attention (as before). One function per route: Dynamo caches compiled code per code
+    object."""
+    from unittest import mock
+
+    from flashmlir.runtime import cpu_kernels
+
+    lines = ["| seq | mask | eager ms | inductor ms | flashmlir ms | flashmlir, ATen's pair ms | flashmlir vs eager |",
+             "|---:|---|---:|---:|---:|---:|---:|"]
+    for seq in seqs:
+        q, k, v = (torch.randn(2, 8, seq, 64, requires_grad=True) for _ in range(3))
+        do = torch.randn_like(q)
+        keep = torch.ones(2, 1, 1, seq, dtype=torch.bool)
+        keep[1, ..., seq - seq // 8:] = False
+        for kind, mask in (("bool padding", keep), ("bool causal + padding", keep & torch.ones(seq, seq).tril().bool())):
+            def step(fn, mask=mask, q=q, k=k, v=v, do=do):
+                return lambda: fn(q, k, v, mask).backward(do)
+
+            torch._dynamo.reset()
+            times = {"eager": best_ms(step(_eager), (), repeats),
+                     "inductor": best_ms(step(torch.compile(_inductor)), (), repeats),
+                     "flashmlir": best_ms(step(torch.compile(_flashmlir, backend="flashmlir")), (), repeats)}
+            with mock.patch.object(cpu_kernels, "_training_mask_route", lambda *a: None):
+                times["aten"] = best_ms(step(torch.compile(_flashmlir_aten, backend="flashmlir")), (), repeats)
+            lines.append(f"| {seq} | {kind} | {times['eager']:.1f} | {times['inductor']:.1f} | "
+                         f"{times['flashmlir']:.1f} | {times['aten']:.1f} | {times['eager'] / times['flashmlir']:.2f}x |")
+            print(lines[-1], flush=True)
+    return lines
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seqs", type=int, nargs="+", default=[512, 1024, 2048])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--markdown")
+    p.add_argument("--training", action="store_true", help="time forward + backward instead (the masked pair)")
     args = p.parse_args()
     torch.set_num_threads(2)
+    if args.training:
+        text = "\n".join(training_rows(args.seqs, args.repeats)) + "\n"
+        print("\n" + text)
+        if args.markdown:
+            Path(args.markdown).write_text(text)
+        return
     routes = {"flashmlir default": {}, "flashmlir rest=iree": {"rest": "iree"},
               "flashmlir rest=inductor": {"rest": "inductor"}}
     lines = ["| seq | mask | eager SDPA ms | inductor ms | " + " | ".join(f"{r} ms" for r in routes)

@@ -28,6 +28,7 @@ from flashmlir import config
 from flashmlir.compiler import microkernels
 from flashmlir.compiler.microkernels import dropout_constants
 from flashmlir.compiler.targets import get_target
+from flashmlir.frontend import masked_training_ops
 from flashmlir.frontend.attention_op import NEVER, check_arguments, sdpa_attention, sdpa_mask
 from flashmlir.frontend.training_ops import reference_backward, reference_forward
 
@@ -103,13 +104,18 @@ def _constants(q: torch.Tensor, k: torch.Tensor, is_causal: bool, scale: float |
             q.shape[-1] ** -0.5 if scale is None else scale, int(is_causal))
 
 
-def _forward(q, k, v, is_causal, scale, with_lse, dropout_p=0.0, dropout_seed=None):
+def _forward(q, k, v, is_causal, scale, with_lse, dropout_p=0.0, dropout_seed=None, bias=None):
     forward, _ = _kernels(q.shape[-1], False)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:-1], dtype=torch.float32) if with_lse else None
     name = forward.name(q.shape[-1]) + ("_lse" if with_lse else "")
     workgroups = forward.workgroups(q.shape[-2], math.prod(q.shape[:-2]), torch.get_num_threads())
+    if bias is not None:  # the key-bias entry: the bias after v
+        function = _function(str(forward.shared_library), name + "_key_bias", 6 if with_lse else 5)
+        _run(function, (q, k, v, bias, out, lse) if with_lse else (q, k, v, bias, out),
+             _constants(q, k, is_causal, scale), workgroups)
+        return out, lse
     if dropout_p:  # the dropout twin: the seed after v, two more constants
         function = _function(str(forward.shared_library), name + "_dropout", 6, dropout=True)
         _run(function, (q, k, v, _seed(dropout_seed), out, lse),
@@ -175,6 +181,19 @@ def causal_key_bias(attn_mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -
     return key_bias(keys, q, k)
 
 
+def mask_route(attn_mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+               is_causal: bool) -> tuple[torch.Tensor, bool] | None:
+    """How the kernels' key-bias entries take a mask: (its key bias, whether to mask causally), or None."""
+    bias = key_bias(attn_mask, q, k)
+    if bias is not None:
+        return bias, is_causal
+    if not is_causal:  # a decoder's causal-and-padding mask
+        bias = causal_key_bias(attn_mask, q, k)
+        if bias is not None:
+            return bias, True
+    return None
+
+
 def takes_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor, dropout_p: float) -> bool:
     """Whether the forward's `_key_bias` entry serves a masked site (fake tensors do): a key-padding
     mask, no dropout, operands the kernels take."""
@@ -187,24 +206,16 @@ def _attention_cpu(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scal
     if dropout_p > 0.0 or kernel_problem(q, k, v, backward=False, library=True):
         return sdpa_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, dropout_seed)
     if attn_mask is not None:
-        bias, causal = key_bias(attn_mask, q, k), is_causal
-        if bias is None and not is_causal:  # a decoder's causal-and-padding mask
-            bias, causal = causal_key_bias(attn_mask, q, k), True
-        if bias is None:  # the kernels take one value per key: torch's SDPA, where it means the same
+        route = mask_route(attn_mask, q, k, is_causal)
+        if route is None:  # the kernels take one value per key: torch's SDPA, where it means the same
             return sdpa_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, dropout_seed)
-        return _forward_key_bias(q, k, v, bias, causal, scale)
+        return _forward_key_bias(q, k, v, *route, scale)
     return _forward(q, k, v, is_causal, scale, with_lse=False)[0]
 
 
 def _forward_key_bias(q, k, v, bias, is_causal, scale):
-    """The forward with a key-padding mask (`key_bias`), the `_key_bias` entry: bias after v."""
-    forward, _ = _kernels(q.shape[-1], False)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    out = torch.empty_like(q)
-    function = _function(str(forward.shared_library), forward.name(q.shape[-1]) + "_key_bias", 5)
-    _run(function, (q, k, v, bias, out), _constants(q, k, is_causal, scale),
-         forward.workgroups(q.shape[-2], math.prod(q.shape[:-2]), torch.get_num_threads()))
-    return out
+    """The forward with a key-padding mask's bias (`key_bias`), the `_key_bias` entry."""
+    return _forward(q, k, v, is_causal, scale, with_lse=False, bias=bias)[0]
 
 
 def _attention_forward_cpu(q, k, v, is_causal=False, scale=None):
@@ -222,7 +233,7 @@ def _attention_forward_dropout_cpu(q, k, v, dropout_p, dropout_seed, is_causal=F
 
 
 def _attention_backward_cpu(grad_out, q, k, v, out, lse, is_causal=False, scale=None, dropout_p=0.0,
-                            dropout_seed=None):
+                            dropout_seed=None, bias=None):
     if (kernel_problem(q, k, v, backward=True, library=True) or grad_out.dtype != q.dtype
             or out.dtype != q.dtype or lse.dtype != torch.float32):
         return reference_backward(grad_out, q, k, v, out, lse, is_causal, scale, dropout_p, dropout_seed)
@@ -231,8 +242,11 @@ def _attention_backward_cpu(grad_out, q, k, v, out, lse, is_causal=False, scale=
     dq, dk, dv, delta = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(lse)
     constants = _constants(q, k, is_causal, scale)
     library, name = str(backward.shared_library), backward.name(q.shape[-1])
-    # With dropout, each function's twin: the seed after the inputs, two more constants.
+    # With dropout, each function's twin: the seed after the inputs, two more constants; with a key
+    # bias (the masked pair), the key-bias twin: the bias after the inputs.
     suffix, seed = ("_dropout", [_seed(dropout_seed)]) if dropout_p else ("", [])
+    if bias is not None:
+        suffix, seed = "_key_bias", [bias]
     if dropout_p:
         constants += dropout_constants(dropout_p)
 
@@ -256,6 +270,30 @@ def _attention_backward_dropout_cpu(grad_out, q, k, v, out, lse, dropout_p, drop
     return _attention_backward_cpu(grad_out, q, k, v, out, lse, is_causal, scale, dropout_p, dropout_seed)
 
 
+def _training_mask_route(q, k, v, attn_mask) -> tuple[torch.Tensor, bool] | None:
+    """The masked training pair's route through the kernels (`mask_route`), where the forward-with-lse
+    and backward kernels take the operands; None: ATen's CPU flash attention."""
+    if kernel_problem(q, k, v, backward=True, library=True) is not None:
+        return None
+    return mask_route(attn_mask, q, k, False)
+
+
+def _attention_forward_masked_cpu(q, k, v, attn_mask, scale=None):
+    route = _training_mask_route(q, k, v, attn_mask)
+    if route is None:
+        return masked_training_ops.aten_forward(q, k, v, attn_mask, scale)
+    bias, causal = route
+    return _forward(q, k, v, causal, scale, with_lse=True, bias=bias)
+
+
+def _attention_backward_masked_cpu(grad_out, q, k, v, attn_mask, out, lse, scale=None):
+    route = _training_mask_route(q, k, v, attn_mask)  # the forward's, decided from the same mask
+    if route is None:
+        return masked_training_ops.aten_backward(grad_out, q, k, v, attn_mask, out, lse, scale)
+    bias, causal = route
+    return _attention_backward_cpu(grad_out, q, k, v, out, lse, causal, scale, bias=bias)
+
+
 def register(library: torch.library.Library) -> None:
     """Make the CPU kernels our ops' implementation on CPU tensors, in `library` (an IMPL one)."""
     library.impl("attention", _attention_cpu, "CPU")
@@ -263,3 +301,5 @@ def register(library: torch.library.Library) -> None:
     library.impl("attention_backward", _attention_backward_cpu, "CPU")
     library.impl("attention_forward_dropout", _attention_forward_dropout_cpu, "CPU")
     library.impl("attention_backward_dropout", _attention_backward_dropout_cpu, "CPU")
+    library.impl("attention_forward_masked", _attention_forward_masked_cpu, "CPU")
+    library.impl("attention_backward_masked", _attention_backward_masked_cpu, "CPU")

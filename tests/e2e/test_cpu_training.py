@@ -107,22 +107,34 @@ def test_sdpa_with_dropout_trains_through_the_dropout_twins_in_iree():
     assert all(torch.isfinite(g).all() for g in got) and not torch.equal(first, second)
 
 
-@pytest.mark.parametrize("hkv, causal_mask", [(4, False), (2, True)])
-def test_masked_training_runs_atens_flash_attention_and_matches_float64(hkv, causal_mask, caplog):
-    """A site with a bool mask in a CPU training graph (the microkernels take no mask) trains through
-    the masked pair, ATen's CPU flash attention both ways, instead of the op's textbook backward:
-    output and gradients against float64, a padded query row (every key masked) included."""
+@pytest.mark.parametrize("hkv, kind, route", [(4, "key padding", "kernels"), (2, "decoder", "kernels"),
+                                              (1, "decoder, left padding", "kernels"),
+                                              (2, "causal, a query with no key", "aten")])
+def test_masked_training_runs_the_masked_pair_and_matches_float64(hkv, kind, route, caplog, monkeypatch):
+    """A site with a bool mask in a CPU training graph trains through the masked pair instead of the
+    op's textbook backward: a key-padding mask or a decoder's causal-and-padding one through our
+    kernels' key-bias entries (forward with lse, backward), any other through ATen's CPU flash
+    attention both ways. Output and gradients against float64, rows with no key included."""
+    from flashmlir.frontend import masked_training_ops
+
+    calls = []
+    aten_forward = masked_training_ops.aten_forward
+    monkeypatch.setattr(masked_training_ops, "aten_forward", lambda *a: calls.append("aten") or aten_forward(*a))
     torch.manual_seed(0)
     q = torch.randn(2, 4, 45, 32, requires_grad=True)
     k, v = (torch.randn(2, hkv, 45, 32, requires_grad=True) for _ in range(2))
-    mask = torch.ones(2, 1, 45 if causal_mask else 1, 45, dtype=torch.bool)
+    mask = torch.ones(2, 1, 1 if kind == "key padding" else 45, 45, dtype=torch.bool)
     mask[1, ..., 37:] = False
-    if causal_mask:
+    if kind != "key padding":
         mask = mask & torch.ones(45, 45, dtype=torch.bool).tril()
-        mask[0, :, 3] = False  # a query that attends nothing
+    if kind == "decoder, left padding":
+        mask[0, ..., :6] = False  # queries 0-5 attend nothing
+    if kind == "causal, a query with no key":
+        mask[0, :, 3] = False
     grad = torch.randn(2, 4, 45, 32)
     out, got, want, want_grads = masked_training_against_float64(q, k, v, mask, grad, caplog, scale=0.3)
-    assert "1 masked attention site(s) train through torch's fused SDPA kernels" in caplog.text
+    assert "1 masked attention site(s) train through fused kernels" in caplog.text
+    assert calls == ([] if route == "kernels" else ["aten"])
     assert rel_err(out, want) < 1e-5
     for name, g, w in zip("qkv", got, want_grads, strict=True):
         assert rel_err(g, w) < 2e-5, name
@@ -149,7 +161,7 @@ def test_float_masked_training_checks_for_rows_sdpa_gets_wrong(dtype, empty_row,
     monkeypatch.setattr(cpu_kernels, "sdpa_attention", lambda *args: op_calls.append(1) or sdpa(*args))
     grad = torch.randn(1, 2, 20, 16, dtype=dtype)
     out, got, want, want_grads = masked_training_against_float64(q, k, v, mask, grad, caplog)
-    assert "1 masked attention site(s) train through torch's fused SDPA" in caplog.text
+    assert "1 masked attention site(s) train through fused kernels" in caplog.text
     assert "falling back" not in caplog.text
     assert bool(op_calls) == empty_row
     tolerance = 2e-5 if dtype == torch.float32 else 2e-2

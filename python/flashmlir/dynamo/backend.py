@@ -205,8 +205,9 @@ class GraphCompiler:
 
                 masked = rewrite_masked_for_training(aten, gradient_inputs(aten, example_inputs))
                 if masked:
-                    logger.info("%s: %d masked attention site(s) train through torch's fused SDPA kernels "
-                                "(the microkernels take no mask)", self.name, masked)
+                    logger.info("%s: %d masked attention site(s) train through fused kernels (the CPU kernels' "
+                                "key-bias entries for key-padding and decoder masks, else torch's SDPA)",
+                                self.name, masked)
         if rest == "inductor":
             return self._inductor(aten, example_inputs, target)
         return self._aot(aten, example_inputs, target)

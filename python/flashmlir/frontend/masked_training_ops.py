@@ -11,11 +11,14 @@ the CPU (benchmarks/results/cpu-2026-12-02-masked-inference.md), 9-11x slower th
 (`attention_op.sdpa_means_the_same`, with the mask as `attention_op.sdpa_mask` puts it) and its
 backward gets every row right, the site trains through SDPA's kernels instead:
 
-- CPU, bool masks: the pair above. ATen's CPU flash attention takes an additive mask and hands its
-  backward the forward's logsumexp: the forward saves (q, k, v, mask, out, lse), the backward calls
-  ATen's. `lse` is ATen's (float32 [*, Hq, Sq]; 0 for a row with no key, whose output and gradients
-  are 0), not the kernels' pair's. GQA expands K and V for it and sums dK, dV over each group. (Only
-  the torch path runs these ops: IREE's torch frontend does not lower ATen's CPU flash ops.)
+- CPU, bool masks: the pair above; the forward saves (q, k, v, mask, out, lse). A key-padding or a
+  decoder's causal-and-padding mask runs our CPU kernels' key-bias entries both ways
+  (runtime/cpu_kernels.py registers the pair's CPU implementation; lse is then the kernels'),
+  any other mask ATen's CPU flash attention, which takes an additive mask and hands its backward
+  the forward's logsumexp (ATen's: 0 for a row with no key, whose output and gradients are 0).
+  Both implementations decide from the mask alone, so a backward always matches its forward. GQA
+  expands K and V for ATen's and sums dK, dV over each group. (Only the torch path runs these ops:
+  IREE's torch frontend does not lower ATen's CPU flash ops.)
 - CUDA bool masks, float16 masks: `sdpa_training_attention`, plain torch code that aot_autograd
   traces into SDPA's fused forward and backward (cuDNN's on an H200), as it does for a model that
   calls SDPA itself.
@@ -25,8 +28,9 @@ backward gets every row right, the site trains through SDPA's kernels instead:
   logsumexp absorbs the row's scores: gradients off by 2-3x relative on such rows; a float64 check
   found it). So torch.cond looks at each call's mask: SDPA both ways without such a row, the op
   and its exact textbook backward with one (left padding, an empty sequence). On the CPU (fp32,
-  1k tokens) a training step's attention takes eager's time through it, 114 ms against 111. float16's finfo.min
-  (-65504) absorbs nothing, and SDPA's gradients matched float64 on such rows (the table above).
+  1k tokens) a training step's attention takes 146 ms through it (eager 111, the textbook 178).
+  float16's finfo.min (-65504) absorbs nothing, and SDPA's gradients matched float64 on such rows
+  (the table above).
 
 A float mask that needs a gradient (a learned bias) keeps the op's formula, which has one.
 """
@@ -57,6 +61,12 @@ def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 @torch.library.custom_op(FORWARD_OP_NAME, mutates_args=())
 def attention_forward_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor,
                              scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return aten_forward(q, k, v, attn_mask, scale)
+
+
+def aten_forward(q, k, v, attn_mask, scale=None):
+    """The pair's forward through ATen's CPU flash attention (where the CPU kernels do not take the
+    mask: runtime/cpu_kernels.py registers the op's CPU implementation, which tries them first)."""
     groups = q.shape[-3] // k.shape[-3]
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q, _expand_kv(k, groups), _expand_kv(v, groups), 0.0, False, attn_mask=_additive(attn_mask, q.dtype),
@@ -73,6 +83,11 @@ def _forward_fake(q, k, v, attn_mask, scale=None):
 def attention_backward_masked(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               attn_mask: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                               scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return aten_backward(grad_out, q, k, v, attn_mask, out, lse, scale)
+
+
+def aten_backward(grad_out, q, k, v, attn_mask, out, lse, scale=None):
+    """The pair's backward through ATen's (given `aten_forward`'s out and lse)."""
     groups = q.shape[-3] // k.shape[-3]
     dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
         grad_out.contiguous(), q, _expand_kv(k, groups), _expand_kv(v, groups), out, lse, 0.0, False,
@@ -147,28 +162,35 @@ def sdpa_misses_rows(attn_mask: torch.Tensor) -> torch.Tensor:
     return ((attn_mask <= NEVER).all(-1) & ~torch.isneginf(attn_mask).all(-1)).any()
 
 
+@torch.library.custom_op("flashmlir::contiguous_gradient", mutates_args=())
+def contiguous_gradient(x: torch.Tensor) -> torch.Tensor:
+    """x (a copy), whose gradient leaves in row-major order: torch.cond needs its branches'
+    gradients laid out alike, and SDPA's fused backwards return dQ, dK, dV in their own order."""
+    return x.clone(memory_format=torch.contiguous_format)
+
+
+@contiguous_gradient.register_fake
+def _contiguous_gradient_fake(x):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+contiguous_gradient.register_autograd(lambda ctx, grad: grad.contiguous())
+
+
 def checked_training_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor,
                                scale: float | None = None) -> torch.Tensor:
-    """A site with a bf16 or float32 float mask in a training graph: SDPA's fused kernels both ways,
-    plus, for a call whose mask has rows they get wrong (`sdpa_misses_rows`), a torch.cond branch
-    that swaps the op (its exact textbook backward) in for them:
+    """A site with a bf16 or float32 float mask in a training graph: SDPA's fused kernels both ways
+    unless this call's mask has rows they get wrong (`sdpa_misses_rows`), then the op with its
+    exact textbook backward. torch.cond decides per call (the predicate costs the host one sync);
+    aot_autograd traces both branches' backward."""
+    def textbook(q, k, v, attn_mask):
+        return attention_overload()(q, k, v, attn_mask, 0.0, False, scale).contiguous()
 
-        out = fused + cond(misses, op − fused, 0)
+    def fused(q, k, v, attn_mask):
+        q, k, v = (contiguous_gradient(x) for x in (q, k, v))
+        return sdpa_training_attention(q, k, v, attn_mask, scale).contiguous()
 
-    With no such row the branch is a zero and the gradient is SDPA's; with one, `out` is the op's
-    value and the gradients reaching SDPA cancel (its backward runs on a zero gradient), so the
-    op's formula gives them all. The predicate costs the host one sync a call; the fused branch is
-    outside the cond, so cond's backward (which re-runs a branch's forward) recomputes only the
-    zero, or the textbook path when it is taken."""
-    out = sdpa_training_attention(q, k, v, attn_mask, scale)
-
-    def textbook(q, k, v, attn_mask, out):
-        return (attention_overload()(q, k, v, attn_mask, 0.0, False, scale) - out).contiguous()
-
-    def unchanged(q, k, v, attn_mask, out):
-        return torch.zeros_like(out, memory_format=torch.contiguous_format)
-
-    return out + torch.cond(sdpa_misses_rows(attn_mask), textbook, unchanged, (q, k, v, attn_mask, out))
+    return torch.cond(sdpa_misses_rows(attn_mask), textbook, fused, (q, k, v, attn_mask))
 
 
 def gradient_inputs(gm: fx.GraphModule, example_inputs) -> set[fx.Node]:

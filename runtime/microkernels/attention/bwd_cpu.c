@@ -116,14 +116,16 @@ FLASHMLIR_INLINE void dq_tile(
     const float* restrict krow, const float* restrict vrow, const float* restrict qt, const float* restrict dot,
     float* restrict dqt, const vf* lse2, const vf* delta, const vf* row, size_t D, size_t j,
     size_t seq_k, float c, int causal, Dropout drop, const vu* drop_x, const vu* drop_shift,
-    float* restrict dsbuf, const int width) {
+    float* restrict dsbuf, const float* restrict bias, const int width) {
   vf s[kTile][kVectors], dp[kTile][kVectors];
   two_products(krow, vrow, qt, dot, D, width, s, dp);  // S = K·Qᵀ, dP = V·dOᵀ
   const vf cv = vset1(c);
   for (int t = 0; t < width; ++t) {
     const vf key = vset1((float)(j + t));
     for (int r = 0; r < kVectors; ++r) {
-      vf p = exp2_below_128(vfmsub(s[t][r], cv, lse2[r]));
+      // With a key bias b (exp2 domain): P = 2^(s·c + b − lse₂); b = -inf drops the key.
+      const vf l2 = bias ? vsub(lse2[r], vset1(bias[t])) : lse2[r];
+      vf p = exp2_below_128(vfmsub(s[t][r], cv, l2));
       vmask keep = j + t < seq_k ? vmask_all() : vmask_none();
       if (causal) keep = vmask_and(keep, vle(key, row[r]));
       p = vkeep(keep, p);
@@ -153,14 +155,15 @@ FLASHMLIR_INLINE void dq_tile(
 
 FLASHMLIR_INLINE void dq_rows(
     const float* restrict q, const float* restrict k, const float* restrict v, const float* restrict o,
-    const float* restrict d_o, const float* restrict lse, float* restrict dq, float* restrict delta_out,
-    const size_t D, size_t group, size_t seq_q, size_t seq_k, float scale, int causal, Dropout drop, size_t block,
-    size_t bh) {
+    const float* restrict d_o, const float* restrict lse, const float* restrict key_bias, float* restrict dq,
+    float* restrict delta_out, const size_t D, size_t group, size_t seq_q, size_t seq_k, float scale, int causal,
+    Dropout drop, size_t block, size_t bh) {
   const size_t q0 = block * kBlock;
   const size_t rows = seq_q - q0 < kBlock ? seq_q - q0 : kBlock;
   const size_t row0 = bh * seq_q + q0;
   const float* restrict kb = k + (bh / group) * seq_k * D;
   const float* restrict vb = v + (bh / group) * seq_k * D;
+  const float* restrict bias = key_bias ? key_bias + bh * seq_k : (const float*)0;
 
   float qt[D * kBlock] __attribute__((aligned(64)));
   float dot[D * kBlock] __attribute__((aligned(64)));
@@ -198,20 +201,20 @@ FLASHMLIR_INLINE void dq_rows(
       size_t j = j0;
       for (; j + kTile <= j0 + keys; j += kTile)
         dq_tile(kb + j * D, vb + j * D, qt, dot, dqt, lse2, delta, row, D, j, seq_k, c, causal, drop, drop_x,
-                drop_shift, dsbuf + (j - j0) * kBlock, kTile);
+                drop_shift, dsbuf + (j - j0) * kBlock, bias ? bias + j : 0, kTile);
       for (; j < j0 + keys; ++j)
         dq_tile(kb + j * D, vb + j * D, qt, dot, dqt, lse2, delta, row, D, j, seq_k, c, causal, drop, drop_x,
-                drop_shift, dsbuf + (j - j0) * kBlock, 1);
+                drop_shift, dsbuf + (j - j0) * kBlock, bias ? bias + j : 0, 1);
       rank_update(kb + j0 * D, dsbuf, keys, dqt, D);  // dQᵀ += Kᵀ·dSᵀ
     }
   } else {
     size_t j = 0;
     for (; j + kTile <= key_end; j += kTile)
       dq_tile(kb + j * D, vb + j * D, qt, dot, dqt, lse2, delta, row, D, j, seq_k, c, causal, drop, drop_x, drop_shift,
-              0, kTile);
+              0, bias ? bias + j : 0, kTile);
     for (; j < key_end; ++j)
       dq_tile(kb + j * D, vb + j * D, qt, dot, dqt, lse2, delta, row, D, j, seq_k, c, causal, drop, drop_x, drop_shift,
-              0, 1);
+              0, bias ? bias + j : 0, 1);
   }
   for (size_t i = 0; i < rows; ++i)
     for (size_t d = 0; d < D; ++d) dq[(row0 + i) * D + d] = dqt[d * kBlock + i] * scale;
@@ -256,7 +259,7 @@ FLASHMLIR_INLINE void dkdv_tile(
     const float* restrict kt, const float* restrict vt, float* restrict dkt, float* restrict dvt,
     const float* restrict krow, float* restrict dqrow, size_t keys, const vf* key, vmask const* in_range,
     size_t D, size_t i, float c, int causal, Dropout drop, const vu* key_x, uint32_t head_x, uint32_t row_step,
-    float* restrict pbuf, float* restrict dsbuf, const int width) {
+    float* restrict pbuf, float* restrict dsbuf, const vf* kbias, const int width) {
   vf s[kTile][kVectors], dp[kTile][kVectors];
   two_products(qrow, dorow, kt, vt, D, width, s, dp);  // S = Q·Kᵀ, dP = dO·Vᵀ
   const vf cv = vset1(c);
@@ -266,7 +269,8 @@ FLASHMLIR_INLINE void dkdv_tile(
     for (int r = 0; r < kVectors; ++r) {
       vmask keep = in_range[r];
       if (causal) keep = vmask_and(keep, vle(key[r], row));
-      const vf p = vkeep(keep, exp2_below_128(vfmsub(s[t][r], cv, l2)));  // P
+      const vf x = kbias ? vadd(vfmsub(s[t][r], cv, l2), kbias[r]) : vfmsub(s[t][r], cv, l2);  // + the keys' bias
+      const vf p = vkeep(keep, exp2_below_128(x));  // P
       if (drop.on) {  // dV takes P ∘ kept (its 1 / (1 − p) at the end), dS P ∘ (dP ∘ Z − Δ)
         const uint32_t row_i = (uint32_t)(i + t);  // the pair's first row's x, this row's 16 bits
         const vmask kept = dropout_kept(vu_add(key_x[r], vu_set1(head_x + (row_i & ~8u) * row_step)),
@@ -312,9 +316,9 @@ FLASHMLIR_INLINE void dkdv_tile(
 // `dq` null: the split's _dkdv; else the _fused kernel's dQ, added into.
 FLASHMLIR_INLINE void dkdv_keys(
     const float* restrict q, const float* restrict k, const float* restrict v, const float* restrict d_o,
-    const float* restrict lse, const float* restrict delta, float* restrict dk, float* restrict dv,
-    float* restrict dq, const size_t D, size_t group, size_t seq_q, size_t seq_k, float scale, int causal,
-    Dropout drop, size_t block, size_t bh_kv) {
+    const float* restrict lse, const float* restrict delta, const float* restrict key_bias, float* restrict dk,
+    float* restrict dv, float* restrict dq, const size_t D, size_t group, size_t seq_q, size_t seq_k, float scale,
+    int causal, Dropout drop, size_t block, size_t bh_kv) {
   const size_t k0 = block * kBlock;
   const size_t keys = seq_k - k0 < kBlock ? seq_k - k0 : kBlock;
   const size_t key0 = bh_kv * seq_k + k0;
@@ -347,6 +351,14 @@ FLASHMLIR_INLINE void dkdv_keys(
     const float* restrict lh = lse + bh * seq_q;
     const float* restrict deh = delta + bh * seq_q;
     float* restrict dqh = dq ? dq + bh * seq_q * D : 0;
+    // With a key bias: this head's values for the block's keys, a vector per lane group.
+    vf kbias_v[kVectors];
+    if (key_bias) {
+      float kb[kBlock] __attribute__((aligned(64)));
+      for (size_t j = 0; j < kBlock; ++j) kb[j] = j < keys ? key_bias[bh * seq_k + k0 + j] : 0.f;
+      for (int r = 0; r < kVectors; ++r) kbias_v[r] = vload(kb + r * kLanes);
+    }
+    const vf* kbias = key_bias ? kbias_v : (const vf*)0;
     // x of (this head, row 0, key 0)
     const uint32_t head_x = (uint32_t)(bh * seq_q * seq_k) * kDropoutGolden + drop.seed;
     if (kStreamRows > 0) {
@@ -358,11 +370,11 @@ FLASHMLIR_INLINE void dkdv_keys(
         for (; i + kTile <= i0 + rows; i += kTile)
           dkdv_tile(qh + i * D, doh + i * D, lh + i, deh + i, kt, vt, dkt, dvt, k + key0 * D, dq ? dqh + i * D : 0,
                     keys, key, in_range, D, i, c, causal, drop, key_x, head_x, row_step, pbuf + (i - i0) * kBlock,
-                    dsbuf + (i - i0) * kBlock, kTile);
+                    dsbuf + (i - i0) * kBlock, kbias, kTile);
         for (; i < i0 + rows; ++i)
           dkdv_tile(qh + i * D, doh + i * D, lh + i, deh + i, kt, vt, dkt, dvt, k + key0 * D, dq ? dqh + i * D : 0,
                     keys, key, in_range, D, i, c, causal, drop, key_x, head_x, row_step, pbuf + (i - i0) * kBlock,
-                    dsbuf + (i - i0) * kBlock, 1);
+                    dsbuf + (i - i0) * kBlock, kbias, 1);
         rank_update(qh + i0 * D, dsbuf, rows, dkt, D);   // dKᵀ += Qᵀ·dS
         rank_update(doh + i0 * D, pbuf, rows, dvt, D);   // dVᵀ += dOᵀ·P
       }
@@ -371,10 +383,10 @@ FLASHMLIR_INLINE void dkdv_keys(
     size_t i = first;
     for (; i + kTile <= seq_q; i += kTile)
       dkdv_tile(qh + i * D, doh + i * D, lh + i, deh + i, kt, vt, dkt, dvt, k + key0 * D, dq ? dqh + i * D : 0, keys,
-                key, in_range, D, i, c, causal, drop, key_x, head_x, row_step, 0, 0, kTile);
+                key, in_range, D, i, c, causal, drop, key_x, head_x, row_step, 0, 0, kbias, kTile);
     for (; i < seq_q; ++i)
       dkdv_tile(qh + i * D, doh + i * D, lh + i, deh + i, kt, vt, dkt, dvt, k + key0 * D, dq ? dqh + i * D : 0, keys,
-                key, in_range, D, i, c, causal, drop, key_x, head_x, row_step, 0, 0, 1);
+                key, in_range, D, i, c, causal, drop, key_x, head_x, row_step, 0, 0, kbias, 1);
   }
   for (size_t j = 0; j < keys; ++j)
     for (size_t d = 0; d < D; ++d) {
@@ -396,9 +408,9 @@ static inline float row_delta(const float* restrict o, const float* restrict d_o
 // One (batch, K/V head): its group's query heads are consecutive rows of Q, O, dO, dQ.
 FLASHMLIR_INLINE void fused_head(
     const float* restrict q, const float* restrict k, const float* restrict v, const float* restrict o,
-    const float* restrict d_o, const float* restrict lse, float* restrict dq, float* restrict delta,
-    float* restrict dk, float* restrict dv, const size_t D, size_t group, size_t seq_q, size_t seq_k, float scale,
-    int causal, Dropout drop, size_t bh_kv) {
+    const float* restrict d_o, const float* restrict lse, const float* restrict key_bias, float* restrict dq,
+    float* restrict delta, float* restrict dk, float* restrict dv, const size_t D, size_t group, size_t seq_q,
+    size_t seq_k, float scale, int causal, Dropout drop, size_t bh_kv) {
   const size_t row0 = bh_kv * group * seq_q, rows = group * seq_q;
   for (size_t i = row0; i < row0 + rows; ++i) {
     delta[i] = row_delta(o + i * D, d_o + i * D, D);
@@ -406,7 +418,7 @@ FLASHMLIR_INLINE void fused_head(
   }
   const size_t blocks = (seq_k + kBlock - 1) / kBlock;
   for (size_t b = 0; b < blocks; ++b)
-    dkdv_keys(q, k, v, d_o, lse, delta, dk, dv, dq, D, group, seq_q, seq_k, scale, causal, drop, b, bh_kv);
+    dkdv_keys(q, k, v, d_o, lse, delta, key_bias, dk, dv, dq, D, group, seq_q, seq_k, scale, causal, drop, b, bh_kv);
   const vf s = vset1(scale);
   for (size_t i = row0; i < row0 + rows; ++i)
     for (size_t d = 0; d < D; d += kLanes)
@@ -428,42 +440,47 @@ static inline size_t dkdv_cost(size_t block, size_t seq_q, size_t group, int cau
 }
 
 FLASHMLIR_INLINE void dq_share(
-    const float* q, const float* k, const float* v, const float* o, const float* d_o, const float* lse, float* dq,
-    float* delta, const size_t D, size_t group, size_t batch_heads, size_t seq_q, size_t seq_k, float scale,
-    int causal, Dropout drop, size_t wg, size_t wg_count) {
+    const float* q, const float* k, const float* v, const float* o, const float* d_o, const float* lse,
+    const float* key_bias, float* dq, float* delta, const size_t D, size_t group, size_t batch_heads, size_t seq_q,
+    size_t seq_k, float scale, int causal, Dropout drop, size_t wg, size_t wg_count) {
   const size_t blocks = (seq_q + kBlock - 1) / kBlock;
   FLASHMLIR_SHARE(dq_cost(b, seq_q, seq_k, causal), blocks, batch_heads,
-                  dq_rows(q, k, v, o, d_o, lse, dq, delta, D, group, seq_q, seq_k, scale, causal, drop, b, h));
+                  dq_rows(q, k, v, o, d_o, lse, key_bias, dq, delta, D, group, seq_q, seq_k, scale, causal, drop, b,
+                          h));
 }
 
 FLASHMLIR_INLINE void dkdv_share(
     const float* q, const float* k, const float* v, const float* d_o, const float* lse, const float* delta,
-    float* dk, float* dv, const size_t D, size_t group, size_t batch_heads, size_t seq_q, size_t seq_k,
-    float scale, int causal, Dropout drop, size_t wg, size_t wg_count) {
+    const float* key_bias, float* dk, float* dv, const size_t D, size_t group, size_t batch_heads, size_t seq_q,
+    size_t seq_k, float scale, int causal, Dropout drop, size_t wg, size_t wg_count) {
   const size_t blocks = (seq_k + kBlock - 1) / kBlock;
   FLASHMLIR_SHARE(dkdv_cost(b, seq_q, group, causal), blocks, batch_heads / group,
-                  dkdv_keys(q, k, v, d_o, lse, delta, dk, dv, 0, D, group, seq_q, seq_k, scale, causal, drop, b, h));
+                  dkdv_keys(q, k, v, d_o, lse, delta, key_bias, dk, dv, 0, D, group, seq_q, seq_k, scale, causal,
+                            drop, b, h));
 }
 
 FLASHMLIR_INLINE void fused_share(
-    const float* q, const float* k, const float* v, const float* o, const float* d_o, const float* lse, float* dq,
-    float* delta, float* dk, float* dv, const size_t D, size_t group, size_t batch_heads, size_t seq_q,
-    size_t seq_k, float scale, int causal, Dropout drop, size_t wg, size_t wg_count) {
+    const float* q, const float* k, const float* v, const float* o, const float* d_o, const float* lse,
+    const float* key_bias, float* dq, float* delta, float* dk, float* dv, const size_t D, size_t group,
+    size_t batch_heads, size_t seq_q, size_t seq_k, float scale, int causal, Dropout drop, size_t wg,
+    size_t wg_count) {
   FLASHMLIR_SHARE(1, 1, batch_heads / group,  // heads cost the same
-                  fused_head(q, k, v, o, d_o, lse, dq, delta, dk, dv, D, group, seq_q, seq_k, scale, causal, drop, h));
+                  fused_head(q, k, v, o, d_o, lse, key_bias, dq, delta, dk, dv, D, group, seq_q, seq_k, scale, causal,
+                             drop, h));
 }
 
 // IREE's calls: bindings as MLIR's 1-d memref descriptors (see the forward), then the constants
 // (batch_heads counts query heads), this workgroup's id and the grid's size.
 #define FLASHMLIR_MEMREF(T, name) T* name##_allocated, T* restrict name, size_t name##_offset, size_t name##_size, \
                                   size_t name##_stride
+#define NO_BIAS ((const float*)0)
 #define FLASHMLIR_DEFINE_CPU_BACKWARD(D)                                                                     \
   FLASHMLIR_EXPORT void flashmlir_attention_bwd_cpu_f32_d##D##_dq(                                           \
       FLASHMLIR_MEMREF(const float, q), FLASHMLIR_MEMREF(const float, k), FLASHMLIR_MEMREF(const float, v),   \
       FLASHMLIR_MEMREF(const float, o), FLASHMLIR_MEMREF(const float, d_o), FLASHMLIR_MEMREF(const float, lse), \
       FLASHMLIR_MEMREF(float, dq), FLASHMLIR_MEMREF(float, delta), size_t group, size_t batch_heads,           \
       size_t seq_q, size_t seq_k, float scale, size_t causal, size_t wg, size_t wg_count) {                    \
-    dq_share(q + q_offset, k + k_offset, v + v_offset, o + o_offset, d_o + d_o_offset, lse + lse_offset,      \
+    dq_share(q + q_offset, k + k_offset, v + v_offset, o + o_offset, d_o + d_o_offset, lse + lse_offset, NO_BIAS, \
              dq + dq_offset, delta + delta_offset, D, group, batch_heads, seq_q, seq_k, scale, causal != 0,     \
              no_dropout(), wg, wg_count);                                                                    \
   }                                                                                                          \
@@ -474,7 +491,7 @@ FLASHMLIR_INLINE void fused_share(
       size_t group, size_t batch_heads, size_t seq_q, size_t seq_k, float scale, size_t causal, size_t wg,     \
       size_t wg_count) {                                                                                     \
     dkdv_share(q + q_offset, k + k_offset, v + v_offset, d_o + d_o_offset, lse + lse_offset,                  \
-               delta + delta_offset, dk + dk_offset, dv + dv_offset, D, group, batch_heads, seq_q, seq_k,      \
+               delta + delta_offset, NO_BIAS, dk + dk_offset, dv + dv_offset, D, group, batch_heads, seq_q, seq_k,      \
                scale, causal != 0, no_dropout(), wg, wg_count);                                              \
   }                                                                                                          \
   FLASHMLIR_EXPORT void flashmlir_attention_bwd_cpu_f32_d##D##_fused(                                        \
@@ -483,11 +500,47 @@ FLASHMLIR_INLINE void fused_share(
       FLASHMLIR_MEMREF(float, dq), FLASHMLIR_MEMREF(float, delta), FLASHMLIR_MEMREF(float, dk),                \
       FLASHMLIR_MEMREF(float, dv), size_t group, size_t batch_heads, size_t seq_q, size_t seq_k, float scale,  \
       size_t causal, size_t wg, size_t wg_count) {                                                           \
-    fused_share(q + q_offset, k + k_offset, v + v_offset, o + o_offset, d_o + d_o_offset, lse + lse_offset,   \
+    fused_share(q + q_offset, k + k_offset, v + v_offset, o + o_offset, d_o + d_o_offset, lse + lse_offset, NO_BIAS, \
                 dq + dq_offset, delta + delta_offset, dk + dk_offset, dv + dv_offset, D, group, batch_heads,   \
                 seq_q, seq_k, scale, causal != 0, no_dropout(), wg, wg_count);                               \
   }                                                                                                          \
-  FLASHMLIR_DEFINE_CPU_BACKWARD_DROPOUT(D)
+  FLASHMLIR_DEFINE_CPU_BACKWARD_DROPOUT(D)                                                                   \
+  FLASHMLIR_DEFINE_CPU_BACKWARD_KEY_BIAS(D)
+
+// The key-bias twins of the three (a key-padding mask, the forward's `_key_bias`): key_bias
+// [batch_heads, seq_k], float32 in the exp2 domain, after the inputs; P = 2^(s·c + b − lse₂).
+#define FLASHMLIR_DEFINE_CPU_BACKWARD_KEY_BIAS(D)                                                            \
+  FLASHMLIR_EXPORT void flashmlir_attention_bwd_cpu_f32_d##D##_dq_key_bias(                                  \
+      FLASHMLIR_MEMREF(const float, q), FLASHMLIR_MEMREF(const float, k), FLASHMLIR_MEMREF(const float, v),   \
+      FLASHMLIR_MEMREF(const float, o), FLASHMLIR_MEMREF(const float, d_o), FLASHMLIR_MEMREF(const float, lse), \
+      FLASHMLIR_MEMREF(const float, key_bias), FLASHMLIR_MEMREF(float, dq), FLASHMLIR_MEMREF(float, delta),    \
+      size_t group, size_t batch_heads, size_t seq_q, size_t seq_k, float scale, size_t causal, size_t wg,     \
+      size_t wg_count) {                                                                                     \
+    dq_share(q + q_offset, k + k_offset, v + v_offset, o + o_offset, d_o + d_o_offset, lse + lse_offset,      \
+             key_bias + key_bias_offset, dq + dq_offset, delta + delta_offset, D, group, batch_heads, seq_q,     \
+             seq_k, scale, causal != 0, no_dropout(), wg, wg_count);                                         \
+  }                                                                                                          \
+  FLASHMLIR_EXPORT void flashmlir_attention_bwd_cpu_f32_d##D##_dkdv_key_bias(                                \
+      FLASHMLIR_MEMREF(const float, q), FLASHMLIR_MEMREF(const float, k), FLASHMLIR_MEMREF(const float, v),   \
+      FLASHMLIR_MEMREF(const float, d_o), FLASHMLIR_MEMREF(const float, lse),                                \
+      FLASHMLIR_MEMREF(const float, delta), FLASHMLIR_MEMREF(const float, key_bias), FLASHMLIR_MEMREF(float, dk), \
+      FLASHMLIR_MEMREF(float, dv), size_t group, size_t batch_heads, size_t seq_q, size_t seq_k, float scale,  \
+      size_t causal, size_t wg, size_t wg_count) {                                                           \
+    dkdv_share(q + q_offset, k + k_offset, v + v_offset, d_o + d_o_offset, lse + lse_offset,                  \
+               delta + delta_offset, key_bias + key_bias_offset, dk + dk_offset, dv + dv_offset, D, group,     \
+               batch_heads, seq_q, seq_k, scale, causal != 0, no_dropout(), wg, wg_count);                   \
+  }                                                                                                          \
+  FLASHMLIR_EXPORT void flashmlir_attention_bwd_cpu_f32_d##D##_fused_key_bias(                               \
+      FLASHMLIR_MEMREF(const float, q), FLASHMLIR_MEMREF(const float, k), FLASHMLIR_MEMREF(const float, v),   \
+      FLASHMLIR_MEMREF(const float, o), FLASHMLIR_MEMREF(const float, d_o), FLASHMLIR_MEMREF(const float, lse), \
+      FLASHMLIR_MEMREF(const float, key_bias), FLASHMLIR_MEMREF(float, dq), FLASHMLIR_MEMREF(float, delta),    \
+      FLASHMLIR_MEMREF(float, dk), FLASHMLIR_MEMREF(float, dv), size_t group, size_t batch_heads, size_t seq_q, \
+      size_t seq_k, float scale, size_t causal, size_t wg, size_t wg_count) {                                \
+    fused_share(q + q_offset, k + k_offset, v + v_offset, o + o_offset, d_o + d_o_offset, lse + lse_offset,   \
+                key_bias + key_bias_offset, dq + dq_offset, delta + delta_offset, dk + dk_offset,              \
+                dv + dv_offset, D, group, batch_heads, seq_q, seq_k, scale, causal != 0, no_dropout(), wg,     \
+                wg_count);                                                                                   \
+  }
 
 // The dropout twins of the three (the training pair with dropout, cpu_dropout.h): the forward's int64
 // seed after the inputs; ⌈p · 2¹⁶⌉ and 1 / (1 − p) after the constants.
@@ -500,7 +553,7 @@ FLASHMLIR_INLINE void fused_share(
       FLASHMLIR_MEMREF(const int64_t, seed), FLASHMLIR_MEMREF(float, dq), FLASHMLIR_MEMREF(float, delta),      \
       size_t group, size_t batch_heads, size_t seq_q, size_t seq_k, float scale, size_t causal,               \
       FLASHMLIR_DROPOUT_CONSTANTS, size_t wg, size_t wg_count) {                                             \
-    dq_share(q + q_offset, k + k_offset, v + v_offset, o + o_offset, d_o + d_o_offset, lse + lse_offset,      \
+    dq_share(q + q_offset, k + k_offset, v + v_offset, o + o_offset, d_o + d_o_offset, lse + lse_offset, NO_BIAS, \
              dq + dq_offset, delta + delta_offset, D, group, batch_heads, seq_q, seq_k, scale, causal != 0,     \
              FLASHMLIR_DROPOUT, wg, wg_count);                                                               \
   }                                                                                                          \
@@ -511,7 +564,7 @@ FLASHMLIR_INLINE void fused_share(
       FLASHMLIR_MEMREF(float, dv), size_t group, size_t batch_heads, size_t seq_q, size_t seq_k, float scale,  \
       size_t causal, FLASHMLIR_DROPOUT_CONSTANTS, size_t wg, size_t wg_count) {                              \
     dkdv_share(q + q_offset, k + k_offset, v + v_offset, d_o + d_o_offset, lse + lse_offset,                  \
-               delta + delta_offset, dk + dk_offset, dv + dv_offset, D, group, batch_heads, seq_q, seq_k,      \
+               delta + delta_offset, NO_BIAS, dk + dk_offset, dv + dv_offset, D, group, batch_heads, seq_q, seq_k,      \
                scale, causal != 0, FLASHMLIR_DROPOUT, wg, wg_count);                                         \
   }                                                                                                          \
   FLASHMLIR_EXPORT void flashmlir_attention_bwd_cpu_f32_d##D##_fused_dropout(                                \
@@ -520,7 +573,7 @@ FLASHMLIR_INLINE void fused_share(
       FLASHMLIR_MEMREF(const int64_t, seed), FLASHMLIR_MEMREF(float, dq), FLASHMLIR_MEMREF(float, delta),      \
       FLASHMLIR_MEMREF(float, dk), FLASHMLIR_MEMREF(float, dv), size_t group, size_t batch_heads, size_t seq_q, \
       size_t seq_k, float scale, size_t causal, FLASHMLIR_DROPOUT_CONSTANTS, size_t wg, size_t wg_count) {     \
-    fused_share(q + q_offset, k + k_offset, v + v_offset, o + o_offset, d_o + d_o_offset, lse + lse_offset,   \
+    fused_share(q + q_offset, k + k_offset, v + v_offset, o + o_offset, d_o + d_o_offset, lse + lse_offset, NO_BIAS, \
                 dq + dq_offset, delta + delta_offset, dk + dk_offset, dv + dv_offset, D, group, batch_heads,   \
                 seq_q, seq_k, scale, causal != 0, FLASHMLIR_DROPOUT, wg, wg_count);                          \
   }

@@ -276,6 +276,16 @@ FLASHMLIR_INLINE void work_share(
                group, batch_heads, seq_q, seq_k, scale, causal != 0, no_dropout(), workgroup,             \
                workgroup_count);                                                                         \
   }                                                                                                     \
+  /* The training forward with a key-padding mask (as _key_bias, and the log-sum-exp). */                \
+  FLASHMLIR_EXPORT void flashmlir_attention_fwd_cpu_f32_d##D##_lse_key_bias(                            \
+      FLASHMLIR_MEMREF(const float, q), FLASHMLIR_MEMREF(const float, k), FLASHMLIR_MEMREF(const float, v), \
+      FLASHMLIR_MEMREF(const float, key_bias), FLASHMLIR_MEMREF(float, o), FLASHMLIR_MEMREF(float, lse),   \
+      size_t group, size_t batch_heads, size_t seq_q, size_t seq_k, float scale, size_t causal,             \
+      size_t workgroup, size_t workgroup_count) {                                                        \
+    work_share(q + q_offset, k + k_offset, v + v_offset, o + o_offset, lse + lse_offset,                   \
+               key_bias + key_bias_offset, D, group, batch_heads, seq_q, seq_k, scale, causal != 0,        \
+               no_dropout(), workgroup, workgroup_count);                                                \
+  }                                                                                                     \
   /* The training forward with dropout: the int64 seed after v; ⌈p · 2¹⁶⌉ and 1 / (1 − p) after the */  \
   /* constants (cpu_dropout.h). */                                                                      \
   FLASHMLIR_EXPORT void flashmlir_attention_fwd_cpu_f32_d##D##_lse_dropout(                             \
