@@ -26,6 +26,7 @@ import os
 import statistics
 import subprocess
 import time
+import types
 from dataclasses import asdict, dataclass
 
 import torch
@@ -187,6 +188,18 @@ def host_us(fn, calls: int = 200) -> float:
 
 
 SDPA_BACKENDS = ("flash", "cudnn", "efficient")
+
+
+def separate_masked_sdpa(*labels: str) -> dict:
+    """label → a function `(q, k, v, mask) -> SDPA(q, k, v, attn_mask=mask)`, each with a code
+    object of its own: Dynamo caches compiled code per code object, so routes that compiled one
+    function (flashmlir, Inductor, flashmlir with an option patched) would all run whichever
+    compiled last."""
+    def sdpa(q, k, v, mask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    return {label: types.FunctionType(sdpa.__code__.replace(co_name=f"sdpa_{i}"), sdpa.__globals__)
+            for i, label in enumerate(labels)}
 
 
 def variant_switches(variant: str) -> tuple[str, list[str], str]:

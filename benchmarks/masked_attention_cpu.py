@@ -16,11 +16,15 @@ D=64, 2 threads as the CI machine has; best of `--repeats` calls after one warm-
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+from attention import separate_masked_sdpa  # noqa: E402
 
 
 def attention(q, k, v, mask):
@@ -53,27 +57,10 @@ def row_times(inputs: tuple, routes: dict, repeats: int, what: str) -> dict:
     return times
 
 
-def _eager(q, k, v, mask):
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-
-
-def _inductor(q, k, v, mask):
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-
-
-def _flashmlir(q, k, v, mask):
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-
-
-def _flashmlir_aten(q, k, v, mask):
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-
-
 def training_rows(seqs: list[int], repeats: int) -> list[str]:
     """ms per forward + backward of SDPA with a bool padding or decoder mask: eager, Inductor,
     flashmlir (the masked pair: our kernels' key-bias entries) and flashmlir with the pair on ATen's
-    CPU flash attention (as before). One function per route: Dynamo caches compiled code per code
-    object."""
+    CPU flash attention (as before)."""
     from unittest import mock
 
     from flashmlir.runtime import cpu_kernels
@@ -90,11 +77,12 @@ def training_rows(seqs: list[int], repeats: int) -> list[str]:
                 return lambda: fn(q, k, v, mask).backward(do)
 
             torch._dynamo.reset()
-            times = {"eager": best_ms(step(_eager), (), repeats),
-                     "inductor": best_ms(step(torch.compile(_inductor)), (), repeats),
-                     "flashmlir": best_ms(step(torch.compile(_flashmlir, backend="flashmlir")), (), repeats)}
+            fns = separate_masked_sdpa("eager", "inductor", "flashmlir", "aten")
+            times = {"eager": best_ms(step(fns["eager"]), (), repeats),
+                     "inductor": best_ms(step(torch.compile(fns["inductor"])), (), repeats),
+                     "flashmlir": best_ms(step(torch.compile(fns["flashmlir"], backend="flashmlir")), (), repeats)}
             with mock.patch.object(cpu_kernels, "_training_mask_route", lambda *a: None):
-                times["aten"] = best_ms(step(torch.compile(_flashmlir_aten, backend="flashmlir")), (), repeats)
+                times["aten"] = best_ms(step(torch.compile(fns["aten"], backend="flashmlir")), (), repeats)
             lines.append(f"| {seq} | {kind} | {times['eager']:.1f} | {times['inductor']:.1f} | "
                          f"{times['flashmlir']:.1f} | {times['aten']:.1f} | {times['eager'] / times['flashmlir']:.2f}x |")
             print(lines[-1], flush=True)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).parent))
-from attention import interleaved_best_ms  # noqa: E402
+from attention import interleaved_best_ms, separate_masked_sdpa  # noqa: E402
 
 from flashmlir.frontend.attention_op import (  # noqa: E402
     attention,
@@ -153,22 +153,6 @@ def _speed_rows(s: int, head_dim: int, dtype: torch.dtype, rounds: int) -> list[
     return rows
 
 
-def _eager(q, k, v, mask):
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-
-
-def _inductor(q, k, v, mask):
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-
-
-def _flashmlir(q, k, v, mask):
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-
-
-def _textbook(q, k, v, mask):
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-
-
 def compiled_training(seqs: list[int], head_dim: int, rounds: int) -> list[dict]:
     """ms per forward + backward of a compiled function that calls SDPA with a padding mask (bf16,
     B·S = 16k tokens): as a bool mask and as Hugging Face's additive one (0 / finfo.min), through
@@ -190,13 +174,13 @@ def compiled_training(seqs: list[int], head_dim: int, rounds: int) -> list[dict]
             def step(fn, operands=(q, k, v, mask), do=do):
                 return lambda: fn(*operands).backward(do)
 
-            # One function per route: Dynamo caches compiled code per code object, so routes
-            # sharing a function would run whichever compiled last.
             torch._dynamo.reset()
-            calls = {"eager SDPA": step(_eager), "inductor": step(torch.compile(_inductor)),
-                     "flashmlir": step(torch.compile(_flashmlir, backend="flashmlir"))}
+            fns = separate_masked_sdpa("eager", "inductor", "flashmlir", "textbook")
+            calls = {"eager SDPA": step(fns["eager"]), "inductor": step(torch.compile(fns["inductor"])),
+                     "flashmlir": step(torch.compile(fns["flashmlir"], backend="flashmlir"))}
             with mock.patch.object(masked_training_ops, "rewrite_masked_for_training", lambda *a: 0):
-                calls["flashmlir, textbook backward (before)"] = step(torch.compile(_textbook, backend="flashmlir"))
+                calls["flashmlir, textbook backward (before)"] = step(torch.compile(fns["textbook"],
+                                                                                    backend="flashmlir"))
                 calls["flashmlir, textbook backward (before)"]()  # compiled with the routes off
             for fn in calls.values():
                 fn()
