@@ -6,12 +6,13 @@ links into its executables (runtime/microkernels/attention/fwd_cpu.c, bwd_cpu.c)
 instruction set's shared library (`libflashmlir_attention_cpu_<isa>.so`) through ctypes. A call
 splits its work the way IREE's workgroups do: `workgroups` calls, each taking its share of the
 items, run on a pool of torch.get_num_threads() threads (ctypes lets go of the GIL for the call).
-A key-padding mask (one value per key, as BERT-style padding masks are) goes to the forward's
-`_key_bias` entry; a problem the kernels do not serve (not float32, a head dim the library lacks,
-any other mask, dropout outside the training pair) runs torch's SDPA where that means the same
-and the op's reference implementation otherwise (attention_op.sdpa_attention). The training pair with dropout
-calls the functions' dropout twins, which every CPU object has (cpu_dropout.h: the seeded hash of
-attention_op.dropout_keep).
+A key-padding mask (one value per key, as BERT-style padding masks are) or a decoder's
+causal-and-padding mask goes to the kernels' key-bias entries (`mask_route`), in the forward and in
+the masked training pair; a problem the kernels do not serve (not float32, a head dim the library
+lacks, any other mask, dropout outside the training pair) runs torch's SDPA where that means the
+same and the op's reference implementation otherwise (attention_op.sdpa_attention). The training
+pair with dropout calls the functions' dropout twins, which every CPU object has (cpu_dropout.h:
+the seeded hash of attention_op.dropout_keep).
 """
 
 from __future__ import annotations
