@@ -58,9 +58,10 @@ def row_times(inputs: tuple, routes: dict, repeats: int, what: str) -> dict:
 
 
 def training_rows(seqs: list[int], repeats: int) -> list[str]:
-    """ms per forward + backward of SDPA with a bool padding or decoder mask: eager, Inductor,
-    flashmlir (the masked pair: our kernels' key-bias entries) and flashmlir with the pair on ATen's
-    CPU flash attention (as before)."""
+    """ms per forward + backward of SDPA with a padding or decoder mask, bool and finfo.min: eager,
+    Inductor, flashmlir (the masked pair: our kernels' key-bias entries; float masks through the
+    checked route, whose fused branch is that pair) and flashmlir with the pair on ATen's CPU flash
+    attention (as before)."""
     from unittest import mock
 
     from flashmlir.runtime import cpu_kernels
@@ -72,7 +73,11 @@ def training_rows(seqs: list[int], repeats: int) -> list[str]:
         do = torch.randn_like(q)
         keep = torch.ones(2, 1, 1, seq, dtype=torch.bool)
         keep[1, ..., seq - seq // 8:] = False
-        for kind, mask in (("bool padding", keep), ("bool causal + padding", keep & torch.ones(seq, seq).tril().bool())):
+        decoder = keep & torch.ones(seq, seq).tril().bool()
+        low = torch.finfo(torch.float32).min
+        for kind, mask in (("bool padding", keep), ("bool causal + padding", decoder),
+                           ("finfo.min padding", torch.zeros(keep.shape).masked_fill(~keep, low)),
+                           ("finfo.min causal + padding", torch.zeros(decoder.shape).masked_fill(~decoder, low))):
             def step(fn, mask=mask, q=q, k=k, v=v, do=do):
                 return lambda: fn(q, k, v, mask).backward(do)
 

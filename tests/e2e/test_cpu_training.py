@@ -168,3 +168,28 @@ def test_float_masked_training_checks_for_rows_sdpa_gets_wrong(dtype, empty_row,
     assert rel_err(out, want) < tolerance
     for name, g, w in zip("qkv", got, want_grads, strict=True):
         assert rel_err(g, w) < tolerance, name
+
+
+def test_float_decoder_mask_trains_through_the_kernels(caplog, monkeypatch):
+    """A decoder's float mask (causal and padding at finfo.min, as Hugging Face writes it) whose
+    every row attends a key: the checked route's fused branch is the masked pair, and the pair runs
+    our kernels' key-bias entries causally (not ATen's flash attention). Against float64."""
+    from flashmlir.frontend import masked_training_ops
+
+    calls = []
+    aten_forward = masked_training_ops.aten_forward
+    monkeypatch.setattr(masked_training_ops, "aten_forward", lambda *a: calls.append("aten") or aten_forward(*a))
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 40, 32, requires_grad=True)
+    k, v = (torch.randn(2, 2, 40, 32, requires_grad=True) for _ in range(2))
+    keep = torch.ones(2, 1, 1, 40, dtype=torch.bool)
+    keep[1, ..., 33:] = False
+    mask = torch.zeros(2, 1, 40, 40).masked_fill(~(keep & torch.ones(40, 40, dtype=torch.bool).tril()),
+                                                 torch.finfo(torch.float32).min)
+    grad = torch.randn(2, 4, 40, 32)
+    out, got, want, want_grads = masked_training_against_float64(q, k, v, mask, grad, caplog, scale=0.3)
+    assert "1 masked attention site(s) train through fused kernels" in caplog.text
+    assert "falling back" not in caplog.text and calls == []
+    assert rel_err(out, want) < 1e-5
+    for name, g, w in zip("qkv", got, want_grads, strict=True):
+        assert rel_err(g, w) < 2e-5, name

@@ -26,9 +26,11 @@ backward gets every row right, the site trains through SDPA's kernels instead:
   masked value (Hugging Face's) a row whose every key is masked is plain arithmetic (equal
   weights, and gradients through them in eager), which the fused backwards get wrong (their
   logsumexp absorbs the row's scores: gradients off by 2-3x relative on such rows; a float64 check
-  found it). So torch.cond looks at each call's mask: SDPA both ways without such a row, the op
-  and its exact textbook backward with one (left padding, an empty sequence). On the CPU (fp32,
-  1k tokens) a training step's attention takes 146 ms through it (eager 111, the textbook 178).
+  found it). So torch.cond looks at each call's mask: fused kernels both ways without such a row
+  (on the CPU the masked pair above: our kernels where they take the mask, ATen's flash otherwise;
+  on CUDA SDPA), the op and its exact textbook backward with one (left padding, an empty
+  sequence). On the CPU (fp32, 1k-2k tokens) a training step's attention through it: 1.17-1.36x
+  eager with a decoder's finfo.min mask, 0.72-0.86x with a padding one (the cond's price).
   float16's finfo.min (-65504) absorbs nothing, and SDPA's gradients matched float64 on such rows
   (the table above).
 
@@ -188,6 +190,8 @@ def checked_training_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
     def fused(q, k, v, attn_mask):
         q, k, v = (contiguous_gradient(x) for x in (q, k, v))
+        if q.device.type == "cpu":  # the masked pair: our kernels' key-bias entries where they take the mask
+            return attention_forward_masked(q, k, v, attn_mask, scale)[0]
         return sdpa_training_attention(q, k, v, attn_mask, scale).contiguous()
 
     return torch.cond(sdpa_misses_rows(attn_mask), textbook, fused, (q, k, v, attn_mask))
