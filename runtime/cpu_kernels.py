@@ -30,7 +30,14 @@ from flashmlir.compiler import microkernels
 from flashmlir.compiler.microkernels import dropout_constants
 from flashmlir.compiler.targets import get_target
 from flashmlir.frontend import masked_training_ops
-from flashmlir.frontend.attention_op import NEVER, check_arguments, sdpa_attention, sdpa_mask
+from flashmlir.frontend.attention_op import (
+    NEVER,
+    check_arguments,
+    reference_attention,
+    sdpa_attention,
+    sdpa_mask,
+    textbook_gradients,
+)
 from flashmlir.frontend.training_ops import reference_backward, reference_forward
 
 _P, _S = ctypes.c_void_p, ctypes.c_size_t
@@ -271,28 +278,44 @@ def _attention_backward_dropout_cpu(grad_out, q, k, v, out, lse, dropout_p, drop
     return _attention_backward_cpu(grad_out, q, k, v, out, lse, is_causal, scale, dropout_p, dropout_seed)
 
 
+def _fused_backward_misses(attn_mask: torch.Tensor) -> bool:
+    """Whether a float mask has a query row at finfo.min everywhere, whose gradients a fused
+    backward (the kernels', ATen's) gets wrong (masked_training_ops.sdpa_misses_rows); the CPU can
+    afford the pass over the mask, and the answer, on every call."""
+    return attn_mask.dtype != torch.bool and bool(masked_training_ops.sdpa_misses_rows(attn_mask))
+
+
 def _training_mask_route(q, k, v, attn_mask) -> tuple[torch.Tensor, bool] | None:
     """The masked training pair's route through the kernels (`mask_route`), where the forward-with-lse
-    and backward kernels take the operands; None: ATen's CPU flash attention."""
-    if kernel_problem(q, k, v, backward=True, library=True) is not None:
+    and backward kernels take the operands and the mask has no row they get wrong; None: another
+    route (`_attention_forward_masked_cpu`)."""
+    if kernel_problem(q, k, v, backward=True, library=True) is not None or _fused_backward_misses(attn_mask):
         return None
     return mask_route(attn_mask, q, k, False)
 
 
+# The masked training pair on CPU tensors. Each call decides from the mask alone, so a backward
+# takes its forward's route: our kernels' key-bias entries; else ATen's CPU flash attention; for a
+# float mask with a row at finfo.min everywhere, the op's reference and its textbook gradients.
 def _attention_forward_masked_cpu(q, k, v, attn_mask, scale=None):
     route = _training_mask_route(q, k, v, attn_mask)
-    if route is None:
+    if route is not None:
+        bias, causal = route
+        return _forward(q, k, v, causal, scale, with_lse=True, bias=bias)
+    if not _fused_backward_misses(attn_mask):
         return masked_training_ops.aten_forward(q, k, v, attn_mask, scale)
-    bias, causal = route
-    return _forward(q, k, v, causal, scale, with_lse=True, bias=bias)
+    out = reference_attention(q, k, v, attn_mask, 0.0, False, scale).contiguous()
+    return out, torch.zeros(q.shape[:-1], dtype=torch.float32)  # the textbook backward needs no lse
 
 
 def _attention_backward_masked_cpu(grad_out, q, k, v, attn_mask, out, lse, scale=None):
-    route = _training_mask_route(q, k, v, attn_mask)  # the forward's, decided from the same mask
-    if route is None:
+    route = _training_mask_route(q, k, v, attn_mask)
+    if route is not None:
+        bias, causal = route
+        return _attention_backward_cpu(grad_out, q, k, v, out, lse, causal, scale, bias=bias)
+    if not _fused_backward_misses(attn_mask):
         return masked_training_ops.aten_backward(grad_out, q, k, v, attn_mask, out, lse, scale)
-    bias, causal = route
-    return _attention_backward_cpu(grad_out, q, k, v, out, lse, causal, scale, bias=bias)
+    return textbook_gradients(grad_out, q, k, v, attn_mask, False, scale)[:3]
 
 
 def register(library: torch.library.Library) -> None:

@@ -143,10 +143,12 @@ def test_masked_training_runs_the_masked_pair_and_matches_float64(hkv, kind, rou
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("empty_row", [False, True])
 def test_float_masked_training_checks_for_rows_sdpa_gets_wrong(dtype, empty_row, caplog, monkeypatch):
-    """A float mask (finfo.min as Hugging Face writes it) trains through SDPA's fused kernels unless
-    a call's mask has a query row whose every key is at finfo.min, which SDPA's backward gets wrong:
-    torch.cond then takes the op with its exact textbook backward. Gradients against float64 either
-    way; the op's implementation runs only in the second case."""
+    """A float mask (finfo.min as Hugging Face writes it) trains through fused kernels unless a
+    call's mask has a query row whose every key is at finfo.min, which their backwards get wrong;
+    then through the op's textbook formula. float32 (what the CPU kernels take): the masked pair
+    decides per call (ATen's flash attention here, the mask being neither key padding nor a
+    decoder's; the op's reference with the empty row). bf16: torch.cond between SDPA and the op.
+    Gradients against float64 either way."""
     from flashmlir.runtime import cpu_kernels
 
     torch.manual_seed(0)
@@ -156,14 +158,15 @@ def test_float_masked_training_checks_for_rows_sdpa_gets_wrong(dtype, empty_row,
     if empty_row:
         mask[..., 2, :] = torch.finfo(dtype).min  # and every key of query 2
 
-    op_calls = []
-    sdpa = cpu_kernels.sdpa_attention
-    monkeypatch.setattr(cpu_kernels, "sdpa_attention", lambda *args: op_calls.append(1) or sdpa(*args))
+    textbook_calls = []  # the op (bf16's cond branch) or the pair's reference (float32)
+    sdpa, reference = cpu_kernels.sdpa_attention, cpu_kernels.reference_attention
+    monkeypatch.setattr(cpu_kernels, "sdpa_attention", lambda *args: textbook_calls.append(1) or sdpa(*args))
+    monkeypatch.setattr(cpu_kernels, "reference_attention", lambda *a: textbook_calls.append(1) or reference(*a))
     grad = torch.randn(1, 2, 20, 16, dtype=dtype)
     out, got, want, want_grads = masked_training_against_float64(q, k, v, mask, grad, caplog)
     assert "1 masked attention site(s) train through fused kernels" in caplog.text
     assert "falling back" not in caplog.text
-    assert bool(op_calls) == empty_row
+    assert bool(textbook_calls) == empty_row
     tolerance = 2e-5 if dtype == torch.float32 else 2e-2
     assert rel_err(out, want) < tolerance
     for name, g, w in zip("qkv", got, want_grads, strict=True):

@@ -286,27 +286,29 @@ def _setup_context(ctx, inputs, output):
     ctx.mask_needs_grad = attn_mask is not None and attn_mask.requires_grad
 
 
-def _backward(ctx, grad_out):
-    """dQ, dK, dV (and dMask) by recomputing P = softmax(S) from the saved inputs.
+def textbook_gradients(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       attn_mask: torch.Tensor | None, is_causal: bool, scale: float | None,
+                       dropout_p: float = 0.0, seed: torch.Tensor | None = None):
+    """dQ, dK, dV (in the inputs' dtypes) and dS (float32, the mask's gradient before any sum
+    over its broadcast dims) by recomputing P = softmax(S) from the inputs: the op's backward.
 
     With Z the dropout scaling (keep/(1-p), or 1), dP = (dO·Vᵀ) ⊙ Z and
     dS = P ⊙ (dP − rowsum(dP ⊙ P)):  dV = (P ⊙ Z)ᵀ·dO, dQ = s·dS·K, dK = s·dSᵀ·Q.
     GQA: the gradients of a shared k/v head are summed over its group of q heads.
     """
-    q, k, v, attn_mask, seed = ctx.saved_tensors
     groups = q.shape[-3] // k.shape[-3]
     ke, ve = _expand_kv(k, groups), _expand_kv(v, groups)
-    p = attention_probabilities(q, ke, attn_mask, ctx.is_causal, ctx.scale)
-    s = default_scale(q.shape[-1]) if ctx.scale is None else ctx.scale
+    p = attention_probabilities(q, ke, attn_mask, is_causal, scale)
+    s = default_scale(q.shape[-1]) if scale is None else scale
     do = grad_out.to(p.dtype)
     vf = ve.to(p.dtype)
     zp = p
-    if ctx.dropout_p > 0.0:
-        z = dropout_keep(seed, p.shape, ctx.dropout_p).to(p.dtype) * (1.0 / (1.0 - ctx.dropout_p))
+    if dropout_p > 0.0:
+        z = dropout_keep(seed, p.shape, dropout_p).to(p.dtype) * (1.0 / (1.0 - dropout_p))
         zp = p * z
     dv = torch.matmul(zp.transpose(-2, -1), do)
     dp = torch.matmul(do, vf.transpose(-2, -1))
-    if ctx.dropout_p > 0.0:
+    if dropout_p > 0.0:
         dp = dp * z
     ds = p * (dp - (dp * p).sum(dim=-1, keepdim=True))
     dq = torch.matmul(ds, ke.to(p.dtype)) * s
@@ -314,10 +316,15 @@ def _backward(ctx, grad_out):
     if groups > 1:
         dk = dk.unflatten(-3, (k.shape[-3], groups)).sum(dim=-3)
         dv = dv.unflatten(-3, (v.shape[-3], groups)).sum(dim=-3)
-    dmask = None
-    if ctx.mask_needs_grad:
-        dmask = _sum_to_shape(ds, attn_mask.shape).to(attn_mask.dtype)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dmask, None, None, None, None
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), ds
+
+
+def _backward(ctx, grad_out):
+    """dQ, dK, dV (and dMask): `textbook_gradients` from the saved inputs."""
+    q, k, v, attn_mask, seed = ctx.saved_tensors
+    dq, dk, dv, ds = textbook_gradients(grad_out, q, k, v, attn_mask, ctx.is_causal, ctx.scale, ctx.dropout_p, seed)
+    dmask = _sum_to_shape(ds, attn_mask.shape).to(attn_mask.dtype) if ctx.mask_needs_grad else None
+    return dq, dk, dv, dmask, None, None, None, None
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)

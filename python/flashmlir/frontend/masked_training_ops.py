@@ -1,4 +1,4 @@
-"""What a masked attention site trains through on the torch path: torch's fused SDPA kernels.
+"""What a masked attention site trains through on the torch path: fused kernels, ours or SDPA's.
 
     attention_forward_masked(q, k, v, attn_mask, scale)                      -> (out, lse)
     attention_backward_masked(grad_out, q, k, v, attn_mask, out, lse, scale) -> (dq, dk, dv)
@@ -9,30 +9,31 @@ textbook one (every score in float32, S × S): a masked training step ran 1.9x s
 the CPU (benchmarks/results/cpu-2026-12-02-masked-inference.md), 9-11x slower than SDPA on an H200
 (h200-2026-12-02-masked-sdpa.md). Where torch's SDPA computes the site as the op means it
 (`attention_op.sdpa_means_the_same`, with the mask as `attention_op.sdpa_mask` puts it) and its
-backward gets every row right, the site trains through SDPA's kernels instead:
+backward gets every row right, the site trains through fused kernels instead (on the CPU ours
+where they take the mask).
 
-- CPU, bool masks: the pair above; the forward saves (q, k, v, mask, out, lse). A key-padding or a
-  decoder's causal-and-padding mask runs our CPU kernels' key-bias entries both ways
-  (runtime/cpu_kernels.py registers the pair's CPU implementation; lse is then the kernels'),
-  any other mask ATen's CPU flash attention, which takes an additive mask and hands its backward
-  the forward's logsumexp (ATen's: 0 for a row with no key, whose output and gradients are 0).
-  Both implementations decide from the mask alone, so a backward always matches its forward. GQA
-  expands K and V for ATen's and sums dK, dV over each group. (Only the torch path runs these ops:
-  IREE's torch frontend does not lower ATen's CPU flash ops.)
+With finfo.min of bf16 or float32 as the masked value (Hugging Face's), a row whose every key is
+masked is plain arithmetic in the op (equal weights, and gradients through them, as in eager),
+which every fused backward gets wrong (its logsumexp absorbs the row's scores: gradients off by
+2-3x relative on such rows; a float64 check found it). float16's finfo.min (-65504) absorbs
+nothing, and SDPA's gradients matched float64 on such rows (the table above). So:
+
+- CPU, bool and float32 masks: the pair above (the forward saves q, k, v, mask, out, lse), whose
+  CPU implementation (runtime/cpu_kernels.py) decides per call from the mask alone, so that a
+  backward takes its forward's route: a key-padding or a decoder's causal-and-padding mask runs
+  our kernels' key-bias entries both ways (lse is then the kernels'); any other mask ATen's CPU
+  flash attention, which takes an additive mask and hands its backward the forward's logsumexp
+  (ATen's: 0 for a row with no key); a float mask with a row at finfo.min everywhere the op's
+  reference and its textbook gradients. GQA expands K and V for ATen's and sums dK, dV over each
+  group. (Only the torch path runs these ops: IREE's torch frontend does not lower ATen's CPU
+  flash ops.)
 - CUDA bool masks, float16 masks: `sdpa_training_attention`, plain torch code that aot_autograd
   traces into SDPA's fused forward and backward (cuDNN's on an H200), as it does for a model that
   calls SDPA itself.
-- bf16 and float32 masks: `checked_training_attention`. With finfo.min of bf16 or float32 as the
-  masked value (Hugging Face's) a row whose every key is masked is plain arithmetic (equal
-  weights, and gradients through them in eager), which the fused backwards get wrong (their
-  logsumexp absorbs the row's scores: gradients off by 2-3x relative on such rows; a float64 check
-  found it). So torch.cond looks at each call's mask: fused kernels both ways without such a row
-  (on the CPU the masked pair above: our kernels where they take the mask, ATen's flash otherwise;
-  on CUDA SDPA), the op and its exact textbook backward with one (left padding, an empty
-  sequence). On the CPU (fp32, 1k-2k tokens) a training step's attention through it: 1.17-1.36x
-  eager with a decoder's finfo.min mask, 0.72-0.86x with a padding one (the cond's price).
-  float16's finfo.min (-65504) absorbs nothing, and SDPA's gradients matched float64 on such rows
-  (the table above).
+- Other float masks (bf16 and float32 on CUDA, bf16 on the CPU): `checked_training_attention`,
+  a torch.cond on each call's mask: SDPA both ways without a row at finfo.min everywhere, the op
+  and its exact textbook backward with one (left padding, an empty sequence). On a GPU the
+  predicate costs a host sync a call.
 
 A float mask that needs a gradient (a learned bias) keeps the op's formula, which has one.
 """
@@ -190,8 +191,6 @@ def checked_training_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
     def fused(q, k, v, attn_mask):
         q, k, v = (contiguous_gradient(x) for x in (q, k, v))
-        if q.device.type == "cpu":  # the masked pair: our kernels' key-bias entries where they take the mask
-            return attention_forward_masked(q, k, v, attn_mask, scale)[0]
         return sdpa_training_attention(q, k, v, attn_mask, scale).contiguous()
 
     return torch.cond(sdpa_misses_rows(attn_mask), textbook, fused, (q, k, v, attn_mask))
@@ -220,9 +219,9 @@ def _depends_on(node: fx.Node, sources: set[fx.Node]) -> bool:
 def rewrite_masked_for_training(gm: fx.GraphModule, needs_gradient: set[fx.Node] = frozenset()) -> int:
     """Replace each `flashmlir::attention` site whose mask SDPA takes as the op means it (no dropout,
     not causal together with the mask) and that needs no mask gradient (the mask depends on none of
-    `needs_gradient`, the placeholders that require gradients): with a bool mask on the CPU by
-    `attention_forward_masked(...)[0]`; with a bool mask on CUDA or a float16 one by
-    `sdpa_training_attention(...)`; with a bf16 or float32 one by `checked_training_attention(...)`.
+    `needs_gradient`, the placeholders that require gradients): with a bool or float32 mask on the
+    CPU by `attention_forward_masked(...)[0]`; with a bool mask on CUDA or a float16 one by
+    `sdpa_training_attention(...)`; with any other float mask by `checked_training_attention(...)`.
     Returns how many."""
     from flashmlir.frontend.training_ops import replace_with_pair
 
@@ -234,7 +233,7 @@ def rewrite_masked_for_training(gm: fx.GraphModule, needs_gradient: set[fx.Node]
         operands, options = (args["q"], args["k"], args["v"], args["attn_mask"]), {"scale": args["scale"]}
         if mask.dtype != torch.bool and _depends_on(args["attn_mask"], needs_gradient):
             continue  # a learned bias: the op's formula gives it its gradient
-        if device == "cpu" and mask.dtype == torch.bool:
+        if device == "cpu" and (mask.dtype == torch.bool or values[0].dtype == torch.float32):
             replace_with_pair(gm, node, forward_masked_overload(), operands, options)
             rewritten += 1
             continue
