@@ -32,6 +32,7 @@ from flashmlir.compiler.targets import get_target
 from flashmlir.frontend import masked_training_ops
 from flashmlir.frontend.attention_op import (
     NEVER,
+    additive_mask,
     check_arguments,
     reference_attention,
     sdpa_attention,
@@ -145,14 +146,19 @@ def key_bias(attn_mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch
     broadcast) as the kernels' `_key_bias` entries take it, float32 [B·Hq, Sk] in the exp2 domain:
     a bool mask as 0 / -inf, a float one as `attention_op.sdpa_mask` puts it (finite values below
     -1e30 raised to it) times log2 e. None for any other mask."""
-    if attn_mask.dim() >= 2 and attn_mask.shape[-2] != 1 and attn_mask.stride(-2) != 0:
+    if not _key_only(attn_mask):
         return None
     rows = attn_mask.expand(*q.shape[:-1], k.shape[-2])[..., 0, :]
     if rows.dtype == torch.bool:
-        bias = torch.zeros(rows.shape, dtype=torch.float32).masked_fill(~rows, float("-inf"))
+        bias = additive_mask(rows, torch.float32)
     else:
         bias = sdpa_mask(rows.float(), q) * _LOG2E
     return bias.reshape(-1, k.shape[-2]).contiguous()
+
+
+def _key_only(attn_mask: torch.Tensor) -> bool:
+    """Whether a mask holds one value per key for every query row (its query dim is 1 or broadcast)."""
+    return attn_mask.dim() < 2 or attn_mask.shape[-2] == 1 or attn_mask.stride(-2) == 0
 
 
 _LOG2E = 1.4426950408889634
@@ -205,8 +211,7 @@ def mask_route(attn_mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
 def takes_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor, dropout_p: float) -> bool:
     """Whether the forward's `_key_bias` entry serves a masked site (fake tensors do): a key-padding
     mask, no dropout, operands the kernels take."""
-    key_only = attn_mask.dim() < 2 or attn_mask.shape[-2] == 1 or attn_mask.stride(-2) == 0
-    return key_only and not dropout_p and kernel_problem(q, k, v, backward=False, library=True) is None
+    return _key_only(attn_mask) and not dropout_p and kernel_problem(q, k, v, backward=False, library=True) is None
 
 
 def _attention_cpu(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, dropout_seed=None):
@@ -278,44 +283,41 @@ def _attention_backward_dropout_cpu(grad_out, q, k, v, out, lse, dropout_p, drop
     return _attention_backward_cpu(grad_out, q, k, v, out, lse, is_causal, scale, dropout_p, dropout_seed)
 
 
-def _fused_backward_misses(attn_mask: torch.Tensor) -> bool:
-    """Whether a float mask has a query row at finfo.min everywhere, whose gradients a fused
-    backward (the kernels', ATen's) gets wrong (masked_training_ops.sdpa_misses_rows); the CPU can
-    afford the pass over the mask, and the answer, on every call."""
-    return attn_mask.dtype != torch.bool and bool(masked_training_ops.sdpa_misses_rows(attn_mask))
+def _masked_pair_route(q, k, v, attn_mask) -> tuple[torch.Tensor, bool] | str:
+    """How the masked training pair takes a call, decided from the mask alone so that a backward
+    takes its forward's route: (key bias, causal) for our kernels' key-bias entries (`mask_route`,
+    where the forward-with-lse and backward kernels take the operands); "textbook" for a float mask
+    with a query row at finfo.min everywhere, whose gradients every fused backward gets wrong
+    (masked_training_ops.sdpa_misses_rows: a pass over the mask, which the CPU affords on every
+    call); else "aten", ATen's CPU flash attention."""
+    if attn_mask.dtype != torch.bool and bool(masked_training_ops.sdpa_misses_rows(attn_mask)):
+        return "textbook"
+    if kernel_problem(q, k, v, backward=True, library=True) is None:
+        route = mask_route(attn_mask, q, k, False)
+        if route is not None:
+            return route
+    return "aten"
 
 
-def _training_mask_route(q, k, v, attn_mask) -> tuple[torch.Tensor, bool] | None:
-    """The masked training pair's route through the kernels (`mask_route`), where the forward-with-lse
-    and backward kernels take the operands and the mask has no row they get wrong; None: another
-    route (`_attention_forward_masked_cpu`)."""
-    if kernel_problem(q, k, v, backward=True, library=True) is not None or _fused_backward_misses(attn_mask):
-        return None
-    return mask_route(attn_mask, q, k, False)
-
-
-# The masked training pair on CPU tensors. Each call decides from the mask alone, so a backward
-# takes its forward's route: our kernels' key-bias entries; else ATen's CPU flash attention; for a
-# float mask with a row at finfo.min everywhere, the op's reference and its textbook gradients.
 def _attention_forward_masked_cpu(q, k, v, attn_mask, scale=None):
-    route = _training_mask_route(q, k, v, attn_mask)
-    if route is not None:
-        bias, causal = route
-        return _forward(q, k, v, causal, scale, with_lse=True, bias=bias)
-    if not _fused_backward_misses(attn_mask):
+    route = _masked_pair_route(q, k, v, attn_mask)
+    if route == "aten":
         return masked_training_ops.aten_forward(q, k, v, attn_mask, scale)
-    out = reference_attention(q, k, v, attn_mask, 0.0, False, scale).contiguous()
-    return out, torch.zeros(q.shape[:-1], dtype=torch.float32)  # the textbook backward needs no lse
+    if route == "textbook":
+        out = reference_attention(q, k, v, attn_mask, 0.0, False, scale).contiguous()
+        return out, torch.zeros(q.shape[:-1], dtype=torch.float32)  # the textbook backward needs no lse
+    bias, causal = route
+    return _forward(q, k, v, causal, scale, with_lse=True, bias=bias)
 
 
 def _attention_backward_masked_cpu(grad_out, q, k, v, attn_mask, out, lse, scale=None):
-    route = _training_mask_route(q, k, v, attn_mask)
-    if route is not None:
-        bias, causal = route
-        return _attention_backward_cpu(grad_out, q, k, v, out, lse, causal, scale, bias=bias)
-    if not _fused_backward_misses(attn_mask):
+    route = _masked_pair_route(q, k, v, attn_mask)
+    if route == "aten":
         return masked_training_ops.aten_backward(grad_out, q, k, v, attn_mask, out, lse, scale)
-    return textbook_gradients(grad_out, q, k, v, attn_mask, False, scale)[:3]
+    if route == "textbook":
+        return textbook_gradients(grad_out, q, k, v, attn_mask, False, scale)[:3]
+    bias, causal = route
+    return _attention_backward_cpu(grad_out, q, k, v, out, lse, causal, scale, bias=bias)
 
 
 def register(library: torch.library.Library) -> None:

@@ -355,13 +355,11 @@ def _kernel_sites(gm: fx.GraphModule, target: Target) -> int:
 
 def _takes_cpu_mask(node: fx.Node) -> bool:
     """Whether the CPU forward's key-padding entry serves this masked attention node."""
-    from flashmlir.frontend.training_ops import bound_args
+    from flashmlir.frontend.masked_training_ops import site_operands
     from flashmlir.runtime.cpu_kernels import takes_mask
 
-    args = bound_args(node)
-    values = [a.meta.get("val") if isinstance(a, fx.Node) else None
-              for a in (args["q"], args["k"], args["v"], args["attn_mask"])]
-    return all(isinstance(t, torch.Tensor) for t in values) and takes_mask(*values, float(args["dropout_p"]))
+    args, values = site_operands(node)
+    return values is not None and takes_mask(*values, float(args["dropout_p"]))
 
 
 def _reason(error: Exception) -> str:

@@ -40,6 +40,14 @@ def _expand_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=-3)
 
 
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A mask as the scores' additive bias of `dtype`: a bool one (True = attend) as 0 / -inf, a
+    float one as it is, converted."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+    return mask.to(dtype)
+
+
 def _combined_bias(
     q: torch.Tensor, sk: int, attn_mask: torch.Tensor | None, is_causal: bool, dtype: torch.dtype
 ) -> torch.Tensor | None:
@@ -47,15 +55,9 @@ def _combined_bias(
     sq = q.shape[-2]
     bias = None
     if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            bias = torch.zeros(attn_mask.shape, dtype=dtype, device=q.device).masked_fill(
-                ~attn_mask, float("-inf")
-            )
-        else:
-            bias = attn_mask.to(dtype)
+        bias = additive_mask(attn_mask, dtype)
     if is_causal:
-        keep = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril()
-        causal = torch.zeros(sq, sk, dtype=dtype, device=q.device).masked_fill(~keep, float("-inf"))
+        causal = additive_mask(torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(), dtype)
         bias = causal if bias is None else bias + causal
     return bias
 
@@ -168,9 +170,7 @@ def sdpa_mask(attn_mask: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor |
     if attn_mask is None:
         return None
     if attn_mask.dtype == torch.bool:
-        if q.device.type != "cuda":
-            return attn_mask
-        return torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~attn_mask, float("-inf"))
+        return attn_mask if q.device.type != "cuda" else additive_mask(attn_mask, q.dtype)
     if torch.finfo(attn_mask.dtype).min < NEVER:
         return torch.where(torch.isneginf(attn_mask), attn_mask, attn_mask.clamp_min(NEVER))
     return attn_mask

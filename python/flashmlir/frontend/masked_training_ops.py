@@ -46,6 +46,7 @@ import torch.fx as fx
 from flashmlir.frontend.attention_op import (
     NEVER,
     _expand_kv,
+    additive_mask,
     attention_overload,
     sdpa_mask,
     sdpa_means_the_same,
@@ -53,12 +54,6 @@ from flashmlir.frontend.attention_op import (
 
 FORWARD_OP_NAME = "flashmlir::attention_forward_masked"
 BACKWARD_OP_NAME = "flashmlir::attention_backward_masked"
-
-
-def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
-    return mask
 
 
 @torch.library.custom_op(FORWARD_OP_NAME, mutates_args=())
@@ -72,7 +67,7 @@ def aten_forward(q, k, v, attn_mask, scale=None):
     mask: runtime/cpu_kernels.py registers the op's CPU implementation, which tries them first)."""
     groups = q.shape[-3] // k.shape[-3]
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q, _expand_kv(k, groups), _expand_kv(v, groups), 0.0, False, attn_mask=_additive(attn_mask, q.dtype),
+        q, _expand_kv(k, groups), _expand_kv(v, groups), 0.0, False, attn_mask=additive_mask(attn_mask, q.dtype),
         scale=scale)
     return out.contiguous(), lse.float().contiguous()
 
@@ -94,7 +89,7 @@ def aten_backward(grad_out, q, k, v, attn_mask, out, lse, scale=None):
     groups = q.shape[-3] // k.shape[-3]
     dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
         grad_out.contiguous(), q, _expand_kv(k, groups), _expand_kv(v, groups), out, lse, 0.0, False,
-        attn_mask=_additive(attn_mask, q.dtype), scale=scale)
+        attn_mask=additive_mask(attn_mask, q.dtype), scale=scale)
     if groups > 1:
         dk = dk.unflatten(-3, (k.shape[-3], groups)).sum(dim=-3)
         dv = dv.unflatten(-3, (v.shape[-3], groups)).sum(dim=-3)
@@ -126,21 +121,25 @@ def forward_masked_overload():
     return torch.ops.flashmlir.attention_forward_masked.default
 
 
-def masked_sites(gm: fx.GraphModule) -> list[tuple[fx.Node, dict, tuple[torch.Tensor, ...] | None]]:
-    """Each `flashmlir::attention` node with an explicit mask: the node, its arguments by name, and
-    its (q, k, v, mask) fake tensors, or None where any is unknown."""
+def site_operands(node: fx.Node) -> tuple[dict, tuple[torch.Tensor, ...] | None]:
+    """An attention node's arguments by name and its (q, k, v, mask) fake tensors, or None where
+    any is unknown."""
     from flashmlir.frontend.training_ops import bound_args
 
+    args = bound_args(node)
+    values = tuple(a.meta.get("val") if isinstance(a, fx.Node) else None
+                   for a in (args["q"], args["k"], args["v"], args["attn_mask"]))
+    return args, values if all(isinstance(t, torch.Tensor) for t in values) else None
+
+
+def masked_sites(gm: fx.GraphModule) -> list[tuple[fx.Node, dict, tuple[torch.Tensor, ...] | None]]:
+    """Each `flashmlir::attention` node with an explicit mask, with its `site_operands`."""
     sites = []
     for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target != attention_overload():
-            continue
-        args = bound_args(node)
-        if args["attn_mask"] is None:
-            continue
-        values = tuple(a.meta.get("val") if isinstance(a, fx.Node) else None
-                       for a in (args["q"], args["k"], args["v"], args["attn_mask"]))
-        sites.append((node, args, values if all(isinstance(t, torch.Tensor) for t in values) else None))
+        if node.op == "call_function" and node.target == attention_overload():
+            args, values = site_operands(node)
+            if args["attn_mask"] is not None:
+                sites.append((node, args, values))
     return sites
 
 
