@@ -164,9 +164,10 @@ def _key_only(attn_mask: torch.Tensor) -> bool:
 _LOG2E = 1.4426950408889634
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=1)
 def _causal(size: int) -> torch.Tensor:
-    """Top-left causal keep mask [size, size] (a bool tril), built once per length."""
+    """Top-left causal keep mask [size, size] (a bool tril), kept for the last length only: a
+    model's layers share one length, and at 16k tokens the mask is 256 MB."""
     index = torch.arange(size)
     return index[:, None] >= index
 
