@@ -130,7 +130,8 @@ struct BwdSm90Config {
 #else
   static constexpr bool kPingPong = false;
 #endif
-  static_assert(!kPingPong || !kSplitColumns, "ping-pong needs each consumer's dQ over its own keys (no dS barrier)");
+  static_assert(!kPingPong || (!kSplitColumns && !kDqWarpgroup),
+                "ping-pong needs each consumer's dQ over its own keys (no dS barrier, no dQ warpgroup)");
   static_assert(kD == 64 || kD == 128, "the sm_90 backward takes head dim 64 or 128");
   // Per consumer thread: dK, dV (kD / 2 each), Sᵀ and dPᵀ (32 each); dQ reuses Sᵀ's.
   static_assert(kD + 64 <= 200, "too many accumulators for the consumers");
@@ -662,11 +663,9 @@ __device__ __forceinline__ void attention_bwd_dkdv_sm90(const T* __restrict__ q,
                             operand(k_mn + part * ((kBlockN * 128) >> 4) + kk * (2048 >> 4)), kk > 0);
     };
     if constexpr (Cfg::kDqWarpgroup) {
-      take_turn();
       wgmma_fence();
       issue_dv_dk();
       wgmma_commit();
-      pass_turn(t == items - 1);
       mbarrier_wait(ds_empty(buffer), ((t >> 1) & 1) ^ 1);  // item t − 2's dQ read it
       store_ds();
       fence_proxy_async();  // generic stores, read next by warpgroup 0's wgmma
