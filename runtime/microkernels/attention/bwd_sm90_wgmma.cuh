@@ -82,11 +82,6 @@ struct BwdSm90Config {
   // slower (a 32-column product reads 3 KB of shared memory for 64 K flops), hence off at head dim
   // 128 (the A/B: attention_backward.py sm90:DQ_WARPGROUP=1).
   static constexpr int kDqColumns = kD == 64 ? 64 : 32;
-#ifdef FLASHMLIR_DQ_OWN_KEYS
-  static constexpr bool kDqOwnKeys = FLASHMLIR_DQ_OWN_KEYS != 0;
-#else
-  static constexpr bool kDqOwnKeys = false;
-#endif
   static constexpr int kProducerRegisters = kDqWarpgroup ? (kDqColumns == 64 ? 64 : 56) : 32;
   static constexpr int kConsumerRegisters = kDqWarpgroup ? (kDqColumns == 64 ? 216 : 224) : 232;
   // setmaxnreg moves registers within what the launch gave the block (kThreads × the per-thread
@@ -113,25 +108,10 @@ struct BwdSm90Config {
   static constexpr int kBarriers = 1 + 2 * kStages + 4;
   static constexpr int kSharedBytes = kOffsetBarriers + 8 * kBarriers + 1024;  // + alignment slack
   static_assert(kSharedBytes <= 227 * 1024, "more shared memory than an sm_90 block may have");
-  // dQ's product per consumer: 64 head-dim columns over all 128 keys (head dim 128), or all
-  // columns over its own 64 keys (head dim 64; at head dim 128 with kDqOwnKeys: two m64n64
-  // products, into Sᵀ's and dPᵀ's registers, and two reductions); m64n64 either way. Over its own
-  // keys a consumer needs no barrier with the other, which lets them take turns (kPingPong).
-  static constexpr bool kSplitColumns = kD == 128 && !kDqOwnKeys;
+  // dQ's product per consumer: 64 head-dim columns over all 128 keys (head dim 128), or all 64
+  // columns over its own 64 keys (head dim 64); m64n64 either way.
+  static constexpr bool kSplitColumns = kD == 128;
   static constexpr int kDqKeys = kSplitColumns ? kBlockN : 64;
-  // 64-column dQ products (and reductions) a consumer makes per item.
-  static constexpr int kDqParts = kSplitColumns ? 1 : kD / 64;
-  // Ping-pong between the consumers (as in the forward): each item's two groups of products, Sᵀ
-  // and dPᵀ, then dV, dK and dQ, are issued in turns, so that one consumer's exp2s and stores run
-  // while the other's products keep the tensor cores busy. Without it both consumers reach their
-  // elementwise work together (the shared dS barrier of kSplitColumns keeps them in step).
-#ifdef FLASHMLIR_BWD_PINGPONG
-  static constexpr bool kPingPong = FLASHMLIR_BWD_PINGPONG != 0;
-#else
-  static constexpr bool kPingPong = false;
-#endif
-  static_assert(!kPingPong || (!kSplitColumns && !kDqWarpgroup),
-                "ping-pong needs each consumer's dQ over its own keys (no dS barrier, no dQ warpgroup)");
   static_assert(kD == 64 || kD == 128, "the sm_90 backward takes head dim 64 or 128");
   // Per consumer thread: dK, dV (kD / 2 each), Sᵀ and dPᵀ (32 each); dQ reuses Sᵀ's.
   static_assert(kD + 64 <= 200, "too many accumulators for the consumers");
@@ -485,12 +465,7 @@ __device__ __forceinline__ void attention_bwd_dkdv_sm90(const T* __restrict__ q,
                                     kBlockN * 128);
   const uint32_t ds_mn = operand_low(tile_ds(0) + dq_key_row * 128, kBlockN * 128);
   const int dq_col0 = Cfg::kSplitColumns ? consumer * 64 : 0;
-  // Staging tiles: two a consumer, taken in turn by one share an item, or one for each of its two
-  // 64-column shares (kDqParts 2), which then waits for the last item's reductions to have read them.
-  constexpr int kPendingReads = Cfg::kDqParts == 1 ? 1 : 0;
-  auto dq_stage = [&](int t, int part) {
-    return base + Cfg::kOffsetDq + (2 * consumer + (Cfg::kDqParts == 1 ? (t & 1) : part)) * Cfg::kTileBytesDq;
-  };
+  auto dq_stage = [&](int t) { return base + Cfg::kOffsetDq + (2 * consumer + (t & 1)) * Cfg::kTileBytesDq; };
   // Item t's staged dQ share into the accumulator: issued under item t + 1's Sᵀ and dPᵀ, so that the
   // fence and the barrier the copy engine needs are off the item's path.
   auto reduce_dq = [&](int t) {
@@ -499,27 +474,11 @@ __device__ __forceinline__ void attention_bwd_dkdv_sm90(const T* __restrict__ q,
     if (thread == 0) {
       const int64_t bh = bh_kv * group + t / per_head;
       const int tile = first + t % per_head;
-#pragma unroll
-      for (int part = 0; part < Cfg::kDqParts; ++part)
-        bulk_reduce_add(dq_accum + ((bh * q_tiles + tile) * (kD / 64) + dq_col0 / 64 + part) * kDqBlock,
-                        dq_stage(t, part), Cfg::kTileBytesDq);
+      bulk_reduce_add(dq_accum + ((bh * q_tiles + tile) * (kD / 64) + dq_col0 / 64) * kDqBlock, dq_stage(t),
+                      Cfg::kTileBytesDq);
       bulk_commit();
     }
   };
-  // Ping-pong (kPingPong): a consumer issues each group of products after barrier 6 + consumer and
-  // then lets the other go; consumer 0 goes first, and consumer 1 passes no turn after its last, so
-  // every arrival meets a sync. (1-5 are taken: the dS tile, the staging tiles, the maps.)
-  auto take_turn = [&] {
-    if constexpr (Cfg::kPingPong) named_barrier_sync(6 + consumer, 256);
-  };
-  auto pass_turn = [&](bool last) {
-    if constexpr (Cfg::kPingPong) {
-      if (!(last && consumer == 1)) named_barrier_arrive(6 + (consumer ^ 1), 256);
-    }
-  };
-  if constexpr (Cfg::kPingPong) {
-    if (consumer == 1 && items > 0) named_barrier_arrive(6, 256);  // consumer 0 goes first
-  }
 
   // K's and V's rows of this consumer as m64k16 A fragments, when held in registers: word r of step
   // kk is key consumer·64 + 16·warp + lane / 4 + 8·(r % 2), head-dim columns 16·kk + 8·(r / 2) +
@@ -562,12 +521,10 @@ __device__ __forceinline__ void attention_bwd_dkdv_sm90(const T* __restrict__ q,
     fence_proxy_async();
 
     // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ.
-    take_turn();
     wgmma_fence();
     issue_keys_by_queries(s, k_rows, k_frag, q_rows + stage * kQStageStep);
     issue_keys_by_queries(dp, v_rows, v_frag, do_rows + stage * kQStageStep);
     wgmma_commit();
-    pass_turn(false);
     if constexpr (!Cfg::kDqWarpgroup) {
       if (t > 0) reduce_dq(t - 1);
     }
@@ -633,17 +590,19 @@ __device__ __forceinline__ void attention_bwd_dkdv_sm90(const T* __restrict__ q,
       }
 
     // dV += Pᵀ·dO, dK += dSᵀ·Q.
-    auto issue_dv_dk = [&] {
+    wgmma_fence();
 #pragma unroll
-      for (int kk = 0; kk < 4; ++kk)
-        Wgmma<T, kD>::rs(acc_dv, p_frag[kk], operand(do_mn + stage * kQStageStep + kk * (2048 >> 4)));
+    for (int kk = 0; kk < 4; ++kk)
+      Wgmma<T, kD>::rs(acc_dv, p_frag[kk], operand(do_mn + stage * kQStageStep + kk * (2048 >> 4)));
 #pragma unroll
-      for (int kk = 0; kk < 4; ++kk)
-        Wgmma<T, kD>::rs(acc_dk, ds_frag[kk], operand(q_mn + stage * kQStageStep + kk * (2048 >> 4)));
-    };
+    for (int kk = 0; kk < 4; ++kk)
+      Wgmma<T, kD>::rs(acc_dk, ds_frag[kk], operand(q_mn + stage * kQStageStep + kk * (2048 >> 4)));
+    wgmma_commit();
+
     // dSᵀ into the buffer's tile (key rows, 64 query columns: one 128-byte swizzled row a key): the
     // fragment word [kk][r] holds key lane_key + 8·(r % 2), queries 16·kk + 8·(r / 2) + 2·(lane % 4) + {0, 1}.
-    auto store_ds = [&] {
+    if constexpr (Cfg::kDqWarpgroup) mbarrier_wait(ds_empty(buffer), ((t >> 1) & 1) ^ 1);  // item t − 2's dQ read it
+    {
       const uint32_t tile = tile_ds(buffer);
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk)
@@ -654,20 +613,8 @@ __device__ __forceinline__ void attention_bwd_dkdv_sm90(const T* __restrict__ q,
           const uint32_t at = tile + row * 128 + ((chunk ^ (row & 7)) << 4) + (lane % 4) * 4;
           asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(at), "r"(ds_frag[kk][r]) : "memory");
         }
-    };
-    // This consumer's share of dQ (64 queries × 64 columns), part 0 into s, part 1 into dp.
-    auto issue_dq = [&](int part, float(&acc)[32]) {
-#pragma unroll
-      for (int kk = 0; kk < Cfg::kDqKeys / 16; ++kk)
-        Wgmma<T, 64>::ss_mn(acc, operand(ds_mn + buffer * kDsStep + kk * (2048 >> 4)),
-                            operand(k_mn + part * ((kBlockN * 128) >> 4) + kk * (2048 >> 4)), kk > 0);
-    };
+    }
     if constexpr (Cfg::kDqWarpgroup) {
-      wgmma_fence();
-      issue_dv_dk();
-      wgmma_commit();
-      mbarrier_wait(ds_empty(buffer), ((t >> 1) & 1) ^ 1);  // item t − 2's dQ read it
-      store_ds();
       fence_proxy_async();  // generic stores, read next by warpgroup 0's wgmma
       mbarrier_arrive(ds_full(buffer));
       wgmma_wait<0>();
@@ -676,53 +623,31 @@ __device__ __forceinline__ void attention_bwd_dkdv_sm90(const T* __restrict__ q,
       mbarrier_arrive(empty(stage));  // Q, dO and the statistics are read (every thread: its lse₂, Δ loads)
       continue;
     }
+    if (thread == 0) bulk_wait_read<1>();  // item t − 2's reduction has read the staging tile item t takes
+    fence_proxy_async();                    // generic stores, read next by wgmma
     if constexpr (Cfg::kSplitColumns) {
-      // dV and dK go first, under the stores and the barrier both consumers' dSᵀ need.
-      wgmma_fence();
-      issue_dv_dk();
-      wgmma_commit();
-      store_ds();
-      if (thread == 0) bulk_wait_read<kPendingReads>();  // item t − 2's reduction has read the staging tile
-      fence_proxy_async();                                // generic stores, read next by wgmma
-      named_barrier_sync(1, 256);                         // both consumers' dSᵀ are in the tile
-      wgmma_fence();
-      issue_dq(0, s);
-      wgmma_commit();
+      named_barrier_sync(1, 256);  // both consumers' dSᵀ are in the tile
     } else {
-      // Over its own keys: this consumer's dSᵀ rows, then every product of the item in one turn.
-      store_ds();
-      if (thread == 0) bulk_wait_read<kPendingReads>();  // the staging tiles this item takes are read
-      fence_proxy_async();                                // generic stores, read next by wgmma
-      named_barrier_sync(1 + consumer, 128);
-      take_turn();
-      wgmma_fence();
-      issue_dv_dk();
-      issue_dq(0, s);
-      wgmma_commit();
-      pass_turn(t == items - 1);
+      named_barrier_sync(1 + consumer, 128);  // this consumer's
     }
+
+    // This consumer's share of dQ (64 queries × 64 columns), into s.
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < Cfg::kDqKeys / 16; ++kk)
+      Wgmma<T, 64>::ss_mn(s, operand(ds_mn + buffer * kDsStep + kk * (2048 >> 4)),
+                          operand(k_mn + kk * (2048 >> 4)), kk > 0);
+    wgmma_commit();
     wgmma_wait<0>();
     fence_registers(s);
     fence_registers(acc_dk);
     fence_registers(acc_dv);
-    // dQ's second part (head dim 128 over its own keys) once the P and dS fragments are free: with
-    // both parts beside them ptxas serialized the wgmmas, for want of registers.
-    if constexpr (Cfg::kDqParts == 2) {
-      wgmma_fence();
-      issue_dq(1, dp);
-      wgmma_commit();
-    }
     // Q, dO and the statistics are read. Every thread arrives (releasing its own loads of lse₂ and Δ
     // before the producer's next copies into the stage; a warp's lane 0 alone would not order them).
     mbarrier_arrive(empty(stage));
 
-    // Staged in the accumulator's block order (added by the copy engine, one 16 KB run a part, next item).
-    stage_dq_share(dq_stage(t, 0), thread, s);
-    if constexpr (Cfg::kDqParts == 2) {
-      wgmma_wait<0>();
-      fence_registers(dp);
-      stage_dq_share(dq_stage(t, 1), thread, dp);
-    }
+    // Staged in the accumulator's block order (added by the copy engine, one 16 KB run, next item).
+    stage_dq_share(dq_stage(t), thread, s);
   }
   if constexpr (!Cfg::kDqWarpgroup) {
     if (items > 0) reduce_dq(items - 1);
