@@ -151,7 +151,13 @@ class CudaAttentionKernel:
         if not self.persistent or (q_blocks > PERSISTENT_MAX_Q_BLOCKS and not self.tma):
             return (tiles, 1, 1)
         shares = -(-tiles // 2) if causal else tiles  # causal tiles go out in pairs
-        return (min(shares, multiprocessors), 1, 1)
+        return (min(shares, multiprocessors * self.workgroups_per_multiprocessor), 1, 1)
+
+    @property
+    def workgroups_per_multiprocessor(self) -> int:
+        """Workgroups of this kernel an SM holds at once (`Sm90Config::kBlocksPerSm`): two where the
+        sm_90 kernel has a single consumer warpgroup (block_m 64), else one."""
+        return 2 if self.family == "attention_fwd_sm90" and self.block_m == 64 else 1
 
 
 @dataclass(frozen=True)

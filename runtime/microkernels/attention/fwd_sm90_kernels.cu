@@ -51,7 +51,7 @@ static_assert(FLASHMLIR_WARPS * 32 == Config::kThreads, "kernels.json's warps di
 // With TMA (FLASHMLIR_TMA, catalog `tma`) the last binding is a workspace of 384 bytes a block (512
 // with tma_store) and 128 more where each block makes its tensor maps (kernel_entry.cuh).
 
-extern "C" __global__ void __launch_bounds__(Config::kThreads, 1)
+extern "C" __global__ void __launch_bounds__(Config::kThreads, Config::kBlocksPerSm)
     FLASHMLIR_KERNEL(const Element* __restrict__ q, const Element* __restrict__ k, const Element* __restrict__ v,
                      Element* __restrict__ o FLASHMLIR_MAPS_PARAMETER, uint32_t group, uint32_t seq_q,
                      uint32_t seq_k, uint32_t scale_bits, uint32_t causal, uint32_t batch_heads) {
@@ -60,7 +60,7 @@ extern "C" __global__ void __launch_bounds__(Config::kThreads, 1)
       causal != 0);
 }
 
-extern "C" __global__ void __launch_bounds__(Config::kThreads, 1)
+extern "C" __global__ void __launch_bounds__(Config::kThreads, Config::kBlocksPerSm)
     FLASHMLIR_KERNEL_LSE(const Element* __restrict__ q, const Element* __restrict__ k, const Element* __restrict__ v,
                          Element* __restrict__ o, float* __restrict__ lse FLASHMLIR_MAPS_PARAMETER, uint32_t group,
                          uint32_t seq_q, uint32_t seq_k, uint32_t scale_bits, uint32_t causal,
@@ -69,7 +69,7 @@ extern "C" __global__ void __launch_bounds__(Config::kThreads, 1)
       q, k, v, o, lse, FLASHMLIR_MAPS, group, batch_heads, seq_q, seq_k, __uint_as_float(scale_bits), causal != 0);
 }
 
-extern "C" __global__ void __launch_bounds__(Config::kThreads, 1)
+extern "C" __global__ void __launch_bounds__(Config::kThreads, Config::kBlocksPerSm)
     FLASHMLIR_CAT(FLASHMLIR_KERNEL_LSE, _dropout, , )(
         const Element* __restrict__ q, const Element* __restrict__ k, const Element* __restrict__ v,
         const int64_t* __restrict__ seed, Element* __restrict__ o, float* __restrict__ lse FLASHMLIR_MAPS_PARAMETER,

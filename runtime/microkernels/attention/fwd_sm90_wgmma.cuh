@@ -182,12 +182,20 @@ struct Sm90Config {
 #else
   static constexpr int kProducerRegisters = kD == 128 || kConsumers == 3 ? 32 : 24;
 #endif
-  static constexpr int kConsumerRegisters =
-      kConsumers == 3 ? 160 : kProducerRegisters <= 24 ? 240 : kProducerRegisters <= 40 ? 232 : 224;
-  static_assert(kConsumers == 2 || kConsumers == 3, "two or three consumer warpgroups");
+  // Workgroups an SM holds at once: one, or with a single consumer (block_m 64) two, whose phases
+  // run independently (one's softmax under the other's products, one's prologue and epilogue
+  // under the other's loop) where two or three consumers of one workgroup move in step.
+  static constexpr int kBlocksPerSm = kConsumers == 1 ? 2 : 1;
+  static constexpr int kConsumerRegisters = kConsumers == 3   ? 160
+                                            : kConsumers == 1 ? 256 - kProducerRegisters
+                                            : kProducerRegisters <= 24 ? 240
+                                            : kProducerRegisters <= 40 ? 232
+                                                                       : 224;
+  static_assert(kConsumers >= 1 && kConsumers <= 3, "one to three consumer warpgroups");
   // setmaxnreg moves registers within what the launch gave the block (kThreads × the per-thread
   // count __launch_bounds__ leaves): a consumer's setmaxnreg.inc past that waits forever.
-  static_assert(kProducerRegisters + kConsumers * kConsumerRegisters <= (kConsumers + 1) * (64 * 1024 / kThreads / 8 * 8),
+  static_assert(kProducerRegisters + kConsumers * kConsumerRegisters <=
+                    (kConsumers + 1) * (64 * 1024 / (kThreads * kBlocksPerSm) / 8 * 8),
                 "setmaxnreg would ask for more registers than the launch gives the block");
   static constexpr int kPanelRowBytes = 128;    // 64 elements of 16 bits: one swizzle row
   static constexpr int kTileBytesQ = kBlockM * kD * 2;
@@ -286,6 +294,7 @@ __device__ __forceinline__ void attention_fwd_sm90(const T* __restrict__ q, cons
                                                    int group, int batch_heads, int seq_q, int seq_k, float scale,
                                                    bool causal, Dropout dropout = {}) {
   using Cfg = Sm90Config<T, kD, kBlockN, kStages, kConsumers>;
+  static_assert(!kPingPong || kConsumers > 1, "ping-pong takes two or three consumers");
   using E = Element<T>;
   constexpr int kBlockM = Cfg::kBlockM;
   constexpr int kSRegs = kBlockN / 2;   // S accumulators per thread (m64 × kBlockN over 128 threads)
