@@ -299,6 +299,10 @@ __device__ __forceinline__ void attention_fwd_sm90(const T* __restrict__ q, cons
   constexpr int kBlockM = Cfg::kBlockM;
   constexpr int kSRegs = kBlockN / 2;   // S accumulators per thread (m64 × kBlockN over 128 threads)
   constexpr int kORegs = kD / 2;
+  // Two workgroups an SM leave ptxas 128 registers a thread at launch, too few for one m64n256
+  // wgmma (128 accumulators and its operands; setmaxnreg raises what the consumers get, not that):
+  // head dim 256 then adds P·V in two m64n128 halves of O.
+  constexpr bool kSplitPv = kD > 128 && Cfg::kBlocksPerSm > 1;
   constexpr int kPSteps = kBlockN / 16;  // 16-key steps of P·V
   extern __shared__ unsigned char shared[];
   check_shared_size<Cfg::kSharedBytes>();
@@ -477,7 +481,13 @@ __device__ __forceinline__ void attention_fwd_sm90(const T* __restrict__ q, cons
 #pragma unroll
     for (int kk = 0; kk < kPSteps; ++kk) {
       const uint64_t b = operand(v_low + stage * kStageStep + kk * (2048 >> 4));
-      Wgmma<T, kD>::rs(acc, p[kk], b);
+      if constexpr (kSplitPv) {  // columns 0-127, then 128-255 (V's panels 2 and 3)
+        Wgmma<T, kD / 2>::rs(*reinterpret_cast<float(*)[kORegs / 2]>(&acc[0]), p[kk], b);
+        Wgmma<T, kD / 2>::rs(*reinterpret_cast<float(*)[kORegs / 2]>(&acc[kORegs / 2]), p[kk],
+                             b + ((2 * kBlockN * 128) >> 4));
+      } else {
+        Wgmma<T, kD>::rs(acc, p[kk], b);
+      }
     }
     wgmma_commit();
   };
