@@ -25,6 +25,18 @@ def test_sm90_grid_is_persistent_on_short_sequences(seq_q, batch_heads, causal, 
     assert _sm90(128).grid(seq_q, batch_heads, 132, causal) == (workgroups, 1, 1)
 
 
+def test_a_single_consumer_fills_two_workgroups_an_sm():
+    """block_m 64 (Sm90Config::kBlocksPerSm 2): the persistent grid is twice the SMs, and two
+    workgroups' shared memory fit one SM's 228 KB at head dims 64 and 128."""
+    single = CudaAttentionKernel("attention_fwd_sm90", "f16", 64, 64, 128, 8, "sm_90a", Path("k.fatbin"), tma=True)
+    assert single.workgroups_per_multiprocessor == 2 and _sm90(64).workgroups_per_multiprocessor == 1
+    assert single.grid(4096, 32, 132, False) == (264, 1, 1)
+    assert single.grid(128, 100, 132, False) == (200, 1, 1)  # fewer tiles than places
+    assert 2 * single.shared_bytes <= 228 * 1024
+    d128 = CudaAttentionKernel("attention_fwd_sm90", "f16", 128, 64, 64, 8, "sm_90a", Path("k.fatbin"), tma=True)
+    assert 2 * d128.shared_bytes <= 228 * 1024
+
+
 def test_sm90_grid_follows_the_device():
     assert _sm90(64).grid(4096, 32, 114, False) == (114, 1, 1)
 
