@@ -72,6 +72,8 @@ def test_the_catalog_loads_every_sm90_forward_through_tma():
     assert {(k.head_dim, k.min_seq) for k in forward if k.tma_store} == {(128, 0), (256, 0)}
     assert {(k.min_seq, k.tma_store, k.pingpong) for k in forward if k.head_dim == 128} == {(0, True, True),
                                                                                           (16384, False, False)}
+    # head dim 64: one consumer (two workgroups an SM) below the three-consumer tiling's lengths
+    assert {(k.min_seq, k.block_m) for k in forward if k.head_dim == 64} == {(0, 64), (2048, 192)}
 
 
 def test_tma_store_adds_an_o_tile_a_consumer_and_a_fourth_map():
@@ -123,13 +125,13 @@ def _library_with_objects(tmp_path, monkeypatch, built):
 
 
 @pytest.mark.parametrize("seq_q, seq_k, causal, tiles", [
-    (None, None, False, (128, 128, 12)),  # lengths unknown: the tiling for any
-    (1000, 1000, False, (128, 128, 12)),
-    (2048, 2047, False, (128, 128, 12)),  # both lengths must reach min_seq
-    (2047, 8192, False, (128, 128, 12)),
+    (None, None, False, (64, 128, 8)),  # lengths unknown: the tiling for any
+    (1000, 1000, False, (64, 128, 8)),
+    (2048, 2047, False, (64, 128, 8)),  # both lengths must reach min_seq
+    (2047, 8192, False, (64, 128, 8)),
     (2048, 2048, False, (192, 96, 16)),
-    (2048, 2048, True, (128, 128, 12)),  # causal: from min_seq_causal
-    (3072, 3071, True, (128, 128, 12)),
+    (2048, 2048, True, (64, 128, 8)),  # causal: from min_seq_causal
+    (3072, 3071, True, (64, 128, 8)),
     (3072, 3072, True, (192, 96, 16)),
     (16384, 8192, True, (192, 96, 16)),
 ])
@@ -141,12 +143,12 @@ def test_head_dim_64_takes_the_long_sequence_tiling_from_2048_causal_3072(tmp_pa
     long = tiles[0] == 192
     assert kernel.name == "flashmlir_attention_fwd_sm90_f16_d64" + ("_from2048" if long else "")
     assert kernel.object_path.name == "attention_fwd_sm90_f16_d64" + ("_from2048" if long else "") + ".fatbin"
-    assert kernel.threads == (512 if long else 384)
+    assert kernel.threads == (512 if long else 256)
 
 
 def test_an_unbuilt_long_sequence_tiling_leaves_the_default(tmp_path, monkeypatch):
     microkernels = _library_with_objects(tmp_path, monkeypatch, ["f16_d64", "f16_d128"])
-    assert microkernels.select_attention_forward("sm_90", "f16", 64, 8192, 8192).block_m == 128
+    assert microkernels.select_attention_forward("sm_90", "f16", 64, 8192, 8192).block_m == 64
     # head dim 128 has one tiling for every length
     assert microkernels.select_attention_forward("sm_90", "f16", 128, 8192, 8192).block_m == 128
 

@@ -3,7 +3,7 @@
 //   grid  (workgroups, 1, 1) over the B·Hq·⌈Sq / kBlockM⌉ (head, query block) tiles: one block
 //         per tile, or (below head dim 256) fewer, each taking its share one after another
 //         (scheduled_tile); with GQA, `group` = Hq / Hkv consecutive query heads read one K/V head
-//   block a producer warpgroup and two or three consumers (kConsumers; kBlockM = 64 · kConsumers).
+//   block a producer warpgroup and one to three consumers (kConsumers; kBlockM = 64 · kConsumers).
 //         Warpgroup 0 is the producer: it loads each query block's Q and its K, V tiles into a
 //         kStages-deep ring of shared-memory stages (the next query block's while the consumers
 //         finish the last) and gives most of its registers away (setmaxnreg). The others are
@@ -11,6 +11,9 @@
 //         O += P·V takes P from registers. Three consumers (head dim 64, long sequences: the
 //         catalog's `min_seq` entry) keep the tensor cores busier through the softmax's latency
 //         than two, at 160 registers a thread (benchmarks/results/h200-2026-12-01-sm90-d64-three-consumers.md).
+//         One consumer (head dim 64, shorter sequences) runs two workgroups an SM, which keep the
+//         tensor cores busy through each other's query-block prologues and epilogues, where the
+//         consumers of one workgroup move in step (h200-2026-12-02-sm90-d64-single-consumer.md).
 //   sync  per stage, a "full" mbarrier (the producer's copies landed) and an "empty" one (every
 //         consumer's products that read the stage completed), for K and V separately; Q's pair
 //         likewise, per query block.

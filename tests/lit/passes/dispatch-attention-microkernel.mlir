@@ -21,10 +21,11 @@
 // sm_90: the warp-specialized kernel: 3 warpgroups (384 threads), persistent up to 4k rows:
 // ⌈1000/128⌉ · B·H = 256 (head, query block) tiles over one workgroup per SM, so the grid is
 // (132, 1, 1) for the sm_90 flagship (H100 SXM) and the kernel gets B·H = 32 as its sixth constant
-// (causal_f16_d64: 4 tiles, causal ones in pairs, 2 workgroups); shared memory Q + 2 stages × (K, V)
-// of 128 keys + 10 mbarriers + 1024 bytes of alignment, and at head dim 128 (below 2048 tokens) a
-// 64-row O tile a consumer for the copy engine to write out and 4 tensor maps (Q, K, V, O; 3 at
-// head dim 64). The kernel loads through TMA (catalog `tma`): a second result, the maps of each
+// shared memory Q + 2 stages × (K, V) of 128 keys + 10 mbarriers + 1024 bytes of alignment, and at
+// head dim 128 (below 2048 tokens) a 64-row O tile a consumer for the copy engine to write out and 4
+// tensor maps (Q, K, V, O; 3 at head dim 64). Head dim 64 below 2048 tokens has one consumer of 64
+// rows (2 warpgroups, 256 threads; two workgroups an SM, so its persistent grid could take 264):
+// causal_f16_d64 has ⌈100/64⌉ · 4 = 8 tiles, causal ones in pairs, 4 workgroups. The kernel loads through TMA (catalog `tma`): a second result, the maps of each
 // workgroup + 128 bytes (132 · 512 + 128), is the workspace where they are made, a fifth
 // binding; only O is used.
 // HOPPER:       #[[LAYOUT:.+]] = #hal.pipeline.layout<constants = 6, bindings = [#hal.pipeline.binding<storage_buffer, ReadOnly>, #hal.pipeline.binding<storage_buffer, ReadOnly>, #hal.pipeline.binding<storage_buffer, ReadOnly>, #hal.pipeline.binding<storage_buffer>, #hal.pipeline.binding<storage_buffer>]>
@@ -40,10 +41,10 @@
 // HOPPER:         return %[[O]]#0
 // HOPPER-LABEL: func.func @causal_f16_d64
 // HOPPER:         hal.dispatch.extern "flashmlir_attention_fwd_sm90_f16_d64"(%{{.+}}, %{{.+}}, %{{.+}}, %{{.+}}, %c1_i32{{(_[0-9]+)?}}, %c4_i32{{(_[0-9]+)?}}, %arg0, %arg1, %arg2)
-// HOPPER-DAG:       %[[X:.+]] = arith.constant 2 : index
+// HOPPER-DAG:       %[[X:.+]] = arith.constant 4 : index
 // HOPPER-DAG:       %[[Y:.+]] = arith.constant 1 : index
 // HOPPER:           hal.return %[[X]], %[[Y]], %{{.+}} : index, index, index
-// HOPPER:         workgroup_local_memory = 83408>
+// HOPPER:         workgroup_size = [256 : index, 1 : index, 1 : index], workgroup_local_memory = 75216>
 // HOPPER-LABEL: func.func @gqa_bf16_d64
 // HOPPER:         hal.dispatch.extern "flashmlir_attention_fwd_sm90_bf16_d64"(%c4_i32,
 // HOPPER-LABEL: func.func @padding_mask
@@ -311,7 +312,8 @@ func.func @device_with_114_sms(%q: tensor<2x16x1000x128xf16>, %k: tensor<2x16x10
 // Long sequences at head dim 64 take the catalog's tiling for them (min_seq 2048): three consumer
 // warpgroups (512 threads), 192 query rows a block, 96 keys a stage; ⌈4096/192⌉ · B·H = 88 tiles on
 // 88 workgroups; shared memory Q + 2 stages × (K, V) of 96 keys + 3 tensor maps + 10 mbarriers + 1024 bytes. A key
-// length under 2048, or (bf16 here) a long tiling that was not built, keeps the default one.
+// length under 2048, or (bf16 here) a long tiling that was not built, keeps the default one (one
+// consumer, 256 threads, whose shared memory comes to the same 75216 bytes).
 // HOPPER-LABEL: func.func @long_f16_d64
 // HOPPER:         hal.dispatch.extern "flashmlir_attention_fwd_sm90_f16_d64_from2048"(%c1_i32, %c4096_i32, %c4096_i32_0,
 // HOPPER-DAG:       %[[X:.+]] = arith.constant 88 : index
@@ -320,10 +322,10 @@ func.func @device_with_114_sms(%q: tensor<2x16x1000x128xf16>, %k: tensor<2x16x10
 // HOPPER-NEXT:    }) <workgroup_size = [512 : index, 1 : index, 1 : index], workgroup_local_memory = 75216>
 // HOPPER-LABEL: func.func @long_queries_short_keys_f16_d64
 // HOPPER:         hal.dispatch.extern "flashmlir_attention_fwd_sm90_f16_d64"(%c1_i32, %c4096_i32, %c2000_i32,
-// HOPPER:         workgroup_size = [384 : index, 1 : index, 1 : index], workgroup_local_memory = 83408>
+// HOPPER:         workgroup_size = [256 : index, 1 : index, 1 : index], workgroup_local_memory = 75216>
 // HOPPER-LABEL: func.func @long_bf16_d64
 // HOPPER:         hal.dispatch.extern "flashmlir_attention_fwd_sm90_bf16_d64"(%c1_i32, %c4096_i32, %c4096_i32_0,
-// HOPPER:         workgroup_size = [384 : index, 1 : index, 1 : index], workgroup_local_memory = 83408>
+// HOPPER:         workgroup_size = [256 : index, 1 : index, 1 : index], workgroup_local_memory = 75216>
 // CHECK-LABEL: func.func @long_f16_d64
 // CHECK:         hal.dispatch.extern "flashmlir_attention_fwd_sm80_f16_d64"
 #q = affine_map<(b, h, m, n, k1, k2) -> (b, h, m, k1)>
@@ -370,7 +372,7 @@ func.func @long_bf16_d64(%q: tensor<1x4x4096x64xbf16>, %k: tensor<1x4x4096x64xbf
 // shorter and uneven): at 2560 tokens the default one.
 // HOPPER-LABEL: func.func @causal_2560_f16_d64
 // HOPPER:         hal.dispatch.extern "flashmlir_attention_fwd_sm90_f16_d64"(%c1_i32, %c2560_i32, %c2560_i32_0,
-// HOPPER:         workgroup_size = [384 : index, 1 : index, 1 : index], workgroup_local_memory = 83408>
+// HOPPER:         workgroup_size = [256 : index, 1 : index, 1 : index], workgroup_local_memory = 75216>
 #q = affine_map<(b, m, n, k1, k2) -> (b, m, k1)>
 #k = affine_map<(b, m, n, k1, k2) -> (b, k2, k1)>
 #v = affine_map<(b, m, n, k1, k2) -> (b, k2, n)>

@@ -41,14 +41,14 @@
 // CHECK-NOT:   torch.operator
 // CHECK:       return
 
-// The persistent sm_90 forward: 16 (head, query block) tiles, causal ones in pairs, 8 workgroups;
-// it loads through TMA, so a third result is the workspace where they make their tensor maps
-// (8 · 384 + 128 bytes).
+// The persistent sm_90 forward (head dim 64: one consumer of 64 rows, 256 threads): 32 (head,
+// query block) tiles, causal ones in pairs, 16 workgroups; it loads through TMA, so a third result
+// is the workspace where they make their tensor maps (16 · 384 + 128 bytes).
 // HOPPER-LABEL: func.func @train_gqa_causal
 // HOPPER:       %[[FWD:.+]]:3 = hal.dispatch.extern "flashmlir_attention_fwd_sm90_f16_d64_lse"
-// HOPPER-SAME:    -> (tensor<2x8x100x64xf16>, tensor<2x8x100xf32>, tensor<3200xi8>)
-// HOPPER:         hal.return %c8, %c1, %c1{{.*}} : index, index, index
-// HOPPER:       workgroup_size = [384 : index, 1 : index, 1 : index], workgroup_local_memory = 83408>
+// HOPPER-SAME:    -> (tensor<2x8x100x64xf16>, tensor<2x8x100xf32>, tensor<6272xi8>)
+// HOPPER:         hal.return %c16, %c1, %c1{{.*}} : index, index, index
+// HOPPER:       workgroup_size = [256 : index, 1 : index, 1 : index], workgroup_local_memory = 75216>
 // HOPPER:       hal.dispatch.extern "flashmlir_attention_bwd_sm80_f16_d64_dq"
 // HOPPER:       hal.dispatch.extern "flashmlir_attention_bwd_sm80_f16_d64_dkdv"
 
