@@ -312,15 +312,10 @@ def _masked_sites(gm: fx.GraphModule) -> int:
     A masked site neither takes runs the op's float32 reference on the torch path, slower than
     IREE's loop nest."""
     from flashmlir.frontend.masked_training_ops import masked_sites, sdpa_takes
-    from flashmlir.runtime.cpu_kernels import takes_mask
-
-    def served(args, values) -> bool:
-        if values is not None and takes_mask(*values, float(args["dropout_p"])):
-            return True
-        return sdpa_takes(args, values)
 
     sites = masked_sites(gm)
-    return len(sites) if all(served(args, values) for _, args, values in sites) else 0
+    served = all(_cpu_kernels_take_mask(args, values) or sdpa_takes(args, values) for _, args, values in sites)
+    return len(sites) if served else 0
 
 
 def _kernel_sites(gm: fx.GraphModule, target: Target) -> int:
@@ -328,6 +323,7 @@ def _kernel_sites(gm: fx.GraphModule, target: Target) -> int:
     (put there only where the kernels serve them), attention ops without a mask or dropout whose
     operands the kernels take, and on the CPU those with a key-padding mask."""
     from flashmlir.frontend.attention_op import attention_overload
+    from flashmlir.frontend.masked_training_ops import site_operands
     from flashmlir.frontend.training_ops import (
         dropout_of,
         forward_dropout_overload,
@@ -344,7 +340,7 @@ def _kernel_sites(gm: fx.GraphModule, target: Target) -> int:
         elif node.target == attention_overload():
             site = kernel_site(node)
             if isinstance(site, str) and target.kind == "cpu":  # a mask: the key-padding entry may take it
-                count += _takes_cpu_mask(node)
+                count += _cpu_kernels_take_mask(*site_operands(node))
                 continue
             if isinstance(site, str) or dropout_of(node):  # dropout: the op's plain math
                 continue
@@ -353,12 +349,10 @@ def _kernel_sites(gm: fx.GraphModule, target: Target) -> int:
     return count
 
 
-def _takes_cpu_mask(node: fx.Node) -> bool:
-    """Whether the CPU forward's key-padding entry serves this masked attention node."""
-    from flashmlir.frontend.masked_training_ops import site_operands
+def _cpu_kernels_take_mask(args: dict, values: tuple[torch.Tensor, ...] | None) -> bool:
+    """Whether the CPU forward's key-padding entry serves a masked site (its `site_operands`)."""
     from flashmlir.runtime.cpu_kernels import takes_mask
 
-    args, values = site_operands(node)
     return values is not None and takes_mask(*values, float(args["dropout_p"]))
 
 
